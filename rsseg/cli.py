@@ -1,0 +1,242 @@
+"""The ``rsseg`` command: one thin subcommand per stage.
+
+Each command parses its options and calls one library function; all the work lives in the library so
+that it is usable from Python too. Errors that rsseg raises on purpose (:class:`rsseg.errors.RssegError`)
+and missing files become one line on stderr and exit status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from rsseg.errors import RssegError
+
+__all__ = ["main"]
+
+_PATH = click.Path(path_type=Path)
+_EXISTING = click.Path(exists=True, path_type=Path)
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    """Turn ``--set key=value`` options into a mapping (values stay strings; configs validate them)."""
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--set")
+        out[key.strip()] = value
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rsseg")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Find buildings in aerial and satellite images."""
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- synth
+@cli.group()
+def synth() -> None:
+    """Generate data for the demo, tests and benchmarks."""
+
+
+@synth.command("tianchi")
+@click.argument("out_dir", type=_PATH)
+@click.option("--n-train", default=400, show_default=True, help="Number of training tiles.")
+@click.option("--n-test", default=100, show_default=True, help="Number of test_a tiles.")
+@click.option("--seed", default=0, show_default=True)
+def synth_tianchi(out_dir: Path, n_train: int, n_test: int, seed: int) -> None:
+    """Write a dataset in the Tianchi competition layout to OUT_DIR."""
+    from rsseg.synth import make_tianchi
+
+    info = make_tianchi(out_dir, n_train=n_train, n_test=n_test, seed=seed)
+    click.echo(json.dumps(info, default=str))
+
+
+@synth.command("scene")
+@click.argument("out", type=_PATH)
+@click.option("--size", default=4096, show_default=True, help="Width and height in pixels.")
+@click.option("--crs", default="EPSG:32650", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--gsd", default=0.3, show_default=True, help="Pixel size in metres (degrees scaled for EPSG:4326).")
+def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float) -> None:
+    """Write a georeferenced RGB scene OUT.tif and its footprints OUT.buildings.geojson."""
+    from rsseg.synth import make_scene
+
+    footprints = make_scene(out, size=size, crs=crs, seed=seed, gsd=gsd)
+    click.echo(json.dumps({"scene": str(out), "buildings": len(footprints)}))
+
+
+# ------------------------------------------------------------------------------------ competition files
+@cli.command()
+@click.argument("submission", type=_EXISTING)
+@click.argument("truth", type=_EXISTING)
+def score(submission: Path, truth: Path) -> None:
+    """Mean per-image Dice of SUBMISSION against TRUTH (the competition's metric)."""
+    from rsseg.tianchi import score as score_files
+
+    result = score_files(submission, truth)
+    click.echo(json.dumps(result))
+
+
+@cli.command()
+@click.argument("submission", type=_EXISTING)
+@click.argument("sample", type=_EXISTING)
+def validate(submission: Path, sample: Path) -> None:
+    """Check SUBMISSION against the SAMPLE submission; list every problem with its line."""
+    from rsseg.tianchi import validate_submission
+
+    problems = validate_submission(submission, sample)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"{submission}: valid")
+
+
+# ------------------------------------------------------------------------------------------- stages
+@cli.command()
+@click.argument("scene", type=_EXISTING)
+@click.argument("out_dir", type=_PATH)
+@click.option("--size", default=512, show_default=True)
+@click.option("--overlap", default=64, show_default=True)
+@click.option("--labels", type=_EXISTING, help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster.")
+@click.option("--bands", help="Comma-separated 1-based band indexes to keep, e.g. 1,2,3.")
+@click.option("--max-nodata", default=0.5, show_default=True, help="Skip chips with more nodata than this.")
+@click.option("--allow-no-crs", is_flag=True, help="Accept a scene without a CRS.")
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
+def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | None, bands: str | None,
+         max_nodata: float, allow_no_crs: bool, scheduler: str | None) -> None:
+    """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
+    from rsseg.tiling import write_chips
+
+    band_list = [int(b) for b in bands.split(",")] if bands else None
+    index = write_chips(scene, out_dir, size=size, overlap=overlap, labels=labels, bands=band_list,
+                        max_nodata=max_nodata, allow_no_crs=allow_no_crs, scheduler=scheduler)
+    click.echo(f"{index}")
+
+
+@cli.command()
+@click.argument("config", type=_EXISTING)
+@click.option("--nproc", default=1, show_default=True, help="Processes (one per GPU); >1 starts torchrun.")
+@click.option("--set", "sets", multiple=True, help="Override a config value: key=value (dotted keys).")
+def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
+    """Train a model from CONFIG.yaml."""
+    from rsseg.train import launch
+
+    best = launch(config, nproc=nproc, overrides=_parse_sets(sets))
+    click.echo(str(best))
+
+
+@cli.command()
+@click.argument("checkpoint", type=_PATH)
+@click.argument("input_path", metavar="INPUT", type=_PATH)
+@click.argument("output", type=_PATH)
+@click.option("--tile", "tile_size", default=512, show_default=True)
+@click.option("--overlap", default=128, show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="d4", show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--output-kind", type=click.Choice(["prob", "mask", "both"]), default="both", show_default=True)
+@click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
+@click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, overlap: int, tta: str,
+            batch_size: int, device: str, precision: str, threshold: float, output_kind: str,
+            prob_dtype: str, sample: Path | None, overwrite: bool) -> None:
+    """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG tiles (to a submission CSV)."""
+    from rsseg.inference import predict_path
+
+    result = predict_path(checkpoint, input_path, output, tile=tile_size, overlap=overlap, tta=tta,
+                          batch_size=batch_size, device=device, precision=precision, threshold=threshold,
+                          output_kind=output_kind, prob_dtype=prob_dtype, sample=sample, overwrite=overwrite)
+    click.echo(str(result))
+
+
+@cli.command()
+@click.argument("mask", type=_EXISTING)
+@click.argument("out", type=_PATH)
+@click.option("--min-area", default=0.0, show_default=True, help="Drop buildings smaller than this (m2).")
+@click.option("--simplify", default=0.0, show_default=True, help="Simplify tolerance in metres.")
+@click.option("--prob", type=_EXISTING, help="Probability raster for a mean-confidence attribute.")
+@click.option("--regularize", is_flag=True, help="Square up outlines along their dominant orientation.")
+@click.option("--band", default=1, show_default=True, help="Band of MASK holding the mask.")
+@click.option("--block", default=2048, show_default=True, help="Block size in pixels.")
+@click.option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
+def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Path | None, regularize: bool,
+              band: int, block: int, scheduler: str | None) -> None:
+    """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
+    from rsseg.vectorize import vectorize_to_file
+
+    n = vectorize_to_file(mask, out, min_area=min_area, simplify=simplify, prob=prob, regularize=regularize,
+                          band=band, block=block, scheduler=scheduler)
+    click.echo(json.dumps({"output": str(out), "buildings": n}))
+
+
+@cli.command()
+@click.argument("pred", type=_EXISTING)
+@click.argument("truth", type=_EXISTING)
+@click.option("--iou", "iou_threshold", default=0.5, show_default=True)
+def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
+    """Object-level precision/recall/F1 (SpaceNet rule) and pixel IoU of PRED against TRUTH vectors."""
+    from rsseg.metrics import evaluate_vectors
+
+    click.echo(json.dumps(evaluate_vectors(pred, truth, iou_threshold=iou_threshold)))
+
+
+# ---------------------------------------------------------------------------------------- pipelines
+@cli.command()
+@click.argument("pipeline_file", metavar="PIPELINE", type=_EXISTING)
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
+@click.option("--workdir", type=_PATH, help="Work directory (default: from the pipeline file).")
+@click.option("--set", "sets", multiple=True, help="Override a pipeline value: key=value (dotted keys).")
+@click.option("--no-resume", is_flag=True, help="Re-run every stage even if its manifest matches.")
+def run(pipeline_file: Path, scheduler: str | None, workdir: Path | None, sets: tuple[str, ...],
+        no_resume: bool) -> None:
+    """Run a pipeline definition (YAML) on Dask."""
+    from rsseg.pipeline import load_pipeline
+    from rsseg.pipeline import run as run_pipeline
+
+    pipe = load_pipeline(pipeline_file, overrides=_parse_sets(sets), workdir=workdir)
+    summary = run_pipeline(pipe, scheduler=scheduler, resume=not no_resume)
+    click.echo(json.dumps(summary, default=str, indent=2))
+
+
+@cli.command()
+@click.option("--workdir", type=_PATH, default=Path("demo-run"), show_default=True)
+@click.option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
+def demo(workdir: Path, scheduler: str | None) -> None:
+    """Run the whole pipeline end to end on generated data."""
+    from rsseg.pipeline import run_demo
+
+    summary = run_demo(workdir, scheduler=scheduler)
+    click.echo(json.dumps(summary, default=str, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``rsseg`` console script."""
+    try:
+        cli.main(args=argv, prog_name="rsseg", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("rsseg: aborted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except (RssegError, FileNotFoundError, FileExistsError) as exc:
+        click.echo(f"rsseg: error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
