@@ -1,0 +1,165 @@
+"""Model factory and checkpoints.
+
+:func:`create_model` builds a segmentation-models-pytorch network inside a :class:`Segmenter`, which
+holds the input normalisation as buffers: it takes raw pixel values (uint8 or float, any device) and
+returns logits, so callers never normalise by hand and checkpoints carry their own normalisation.
+
+A checkpoint is a plain dict of tensors and JSON-able values (loadable with ``weights_only=True``)::
+
+    {"format": "rsseg-checkpoint", "version": 1, "model": {...create_model kwargs...},
+     "state_dict": {...}, "meta": {...}, ...optional training state}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsseg.errors import CheckpointError, ConfigError
+from rsseg.fileio import atomic_path
+
+__all__ = [
+    "Segmenter",
+    "create_model",
+    "load_checkpoint",
+    "model_config",
+    "model_from_checkpoint",
+    "save_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rsseg-checkpoint"
+VERSION = 1
+ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "deeplabv3plus", "manet", "pspnet")
+#: ImageNet statistics in 0-255 units, the default normalisation of RGB uint8 input.
+RGB_MEAN = (123.675, 116.28, 103.53)
+RGB_STD = (58.395, 57.12, 57.375)
+
+
+class Segmenter(nn.Module):
+    """A segmentation network with its input normalisation: raw pixels in, logits out."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` (N, C, H, W raw pixel values) and return logits (N, 1, H, W)."""
+        x = (x.to(self.mean.dtype) - self.mean) / self.std
+        return self.net(x)
+
+
+def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights: str | os.PathLike[str] | None = None,
+                 in_channels: int = 3, classes: int = 1, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> Segmenter:
+    """Build a segmentation model.
+
+    Args:
+        arch: a segmentation-models-pytorch architecture (``unet``, ``fpn``, ...).
+        encoder: an smp encoder name (``resnet34``, ``resnet18``, ``efficientnet-b0``, ...).
+        encoder_weights: None (random init), ``"imagenet"`` (needs smp's download cache: this project
+            runs offline), or the path of a local encoder state dict (``torch.save(encoder.state_dict())``).
+        in_channels: input bands.
+        classes: output channels (1 for building / background).
+        mean: per-band mean in raw pixel units (default ImageNet RGB in 0-255 units for 3 bands, else 0).
+        std: per-band standard deviation in raw pixel units (default ImageNet RGB for 3 bands, else 255).
+    """
+    import segmentation_models_pytorch as smp
+
+    if arch.lower() not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    named = encoder_weights if encoder_weights in (None, "imagenet") else None
+    try:
+        net = smp.create_model(arch, encoder_name=encoder, encoder_weights=named, in_channels=in_channels,
+                               classes=classes)
+    except KeyError as exc:
+        raise ConfigError(f"unknown encoder {encoder!r} for smp: {exc}") from None
+    if named is None and encoder_weights is not None:
+        _load_encoder_weights(net, Path(encoder_weights))
+    if mean is None:
+        mean = RGB_MEAN if in_channels == 3 else (0.0,) * in_channels
+    if std is None:
+        std = RGB_STD if in_channels == 3 else (255.0,) * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ConfigError(f"mean/std have {len(mean)}/{len(std)} values for {in_channels} input bands")
+    return Segmenter(net, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def _load_encoder_weights(net: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"encoder weights {path} not found (no downloads here: pass a local state dict file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    missing, unexpected = net.encoder.load_state_dict(state, strict=False)
+    if len(missing) == len(net.encoder.state_dict()):
+        raise CheckpointError(f"{path}: none of its tensors fit the encoder (e.g. {list(state)[:3]})")
+    log.info("loaded encoder weights from %s (%d missing, %d unexpected keys)", path, len(missing), len(unexpected))
+
+
+def model_config(model: Segmenter, **create_kwargs: Any) -> dict[str, Any]:
+    """The JSON-able ``create_model`` arguments that rebuild ``model`` (normalisation taken from it)."""
+    cfg = dict(create_kwargs)
+    cfg["mean"] = [float(v) for v in model.mean.flatten()]
+    cfg["std"] = [float(v) for v in model.std.flatten()]
+    cfg["encoder_weights"] = None  # the weights are in the checkpoint itself
+    return cfg
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, model_cfg: dict[str, Any],
+                    meta: dict[str, Any] | None = None, **state: Any) -> Path:
+    """Write a checkpoint atomically.
+
+    Args:
+        path: the file to write.
+        model: the model (a DDP wrapper is unwrapped).
+        model_cfg: ``create_model`` keyword arguments that rebuild it (JSON-able).
+        meta: JSON-able metadata (epoch, metrics, data source, rsseg version...).
+        **state: further entries made of tensors and plain values (optimizer, scheduler, RNG state...).
+    """
+    module = getattr(model, "module", model)
+    payload = {"format": FORMAT, "version": VERSION, "model": dict(model_cfg),
+               "state_dict": module.state_dict(), "meta": dict(meta or {}), **state}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check an rsseg checkpoint (``weights_only=True``: no code runs on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
+        raise CheckpointError(f"{path} is not a loadable torch checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not an rsseg checkpoint (expected format {FORMAT!r}; found {found})")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} unsupported (expected {VERSION})")
+    return ckpt
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict[str, Any],
+                          device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint (a path or a loaded dict); returns ``(model, checkpoint)``."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = dict(ckpt["model"])
+    model = create_model(**cfg)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        name = f"{cfg.get('arch')}/{cfg.get('encoder')}"
+        raise CheckpointError(f"checkpoint weights do not fit {name}: {first}") from None
+    return model.to(device).eval(), ckpt
