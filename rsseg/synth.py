@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 from pathlib import Path
 
 import geopandas as gpd
@@ -21,17 +22,19 @@ import pyogrio
 import rasterio
 import shapely
 from affine import Affine
+from PIL import Image
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from rsseg import rle, tianchi
 from rsseg.errors import ConfigError
-from rsseg.fileio import atomic_path, raster_env
+from rsseg.fileio import atomic_dir, atomic_path, raster_env
 from rsseg.synth_layout import Style, place, random_style, value_noise_at
 from rsseg.synth_render import Renderer
 
-__all__ = ["footprints_path", "make_scene", "scene_transform"]
+__all__ = ["footprints_path", "make_scene", "make_tianchi", "render_tile", "scene_transform"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ ANCHOR_LONLAT = (114.30, 30.59)
 METRES_PER_DEGREE = 111_320.0
 #: Raster block (tile) size of the written GeoTIFFs.
 TILE = 512
+#: Tianchi tiles: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
+TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.12, 90
+NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
 #: GeoTIFF creation options. Measured on a 4096x4096 scene (one core): see data_cards/synthetic.md.
 CREATION_OPTIONS = {"compress": "deflate", "predictor": 2, "zlevel": 6}
 
@@ -193,3 +199,93 @@ def make_scene(
 def _quiet(progress: bool | None) -> bool | None:
     """The ``disable`` argument of tqdm for a ``progress`` flag (None: tqdm shows it on a terminal only)."""
     return None if progress is None else not progress
+
+
+def render_tile(seed: int | np.random.SeedSequence, *, empty: bool = False, size: int = TIANCHI_SIZE):
+    """One Tianchi-style tile: a ``size`` x ``size`` patch of a small scene with a look of its own.
+
+    Ground, colours, densities, sun and pixel size (0.25-0.4 m) vary per tile. Buildings may be cut by
+    the tile edge but show at least half their area (and 40 m2). ``empty`` draws no building.
+
+    Returns:
+        (rgb, mask): ``(size, size, 3)`` uint8 and ``(size, size)`` uint8 (1 = building).
+    """
+    rng = np.random.default_rng(seed)
+    style = random_style(rng, empty=empty)
+    gsd = float(rng.uniform(0.25, 0.4))
+    pad = 30 / gsd
+    layout = place(style, (-pad, -pad, size + pad, size + pad), gsd, rng, min_visible=shapely.box(0, 0, size, size))
+    out = Renderer(layout, style).render(0, 0, size, size)
+    return out.rgb.transpose(1, 2, 0), out.buildings.astype(np.uint8)
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` unique random image names: 10 characters of [0-9A-Z] and ``.jpg``."""
+    names: set[str] = set()
+    while len(names) < n:
+        names.update("".join(c) + ".jpg" for c in rng.choice(NAME_ALPHABET, (n - len(names), NAME_LENGTH)))
+    return sorted(names)
+
+
+def make_tianchi(
+    out_dir: str | os.PathLike[str], n_train: int = 400, n_test: int = 100, seed: int = 0, *,
+    progress: bool | None = None,
+) -> dict[str, object]:
+    """Write a generated dataset in the Tianchi building-segmentation layout, atomically.
+
+    ``OUT_DIR/train/*.jpg`` and ``OUT_DIR/test_a/*.jpg`` (512x512 RGB, JPEG quality 90, names of 10
+    characters of [0-9A-Z]), ``train_mask.csv`` and ``test_a_mask.csv`` (the truth) with ``name<TAB>rle``
+    rows (column-major, 1-based runs; empty for no building), and ``test_a_samplesubmit.csv`` listing
+    the test images with empty masks. Rows follow the sorted file names. About 12% of the tiles of each
+    split have no building.
+
+    Args:
+        out_dir: the folder to create; it must not exist, or be empty.
+        n_train: number of training tiles (at least 1).
+        n_test: number of test tiles (at least 0).
+        seed: the random seed; the same seed gives the same files, byte for byte.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The paths written (``root``, ``train_dir``, ``test_dir``, ``train_mask``, ``test_mask``,
+        ``sample_submission``) and counts (``n_train``, ``n_test``, ``n_train_empty``, ``n_test_empty``).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not an empty folder.
+        ConfigError: negative counts.
+    """
+    out_dir = Path(out_dir)
+    if not isinstance(n_train, (int, np.integer)) or n_train < 1:
+        raise ConfigError(f"n_train={n_train!r}: expected at least 1 training tile")
+    if not isinstance(n_test, (int, np.integer)) or n_test < 0:
+        raise ConfigError(f"n_test={n_test!r}: expected 0 or more test tiles")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
+    root = np.random.SeedSequence(seed)
+    name_seq, *tile_seqs = root.spawn(1 + n_train + n_test)
+    rng = np.random.default_rng(name_seq)
+    names = _names(rng, n_train + n_test)
+    splits = {"train": (names[:n_train], tile_seqs[:n_train]), "test_a": (names[n_train:], tile_seqs[n_train:])}
+    info: dict[str, object] = {"root": out_dir}
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        bar = tqdm(total=n_train + n_test, desc=f"synth {out_dir.name}", unit="tile", disable=_quiet(progress))
+        for split, (split_names, seqs) in splits.items():
+            (tmp / split).mkdir()
+            n_empty = int(round(TIANCHI_EMPTY * len(split_names)))
+            empty = set(rng.choice(len(split_names), n_empty, replace=False).tolist())
+            rows = []
+            for i, (name, seq) in enumerate(zip(split_names, seqs, strict=True)):
+                rgb, mask = render_tile(seq, empty=i in empty)
+                Image.fromarray(rgb).save(tmp / split / name, quality=TIANCHI_QUALITY)
+                rows.append((name, rle.encode(mask)))
+                bar.update()
+            truth = "train_mask.csv" if split == "train" else "test_a_mask.csv"
+            tianchi.write_mask_csv(rows, tmp / truth)
+            key = "train" if split == "train" else "test"
+            info |= {f"{key}_dir": out_dir / split, f"{key}_mask": out_dir / truth, f"n_{key}": len(rows),
+                     f"n_{key}_empty": sum(not code for _, code in rows)}
+        tianchi.write_mask_csv(((name, "") for name in splits["test_a"][0]), tmp / "test_a_samplesubmit.csv")
+        info["sample_submission"] = out_dir / "test_a_samplesubmit.csv"
+        bar.close()
+    log.info("wrote %s (%d train, %d test tiles)", out_dir, n_train, n_test)
+    return info

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -10,11 +12,15 @@ import pyogrio
 import pytest
 import rasterio
 import shapely
+from click.testing import CliRunner
+from PIL import Image
 from rasterio.features import rasterize
 
+from rsseg import rle
+from rsseg.cli import cli
 from rsseg.errors import ConfigError
 from rsseg.fileio import file_sha256
-from rsseg.synth import footprints_path, make_scene
+from rsseg.synth import footprints_path, make_scene, make_tianchi
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +143,100 @@ def test_cli_scene_bad_input(tmp_path):
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rsseg: error:"), proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- tianchi
+NAME = re.compile(r"^[0-9A-Z]{10}\.jpg$")
+
+
+@pytest.fixture(scope="module")
+def tianchi_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tc") / "data"
+    info = make_tianchi(out, n_train=17, n_test=9, seed=3, progress=False)
+    return out, info
+
+
+def _rows(path):
+    text = path.read_text(encoding="ascii")
+    assert text.endswith("\n") and "\r" not in text
+    rows = [line.split("\t") for line in text.splitlines()]
+    assert all(len(row) == 2 for row in rows), "expected exactly one tab per row"
+    return rows
+
+
+def test_tianchi_layout(tianchi_dir):
+    out, info = tianchi_dir
+    assert sorted(p.name for p in out.iterdir()) == [
+        "test_a", "test_a_mask.csv", "test_a_samplesubmit.csv", "train", "train_mask.csv"]
+    assert info["n_train"] == 17 and info["n_test"] == 9
+    assert info["sample_submission"] == out / "test_a_samplesubmit.csv"
+    for split, truth, n in (("train", "train_mask.csv", 17), ("test_a", "test_a_mask.csv", 9)):
+        files = sorted(p.name for p in (out / split).iterdir())
+        rows = _rows(out / truth)
+        assert [name for name, _ in rows] == files and len(files) == n
+        assert all(NAME.match(name) for name in files)
+        assert sum(code == "" for _, code in rows) >= 1  # some tiles have no building
+        assert sum(code != "" for _, code in rows) >= n - 3
+        for name, code in rows:
+            mask = rle.decode(code)
+            assert mask.shape == (512, 512) and mask.any() == (code != "")
+            with Image.open(out / split / name) as im:
+                assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (512, 512))
+    names = [p.name for p in (out / "train").iterdir()] + [p.name for p in (out / "test_a").iterdir()]
+    assert len(set(names)) == len(names)
+    sample = _rows(out / "test_a_samplesubmit.csv")
+    assert [name for name, _ in sample] == sorted(p.name for p in (out / "test_a").iterdir())
+    assert all(code == "" for _, code in sample)
+    assert info["n_train_empty"] == sum(code == "" for _, code in _rows(out / "train_mask.csv"))
+
+
+def test_tianchi_masks_match_pixels(tianchi_dir):
+    out, _ = tianchi_dir
+    name, code = next((n, c) for n, c in _rows(out / "train_mask.csv") if c)
+    mask = rle.decode(code).astype(bool)
+    with Image.open(out / "train" / name) as im:
+        rgb = np.asarray(im, dtype=np.float32)
+    # the column-major convention: the mask is not transposed relative to the image
+    edges = np.abs(np.diff(rgb.mean(axis=2), axis=1)) > 20
+    mask_edges = np.diff(mask.astype(np.int8), axis=1) != 0
+    assert edges[mask_edges].mean() > 2 * edges[np.diff(mask.T.astype(np.int8), axis=1) != 0].mean()
+
+
+def test_tianchi_deterministic(tianchi_dir, tmp_path):
+    out, _ = tianchi_dir
+    again = tmp_path / "again"
+    make_tianchi(again, n_train=17, n_test=9, seed=3, progress=False)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all(file_sha256(out / f) == file_sha256(again / f) for f in files)
+    other = tmp_path / "other"
+    make_tianchi(other, n_train=3, n_test=1, seed=4, progress=False)
+    assert (other / "train_mask.csv").read_bytes() != (again / "train_mask.csv").read_bytes()
+
+
+def test_tianchi_refuses_non_empty_dir(tianchi_dir, tmp_path):
+    out, _ = tianchi_dir
+    with pytest.raises(FileExistsError, match=re.escape(str(out))):
+        make_tianchi(out, n_train=2, n_test=1)
+    with pytest.raises(ConfigError, match="n_train=0"):
+        make_tianchi(tmp_path / "none", n_train=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    info = make_tianchi(empty, n_train=2, n_test=0, seed=1, progress=False)
+    assert info["n_test"] == 0 and (empty / "test_a_samplesubmit.csv").read_text() == ""
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    proc = subprocess.run([sys.executable, "-m", "rsseg.cli", "synth", "tianchi", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"rsseg: error: {out} exists and is not empty; "
+                                                "remove it or choose another output folder"]
+
+
+def test_cli_synth_commands(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["synth", "tianchi", str(tmp_path / "tc"), "--n-train", "2", "--n-test", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["n_train"] == 2
+    result = runner.invoke(cli, ["synth", "scene", str(tmp_path / "s.tif"), "--size", "300", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["buildings"] == len(pyogrio.read_dataframe(tmp_path / "s.buildings.geojson"))
