@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from rsseg.errors import RLEError
+from rsseg.rle import decode, encode
+
+
+def _single(row: int, col: int) -> np.ndarray:
+    mask = np.zeros((512, 512), np.uint8)
+    mask[row, col] = 1
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (_single(0, 0), "1 1"),
+        (_single(1, 0), "2 1"),
+        (_single(0, 1), "513 1"),
+        (np.ones((512, 512), np.uint8), "1 262144"),
+        (np.zeros((512, 512), np.uint8), ""),
+    ],
+)
+def test_known_vectors(mask: np.ndarray, expected: str) -> None:
+    assert encode(mask) == expected
+    assert np.array_equal(decode(expected), mask)
+
+
+def test_runs_continue_across_columns() -> None:
+    mask = np.zeros((512, 512), np.uint8)
+    mask[510:, 0] = 1
+    mask[:2, 1] = 1
+    assert encode(mask) == "511 4"
+    assert np.array_equal(decode("511 4"), mask)
+
+
+def test_last_pixel_and_non_square_shape() -> None:
+    mask = np.zeros((3, 5), bool)
+    mask[2, 4] = True
+    mask[0, 0] = True
+    assert encode(mask) == "1 1 15 1"
+    assert decode("1 1 15 1", shape=(3, 5)).dtype == np.uint8
+    assert np.array_equal(decode("1 1 15 1", shape=(3, 5)), mask)
+
+
+def test_any_nonzero_value_is_building() -> None:
+    mask = np.array([[0, 255], [7, 0]], dtype=np.uint8)
+    assert encode(mask) == "2 2"
+
+
+def test_adjacent_runs_decode_like_one() -> None:
+    assert np.array_equal(decode("1 2 3 2", shape=(2, 3)), decode("1 4", shape=(2, 3)))
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), "", "   ", "\t"])
+def test_missing_values_decode_empty(missing: object) -> None:
+    out = decode(missing)
+    assert out.shape == (512, 512) and out.dtype == np.uint8 and not out.any()
+
+
+@pytest.mark.parametrize(
+    ("rle", "message"),
+    [
+        ("1 x", r"token 2 \('x'\) is not a non-negative integer"),
+        ("1.5 2", r"token 1 \('1.5'\)"),
+        ("-3 2", r"token 1 \('-3'\)"),
+        ("1 2 3", r"odd number of RLE tokens \(3\)"),
+        ("0 5", r"start 0 < 1"),
+        ("4 0", r"length 0 < 1"),
+        ("262144 2", r"past the end of a 512x512 image"),
+        ("5 3 6 1", r"runs 1 and 2 are overlapping"),
+        ("10 2 1 1", r"runs 1 and 2 are out of order"),
+    ],
+)
+def test_decode_rejects_with_named_problem(rle: str, message: str) -> None:
+    with pytest.raises(RLEError, match=message):
+        decode(rle)
+
+
+def test_rle_error_is_value_error() -> None:
+    with pytest.raises(ValueError):
+        decode("1")
+
+
+def test_encode_rejects_non_2d() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        encode(np.zeros((2, 2, 2)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 40).flatmap(
+        lambda h: st.integers(1, 40).flatmap(
+            lambda w: arrays(np.uint8, (h, w), elements=st.integers(0, 1))
+        )
+    )
+)
+def test_round_trip_random_shapes(mask: np.ndarray) -> None:
+    code = encode(mask)
+    assert np.array_equal(decode(code, shape=mask.shape), mask)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+def test_round_trip_densities_512(density: float, seed: int) -> None:
+    mask = (np.random.default_rng(seed).random((512, 512)) < density).astype(np.uint8)
+    code = encode(mask)
+    assert np.array_equal(decode(code), mask)
+    if code:
+        starts = np.array(code.split(), dtype=np.int64)[0::2]
+        assert starts.min() >= 1 and np.all(np.diff(starts) > 0)
