@@ -1,0 +1,402 @@
+"""Pipelines: stages declared in YAML, run on Dask, resumable.
+
+A pipeline file names its stages, each with a kind from :data:`rsseg.stages.STAGES` and its parameters::
+
+    name: scenes_to_buildings
+    workdir: runs/buildings
+    vars: {scenes: data/scenes, checkpoint: model.pt}
+    stages:
+      predict: {uses: predict_scenes, with: {checkpoint: "${checkpoint}", scenes: "${scenes}"}}
+      vectors: {uses: vectorize, with: {masks: "${predict}"}}
+
+``${name}`` is replaced by a variable from ``vars``, by the output folder of the stage ``name`` (which
+makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overrides a variable
+(``data_dir=...``), a stage parameter (``train.config.optim.epochs=3``) or a top-level field.
+
+Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success, with a
+``manifest.json`` (inputs with sizes and hashes, parameters, rsseg version, fingerprint) written last. The
+fingerprint covers the stage kind, its parameters, its external inputs and the fingerprints of the
+stages it uses, so :func:`run` skips a stage whose manifest matches and re-runs what changed or never
+finished: a run killed at any point finishes, when started again, with the outputs of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import dask
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from rsseg.cluster import dask_client
+from rsseg.errors import ConfigError, PipelineError
+from rsseg.fileio import file_sha256
+from rsseg.stages import STAGES, Params, StageContext
+
+__all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Files larger than this are fingerprinted by size, mtime and their first and last 16 MiB.
+FULL_HASH_LIMIT = 256 << 20
+
+
+class StageSpec(BaseModel):
+    """One stage as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    uses: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    after: list[str] = Field(default_factory=list)
+
+
+class PipelineSpec(BaseModel):
+    """A pipeline file as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    workdir: Path = Path("run")
+    retries: int = Field(1, ge=0, description="Task retries (and allowed worker losses)")
+    vars: dict[str, Any] = Field(default_factory=dict)
+    stages: dict[str, StageSpec]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A resolved stage: validated parameters and the stages it depends on."""
+
+    name: str
+    uses: str
+    params: Params
+    needs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loaded pipeline: stages in a runnable (topological) order."""
+
+    name: str
+    workdir: Path
+    retries: int
+    stages: tuple[Stage, ...]
+    source: Path | None = None
+
+
+def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a mapping")
+    tree[keys[-1]] = value
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> None:
+    stages = raw.get("stages") or {}
+    for key, text in overrides.items():
+        value = yaml.safe_load(text) if text != "" else ""
+        head, *rest = key.split(".")
+        if head in stages and rest:
+            _set_dotted(stages[head].setdefault("with", {}), rest, value)
+        elif head == "vars" and rest:
+            _set_dotted(raw.setdefault("vars", {}), rest, value)
+        elif not rest and head in (raw.get("vars") or {}):
+            raw["vars"][head] = value
+        elif not rest and head in PipelineSpec.model_fields and head != "stages":
+            raw[head] = value
+        else:
+            valid = sorted([*(raw.get("vars") or {}), *(f"{s}.<param>" for s in stages)])
+            raise ConfigError(f"--set {key}: not a variable, stage parameter or pipeline field; "
+                              f"expected one of {', '.join(valid)}")
+
+
+def _interpolate(value: Any, names: dict[str, Any], refs: set[str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, names, refs, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, names, refs, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in names:
+            raise ConfigError(f"{where}: ${{{key}}} is neither a variable nor a stage; known: {', '.join(names)}")
+        refs.add(key)
+        return str(names[key])
+
+    whole = _REF.fullmatch(value)
+    if whole and not isinstance(names.get(whole.group(1)), str | Path):
+        sub(whole)
+        return names[whole.group(1)]  # keep a variable's type (numbers, lists, null)
+    return _REF.sub(sub, value)
+
+
+def _error_path(prefix: str, err: dict[str, Any]) -> str:
+    return ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
+
+
+def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, str] | None = None,
+                  workdir: str | os.PathLike[str] | None = None) -> Pipeline:
+    """Read, override, interpolate and validate a pipeline definition.
+
+    Args:
+        source: a YAML file (a bare name like ``demo`` means ``pipelines/demo.yaml``) or a mapping.
+        overrides: ``--set`` values: ``var=...``, ``stage.param.sub=...`` or a top-level field.
+        workdir: replaces the file's ``workdir``.
+
+    Raises:
+        ConfigError: unknown keys, wrong types, unknown stage kinds or references, dependency cycles;
+            the message names the key.
+    """
+    path = None
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
+            path = PIPELINES_DIR / f"{source}.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
+    _apply_overrides(raw, overrides or {})
+    if workdir is not None:
+        raw["workdir"] = str(workdir)
+    label = path.name if path else "pipeline"
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{label}: {_error_path('', err)}: {err['msg']}") from None
+    work = spec.workdir.expanduser().absolute()
+    names: dict[str, Any] = {"workdir": work, **spec.vars, **{s: work / s for s in spec.stages}}
+    stages = {}
+    for name, st in spec.stages.items():
+        if st.uses not in STAGES:
+            raise ConfigError(f"{label}: stages.{name}.uses: unknown stage kind {st.uses!r}; "
+                              f"expected one of {', '.join(STAGES)}")
+        refs: set[str] = set()
+        params = _interpolate(st.with_, names, refs, f"stages.{name}.with")
+        try:
+            model = STAGES[st.uses].params.model_validate(params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"{label}: {_error_path(f'stages.{name}.with', err)}: {err['msg']}") from None
+        needs = tuple(sorted((refs & set(spec.stages)) | set(st.after)))
+        for dep in needs:
+            if dep not in spec.stages or dep == name:
+                raise ConfigError(f"{label}: stages.{name}.after: {dep!r} is not another stage")
+        stages[name] = Stage(name, st.uses, model, needs)
+    return Pipeline(spec.name, work, spec.retries, _topological(stages, label), path)
+
+
+def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
+    order: list[Stage] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise ConfigError(f"{label}: stages depend on each other in a cycle: {' -> '.join((*chain, name))}")
+        state[name] = 1
+        for dep in stages[name].needs:
+            visit(dep, (*chain, name))
+        state[name] = 2
+        order.append(stages[name])
+
+    for name in stages:
+        visit(name, ())
+    return tuple(order)
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def _describe_input(path: Path) -> dict[str, Any]:
+    """Size and content hash of an external input (a folder: its files' names, sizes and mtimes)."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        total = 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            total += st.st_size
+            digest.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"path": str(path), "size": total, "listing_sha256": digest.hexdigest()}
+    size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return {"path": str(path), "size": size, "sha256": file_sha256(path)}
+    digest = hashlib.sha256(f"{size}\0{path.stat().st_mtime_ns}".encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(16 << 20))
+        fh.seek(-16 << 20, os.SEEK_END)
+        digest.update(fh.read())
+    return {"path": str(path), "size": size, "sampled_sha256": digest.hexdigest()}
+
+
+def _external_inputs(params: Any, workdir: Path) -> list[Path]:
+    """Existing paths named in the parameters that lie outside the work directory."""
+    found: list[Path] = []
+    if isinstance(params, dict):
+        for v in params.values():
+            found += _external_inputs(v, workdir)
+    elif isinstance(params, list):
+        for v in params:
+            found += _external_inputs(v, workdir)
+    elif isinstance(params, str) and params and "{stem}" not in params:
+        p = Path(params).expanduser()
+        if p.exists() and not p.absolute().is_relative_to(workdir):
+            found.append(p.absolute())
+    return found
+
+
+def fingerprints(pipe: Pipeline) -> dict[str, dict[str, Any]]:
+    """Each stage's manifest header: kind, parameters, inputs, rsseg version and fingerprint."""
+    out: dict[str, dict[str, Any]] = {}
+    for st in pipe.stages:
+        params = st.params.model_dump(mode="json")
+        inputs = [_describe_input(p) for p in _external_inputs(params, pipe.workdir)]
+        head = {"stage": st.name, "uses": st.uses, "params": params, "inputs": inputs,
+                "needs": {d: out[d]["fingerprint"] for d in st.needs}, "rsseg_version": version("rsseg")}
+        head["fingerprint"] = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+        out[st.name] = head
+    return out
+
+
+def _completed(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    manifest = stage_dir / "manifest.json"
+    try:
+        found = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if found.get("fingerprint") == fingerprint else None
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, client: Any) -> dict[str, Any]:
+    final = pipe.workdir / st.name
+    tmp = pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    ctx = StageContext(st.name, client, tmp, retries=pipe.retries)
+    start = time.perf_counter()
+    try:
+        summary = STAGES[st.uses].run(st.params, ctx)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        task = f", task {ctx.task_keys[-1]}" if ctx.task_keys else ""
+        raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {exc}") from exc
+    manifest = {**head, "summary": summary, "tasks": len(ctx.task_keys), "seconds": time.perf_counter() - start,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "outputs": [{"path": str(p.relative_to(tmp)), "size": p.stat().st_size}
+                            for p in sorted(tmp.rglob("*")) if p.is_file()]}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return manifest
+
+
+def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
+        report: bool = True) -> dict[str, Any]:
+    """Run a pipeline on Dask; returns the summary of every stage (``skipped`` for resumed ones).
+
+    Args:
+        pipe: from :func:`load_pipeline`.
+        scheduler: a ``tcp://`` scheduler address or a Client (default: a LocalCluster sized to the machine).
+        resume: skip stages whose manifest matches their fingerprint.
+        report: write ``report.html`` into the work directory at the end.
+
+    Raises:
+        PipelineError: a stage failed (after its task retries); it names the stage, the task and the error.
+            Completed stages stay, and nothing of the failed stage is left under its final name.
+    """
+    pipe.workdir.mkdir(parents=True, exist_ok=True)
+    for stale in pipe.workdir.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    heads = fingerprints(pipe)
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for st in pipe.stages:
+        done = _completed(pipe.workdir / st.name, heads[st.name]["fingerprint"]) if resume else None
+        if done is not None:
+            results[st.name] = {**done, "skipped": True}
+        else:
+            todo.append(st)
+    log.info("pipeline %s: %d stages to run, %d already done", pipe.name, len(todo), len(results))
+    started = time.perf_counter()
+    with dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}), dask_client(scheduler) as client:
+        print(f"rsseg run {pipe.name}: Dask dashboard at {client.dashboard_link}", flush=True)
+        _execute(pipe, todo, heads, results, client)
+    summary = {"pipeline": pipe.name, "workdir": str(pipe.workdir), "seconds": time.perf_counter() - started,
+               "stages": {s.name: {"skipped": results[s.name].get("skipped", False),
+                                   "seconds": results[s.name].get("seconds"), **results[s.name]["summary"]}
+                          for s in pipe.stages}}
+    if report:
+        from rsseg.report import write_report
+
+        summary["report"] = str(write_report(pipe.workdir, pipe.name, [results[s.name] for s in pipe.stages]))
+    return summary
+
+
+def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: dict[str, Any], client: Any) -> None:
+    """Run ``todo`` stages as their dependencies finish; independent stages run side by side."""
+    pending = {st.name: st for st in todo}
+    running: dict[Future[dict[str, Any]], str] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(pipe.stages), initial=len(results),
+                                                         desc=f"pipeline {pipe.name}", unit="stage") as bar:
+        while pending or running:
+            for name, st in list(pending.items()):
+                if all(dep in results for dep in st.needs):
+                    running[pool.submit(_run_stage, st, heads[name], pipe, client)] = name
+                    del pending[name]
+            if not running:
+                raise PipelineError(f"stages {sorted(pending)} wait on stages that cannot run")
+            done, _ = wait(running, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                name = running.pop(fut)
+                if fut.exception() is not None:
+                    for other in running:
+                        other.cancel()
+                    raise fut.exception()  # type: ignore[misc]
+                results[name] = fut.result()
+                bar.update()
+                log.info("stage %s done in %.1f s", name, results[name]["seconds"])
+
+
+def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None = None) -> dict[str, Any]:
+    """Run ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
+    pipe = load_pipeline(PIPELINES_DIR / "demo.yaml", workdir=workdir)
+    summary = run(pipe, scheduler=scheduler)
+    stages = summary["stages"]
+    work = pipe.workdir
+    evaluation = stages.get("evaluate", {})
+    overall = next(iter(v for k, v in evaluation.items() if isinstance(v, dict)), {})
+    return {
+        "validation_dice": stages.get("train", {}).get("best_dice"),
+        "test_dice": stages.get("score", {}).get("mean_dice"),
+        "buildings_found": stages.get("vectorize", {}).get("buildings"),
+        "footprint_iou": overall.get("iou"),
+        "object_f1": overall.get("f1"),
+        "submission_csv": str(work / "predict_tianchi" / "submission.csv"),
+        "geojson": sorted(str(p) for p in (work / "vectorize").glob("*.geojson")),
+        "geopackage": str(work / "vectorize" / "buildings.gpkg"),
+        "report": summary.get("report"),
+        "seconds": round(summary["seconds"], 1),
+    }

@@ -1,0 +1,332 @@
+"""The stage kinds a pipeline can use, declared as data.
+
+Each kind names its parameter model (pydantic, ``extra="forbid"``: a typo in YAML is an error), whether it
+needs a GPU, and the function that runs it. A stage function gets its validated parameters and a
+:class:`StageContext` (the Dask client, a fresh output folder), writes only into that folder, submits the
+work that splits (scenes, tiling rows, vectorising blocks) as Dask tasks, and returns a JSON-able summary
+that goes into the stage's manifest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from distributed import Client, Future
+from pydantic import BaseModel, ConfigDict, Field
+
+from rsseg.errors import ConfigError, PipelineError
+
+__all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
+
+log = logging.getLogger(__name__)
+
+
+class Params(BaseModel):
+    """Base of every stage's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use: the Dask client, its output folder, task retries and device."""
+
+    name: str
+    client: Client
+    out_dir: Path
+    retries: int = 1
+    task_keys: list[str] = field(default_factory=list)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
+        """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
+        key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
+        self.task_keys.append(key)
+        return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
+                                  resources={"GPU": 1} if gpu else None, **kwargs)
+
+    def gather(self, futures: list[Future]) -> list[Any]:
+        """Results of ``futures``; a failure names the task that failed."""
+        results = []
+        for fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception as exc:
+                raise PipelineError(f"task {fut.key} failed: {type(exc).__name__}: {exc}") from exc
+        return results
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A kind of stage: its parameters, its function, and whether it needs a GPU when one is asked for."""
+
+    name: str
+    params: type[Params]
+    run: Callable[[Any, StageContext], dict[str, Any]]
+    gpu: bool = False
+
+
+def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
+    """A file, a folder (its files with ``suffixes``, sorted) or a glob pattern, as a list of files."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(spec)))
+    if not files:
+        raise ConfigError(f"{spec}: no input files (expected a file, a folder of {'/'.join(suffixes)} or a glob)")
+    return files
+
+
+def _device_is_gpu(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+# ------------------------------------------------------------------------------------------ generated data
+class SynthTianchiParams(Params):
+    n_train: int = Field(400, ge=1)
+    n_test: int = Field(100, ge=0)
+    seed: int = 0
+
+
+def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.synth import make_tianchi
+
+    info = ctx.gather([ctx.submit(make_tianchi, ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed,
+                                  progress=False)])[0]
+    return {k: v for k, v in info.items() if k.startswith("n_")}
+
+
+class SynthSceneParams(Params):
+    size: int = Field(4096, ge=64)
+    count: int = Field(1, ge=1)
+    crs: str = "EPSG:32650"
+    gsd: float = Field(0.3, gt=0)
+    seed: int = 0
+    nodata_border: bool = False
+
+
+def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.synth import make_scene
+
+    def one(i: int) -> int:
+        name = "scene.tif" if p.count == 1 else f"scene_{i:03d}.tif"
+        return len(make_scene(ctx.out_dir / name, size=p.size, crs=p.crs, seed=p.seed + i, gsd=p.gsd,
+                              nodata_border=p.nodata_border, progress=False))
+
+    counts = ctx.gather([ctx.submit(one, i, label=f"scene{i}") for i in range(p.count)])
+    return {"scenes": p.count, "buildings": sum(counts)}
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+class TileParams(Params):
+    scenes: str
+    labels: str | None = Field(None, description="A vector/raster file, or a pattern with {stem}")
+    size: int = 512
+    overlap: int = 64
+    max_nodata: float = 0.5
+    bands: list[int] | None = None
+
+
+def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.tiling import write_chips
+
+    chips = 0
+    for scene in expand_inputs(p.scenes):
+        labels = p.labels.format(stem=scene.stem) if p.labels else None
+        index = write_chips(scene, ctx.out_dir / scene.stem, size=p.size, overlap=p.overlap, labels=labels,
+                            bands=p.bands, max_nodata=p.max_nodata, scheduler=ctx.client)
+        chips += sum(1 for _ in open(index)) - 1
+    return {"chips": chips}
+
+
+# ---------------------------------------------------------------------------------------------- training
+class TrainParams(Params):
+    config: dict[str, Any] = Field(description="A training config (see configs/*.yaml), paths interpolated")
+    nproc: int = Field(1, ge=1)
+
+
+def train_subprocess(config_path: Path, nproc: int) -> str:
+    """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
+    cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PipelineError(f"rsseg train exited with {done.returncode}: {tail}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.train import load_config
+
+    cfg = load_config(p.config, {"run.out_dir": str(ctx.out_dir)})
+    config_path = ctx.out_dir / "train_config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    gpu = _device_is_gpu(cfg.run.device)
+    best = Path(ctx.gather([ctx.submit(train_subprocess, config_path, p.nproc, gpu=gpu, label="torchrun")])[0])
+    from rsseg.models import load_checkpoint
+
+    meta = load_checkpoint(best)["meta"]
+    return {"checkpoint": best.name, **{k: meta[k] for k in ("epoch", "best_dice", "threshold") if k in meta}}
+
+
+# --------------------------------------------------------------------------------------------- inference
+class PredictTianchiParams(Params):
+    checkpoint: str
+    images: str
+    sample: str | None = None
+    tta: Literal["none", "flip", "d4"] = "d4"
+    batch_size: int = 8
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threshold: float | None = None
+
+
+def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.inference import predict_images
+    from rsseg.report import tiles_quicklook
+
+    out = ctx.out_dir / "submission.csv"
+    fut = ctx.submit(predict_images, p.checkpoint, p.images, out, sample=p.sample, tta=p.tta,
+                     batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
+                     gpu=_device_is_gpu(p.device), label="predict")
+    ctx.gather([fut])
+    tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
+    return {"submission": out.name, "rows": sum(1 for _ in open(out))}
+
+
+class ScoreParams(Params):
+    submission: str
+    truth: str
+
+
+def _score(p: ScoreParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.tianchi import score
+
+    result = score(p.submission, p.truth)
+    (ctx.out_dir / "score.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+class PredictScenesParams(Params):
+    checkpoint: str
+    scenes: str
+    tile: int = 512
+    overlap: int = 128
+    tta: Literal["none", "flip", "d4"] = "d4"
+    batch_size: int = 8
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threshold: float | None = None
+    prob_dtype: Literal["uint8", "float32"] = "uint8"
+
+
+def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.inference import predict_raster
+
+    scenes = expand_inputs(p.scenes)
+    futures = [ctx.submit(predict_raster, p.checkpoint, scene, ctx.out_dir / f"{scene.stem}.tif", tile=p.tile,
+                          overlap=p.overlap, tta=p.tta, batch_size=p.batch_size, device=p.device,
+                          precision=p.precision, threshold=p.threshold, output="both", prob_dtype=p.prob_dtype,
+                          gpu=_device_is_gpu(p.device), label=scene.stem) for scene in scenes]
+    ctx.gather(futures)
+    return {"scenes": len(scenes)}
+
+
+# ---------------------------------------------------------------------------------------- vectorisation
+class VectorizeParams(Params):
+    masks: str
+    scenes: str | None = Field(None, description="The source scenes, for the quick-look")
+    min_area: float = 0.0
+    simplify: float = 0.0
+    regularize: bool = False
+    block: int = 2048
+    formats: list[Literal["geojson", "gpkg", "fgb"]] = ["geojson", "gpkg"]
+    merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings")
+
+
+def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.report import scene_quicklook
+    from rsseg.vectorize import vectorize_to_file
+
+    masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
+    counts: dict[str, int] = {}
+    for mask in masks:
+        prob = mask.with_name(f"{mask.stem}.prob.tif")
+        for fmt in p.formats:
+            counts[mask.stem] = vectorize_to_file(mask, ctx.out_dir / f"{mask.stem}.{fmt}", min_area=p.min_area,
+                                                  simplify=p.simplify, prob=prob if prob.exists() else None,
+                                                  regularize=p.regularize, block=p.block, scheduler=ctx.client)
+    if p.merged:
+        fmt = "gpkg" if "gpkg" in p.formats else p.formats[0]
+        merge_vectors([ctx.out_dir / f"{m.stem}.{fmt}" for m in masks], ctx.out_dir / p.merged)
+    if p.scenes:
+        for scene in expand_inputs(p.scenes)[:4]:
+            vectors = ctx.out_dir / f"{scene.stem}.{p.formats[0]}"
+            if vectors.exists():
+                scene_quicklook(scene, vectors, ctx.out_dir / f"quicklook_{scene.stem}.png")
+    return {"buildings": sum(counts.values()), "per_scene": counts}
+
+
+def merge_vectors(files: list[Path], out: Path) -> Path:
+    """Append every file's buildings to one layer (with a ``scene`` column), scene by scene.
+
+    The merged layer keeps the files' CRS when they share one, else EPSG:4326. Memory holds one scene's
+    buildings at a time.
+    """
+    import pyogrio
+
+    from rsseg.fileio import atomic_path
+
+    crss = {pyogrio.read_info(f)["crs"] for f in files}
+    target = crss.pop() if len(crss) == 1 else "EPSG:4326"
+    with atomic_path(out) as tmp:
+        for i, path in enumerate(files):
+            gdf = pyogrio.read_dataframe(path).to_crs(target)
+            gdf.insert(0, "scene", path.stem)
+            pyogrio.write_dataframe(gdf, tmp, layer="buildings", append=i > 0)
+    return out
+
+
+class EvaluateParams(Params):
+    pred: str = Field(description="A vector file, or a pattern with {stem}")
+    truth: str = Field(description="A vector file, or a pattern with {stem}")
+    scenes: str | None = Field(None, description="Scenes whose stems fill {stem} in pred and truth")
+    iou: float = 0.5
+
+
+def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.metrics import evaluate_vectors
+
+    stems = [s.stem for s in expand_inputs(p.scenes)] if p.scenes else [""]
+    results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem),
+                                               iou_threshold=p.iou) for stem in stems}
+    (ctx.out_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
+    StageKind("synth_tianchi", SynthTianchiParams, _synth_tianchi),
+    StageKind("synth_scene", SynthSceneParams, _synth_scene),
+    StageKind("tile", TileParams, _tile),
+    StageKind("train", TrainParams, _train, gpu=True),
+    StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi, gpu=True),
+    StageKind("score", ScoreParams, _score),
+    StageKind("predict_scenes", PredictScenesParams, _predict_scenes, gpu=True),
+    StageKind("vectorize", VectorizeParams, _vectorize),
+    StageKind("evaluate", EvaluateParams, _evaluate),
+)}
