@@ -1,0 +1,158 @@
+"""Benchmark of ``rsseg vectorize``: throughput, blockwise overhead, Dask scaling and peak memory.
+
+Prints one JSON line. Masks are generated once (rasterised random rectangles, L-shapes and courtyard
+buildings on a jittered grid, about one building per 5000 px) and cached under /tmp/rsseg-bench-vectorize.
+
+Figures:
+- ``plain_*``: the baseline, whole mask read at once, ``rasterio.features.shapes``, ``shapely.geometry.shape``
+  per polygon, geopandas ``to_crs`` and pyogrio GeoJSON writing;
+- ``whole_*``: rsseg with one window covering the mask, on a one-worker LocalCluster;
+- ``block_1w_*`` / ``block_2w_*``: rsseg with 2048 px windows on one and two single-threaded workers;
+- ``peak_rss_mb_*``: peak resident memory of the process tree (driver, scheduler, 2 workers) of a fresh
+  ``rsseg vectorize``-equivalent subprocess on a 10000 and a 20000 px mask, sampled with psutil.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import psutil
+import pyogrio
+import rasterio
+import shapely.geometry
+from distributed import Client, LocalCluster
+from rasterio.features import shapes
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from rsseg.vectorize import vectorize_to_file
+
+CACHE = Path("/tmp/rsseg-bench-vectorize")
+PIXEL_PER_BUILDING = 5000
+REPEATS = 3
+
+
+def _buildings(size: int, seed: int) -> np.ndarray:
+    """A size x size uint8 mask (0/1) of about size**2 / 5000 buildings on a jittered grid."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((size, size), np.uint8)
+    cells = int(np.ceil(np.sqrt(size * size / PIXEL_PER_BUILDING)))
+    step = size / cells
+    for i in range(cells):
+        for j in range(cells):
+            w, h = rng.integers(12, int(step * 0.8), 2)
+            y0 = int(i * step + rng.integers(0, max(1, int(step - h))))
+            x0 = int(j * step + rng.integers(0, max(1, int(step - w))))
+            mask[y0:y0 + h, x0:x0 + w] = 1
+            kind = rng.random()
+            if kind < 0.3:  # L-shape
+                mask[y0:y0 + h // 2, x0:x0 + w // 2] = 0
+            elif kind < 0.4 and min(w, h) > 20:  # courtyard
+                mask[y0 + h // 3:y0 + 2 * h // 3, x0 + w // 3:x0 + 2 * w // 3] = 0
+    return mask
+
+
+def mask_path(size: int) -> Path:
+    """A cached size x size mask GeoTIFF in UTM 50N at 0.3 m (written in 10000 px tiles)."""
+    path = CACHE / f"mask_{size}.tif"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tile = min(size, 10000)
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 1, "dtype": "uint8", "nodata": 255,
+               "crs": "EPSG:32650", "transform": from_origin(500000, 4000000, 0.3, 0.3), "tiled": True,
+               "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
+    tmp = path.with_suffix(".tmp.tif")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for k, (row, col) in enumerate((r, c) for r in range(0, size, tile) for c in range(0, size, tile)):
+            dst.write(_buildings(tile, seed=k), 1, window=Window(col, row, tile, tile))
+    tmp.rename(path)
+    return path
+
+
+def plain(mask: Path, out: Path) -> int:
+    """The baseline: whole-mask shapes, per-polygon shapely, geopandas, pyogrio."""
+    with rasterio.open(mask) as src:
+        values = src.read(1)
+        transform, crs = src.transform, src.crs
+    geoms = [shapely.geometry.shape(g) for g, _ in shapes(values, mask=values == 1, transform=transform)]
+    gdf = gpd.GeoDataFrame(geometry=geoms, crs=crs)
+    gdf["area_m2"] = gdf.area
+    pyogrio.write_dataframe(gdf.to_crs(4326), out, layer_options={"RFC7946": "YES"})
+    return len(gdf)
+
+
+def best_time(fn, *args, **kwargs) -> tuple[float, int]:
+    times, n = [], 0
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        n = fn(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times), n
+
+
+def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
+    """Peak RSS (MB) of a fresh process tree vectorising ``mask`` to GeoJSON, and its wall time."""
+    code = ("import sys; from rsseg.vectorize import vectorize_to_file; "
+            "vectorize_to_file(sys.argv[1], sys.argv[2], scheduler=None)")
+    start = time.perf_counter()
+    proc = psutil.Popen([sys.executable, "-c", code, str(mask), str(out)])
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    if proc.returncode:
+        raise SystemExit(f"memory run on {mask} failed with exit code {proc.returncode}")
+    return peak / 2**20, time.perf_counter() - start
+
+
+def main() -> None:
+    mask10, mask20 = mask_path(10000), mask_path(20000)
+    result: dict = {"bench": "vectorize", "mask_px": 10000, "block_px": 2048, "repeats_best_of": REPEATS}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "buildings.geojson"
+        t_plain, n_plain = best_time(plain, mask10, out)
+        with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            t_whole, n_whole = best_time(vectorize_to_file, mask10, out, block=10000, scheduler=client)
+            t_1w, n_1w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            t_2w, n_2w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
+        assert n_whole == n_1w == n_2w == n_plain, (n_plain, n_whole, n_1w, n_2w)
+        rss10, wall10 = peak_rss_mb(mask10, out)
+        rss20, wall20 = peak_rss_mb(mask20, Path(tmp) / "buildings20.geojson")
+    result.update({
+        "buildings": n_1w,
+        "plain_s": round(t_plain, 3), "plain_polygons_per_s": round(n_plain / t_plain),
+        "whole_s": round(t_whole, 3), "whole_polygons_per_s": round(n_whole / t_whole),
+        "block_1w_s": round(t_1w, 3), "block_1w_polygons_per_s": round(n_1w / t_1w),
+        "block_2w_s": round(t_2w, 3), "block_2w_polygons_per_s": round(n_2w / t_2w),
+        "blockwise_overhead": round(t_1w / t_whole - 1, 4),
+        "speedup_2w_over_1w": round(t_1w / t_2w, 3),
+        "ratio_block_1w_over_plain": round(t_1w / t_plain, 3),
+        "peak_rss_mb_10000": round(rss10, 1), "peak_rss_mb_20000": round(rss20, 1),
+        "peak_rss_ratio_20000_over_10000": round(rss20 / rss10, 3),
+        "memory_run_wall_s_10000": round(wall10, 2), "memory_run_wall_s_20000": round(wall20, 2),
+        "targets": {"polygons_per_s_min": 5000, "blockwise_overhead_max": 0.05, "speedup_2w_min": 1.6,
+                    "peak_rss_ratio_max": 1.3},
+        "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+    })
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Building masks to map polygons: blockwise on Dask, cleaned, attributed and written for GIS.
+
+The mask GeoTIFF is read in windows (``block`` x ``block`` pixels), one Dask task per window. A task
+checks the window's values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
+coordinates (:mod:`rsseg.polygonize`), sums the probability raster under each polygon, and finishes
+every building that does not touch an inner window border: it maps it to the raster's CRS, computes its
+ground area, drops it if smaller than ``min_area``, simplifies and regularises it, repairs it if needed
+and reprojects it to the output CRS. Pieces of buildings cut by window borders come back in pixel
+coordinates; the client joins them exactly and finishes them the same way. The result is the same set of
+polygons as polygonising the whole raster at once, with memory bounded by the window size.
+
+Areas and tolerances are in metres whatever the CRS: in a projected CRS the planar area (in the CRS's
+units, converted to metres) is divided by the projection's areal scale at each building's centroid (so
+Web Mercator areas are right too); a geographic raster is worked on in a Lambert azimuthal equal-area
+projection centred on the scene.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from distributed import as_completed
+from pyproj import CRS, Proj, Transformer
+from rasterio import Affine
+from rasterio.errors import RasterioIOError
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from rsseg.cluster import dask_client
+from rsseg.errors import ConfigError, RasterError, VectorError
+from rsseg.fileio import atomic_path, raster_env
+from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
+from rsseg.regularize import regularize_polygons
+
+__all__ = ["FORMATS", "vectorize", "vectorize_to_file", "write_vectors"]
+
+log = logging.getLogger(__name__)
+
+#: Output drivers by file extension. GeoJSON is written in EPSG:4326 (RFC 7946), the others in the mask's CRS.
+FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
+
+
+@functools.lru_cache(maxsize=16)
+def _transformer(source: str, target: str) -> Transformer:
+    return Transformer.from_crs(source, target, always_xy=True)
+
+
+def _reproject(geoms: np.ndarray, source: str, target: str) -> np.ndarray:
+    transformer = _transformer(source, target)
+    return shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """How pixel polygons become map polygons: CRSs, units and cleaning options (sent with every task)."""
+
+    transform: tuple[float, float, float, float, float, float]  # pixel -> source CRS, Affine (a..f)
+    source_crs: str
+    work_crs: str  # where areas, simplification and regularisation are computed
+    out_crs: str
+    metres: float  # metres per unit of the work CRS
+    scale_correct: bool  # divide planar areas by the projection's areal scale at each centroid
+    min_area: float  # m2
+    tolerance: float  # simplification tolerance in work-CRS units; 0 for none
+    pixel: float  # pixel size in work-CRS units
+    regularize: bool
+
+
+def _make_frame(src: rasterio.DatasetReader, out_crs: str | None, min_area: float, simplify: float,
+                regularize: bool) -> _Frame:
+    source = src.crs.to_string()
+    crs = CRS.from_user_input(source)
+    centre = src.transform * (src.width / 2, src.height / 2)
+    lon, lat = _transformer(source, "EPSG:4326").transform(*centre)
+    pixel = abs(src.transform.determinant) ** 0.5
+    if crs.is_geographic:
+        work = CRS.from_proj4(f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m").to_wkt()
+        col, row = src.width / 2, src.height / 2
+        corners = np.array([src.transform * (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))])
+        x, y = _transformer(source, work).transform(corners[:, 0], corners[:, 1])
+        pixel = float(np.sqrt(np.hypot(x[1] - x[0], y[1] - y[0]) * np.hypot(x[2] - x[0], y[2] - y[0])))
+        metres, scale_correct, scale = 1.0, False, 1.0
+    else:
+        work = source
+        metres = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+        scale = float(Proj(crs).get_factors(lon, lat).areal_scale) ** 0.5 if crs.is_projected else 1.0
+        scale_correct = crs.is_projected and np.isfinite(scale)
+        scale = scale if scale_correct else 1.0
+    return _Frame(transform=tuple(src.transform)[:6], source_crs=source, work_crs=work,
+                  out_crs=CRS.from_user_input(out_crs).to_string() if out_crs else source, metres=metres,
+                  scale_correct=bool(scale_correct), min_area=float(min_area),
+                  tolerance=simplify / metres * scale, pixel=pixel, regularize=regularize)
+
+
+def _areas(geoms: np.ndarray, frame: _Frame) -> np.ndarray:
+    """Ground areas in m2 of polygons in the work CRS."""
+    area = shapely.area(geoms) * frame.metres**2
+    if frame.scale_correct and len(geoms):
+        xy = shapely.get_coordinates(shapely.centroid(geoms))
+        lon, lat = _transformer(frame.work_crs, "EPSG:4326").transform(xy[:, 0], xy[:, 1])
+        area = area / Proj(frame.work_crs).get_factors(lon, lat).areal_scale
+    return area
+
+
+@dataclass(frozen=True, slots=True)
+class _Buildings:
+    """Finished buildings: output geometries and attributes, with their pixel position for ordering."""
+
+    geometry: np.ndarray
+    area_m2: np.ndarray
+    mean_prob: np.ndarray
+    top: np.ndarray
+    left: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[_Buildings]) -> _Buildings:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__slots__))
+
+
+def _repair(geoms: np.ndarray) -> np.ndarray:
+    bad = ~shapely.is_valid(geoms)
+    if bad.any():
+        log.debug("repairing %d invalid polygons", bad.sum())
+        fixed = shapely.make_valid(geoms[bad], method="structure", keep_collapsed=False)
+        geoms = geoms.copy()
+        geoms[bad] = fixed
+    return geoms
+
+
+def _finish(pixels: np.ndarray, prob_sum: np.ndarray, prob_count: np.ndarray, frame: _Frame) -> _Buildings:
+    """Pixel polygons of whole buildings -> cleaned output polygons with their attributes."""
+    left, top = shapely.bounds(pixels)[:, :2].T if len(pixels) else (np.empty(0), np.empty(0))
+    a, b, c, d, e, f = frame.transform
+    geoms = shapely.transform(pixels, lambda xy: xy @ np.array([[a, d], [b, e]]) + (c, f))
+    if frame.work_crs != frame.source_crs:
+        geoms = _reproject(geoms, frame.source_crs, frame.work_crs)
+    area = _areas(geoms, frame)
+    keep = area >= frame.min_area
+    geoms, area, prob_sum, prob_count, top, left = (x[keep] for x in (geoms, area, prob_sum, prob_count, top,
+                                                                       left))
+    if frame.tolerance > 0:
+        geoms = shapely.simplify(geoms, frame.tolerance, preserve_topology=True)
+    if frame.regularize:
+        geoms = regularize_polygons(geoms, frame.pixel)
+    if frame.tolerance > 0 or frame.regularize:
+        area = _areas(geoms, frame)
+    if frame.out_crs != frame.work_crs:
+        geoms = _reproject(geoms, frame.work_crs, frame.out_crs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = prob_sum / prob_count
+    return _Buildings(_repair(geoms), area, mean_prob, top, left)
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One Dask task: a window of the mask (and of the probability raster, if any)."""
+
+    mask: str
+    band: int
+    window: Window
+    width: int
+    height: int
+    frame: _Frame
+    prob: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockResult:
+    values: frozenset[int]
+    buildings: _Buildings
+    pieces: np.ndarray  # pixel polygons touching an inner window border
+    piece_sum: np.ndarray
+    piece_count: np.ndarray
+
+
+def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and count of valid probability pixels under each pixel polygon of a block."""
+    window = block.window
+    with rasterio.open(block.prob) as src:
+        prob = src.read(1, window=window)
+        nodata = src.nodata
+    valid = ~np.isnan(prob) if prob.dtype.kind == "f" else np.ones(prob.shape, bool)
+    if nodata is not None:
+        valid &= prob != nodata
+    weights = np.where(valid, prob / (255.0 if prob.dtype == np.uint8 else 1.0), 0.0)
+    labels = rasterize(zip(pixels, range(1, len(pixels) + 1), strict=True), out_shape=prob.shape,
+                       transform=Affine.translation(window.col_off, window.row_off), dtype="int32")
+    n = len(pixels) + 1
+    return (np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)[1:],
+            np.bincount(labels.ravel(), weights=valid.ravel(), minlength=n)[1:])
+
+
+def _run_block(block: _Block) -> _BlockResult:
+    """Polygonise one window and finish the buildings wholly inside it (a Dask task)."""
+    with raster_env(), rasterio.open(block.mask) as src:
+        values = src.read(block.band, window=block.window)
+        nodata = src.nodatavals[block.band - 1]
+    building, present = building_pixels(values, nodata, block.window, block.mask)
+    pixels = polygonize_pixels(building, block.window.col_off, block.window.row_off)
+    if block.prob and len(pixels):
+        with raster_env():
+            prob_sum, prob_count = _prob_sums(block, pixels)
+    else:
+        prob_sum = prob_count = np.zeros(len(pixels))
+    edge = on_inner_border(pixels, block.window, block.width, block.height)
+    inside = ~edge
+    return _BlockResult(present, _finish(pixels[inside], prob_sum[inside], prob_count[inside], block.frame),
+                        pixels[edge], prob_sum[edge], prob_count[edge])
+
+
+def _run(blocks: list[_Block], scheduler: object) -> list[_BlockResult]:
+    """Run the block tasks: in this process for one block or ``scheduler="sync"``, else on Dask."""
+    progress = {"total": len(blocks), "desc": "vectorize", "unit": "block", "disable": None}
+    if scheduler == "sync" or (scheduler is None and len(blocks) == 1):
+        return [_run_block(block) for block in tqdm(blocks, **progress)]
+    with dask_client(scheduler) as client:
+        futures = client.map(_run_block, blocks, pure=False)
+        order = {future.key: i for i, future in enumerate(futures)}
+        results: list = [None] * len(blocks)
+        try:
+            for future, result in tqdm(as_completed(futures, with_results=True), **progress):
+                results[order[future.key]] = result
+        finally:
+            client.cancel(futures)
+    return results
+
+
+def _open(path: Path) -> rasterio.DatasetReader:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise RasterError(f"{path}: not a raster GDAL can read ({exc})") from None
+
+
+def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path | None) -> None:
+    if src.crs is None:
+        raise RasterError(f"{path}: no CRS; polygons need a georeferenced mask (set one with "
+                          "`rio edit-info --crs EPSG:XXXX` or `gdal_edit.py -a_srs`)")
+    if not 1 <= band <= src.count:
+        raise RasterError(f"{path}: no band {band}; the raster has bands 1 to {src.count}")
+    if prob is None:
+        return
+    with _open(Path(prob)) as psrc:
+        if (psrc.width, psrc.height) != (src.width, src.height) or not psrc.transform.almost_equals(
+                src.transform):
+            raise RasterError(f"{prob}: probability raster on another grid ({psrc.width}x{psrc.height}, "
+                              f"{tuple(psrc.transform)[:6]}) than the mask {path} ({src.width}x{src.height}, "
+                              f"{tuple(src.transform)[:6]})")
+        if psrc.dtypes[0] not in ("uint8", "float32", "float64"):
+            raise RasterError(f"{prob}: probabilities of type {psrc.dtypes[0]}; expected uint8 (0-255) or "
+                              "float32 (0-1)")
+
+
+def _rsseg_tags(src: rasterio.DatasetReader, band: int) -> dict[str, str]:
+    """The mask's rsseg tags: the ``rsseg`` namespace, or ``rsseg_KEY`` / ``rsseg:KEY`` items.
+
+    GDAL reads an item named ``rsseg:KEY`` as ``rsseg=KEY=VALUE`` (``:`` separates names from values in
+    GDAL metadata), so that form is recognised too.
+    """
+    found = dict(src.tags(ns="rsseg"))
+    for tags in (src.tags(), src.tags(band)):
+        for key, value in tags.items():
+            if key == "rsseg" and "=" in value:
+                key, _, value = f"rsseg:{value}".partition("=")
+            if key.startswith(("rsseg:", "rsseg_")):
+                found[key[6:]] = value
+    return found
+
+
+def _provenance(src: rasterio.DatasetReader, path: Path, band: int, **options: object) -> dict[str, str]:
+    """Where the polygons come from: the mask, its CRS, rsseg's tags on it, the options used."""
+    info = {"source": str(path.resolve()), "source_crs": src.crs.to_string(), "band": str(band),
+            "code_version": version("rsseg")}
+    info.update(_rsseg_tags(src, band))
+    info.update({key: str(value) for key, value in options.items() if value is not None})
+    return info
+
+
+def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 0.0, *,
+              prob: str | Path | None = None, regularize: bool = False, band: int = 1, block: int = 2048,
+              scheduler: object = None, crs: str | None = None) -> gpd.GeoDataFrame:
+    """Polygons of the buildings in a mask GeoTIFF.
+
+    Args:
+        mask_raster: a GeoTIFF whose ``band`` holds 0 for background and 1 (or 255) for buildings; pixels
+            equal to its nodata value count as background.
+        min_area: drop buildings smaller than this many square metres (measured on the ground).
+        simplify: topology-preserving simplification tolerance in metres (0: keep pixel outlines).
+        prob: a probability raster on the same grid (uint8 0-255 or float 0-1); adds ``mean_prob``.
+        regularize: square up outlines along each building's dominant orientation
+            (:mod:`rsseg.regularize`); areas stay within 10% or the outline is left as is.
+        band: the band of ``mask_raster`` holding the mask.
+        block: window size in pixels; each window is one Dask task.
+        scheduler: a :class:`distributed.Client`, a scheduler address, None for the current client or a
+            LocalCluster (a single window runs in this process), or ``"sync"`` to run here, serially.
+        crs: CRS of the output polygons (default: the mask's).
+
+    Returns:
+        One row per building, ordered by position (top to bottom, then left to right), with ``id``
+        (1..n), ``area_m2`` and, when ``prob`` is given, ``mean_prob``; ``attrs["provenance"]`` records
+        the source, its CRS, the ``rsseg:`` tags of the mask (checkpoint hash, threshold) and the options.
+
+    Raises:
+        RasterError: the mask is not a raster, has no CRS, lacks ``band``, or holds values other than
+            0/1 or 0/255; the probability raster is on another grid.
+    """
+    path = Path(mask_raster)
+    if min_area < 0 or simplify < 0 or block < 1:
+        raise ConfigError(f"min_area ({min_area} m2), simplify ({simplify} m) and block ({block} px) must "
+                          "not be negative (block at least 1)")
+    with raster_env(), _open(path) as src:
+        _check_inputs(src, path, band, Path(prob) if prob else None)
+        frame = _make_frame(src, crs, min_area, simplify, regularize)
+        provenance = _provenance(src, path, band=band, min_area_m2=min_area, simplify_m=simplify,
+                                 regularize=regularize, prob=prob and str(Path(prob).resolve()))
+        blocks = [_Block(str(path), band, window, src.width, src.height, frame, prob and str(prob))
+                  for window in block_windows(src.width, src.height, block)]
+    results = _run(blocks, scheduler)
+    present = frozenset().union(*(r.values for r in results))
+    if {1, 255} <= present:
+        raise RasterError(f"{path}: some windows mark buildings with 1, others with 255; a building mask "
+                          "uses one convention, 0/1 or 0/255")
+    log.info("%s: mask convention 0/%d", path, 255 if 255 in present else 1)
+    merged, group = merge_pieces(np.concatenate([r.pieces for r in results]))
+    sums = [np.bincount(group, np.concatenate([getattr(r, name) for r in results]), len(merged))
+            for name in ("piece_sum", "piece_count")]
+    found = _Buildings.concat([r.buildings for r in results] + [_finish(merged, *sums, frame)])
+    order = np.lexsort((found.left, found.top))
+    columns = {"id": np.arange(1, len(order) + 1), "area_m2": found.area_m2[order]}
+    if prob:
+        columns["mean_prob"] = found.mean_prob[order]
+    gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=frame.out_crs)
+    gdf.attrs["provenance"] = provenance
+    log.info("%s: %d buildings (%d of them cut by window borders)", path, len(gdf), len(merged))
+    return gdf
+
+
+def _driver(path: Path) -> str:
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise VectorError(f"{path}: unsupported output format {path.suffix or '(no extension)'!r}; "
+                          f"supported: {', '.join(FORMATS)}") from None
+
+
+def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = True) -> Path:
+    """Write polygons atomically, in the format the extension names.
+
+    GeoJSON (``.geojson``/``.json``) follows RFC 7946: EPSG:4326, longitude before latitude, exterior
+    rings counter-clockwise and holes clockwise; GeoPackage (``.gpkg``) and FlatGeobuf (``.fgb``) keep
+    the data's CRS. ``gdf.attrs["provenance"]`` goes into the layer metadata (``rsseg_*`` items) or, for
+    GeoJSON, into an ``rsseg`` member of the FeatureCollection.
+
+    Raises:
+        VectorError: an unsupported extension, or polygons without a CRS.
+    """
+    path = Path(path)
+    driver = _driver(path)
+    if gdf.crs is None:
+        raise VectorError(f"{path}: the polygons have no CRS; set one (GeoDataFrame.set_crs) before writing")
+    provenance = gdf.attrs.get("provenance", {})
+    options: dict = {"layer": path.stem}
+    if driver == "GeoJSON":
+        if not gdf.crs.equals(CRS.from_epsg(4326)):
+            gdf = gdf.to_crs(4326)
+        gdf = gdf.set_geometry(shapely.orient_polygons(gdf.geometry.values))
+        options["layer_options"] = {"RFC7946": "YES",
+                                    "FOREIGN_MEMBERS_COLLECTION": json.dumps({"rsseg": provenance})}
+    else:
+        options["layer_metadata"] = {f"rsseg_{key}": value for key, value in provenance.items()}
+    kinds = set(gdf.geom_type.dropna())
+    options["geometry_type"] = kinds.pop() if len(kinds) == 1 else ("Polygon" if not kinds else "Unknown")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        pyogrio.write_dataframe(gdf, tmp, driver=driver, **options)
+    return path
+
+
+def vectorize_to_file(mask: str | Path, out: str | Path, min_area: float = 0.0, simplify: float = 0.0,
+                      prob: str | Path | None = None, regularize: bool = False, band: int = 1,
+                      block: int = 2048, scheduler: object = None) -> int:
+    """:func:`vectorize` ``mask`` and :func:`write_vectors` the result to ``out``; return the building count.
+
+    GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the block tasks).
+    """
+    out = Path(out)
+    crs = "EPSG:4326" if _driver(out) == "GeoJSON" else None
+    gdf = vectorize(mask, min_area, simplify, prob=prob, regularize=regularize, band=band, block=block,
+                    scheduler=scheduler, crs=crs)
+    write_vectors(gdf, out)
+    return len(gdf)
