@@ -146,13 +146,14 @@ def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--threshold", type=float, default=None,
+              help="Building probability threshold (default: the checkpoint's validation threshold, else 0.5).")
 @click.option("--output-kind", type=click.Choice(["prob", "mask", "both"]), default="both", show_default=True)
 @click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, overlap: int, tta: str,
-            batch_size: int, device: str, precision: str, threshold: float, output_kind: str,
+            batch_size: int, device: str, precision: str, threshold: float | None, output_kind: str,
             prob_dtype: str, sample: Path | None, overwrite: bool) -> None:
     """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG tiles (to a submission CSV)."""
     from rsseg.inference import predict_path
@@ -189,7 +190,7 @@ def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Pat
 @click.option("--iou", "iou_threshold", default=0.5, show_default=True)
 def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
     """Object-level precision/recall/F1 (SpaceNet rule) and pixel IoU of PRED against TRUTH vectors."""
-    from rsseg.metrics import evaluate_vectors
+    from rsseg.objects import evaluate_vectors
 
     click.echo(json.dumps(evaluate_vectors(pred, truth, iou_threshold=iou_threshold)))
 

@@ -1,0 +1,365 @@
+"""Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi tiles to a submission.
+
+:func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.grid.TileGrid` are read
+in batches ahead of the model by a background thread (:mod:`rsseg.streams`), predicted with test-time
+augmentation (:mod:`rsseg.tta`), blended without seams in a band of rows on the model's device
+(:mod:`rsseg.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
+Peak memory depends on the window size, the batch size and the scene's width, not on its height.
+
+:func:`predict_images` predicts a folder of 512x512 JPG tiles and writes a validated competition
+submission; :func:`predict_path` chooses between the two (the ``rsseg predict`` command).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from rsseg.blend import BandAccumulator
+from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
+from rsseg.fileio import atomic_path, file_sha256, raster_env
+from rsseg.grid import TileGrid
+from rsseg.models import Segmenter, model_from_checkpoint
+from rsseg.rle import TIANCHI_SHAPE, encode
+from rsseg.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
+from rsseg.tta import Predictor, resolve_device, tta_views
+
+__all__ = ["OUTPUTS", "PROB_DTYPES", "predict_images", "predict_path", "predict_raster", "prob_path", "read_tags"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+ModelLike = PathLike | dict[str, Any] | nn.Module
+#: What :func:`predict_raster` can write.
+OUTPUTS = ("mask", "prob", "both")
+#: Pixel types of probability rasters.
+PROB_DTYPES = ("uint8", "float32")
+#: Compression of the output GeoTIFFs (lossless, readable by every GDAL since 2.0).
+COMPRESSION = {"compress": "deflate", "zlevel": 6}
+
+
+def read_tags(path: PathLike) -> dict[str, str]:
+    """The ``rsseg:*`` tags of a predicted raster, e.g. ``{"rsseg:threshold": "0.5", ...}``.
+
+    They live in the GDAL metadata domain ``rsseg`` (``gdalinfo`` lists them under "Metadata (rsseg)";
+    rasterio: ``src.tags(ns="rsseg")``), since GDAL reads a ``:`` in a default-domain key as a separator.
+    """
+    with rasterio.open(path) as src:
+        return {f"{TAG_NS}:{key}": value for key, value in src.tags(ns=TAG_NS).items()}
+
+
+def prob_path(dst: PathLike) -> Path:
+    """Where ``output="both"`` writes probabilities: ``mask.tif`` -> ``mask.prob.tif``."""
+    dst = Path(dst)
+    return dst.with_name(f"{dst.stem}.prob{dst.suffix or '.tif'}")
+
+
+def _load_model(checkpoint_or_model: ModelLike, device: torch.device) -> tuple[nn.Module, int | None, float, str]:
+    """``(model, in_channels or None, default threshold, sha256)`` from a checkpoint path, dict or module."""
+    if isinstance(checkpoint_or_model, nn.Module):
+        model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
+    else:
+        if isinstance(checkpoint_or_model, dict):
+            digest = "unknown (checkpoint given as a dict)"
+        else:
+            path = Path(checkpoint_or_model)
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {path} not found")
+            digest = file_sha256(path)
+        model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
+        meta = ckpt.get("meta") or {}
+    in_channels = int(model.mean.shape[1]) if isinstance(model, Segmenter) else None
+    threshold = meta.get("threshold")
+    return model, in_channels, 0.5 if threshold is None else float(threshold), digest
+
+
+def _module_sha256(model: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, values): the tag for a model given in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
+    if not src_path.is_file():
+        raise FileNotFoundError(f"input raster {src_path} not found")
+    try:
+        src_cm = rasterio.open(src_path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from None
+    with src_cm as src:
+        if in_channels is not None and src.count != in_channels:
+            raise RasterError(f"{src_path} has {src.count} band(s); the model was trained on {in_channels} "
+                              "(select or stack bands to match, e.g. with gdal_translate -b)")
+        return dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform,
+                    masked=source_has_mask(src))
+
+
+def _profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: str) -> dict[str, tuple[Path, dict]]:
+    base = dict(driver="GTiff", width=info["width"], height=info["height"], count=1, crs=info["crs"],
+                transform=info["transform"], tiled=True, blockxsize=512, blockysize=512, bigtiff="IF_SAFER",
+                **COMPRESSION)
+    profiles = {}
+    for kind, path in outputs.items():
+        if kind == "mask":
+            profiles[kind] = (path, dict(base, dtype="uint8", nodata=255))
+        elif prob_dtype == "float32":
+            profiles[kind] = (path, dict(base, dtype="float32", nodata=float("nan"), predictor=3))
+        else:
+            profiles[kind] = (path, dict(base, dtype="uint8", nodata=None))
+    return profiles
+
+
+def _encode_rows(probs: torch.Tensor, kinds: tuple[str, ...], threshold: float, prob_dtype: str) -> dict:
+    """Output pixels of blended probabilities, computed on their device."""
+    rows = {}
+    if "mask" in kinds:
+        rows["mask"] = (probs > threshold).to(torch.uint8)
+    if "prob" in kinds:
+        rows["prob"] = probs if prob_dtype == "float32" else (probs * 255).round_().to(torch.uint8)
+    return rows
+
+
+def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike, tile: int = 512,
+                   overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str | torch.device = "auto",
+                   precision: str = "fp32", threshold: float | None = None, output: str = "mask",
+                   prob_dtype: str = "uint8", overwrite: bool = False) -> Path:
+    """Predict buildings over a GeoTIFF scene of any size, streaming windows in and rows out.
+
+    Outputs are single-band, tiled (512 x 512), DEFLATE-compressed GeoTIFFs with the source's CRS and
+    transform, tagged ``rsseg:checkpoint_sha256``, ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:source``
+    (plus ``rsseg:output``, ``rsseg:tile``, ``rsseg:overlap``; GDAL metadata domain ``rsseg``, read them
+    with :func:`read_tags`), written atomically:
+
+    * mask (``output="mask"`` or ``"both"``, at ``dst``): uint8, 1 building (probability > threshold),
+      0 background, 255 (the declared nodata) where the source is nodata;
+    * probabilities (``output="prob"``: at ``dst``; ``"both"``: at :func:`prob_path` of ``dst``):
+      ``prob_dtype="uint8"``: ``round(255 * p)`` with source nodata marked by an internal mask band
+      (0 = nodata; read it with ``dataset_mask()`` or ``read(masked=True)``); ``"float32"``: ``p`` in
+      0-1 with NaN (the declared nodata) where the source is nodata.
+
+    Source nodata is GDAL's dataset mask (nodata value, mask band or alpha band). Every window goes
+    through the model; predictions are blended with :func:`rsseg.blend.window_weights`.
+
+    Args:
+        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
+            logits out, e.g. :class:`~rsseg.models.Segmenter`).
+        src: the scene (any GDAL raster with the model's band count).
+        dst: the output GeoTIFF.
+        tile: window size in pixels.
+        overlap: pixels shared by neighbouring windows.
+        tta: ``none``, ``flip`` or ``d4`` (see :mod:`rsseg.tta`).
+        batch_size: windows per forward pass (each with its TTA views: ``batch_size x views`` images).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32`` or ``bf16`` (autocast).
+        threshold: probability above which a pixel is a building; None: the checkpoint's
+            ``meta["threshold"]`` if it has one, else 0.5.
+        output: ``mask``, ``prob`` or ``both``.
+        prob_dtype: ``uint8`` or ``float32``.
+        overwrite: replace existing outputs; otherwise they raise :class:`FileExistsError`.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source or a band
+        count other than the model's. ConfigError: a bad option. FileExistsError: an existing output.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_choice("output", output, OUTPUTS)
+    _check_choice("prob_dtype", prob_dtype, PROB_DTYPES)
+    tta_views(tta)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: expected 1 or more")
+    paths = {"mask": dst} if output == "mask" else {"prob": dst} if output == "prob" else \
+        {"mask": dst, "prob": prob_path(dst)}
+    for path in paths.values():
+        if path.resolve() == src.resolve():
+            raise ConfigError(f"output {path} is the input raster; choose another output path")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    dev = resolve_device(device)
+    model, in_channels, default_threshold, digest = _load_model(checkpoint_or_model, dev)
+    threshold = default_threshold if threshold is None else float(threshold)
+    with raster_env():
+        info = _source_info(src, in_channels)
+    try:
+        grid = TileGrid(info["width"], info["height"], tile, overlap)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from None
+    predictor = Predictor(model, dev, tta, precision)
+    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": tta, "source": str(src.resolve()),
+            "tile": str(tile), "overlap": str(overlap), "output": output}
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        tmp = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
+        profiles = _profiles(info, tmp, prob_dtype)
+        writer = RowWriter(src if info["masked"] else None, profiles, tags)
+        try:
+            _stream(predictor, grid, src, writer, tuple(tmp), threshold, prob_dtype, batch_size)
+        except BaseException:
+            writer.close(ok=False)
+            raise
+        writer.close()
+    log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), tta, precision, dev,
+             time.perf_counter() - start, ", ".join(map(str, paths.values())))
+    return dst
+
+
+def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, kinds: tuple[str, ...],
+            threshold: float, prob_dtype: str, batch_size: int) -> None:
+    """The main loop: batches in, blended rows out."""
+    band = BandAccumulator(grid, predictor.device)
+    pin = predictor.device.type == "cuda"
+    with (Prefetch(lambda: read_batches(src, grid, batch_size, pin), depth=3) as batches,
+          tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
+          torch.inference_mode()):
+        for tiles, pixels in batches:
+            probs = predictor(pixels)
+            for tile, prob in zip(tiles, probs, strict=True):
+                done = band.add(tile, prob)
+                if done is not None:
+                    writer.submit(done[0], _encode_rows(done[1], kinds, threshold, prob_dtype))
+            bar.update(len(tiles))
+
+
+def _image_names(image_dir: Path, sample: Path | None) -> list[str]:
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder {image_dir} not found")
+    found = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") and p.is_file())
+    if not found:
+        raise DatasetError(f"{image_dir}: no JPG files (*.jpg) to predict")
+    if sample is None:
+        return found
+    from rsseg.tianchi import read_masks_csv
+
+    names = list(read_masks_csv(sample))
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise DatasetError(f"{image_dir}: {len(missing)} image(s) of {Path(sample).name} missing, e.g. {missing[:3]}")
+    extra = sorted(set(found) - set(names))
+    if extra:
+        log.warning("%s: %d JPG(s) not in %s are left out, e.g. %s", image_dir, len(extra), sample, extra[:3])
+    return names
+
+
+def _read_jpg_batches(image_dir: Path, names: list[str], batch_size: int, pin: bool) -> Iterator[
+        tuple[list[str], torch.Tensor]]:
+    for start in range(0, len(names), batch_size):
+        chunk = names[start : start + batch_size]
+        pixels = np.empty((len(chunk), 3, *TIANCHI_SHAPE), dtype=np.uint8)
+        for i, name in enumerate(chunk):
+            with Image.open(image_dir / name) as img:
+                if img.size != TIANCHI_SHAPE[::-1]:
+                    raise DatasetError(f"{image_dir / name}: {img.size[0]}x{img.size[1]} pixels; expected "
+                                       f"{TIANCHI_SHAPE[1]}x{TIANCHI_SHAPE[0]} Tianchi tiles")
+                pixels[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+        batch = torch.from_numpy(pixels)
+        yield chunk, batch.pin_memory() if pin else batch
+
+
+def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_csv: PathLike,
+                   sample: PathLike | None = None, tta: str = "d4", batch_size: int = 8,
+                   device: str | torch.device = "auto", threshold: float | None = None, precision: str = "fp32",
+                   overwrite: bool = False) -> Path:
+    """Predict every 512x512 JPG of ``image_dir`` and write a validated Tianchi submission.
+
+    Rows follow the ``sample`` submission's order (its images must all be in the folder; JPGs it does
+    not list are left out with a warning); without a sample, every JPG in name order. Masks are
+    ``probability > threshold`` after TTA, RLE-encoded by :func:`rsseg.rle.encode`, written by
+    :func:`rsseg.tianchi.write_submission` and checked by :func:`rsseg.tianchi.validate_submission`
+    before the file takes its final name.
+
+    Args:
+        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (3 input bands).
+        image_dir: the folder of JPG tiles (e.g. ``test_a/``).
+        output_csv: the submission to write.
+        sample: the sample submission (e.g. ``test_a_samplesubmit.csv``).
+        tta: ``none``, ``flip`` or ``d4``.
+        batch_size: images per forward pass (each with its TTA views).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threshold: None: the checkpoint's ``meta["threshold"]``, else 0.5.
+        precision: ``fp32`` or ``bf16``.
+        overwrite: replace an existing ``output_csv``.
+
+    Returns:
+        ``output_csv``.
+
+    Raises:
+        DatasetError: no JPGs, a JPG that is not 512x512, sample images missing from the folder.
+        SubmissionError: the written submission fails validation. CheckpointError, ConfigError,
+        FileExistsError: as for :func:`predict_raster`.
+    """
+    from rsseg.tianchi import validate_submission, write_submission
+
+    image_dir, output_csv = Path(image_dir), Path(output_csv)
+    sample = Path(sample) if sample is not None else None
+    tta_views(tta)
+    if output_csv.exists() and not overwrite:
+        raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    names = _image_names(image_dir, sample)
+    dev = resolve_device(device)
+    model, in_channels, default_threshold, _ = _load_model(checkpoint_or_model, dev)
+    if in_channels not in (None, 3):
+        raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG tiles have 3 (RGB)")
+    threshold = default_threshold if threshold is None else float(threshold)
+    predictor = Predictor(model, dev, tta, precision)
+    rles: dict[str, str] = {}
+    pin = dev.type == "cuda"
+    with (Prefetch(lambda: _read_jpg_batches(image_dir, names, batch_size, pin), depth=3) as batches,
+          tqdm(total=len(names), desc=f"predict {image_dir.name}", unit="image", disable=None) as bar):
+        for chunk, pixels in batches:
+            masks = (predictor(pixels) > threshold).cpu().numpy()
+            rles.update((name, encode(mask)) for name, mask in zip(chunk, masks, strict=True))
+            bar.update(len(chunk))
+    with atomic_path(output_csv, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        reference = sample
+        if reference is None:  # every JPG, in name order, is the sample
+            reference = Path(scratch) / "sample.csv"
+            reference.write_text("".join(f"{name}\t\n" for name in names))
+        write_submission(rles, tmp, reference)
+        problems = validate_submission(tmp, reference)
+        if problems:
+            raise SubmissionError(f"{output_csv}: {len(problems)} problem(s), first: {problems[0]}")
+    log.info("%s: %d images (%s TTA) -> %s", image_dir, len(names), tta, output_csv)
+    return output_csv
+
+
+def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, tile: int = 512,
+                 overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str = "auto",
+                 precision: str = "fp32", threshold: float | None = None, output_kind: str = "mask",
+                 prob_dtype: str = "uint8", sample: PathLike | None = None, overwrite: bool = False) -> Path:
+    """``rsseg predict``: a folder of JPG tiles -> :func:`predict_images`; a raster -> :func:`predict_raster`.
+
+    ``tile``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` to folders.
+    """
+    input_path = Path(input_path)
+    if input_path.is_dir():
+        return predict_images(checkpoint, input_path, output, sample=sample, tta=tta, batch_size=batch_size,
+                              device=device, threshold=threshold, precision=precision, overwrite=overwrite)
+    if not input_path.exists():
+        raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG tiles)")
+    return predict_raster(checkpoint, input_path, output, tile=tile, overlap=overlap, tta=tta,
+                          batch_size=batch_size, device=device, precision=precision, threshold=threshold,
+                          output=output_kind, prob_dtype=prob_dtype, overwrite=overwrite)

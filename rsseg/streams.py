@@ -1,0 +1,223 @@
+"""Background I/O of sliding-window inference: a window reader and a GeoTIFF row writer, each a thread.
+
+The reader reads batches of windows ahead of the model (GDAL decompression releases the GIL, so I/O
+overlaps the forward passes); the writer compresses and writes finished rows behind it. Both hand items
+over through bounded queues, so at most a few batches are in memory whatever the scene's size, and an
+error in either thread is re-raised in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+
+from rsseg.fileio import raster_env
+from rsseg.grid import Tile, TileGrid
+
+__all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
+
+log = logging.getLogger(__name__)
+
+#: Rows of the output GeoTIFFs' blocks (tiles); the writer writes whole block rows at a time.
+BLOCK = 512
+#: GDAL metadata domain of the tags written on outputs.
+TAG_NS = "rsseg"
+_END = object()
+
+
+class Prefetch:
+    """Iterate over ``make_items()`` run in a daemon thread, at most ``depth`` items ahead.
+
+    Use as a context manager, so that leaving early stops the thread.
+    """
+
+    def __init__(self, make_items: Callable[[], Iterable[Any]], depth: int = 2, name: str = "rsseg-reader") -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make_items,), name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make_items: Callable[[], Iterable[Any]]) -> None:
+        try:
+            for item in make_items():
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises it
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def source_has_mask(src: rasterio.DatasetReader) -> bool:
+    """True if some pixels of ``src`` may be nodata (a nodata value, a mask band or an alpha band)."""
+    return src.nodata is not None or any(
+        MaskFlags.per_dataset in flags or MaskFlags.alpha in flags or MaskFlags.nodata in flags
+        for flags in src.mask_flag_enums)
+
+
+def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool) -> Iterator[
+        tuple[list[Tile], torch.Tensor]]:
+    """Yield ``(tiles, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
+
+    uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
+    Windows reaching beyond a raster smaller than ``size`` are zero-padded. With ``pin``, batches are in
+    page-locked memory for asynchronous copies to a GPU.
+    """
+    tiles = list(grid)
+    size = grid.size
+    with raster_env(), rasterio.open(path) as src:
+        dtype = np.uint8 if src.dtypes[0] == "uint8" else np.float32
+        for start in range(0, len(tiles), batch_size):
+            chunk = tiles[start : start + batch_size]
+            pixels = np.zeros((len(chunk), src.count, size, size), dtype=dtype)
+            for i, tile in enumerate(chunk):
+                h, w = min(size, grid.height - tile.row_off), min(size, grid.width - tile.col_off)
+                pixels[i, :, :h, :w] = src.read(window=Window(tile.col_off, tile.row_off, w, h))
+            batch = torch.from_numpy(pixels)
+            yield chunk, batch.pin_memory() if pin else batch
+
+
+class RowWriter:
+    """Write finished rows of the output rasters from a thread, in whole 512-row blocks.
+
+    Each output is a single-band GeoTIFF already described by its profile. Rows arrive in order as
+    tensors (on any device, with an optional CUDA event marking when their copy to the host is done);
+    source nodata is applied here from the source's dataset mask, read window by window: ``255`` in uint8
+    masks (the declared nodata), NaN in float32 probabilities (the declared nodata), and an internal
+    mask band (0 = nodata) for uint8 probabilities, whose 0-255 range leaves no spare value.
+
+    Args:
+        source: the raster being predicted (for its dataset mask); None if it has no nodata.
+        outputs: ``{"mask" | "prob": (path, profile)}``.
+        tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`.
+    """
+
+    def __init__(self, source: Path | None, outputs: dict[str, tuple[Path, dict[str, Any]]],
+                 tags: dict[str, str]) -> None:
+        self._source = source
+        self._outputs = outputs
+        self._tags = tags
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_start = 0
+        self._thread = threading.Thread(target=self._run, name="rsseg-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, row0: int, rows: dict[str, torch.Tensor]) -> None:
+        """Queue ``rows`` (``{"mask"|"prob": (k, width) tensor}``) starting at raster row ``row0``."""
+        if self._error is not None:
+            raise self._error
+        host, event = {}, None
+        for key, tensor in rows.items():
+            if tensor.device.type == "cuda":
+                pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host[key] = pinned.copy_(tensor, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host[key] = tensor
+        while True:
+            try:
+                self._queue.put((row0, host, event), timeout=0.5)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error from None
+
+    def close(self, ok: bool = True) -> None:
+        """Write what is left (if ``ok``), close the outputs and re-raise an error of the thread."""
+        if not ok:
+            self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+        if ok and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        ended = False
+        try:
+            with raster_env(GDAL_TIFF_INTERNAL_MASK=True), contextlib.ExitStack() as stack:
+                src = stack.enter_context(rasterio.open(self._source)) if self._source is not None else None
+                dsts = {}
+                for key, (path, profile) in self._outputs.items():
+                    dsts[key] = stack.enter_context(rasterio.open(path, "w", **profile))
+                    dsts[key].update_tags(ns=TAG_NS, **self._tags)
+                while (item := self._queue.get()) is not None:
+                    if self._error is None:
+                        row0, host, event = item
+                        if event is not None:
+                            event.synchronize()
+                        self._stage(src, dsts, row0, {k: v.numpy() for k, v in host.items()})
+                ended = True
+                if self._error is None:
+                    self._write(src, dsts, final=True)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the submitting thread
+            self._error = exc
+            while not ended and self._queue.get() is not None:  # drain, so that submit() never blocks forever
+                pass
+
+    def _stage(self, src: rasterio.DatasetReader | None, dsts: dict[str, Any], row0: int,
+               arrays: dict[str, np.ndarray]) -> None:
+        if not self._pending:
+            self._pending_start = row0
+        self._pending.append(arrays)
+        self._write(src, dsts, final=False)
+
+    def _write(self, src: rasterio.DatasetReader | None, dsts: dict[str, Any], final: bool) -> None:
+        if not self._pending:
+            return
+        n = sum(next(iter(a.values())).shape[0] for a in self._pending)
+        end = self._pending_start + n
+        stop = end if final else end // BLOCK * BLOCK
+        if stop <= self._pending_start:
+            return
+        k = stop - self._pending_start
+        joined = {key: np.concatenate([a[key] for a in self._pending]) for key in self._pending[0]}
+        self._pending = [{key: arr[k:] for key, arr in joined.items()}] if stop < end else []
+        width = joined[next(iter(joined))].shape[1]
+        window = Window(0, self._pending_start, width, k)
+        valid = src.dataset_mask(window=window) > 0 if src is not None else None
+        for key, dst in dsts.items():
+            rows = joined[key][:k]
+            if valid is not None and rows.dtype == np.float32:
+                rows = np.where(valid, rows, np.float32(np.nan))
+            elif valid is not None and key == "mask":
+                rows = np.where(valid, rows, np.uint8(255))
+            elif valid is not None:
+                dst.write_mask(valid.astype(np.uint8) * np.uint8(255), window=window)
+            dst.write(rows, 1, window=window)
+        self._pending_start = stop
