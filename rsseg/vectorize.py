@@ -81,13 +81,13 @@ def _make_frame(src: rasterio.DatasetReader, out_crs: str | None, min_area: floa
                 regularize: bool) -> _Frame:
     source = src.crs.to_string()
     crs = CRS.from_user_input(source)
-    centre = src.transform * (src.width / 2, src.height / 2)
+    centre = src.transform @ (src.width / 2, src.height / 2)
     lon, lat = _transformer(source, "EPSG:4326").transform(*centre)
     pixel = abs(src.transform.determinant) ** 0.5
     if crs.is_geographic:
         work = CRS.from_proj4(f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m").to_wkt()
         col, row = src.width / 2, src.height / 2
-        corners = np.array([src.transform * (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))])
+        corners = np.array([src.transform @ (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))])
         x, y = _transformer(source, work).transform(corners[:, 0], corners[:, 1])
         pixel = float(np.sqrt(np.hypot(x[1] - x[0], y[1] - y[0]) * np.hypot(x[2] - x[0], y[2] - y[0])))
         metres, scale_correct, scale = 1.0, False, 1.0

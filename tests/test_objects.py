@@ -1,0 +1,103 @@
+"""Tests of rsseg.objects: SpaceNet-rule matching, object F1 and area IoU on hand-made buildings."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import pytest
+import shapely
+
+from rsseg.cli import main
+from rsseg.objects import evaluate_vectors, match_buildings
+from rsseg.vectorize import write_vectors
+
+UTM = "EPSG:32650"
+X0, Y0 = 500_000.0, 4_000_000.0
+
+
+def box(x0, y0, x1, y1):
+    return shapely.box(X0 + x0, Y0 + y0, X0 + x1, Y0 + y1)
+
+
+def frame(*geoms, crs=UTM):
+    return gpd.GeoDataFrame({"id": range(1, len(geoms) + 1)}, geometry=list(geoms), crs=crs)
+
+
+TRUTH = frame(box(0, 0, 10, 10),  # split in two by the prediction
+              box(20, 0, 30, 10), box(31, 0, 41, 10),  # predicted as one merged building
+              box(50, 0, 60, 10),  # predicted shifted by 2 m: IoU 80/120
+              box(70, 0, 80, 10))  # predicted shifted by 6 m: IoU 40/160, missed
+PRED = frame(box(0, 0, 3, 10), box(3, 0, 10, 10),  # IoU 0.3 and 0.7: one match, one false positive
+             box(20, 0, 41, 10),  # IoU 100/210 with each: no match
+             box(52, 0, 62, 10),
+             box(76, 0, 86, 10))
+
+
+def test_split_merged_and_shifted_buildings():
+    result = evaluate_vectors(PRED, TRUTH)
+    assert (result["tp"], result["fp"], result["fn"]) == (2, 3, 3)
+    assert result["precision"] == pytest.approx(2 / 5)
+    assert result["recall"] == pytest.approx(2 / 5)
+    assert result["f1"] == pytest.approx(0.4)
+    assert result["mean_iou"] == pytest.approx((0.7 + 80 / 120) / 2)
+    truth_area, pred_area = 500.0, 10 * 10 + 210 + 100 + 100
+    overlap = 100 + 200 + 80 + 40
+    assert result["area_iou"] == pytest.approx(overlap / (truth_area + pred_area - overlap))
+    assert result["area_dice"] == pytest.approx(2 * overlap / (truth_area + pred_area))
+    json.dumps(result)
+
+
+def test_one_to_one_in_prediction_order():
+    truth = frame(box(0, 0, 10, 10)).geometry.values.to_numpy()
+    pred = frame(box(1, 0, 11, 10), box(0, 0, 10, 10)).geometry.values.to_numpy()  # IoU 0.82 then 1.0
+    p, t, iou = match_buildings(pred, truth)
+    assert p.tolist() == [0] and t.tolist() == [0] and iou[0] == pytest.approx(90 / 110)
+    # a prediction takes the best still unmatched truth building
+    truth = frame(box(0, 0, 10, 10), box(1, 0, 11, 10)).geometry.values.to_numpy()
+    pred = frame(box(0, 0, 10, 10), box(0.5, 0, 10.5, 10)).geometry.values.to_numpy()
+    p, t, _ = match_buildings(pred, truth)
+    assert list(zip(p.tolist(), t.tolist(), strict=True)) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="IoU threshold"):
+        match_buildings(pred, truth, iou_threshold=1.5)
+
+
+def test_files_in_different_crs_and_empty_cases(tmp_path):
+    write_vectors(TRUTH, tmp_path / "truth.gpkg")
+    write_vectors(TRUTH, tmp_path / "same.geojson")  # EPSG:4326, rounded to 7 decimals
+    result = evaluate_vectors(tmp_path / "same.geojson", tmp_path / "truth.gpkg")
+    assert result["crs"] == UTM and result["f1"] == 1.0 and result["area_iou"] > 0.999
+    geographic = evaluate_vectors(tmp_path / "truth.gpkg", tmp_path / "same.geojson")
+    assert geographic["crs"] == UTM and geographic["f1"] == 1.0  # the UTM zone of the geographic truth
+    empty = frame()
+    assert evaluate_vectors(empty, empty)["f1"] == 1.0
+    missed = evaluate_vectors(empty, TRUTH)
+    assert (missed["f1"], missed["fn"], missed["area_iou"]) == (0.0, 5, 0.0)
+
+
+def test_cli_evaluate(tmp_path, capsys):
+    write_vectors(PRED, tmp_path / "pred.geojson")
+    write_vectors(TRUTH, tmp_path / "truth.gpkg")
+    main(["evaluate", str(tmp_path / "pred.geojson"), str(tmp_path / "truth.gpkg"), "--iou", "0.24"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["tp"], result["iou_threshold"]) == (4, 0.24)  # the 6 m shift (IoU 0.25) counts
+
+
+@pytest.mark.parametrize(("case", "message"), [("text", "not a vector file"), ("no_crs", "no CRS"),
+                                               ("points", "expected building polygons")])
+def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
+    write_vectors(TRUTH, tmp_path / "truth.gpkg")
+    pred = tmp_path / "pred.geojson"
+    if case == "text":
+        pred.write_text("no vectors here\n")
+    elif case == "no_crs":
+        with pytest.warns(UserWarning, match="'crs' was not provided"):  # pyogrio's, the point of the case
+            frame(box(0, 0, 1, 1), crs=None).to_file(tmp_path / "pred.gpkg")
+        pred = tmp_path / "pred.gpkg"
+    else:
+        write_vectors(gpd.GeoDataFrame(geometry=[shapely.Point(X0, Y0)], crs=UTM), pred)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]

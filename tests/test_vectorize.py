@@ -1,0 +1,334 @@
+"""Tests of rsseg.vectorize, rsseg.polygonize and rsseg.regularize on tiny real GeoTIFFs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+import shapely.affinity
+import shapely.geometry
+from distributed import Client, LocalCluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyproj import CRS, Geod, Transformer
+from rasterio.features import rasterize, shapes
+from rasterio.transform import Affine
+
+from rsseg.cli import main
+from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
+from rsseg.regularize import regularize_polygons
+from rsseg.vectorize import vectorize, vectorize_to_file, write_vectors
+
+UTM = "EPSG:32650"
+
+
+def from_origin(west, north, xsize, ysize):
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
+
+UTM_ORIGIN = from_origin(500000, 4000000, 0.5, 0.5)  # lon ~117, lat ~36: lon > 90 tells the axis order
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as dask:
+        yield dask
+
+
+def write_raster(path, array, crs=UTM, transform=UTM_ORIGIN, nodata=None, tags=None):
+    with rasterio.open(path, "w", driver="GTiff", width=array.shape[1], height=array.shape[0], count=1,
+                       dtype=array.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
+        dst.write(array, 1)
+        if tags:
+            dst.update_tags(**tags)
+    return path
+
+
+def whole_raster_polygons(array, transform):
+    """The reference: rasterio.features.shapes on the whole array at once."""
+    building = array == array.max()
+    return [shapely.geometry.shape(g) for g, _ in shapes(array, mask=building, transform=transform)]
+
+
+def assert_same_polygons(found, expected):
+    assert len(found) == len(expected)
+    tree = shapely.STRtree(np.asarray(expected, dtype=object))
+    for geom in found:
+        assert any(shapely.equals(geom, expected[j]) for j in tree.query(geom, predicate="intersects"))
+
+
+def tricky_mask():
+    """Buildings across the corners and edges of 16 px blocks, with holes, and a diagonal-only contact."""
+    mask = np.zeros((48, 48), np.uint8)
+    mask[10:22, 10:22] = 1  # across the corner (16, 16)
+    mask[13:19, 13:19] = 0  # courtyard around the same corner
+    mask[2:8, 12:40] = 1  # across two vertical borders (16 and 32)
+    mask[26:32, 30:32], mask[32:38, 32:34] = 1, 1  # meet only at the corner (32, 32): two buildings
+    mask[28:46, 3:14] = 1  # L-shape across the border at row 32
+    mask[28:36, 3:8] = 0
+    mask[40:48, 20:46] = 1  # on the raster's outer edge and across border 32
+    mask[42:46, 30:34] = 0  # courtyard cut by the border at column 32
+    return mask
+
+
+def test_blockwise_equals_whole_raster_on_dask(tmp_path, client):
+    mask = tricky_mask()
+    path = write_raster(tmp_path / "mask.tif", mask)
+    found = vectorize(path, block=16, scheduler=client)
+    expected = whole_raster_polygons(mask, UTM_ORIGIN)
+    assert len(found) == 6
+    assert_same_polygons(found.geometry.values, expected)
+    assert shapely.is_valid(found.geometry.values).all()
+    assert sorted(len(p.interiors) for p in found.geometry) == [0] * 4 + [1, 1]
+    # a scheduler address and a single in-process window give the same polygons
+    by_address = vectorize(path, block=7, scheduler=client.scheduler.address)
+    assert_same_polygons(by_address.geometry.values, expected)
+    assert_same_polygons(vectorize(path, block=4096).geometry.values, expected)
+    assert list(found["id"]) == list(range(1, 7))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), height=st.integers(1, 30), width=st.integers(1, 30),
+       density=st.floats(0.1, 0.9), block=st.integers(1, 12))
+def test_merged_blocks_equal_whole_polygonisation(seed, height, width, density, block):
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    whole = polygonize_pixels(mask)
+    inside, pieces = [], []
+    for window in block_windows(width, height, block):
+        rows, cols = window.toslices()
+        part, _ = building_pixels(mask[rows, cols].astype(np.uint8), None, window)
+        polys = polygonize_pixels(part, window.col_off, window.row_off)
+        edge = on_inner_border(polys, window, width, height)
+        inside.append(polys[~edge])
+        pieces.append(polys[edge])
+    merged, group = merge_pieces(np.concatenate(pieces))
+    assert len(group) == sum(len(p) for p in pieces)
+    found = np.concatenate([*inside, merged])
+    assert_same_polygons(found, whole)
+    assert np.isclose(shapely.area(found).sum(), mask.sum())
+
+
+def test_holes_kept_and_0_255_convention_with_nodata(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:35, 5:35] = 255
+    mask[15:25, 15:25] = 0  # courtyard across the 20 px block corner
+    mask[0, :] = 7  # nodata, ignored
+    path = write_raster(tmp_path / "mask.tif", mask, nodata=7)
+    found = vectorize(path, block=20, scheduler="sync")
+    assert len(found) == 1
+    (building,) = found.geometry
+    assert len(building.interiors) == 1
+    assert building.area == pytest.approx((900 - 100) * 0.25)
+
+
+def test_synth_scene_footprints_round_trip(tmp_path, client):
+    from rsseg.synth import make_scene
+
+    footprints = make_scene(tmp_path / "scene.tif", size=1024, crs=UTM, seed=3)
+    with rasterio.open(tmp_path / "scene.tif") as src:
+        fine = src.transform @ Affine.scale(1 / 4)  # 4x finer grid: 7.5 cm pixels
+    mask = rasterize(footprints.geometry, out_shape=(4096, 4096), transform=fine, dtype="uint8")
+    path = write_raster(tmp_path / "mask.tif", mask, transform=fine)
+    found = vectorize(path, block=1024, scheduler=client).geometry.values
+    truth = footprints.geometry.values
+    i, j = shapely.STRtree(found).query(truth, predicate="intersects")
+    overlap = shapely.area(shapely.intersection(truth[i], found[j]))
+    iou = overlap / (shapely.area(truth[i]) + shapely.area(found[j]) - overlap)
+    best = np.zeros(len(truth))
+    np.maximum.at(best, i, iou)
+    assert len(found) == len(truth) > 20
+    assert best.min() >= 0.98
+
+
+def geodesic_area(geom, crs):
+    lonlat = shapely.transform(geom, lambda xy: np.column_stack(
+        Transformer.from_crs(crs, 4326, always_xy=True).transform(xy[:, 0], xy[:, 1])))
+    return abs(Geod(ellps="WGS84").geometry_area_perimeter(lonlat)[0])
+
+
+@pytest.mark.parametrize(("crs", "transform"), [
+    (UTM, UTM_ORIGIN),
+    ("EPSG:4326", from_origin(13.4, 52.5, 1e-5, 1e-5)),  # Berlin, ~0.68 m x 1.11 m pixels
+    ("EPSG:3857", from_origin(1_113_195, 6_446_276, 1.0, 1.0)),  # lat 50: planar areas 2.4x too large
+])
+def test_area_m2_is_ground_area(tmp_path, crs, transform):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[4:60, 10:50] = 1
+    mask[20:30, 20:30] = 0
+    path = write_raster(tmp_path / "mask.tif", mask, crs=crs, transform=transform)
+    found = vectorize(path, scheduler="sync")
+    area, true_area = found["area_m2"].iloc[0], geodesic_area(found.geometry.iloc[0], crs)
+    assert area == pytest.approx(true_area, rel=0.01)
+    if crs == UTM:
+        assert area == pytest.approx((56 * 40 - 100) * 0.25, rel=0.01)
+
+
+@pytest.mark.parametrize(("crs", "transform", "metres"), [
+    (UTM, UTM_ORIGIN, 0.5),
+    ("EPSG:4326", from_origin(114.3, 30.6, 5e-6, 5e-6), 0.5),
+])
+def test_min_area_and_simplify_in_metres(tmp_path, crs, transform, metres):
+    mask = np.zeros((200, 200), np.uint8)
+    mask[10:14, 10:20] = 1  # 40 px: about 10 m2
+    centre = transform @ (100, 100)
+    step = transform.a
+    disk = shapely.Point(centre).buffer(60 * step)  # a round building, stair-stepped outline
+    mask |= rasterize([disk], out_shape=mask.shape, transform=transform, dtype="uint8")
+    path = write_raster(tmp_path / "mask.tif", mask, crs=crs, transform=transform)
+    kept = vectorize(path, min_area=20, scheduler="sync")
+    assert len(vectorize(path, scheduler="sync")) == 2
+    assert len(kept) == 1 and kept["area_m2"].iloc[0] > 1000
+    simple = vectorize(path, min_area=20, simplify=1.0, scheduler="sync")
+    raw_geom, simple_geom = kept.geometry.iloc[0], simple.geometry.iloc[0]
+    assert simple_geom.is_valid
+    assert len(simple_geom.exterior.coords) < len(raw_geom.exterior.coords) / 4
+    utm = CRS(kept.estimate_utm_crs())
+    moved = kept.to_crs(utm).geometry.iloc[0].hausdorff_distance(simple.to_crs(utm).geometry.iloc[0])
+    assert 0.3 * metres < moved <= 1.01  # simplified by about, and never more than, 1 m
+    assert simple["area_m2"].iloc[0] == pytest.approx(kept["area_m2"].iloc[0], rel=0.02)
+
+
+def interior_angles(polygon):
+    ring = np.asarray(polygon.exterior.coords)[:-1]
+    before, after = np.roll(ring, 1, axis=0) - ring, np.roll(ring, -1, axis=0) - ring
+    cos = (before * after).sum(1) / np.hypot(*before.T) / np.hypot(*after.T)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def test_regularize_squares_rotated_buildings(tmp_path):
+    outline = shapely.Polygon([(0, 0), (30, 0), (30, 12), (12, 12), (12, 24), (0, 24)])  # an L, metres
+    buildings = []
+    for angle, col, row in ((25, 50, 50), (-60, 140, 140)):  # 100 m x 100 m raster, 45 m apart
+        turned = shapely.affinity.rotate(outline, angle, origin="centroid")
+        x, y = UTM_ORIGIN @ (col, row)
+        buildings.append(shapely.affinity.translate(turned, x - turned.centroid.x, y - turned.centroid.y))
+    mask = rasterize(buildings, out_shape=(200, 200), transform=UTM_ORIGIN, dtype="uint8")
+    path = write_raster(tmp_path / "mask.tif", mask)
+    raw = vectorize(path, scheduler="sync")
+    square = vectorize(path, regularize=True, scheduler="sync")
+    assert len(raw) == len(square) == 2
+    for before, after in zip(raw.geometry, square.geometry, strict=True):
+        assert after.is_valid
+        assert len(after.exterior.coords) == 7  # six right-angled corners
+        assert np.allclose(interior_angles(after), 90, atol=1e-6)
+        assert abs(after.area - before.area) <= 0.1 * before.area
+    truth = shapely.STRtree(buildings)
+    for geom in square.geometry:
+        best = max(shapely.area(geom & buildings[j]) / shapely.area(geom | buildings[j])
+                   for j in truth.query(geom, predicate="intersects"))
+        assert best > 0.93
+    # an area change beyond the limit keeps the original outline
+    assert regularize_polygons(raw.geometry.values, 0.5, max_change=0.0)[0].equals(raw.geometry.iloc[0])
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_mean_probability_across_blocks(tmp_path, dtype):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:28, 6:26] = 1  # across the 16 px borders
+    mask[1:3, 1:3] = 1
+    gradient = np.tile(np.linspace(0, 1, 32), (32, 1))
+    prob = (gradient * 255).round().astype(np.uint8) if dtype == "uint8" else gradient.astype(np.float32)
+    prob[5, 7] = 1 if dtype == "uint8" else np.nan  # nodata (1 is not in the uint8 gradient)
+    mask_path = write_raster(tmp_path / "mask.tif", mask)
+    prob_path = write_raster(tmp_path / "prob.tif", prob, nodata=1 if dtype == "uint8" else np.nan)
+    found = vectorize(mask_path, prob=prob_path, block=16, scheduler="sync")
+    values = prob.astype(float) / (255 if dtype == "uint8" else 1)
+    valid = np.ones(prob.shape, bool)
+    valid[5, 7] = False
+    big = mask.astype(bool) & valid
+    big[1:3, 1:3] = False
+    assert found["mean_prob"].tolist() == pytest.approx([values[1:3, 1:3].mean(), values[big].mean()])
+
+
+def ring_area(ring):
+    x, y = np.asarray(ring, dtype=float).T
+    return 0.5 * np.sum(x[:-1] * y[1:] - x[1:] * y[:-1])
+
+
+def test_geojson_is_rfc7946_with_provenance(tmp_path):
+    mask = tricky_mask()
+    tags = {"rsseg:checkpoint_sha256": "ab12", "rsseg_threshold": "0.5"}
+    path = write_raster(tmp_path / "mask.tif", mask, tags=tags)
+    out = tmp_path / "buildings.geojson"
+    assert vectorize_to_file(path, out, block=16, scheduler="sync") == 6
+    doc = json.loads(out.read_text())
+    assert doc["type"] == "FeatureCollection"
+    assert doc.get("crs", {}).get("properties", {}).get("name", "CRS84").endswith("CRS84")
+    assert doc["rsseg"]["threshold"] == "0.5" and doc["rsseg"]["checkpoint_sha256"] == "ab12"
+    assert doc["rsseg"]["source_crs"] == UTM
+    holes = 0
+    for feature in doc["features"]:
+        rings = feature["geometry"]["coordinates"]
+        assert ring_area(rings[0]) > 0  # exterior counter-clockwise
+        for ring in rings:
+            assert ring[0] == ring[-1]
+            lon, lat = np.asarray(ring).T
+            assert np.all((116.9 < lon) & (lon < 117.1) & (36.0 < lat) & (lat < 36.2))
+        for hole in rings[1:]:
+            holes += 1
+            assert ring_area(hole) < 0  # holes clockwise
+        assert set(feature["properties"]) >= {"id", "area_m2"}
+    assert holes == 2
+
+
+def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
+    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"rsseg:threshold": "0.4"})
+    gdf = vectorize(path, block=16, scheduler="sync")
+    for name in ("b.gpkg", "b.fgb"):
+        write_vectors(gdf, tmp_path / name)
+        back = pyogrio.read_dataframe(tmp_path / name)
+        assert back.crs == CRS(UTM) and len(back) == 6
+        assert sorted(back["id"]) == list(range(1, 7))
+        meta = pyogrio.read_info(tmp_path / name)["layer_metadata"]
+        assert meta["rsseg_threshold"] == "0.4" and meta["rsseg_source"].endswith("mask.tif")
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_cli_vectorize_writes_and_reports(tmp_path, capsys):
+    path = write_raster(tmp_path / "mask.tif", tricky_mask())
+    main(["vectorize", str(path), str(tmp_path / "b.geojson"), "--min-area", "10", "--block", "16",
+          "--scheduler", "sync"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["buildings"] == len(pyogrio.read_dataframe(tmp_path / "b.geojson")) == 4  # two 3 m2 dropped
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("text", "not a raster"),
+    ("no_crs", "no CRS"),
+    ("probabilities", "pixel values 17, 200"),
+    ("mixed", "0/1 or 0/255"),
+    ("shp", "supported: .geojson, .json, .gpkg, .fgb"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, case, message):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:5, 2:5] = 1
+    out = tmp_path / ("b.shp" if case == "shp" else "b.geojson")
+    path = tmp_path / "mask.tif"
+    if case == "text":
+        path.write_text("not a raster\n")
+    elif case == "no_crs":
+        write_raster(path, mask, crs=None)
+    elif case == "probabilities":
+        mask[10, 10], mask[11, 11] = 17, 200
+        write_raster(path, mask)
+    elif case == "mixed":  # 1 in one window, 255 in another
+        mask[10:12, 10:12] = 255
+        write_raster(path, mask)
+    else:
+        write_raster(path, mask)
+    code, captured = run_cli(capsys, "vectorize", str(path), str(out), "--block", "8", "--scheduler", "sync")
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]
+    assert not out.exists()
