@@ -1,0 +1,134 @@
+"""Building footprints and label rasters prepared for a scene's pixel grid.
+
+Footprints are read with pyogrio (geometry only); those whose envelope can touch the scene (a test in the
+file's own CRS) are reprojected to the scene's CRS, repaired (:func:`shapely.make_valid`, polygonal parts
+kept) and indexed in an STRtree, so each task gets only the footprints that intersect its windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from rsseg.errors import RasterError, VectorError
+
+__all__ = ["Footprints", "check_label_raster", "load_footprints"]
+
+log = logging.getLogger(__name__)
+
+_POLYGONAL = (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON)
+
+
+@dataclass(frozen=True, slots=True)
+class Footprints:
+    """Polygons in the scene's CRS, with an STRtree over them and what preparing them found.
+
+    Attributes:
+        geoms: valid, non-empty polygons and multipolygons.
+        counts: ``geometries_read`` (in the file), ``geometries_empty`` (missing or empty, skipped),
+            ``geometries_outside`` (away from the scene, skipped), ``geometries_repaired`` (invalid, fixed by
+            make_valid) and ``geometries_non_polygonal`` (points or lines, skipped).
+    """
+
+    geoms: np.ndarray
+    counts: dict[str, int]
+    tree: shapely.STRtree = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tree", shapely.STRtree(self.geoms))
+
+    def intersecting(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """The footprints that intersect the rectangle ``bounds`` (minx, miny, maxx, maxy), in file order."""
+        index = self.tree.query(shapely.box(*bounds), predicate="intersects")
+        return self.geoms[np.sort(index)]
+
+
+def _fmt(bounds: Any) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in bounds) + ")"
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
+                    bounds: tuple[float, float, float, float]) -> Footprints:
+    """Read, reproject and repair the footprints in ``path`` that can touch a scene.
+
+    Args:
+        path: a vector file pyogrio reads (GeoJSON, GeoPackage, Shapefile, ...), any CRS. A file without a
+            CRS is taken to be in the scene's CRS.
+        crs: the scene's CRS (None: coordinates are used as they are).
+        bounds: the scene's extent (minx, miny, maxx, maxy) in ``crs``.
+
+    Raises:
+        VectorError: the file cannot be read, has no features, or none near the scene (both extents named).
+    """
+    try:
+        info = pyogrio.read_info(path, force_total_bounds=True)
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        raise VectorError(f"{path}: not a raster or vector file GDAL can read "
+                          f"({' '.join(str(exc).split())})") from None
+    if not info["features"]:
+        raise VectorError(f"{path}: has no features; expected building footprints")
+    file_crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
+    if file_crs is None or crs is None:
+        if file_crs != crs:
+            log.warning("%s: CRS %s, scene CRS %s; using the coordinates as they are", path, file_crs, crs)
+        scene_in_file = bounds
+    else:
+        scene_in_file = transform_bounds(crs, file_crs, *bounds, densify_pts=21)
+    if not _overlaps(info["total_bounds"], scene_in_file):
+        raise VectorError(f"{path}: footprints do not overlap the scene: footprints extent "
+                          f"{_fmt(info['total_bounds'])}, scene extent {_fmt(scene_in_file)} "
+                          f"(both in {file_crs or 'the same coordinates'})")
+    frame = pyogrio.read_dataframe(path, columns=[])
+    geoms = np.asarray(frame.geometry.array, dtype=object)
+    present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    lo_x, lo_y, hi_x, hi_y = shapely.bounds(geoms).T  # NaN for missing and empty geometries
+    near = present & (lo_x <= scene_in_file[2]) & (hi_x >= scene_in_file[0]) & (lo_y <= scene_in_file[3]) & (
+        hi_y >= scene_in_file[1])
+    if file_crs is not None and crs is not None and file_crs != crs:
+        frame = frame[near].to_crs(crs)
+    else:
+        frame = frame[near]
+    geoms = np.asarray(frame.geometry.array, dtype=object)
+    invalid = ~shapely.is_valid(geoms)
+    geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
+    emptied = shapely.is_empty(geoms)
+    polygonal = np.isin(shapely.get_type_id(geoms), _POLYGONAL)
+    counts = {"geometries_read": len(present), "geometries_empty": int((~present).sum() + emptied.sum()),
+              "geometries_outside": int(present.sum() - near.sum()),
+              "geometries_repaired": int((invalid & ~emptied).sum()),
+              "geometries_non_polygonal": int((~polygonal & ~emptied).sum())}
+    keep = polygonal & ~emptied
+    log.info("%s: %d footprints near the scene (%s)", path, int(keep.sum()), counts)
+    return Footprints(geoms[keep], counts)
+
+
+def check_label_raster(labels: rasterio.DatasetReader, scene: dict[str, Any]) -> None:
+    """Raise :class:`RasterError` unless ``labels`` lies on the scene's pixel grid.
+
+    Args:
+        labels: the open label raster.
+        scene: ``width``, ``height``, ``transform`` and ``crs`` of the scene.
+    """
+    found = (labels.width, labels.height)
+    expected = (scene["width"], scene["height"])
+    if found != expected:
+        raise RasterError(f"{labels.name}: label raster is {found[0]}x{found[1]} px; expected the scene's "
+                          f"{expected[0]}x{expected[1]}")
+    if not labels.transform.almost_equals(scene["transform"]):
+        raise RasterError(f"{labels.name}: label raster transform {tuple(labels.transform)[:6]} differs from "
+                          f"the scene's {tuple(scene['transform'])[:6]}")
+    if labels.crs != scene["crs"]:
+        raise RasterError(f"{labels.name}: label raster CRS {labels.crs} differs from the scene's {scene['crs']}")

@@ -1,0 +1,252 @@
+"""Chips from scenes: exact pixels and transforms, labels from footprints in any CRS, nodata, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from distributed import Client, LocalCluster
+from rasterio.features import rasterize
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from rsseg.cli import main
+from rsseg.grid import TileGrid
+from rsseg.tiling import INDEX_COLUMNS, write_chips
+
+CRS = "EPSG:32650"
+TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_000_000.0)
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as dask_client,
+    ):
+        yield dask_client
+
+
+@pytest.fixture
+def cli_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let each in-process main() configure logging afresh (its handler would outlive capsys's stream)."""
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+
+
+def make_scene(path: Path, width: int, height: int, count: int = 3, dtype: str = "uint8",
+               nodata: float | None = None, crs: str | None = CRS, seed: int = 0,
+               data: np.ndarray | None = None) -> np.ndarray:
+    if data is None:
+        high = 256 if dtype == "uint8" else 60_000
+        data = np.random.default_rng(seed).integers(1, high, (count, height, width)).astype(dtype)
+    profile = dict(driver="GTiff", width=width, height=height, count=data.shape[0], dtype=data.dtype,
+                   crs=crs, transform=TRANSFORM, nodata=nodata)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return data
+
+
+def read_index(out: Path) -> tuple[list[dict[str, str]], dict]:
+    with open(out / "index.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == INDEX_COLUMNS
+        rows = list(reader)
+    return rows, json.loads((out / "index.json").read_text())
+
+
+def test_chips_equal_source_windows_with_exact_transform(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "scene.tif"
+    data = make_scene(scene, width=100, height=70)
+    index = write_chips(scene, tmp_path / "out", size=32, overlap=8, scheduler=client)
+    assert index == tmp_path / "out" / "index.csv"
+    rows, meta = read_index(tmp_path / "out")
+    grid = TileGrid(100, 70, 32, 8)
+    assert len(rows) == len(grid) == meta["counts"]["chips"] == meta["counts"]["windows"]
+    assert {(int(r["col_off"]), int(r["row_off"])) for r in rows} == {(t.col_off, t.row_off) for t in grid}
+    assert meta["crs"] == CRS and meta["dtype"] == "uint8" and meta["bands"] == [1, 2, 3]
+    assert (meta["size"], meta["overlap"], meta["labels"]) == (32, 8, None)
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        assert row["label"] == "" and row["building_frac"] == ""
+        with rasterio.open(tmp_path / "out" / row["image"]) as chip:
+            np.testing.assert_array_equal(chip.read(), data[:, r : r + 32, c : c + 32])
+            assert chip.crs == CRS
+            assert chip.transform @ (0, 0) == TRANSFORM @ (c, r)
+            assert chip.transform.almost_equals(TRANSFORM @ Affine.translation(c, r))
+            bounds = [float(row[k]) for k in ("minx", "miny", "maxx", "maxy")]
+            np.testing.assert_allclose(bounds, tuple(chip.bounds))
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, width=80, height=60)
+    # Rectangles drawn in pixel space (edges a quarter pixel inside pixel boundaries), stored in EPSG:4326.
+    rects = [(5, 3, 20, 11), (30, 25, 70, 58), (60, 2, 79, 9)]  # col0, row0, col1, row1 (exclusive)
+    expected = np.zeros((60, 80), np.uint8)
+    polys = []
+    for c0, r0, c1, r1 in rects:
+        expected[r0:r1, c0:c1] = 1
+        (x0, y0), (x1, y1) = TRANSFORM @ (c0 + 0.25, r0 + 0.25), TRANSFORM @ (c1 - 0.25, r1 - 0.25)
+        polys.append(shapely.box(x0, y1, x1, y0))
+    # A self-intersecting bow-tie, its crossing away from pixel centres.
+    bowtie = shapely.Polygon([TRANSFORM @ xy for xy in [(2.1, 2.2), (6.3, 6.1), (6.3, 2.2), (2.1, 6.1)]])
+    far = shapely.box(600_000, 3_000_000, 600_010, 3_000_010)  # outside the scene: never burned
+    frame = gpd.GeoDataFrame({"id": range(6)}, geometry=[*polys, bowtie, None, far], crs=CRS)
+    labels = tmp_path / "buildings.geojson"
+    frame.to_crs("EPSG:4326").to_file(labels)
+    write_chips(scene, tmp_path / "out", size=32, overlap=4, labels=labels, scheduler=client)
+    rows, meta = read_index(tmp_path / "out")
+    assert meta["labels"]["kind"] == "vector"
+    counts = meta["counts"]
+    assert counts["geometries_repaired"] == 1 and counts["geometries_empty"] == 1
+    # The bow-tie is repaired into two triangles; pixel centres inside them are buildings.
+    expected |= rasterize([shapely.make_valid(bowtie)], out_shape=expected.shape, transform=TRANSFORM,
+                          dtype=np.uint8)
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            assert (chip.count, chip.dtypes[0], chip.nodata) == (1, "uint8", 255)
+            assert chip.transform == TRANSFORM @ Affine.translation(c, r)
+            truth = expected[r : r + 32, c : c + 32]
+            np.testing.assert_array_equal(chip.read(1), truth)
+            assert float(row["building_frac"]) == pytest.approx(truth.mean(), abs=1e-6)
+
+
+def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> None:
+    data = np.full((3, 32, 96), 9, np.uint8)
+    data[:, :, :48] = 0  # chip 0 all nodata, chip 1 half nodata
+    data[0, 5, 70] = 0  # one band zero is still data (nodata means every band equals nodata)
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 96, 32, data=data, nodata=0)
+    labels = tmp_path / "b.gpkg"
+    x0, y0 = TRANSFORM @ (0, 0)
+    gpd.GeoDataFrame(geometry=[shapely.box(x0, y0 - 8, x0 + 32, y0)], crs=CRS).to_file(labels)  # 64x16 px
+    write_chips(scene, tmp_path / "strict", size=32, overlap=0, labels=labels, max_nodata=0.4, scheduler=client)
+    rows, meta = read_index(tmp_path / "strict")
+    assert [r["image"] for r in rows] == ["images/r0000_c0002.tif"]
+    assert meta["counts"]["skipped_all_nodata"] == 1 and meta["counts"]["skipped_max_nodata"] == 1
+    write_chips(scene, tmp_path / "loose", size=32, overlap=0, labels=labels, max_nodata=0.5, scheduler=client)
+    rows, meta = read_index(tmp_path / "loose")
+    assert [r["image"] for r in rows] == ["images/r0000_c0001.tif", "images/r0000_c0002.tif"]
+    assert meta["nodata"] == 0 and meta["counts"]["skipped_all_nodata"] == 1
+    assert float(rows[0]["nodata_frac"]) == 0.5 and float(rows[1]["nodata_frac"]) == 0.0
+    with rasterio.open(tmp_path / "loose" / rows[0]["label"]) as lab:
+        label = lab.read(1)
+    assert (label[:, :16] == 255).all() and (label[:16, 16:] == 1).all() and (label[16:, 16:] == 0).all()
+    assert float(rows[0]["building_frac"]) == 0.5  # of the valid pixels
+    with rasterio.open(tmp_path / "loose" / rows[1]["image"]) as img:
+        assert img.nodata == 0 and img.read(1)[5, 6] == 0 and img.read(2)[5, 6] == 9
+
+
+def test_uint16_band_selection_label_raster_and_small_scene(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "scene.tif"
+    data = make_scene(scene, width=40, height=20, count=5, dtype="uint16", nodata=0)
+    mask = np.zeros((1, 20, 40), np.uint8)
+    mask[0, 2:8, 3:30] = 200  # any non-zero value is a building
+    mask[0, 15:, :] = 7  # the label raster's nodata: ignore
+    label_raster = tmp_path / "mask.tif"
+    make_scene(label_raster, 40, 20, data=mask, nodata=7)
+    out = tmp_path / "out"
+    write_chips(scene, out, size=48, overlap=8, labels=label_raster, bands=[4, 2], max_nodata=1.0,
+                scheduler=client)
+    rows, meta = read_index(out)
+    assert meta["bands"] == [4, 2] and meta["dtype"] == "uint16" and meta["labels"]["kind"] == "raster"
+    assert len(rows) == 1 and float(rows[0]["nodata_frac"]) == pytest.approx(1 - 800 / 48**2, abs=1e-6)
+    with rasterio.open(out / rows[0]["image"]) as chip:
+        assert (chip.count, chip.dtypes, chip.width, chip.height) == (2, ("uint16", "uint16"), 48, 48)
+        pixels = chip.read()
+    np.testing.assert_array_equal(pixels[:, :20, :40], data[[3, 1]])
+    assert (pixels[:, 20:, :] == 0).all() and (pixels[:, :, 40:] == 0).all()  # padded with nodata
+    with rasterio.open(out / rows[0]["label"]) as lab:
+        label = lab.read(1)
+    assert (label[2:8, 3:30] == 1).all() and label[:15, :40].sum() == 6 * 27
+    assert (label[15:] == 255).all() and (label[:, 40:] == 255).all()
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_cli_tiles_and_refuses_to_mix_with_existing_output(tmp_path: Path, client: Client,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 64, 64)
+    out = tmp_path / "out"
+    args = ["tile", str(scene), str(out), "--size", "32", "--overlap", "0",
+            "--scheduler", client.scheduler.address]
+    main(args)
+    assert capsys.readouterr().out.strip() == str(out / "index.csv")
+    (out / "stale.txt").write_text("from an earlier run")
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == f"rsseg: error: {out} exists; remove it, choose another folder or " \
+                                              "pass --overwrite"
+    main([*args, "--overwrite"])
+    assert not (out / "stale.txt").exists() and len(read_index(out)[0]) == 4
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 64, 64)
+    not_raster = tmp_path / "notes.tif"
+    not_raster.write_text("not a raster")
+    no_crs = tmp_path / "nocrs.tif"
+    make_scene(no_crs, 64, 64, crs=None)
+    far = tmp_path / "far.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(10, 10, 11, 11)], crs="EPSG:4326").to_file(far)
+    return {
+        "not a raster": ([str(not_raster)], "not a raster that GDAL can read"),
+        "no crs": ([str(no_crs)], "has no CRS"),
+        "labels elsewhere": ([str(scene), "--labels", str(far)], "do not overlap the scene: footprints extent"),
+        "unknown band": ([str(scene), "--bands", "1,4"], "unknown band(s) [4]; the scene has 3 band(s)"),
+        "bad overlap": ([str(scene), "--overlap", "512"], "overlap=512: expected less than size=512"),
+        "bad max nodata": ([str(scene), "--max-nodata", "1.5"], "max_nodata=1.5"),
+    }
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_bad_input_one_line_exit_2_no_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, (inputs, message) in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        with pytest.raises(SystemExit) as exc:
+            main(["tile", inputs[0], str(out), *inputs[1:]])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, name
+        assert err.startswith("rsseg: error: ") and err.count("\n") == 1 and message in err, (name, err)
+        assert not out.exists(), name
+    assert not list(tmp_path.glob(".out*")), "no temporary folder left behind"
+
+
+def test_console_entry_point_reports_missing_crs(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "nocrs.tif"
+    make_scene(scene, 16, 16, crs=None)
+    result = subprocess.run([sys.executable, "-m", "rsseg.cli", "tile", str(scene), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("rsseg: error: ") and result.stderr.count("\n") == 1
+    assert "--allow-no-crs" in result.stderr and not (tmp_path / "out").exists()
+    write_chips(scene, tmp_path / "allowed", size=16, overlap=0, allow_no_crs=True, scheduler=client)
+    assert read_index(tmp_path / "allowed")[1]["crs"] is None
+
+
+def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "scene.tif"
+    data = make_scene(scene, 37, 53, count=1)
+    write_chips(scene, tmp_path / "out", size=16, overlap=5, scheduler=client)
+    rows, _ = read_index(tmp_path / "out")
+    mosaic = np.zeros((53, 37), np.uint8)
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["image"]) as chip:
+            assert chip.read(1, window=Window(0, 0, 16, 16)).shape == (16, 16)
+            mosaic[r : r + 16, c : c + 16] = chip.read(1)
+    np.testing.assert_array_equal(mosaic, data[0])  # the chips reassemble the whole scene
