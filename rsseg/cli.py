@@ -113,14 +113,22 @@ def validate(submission: Path, sample: Path) -> None:
 @click.option("--max-nodata", default=0.5, show_default=True, help="Skip chips with more nodata than this.")
 @click.option("--allow-no-crs", is_flag=True, help="Accept a scene without a CRS.")
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (once the new one is complete).")
+@click.option("--compress", help="GDAL compression for the chips, e.g. deflate (default: uncompressed).")
 def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | None, bands: str | None,
-         max_nodata: float, allow_no_crs: bool, scheduler: str | None) -> None:
+         max_nodata: float, allow_no_crs: bool, scheduler: str | None, overwrite: bool,
+         compress: str | None) -> None:
     """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
     from rsseg.tiling import write_chips
 
-    band_list = [int(b) for b in bands.split(",")] if bands else None
+    try:
+        band_list = [int(b) for b in bands.split(",")] if bands else None
+    except ValueError:
+        raise click.BadParameter(f"{bands!r}: expected 1-based band numbers like 1,2,3",
+                                 param_hint="--bands") from None
     index = write_chips(scene, out_dir, size=size, overlap=overlap, labels=labels, bands=band_list,
-                        max_nodata=max_nodata, allow_no_crs=allow_no_crs, scheduler=scheduler)
+                        max_nodata=max_nodata, allow_no_crs=allow_no_crs, scheduler=scheduler,
+                        overwrite=overwrite, compress=compress)
     click.echo(f"{index}")
 
 
