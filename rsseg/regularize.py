@@ -1,14 +1,21 @@
 """Squaring up building outlines: right angles along each building's dominant orientation.
 
 A polygonised mask follows pixel edges, so a building at an angle to the grid becomes a staircase. For
-each building this module (1) smooths the staircase away with a Douglas-Peucker simplification of about
-a pixel, (2) finds the dominant orientation as the length-weighted mean edge direction modulo 90 degrees
-(directions times four averaged on the unit circle, the continuous form of an edge-direction histogram),
-(3) in a frame rotated to that orientation, classes every edge as horizontal or vertical, replaces each
-run of same-class edges by one axis-parallel line at the run's length-weighted mean position, and
-intersects consecutive lines, and (4) rotates back. Holes are squared the same way. A result that is not
-a valid polygon, or whose area differs from the original's by more than ``max_change``, is replaced by
-the original polygon, so regularisation never loses a building or moves its area much.
+each building this module
+
+1. smooths the staircase with a Douglas-Peucker simplification of about a pixel;
+2. takes two candidate orientations: the length-weighted mean direction of the smoothed edges modulo
+   90 degrees (directions times four averaged on the unit circle, the continuous form of an
+   edge-direction histogram), and the orientation of the minimum rotated rectangle;
+3. for each, in a frame rotated to that orientation, classes the smoothed edges as horizontal or
+   vertical, and replaces each run of same-class edges by one axis-parallel line at the level that
+   keeps the area under the original staircase (its mean height over the run), then intersects
+   consecutive lines; holes are squared the same way;
+4. keeps the candidate closest to the original (highest IoU).
+
+A result that is not a valid polygon, or whose area differs from the original's by more than
+``max_change``, is replaced by the original polygon, so regularisation never loses a building or moves
+its area much.
 """
 
 from __future__ import annotations
@@ -31,52 +38,100 @@ def dominant_angle(ring: np.ndarray) -> float:
     return float(np.angle(votes) / 4)
 
 
-def square_ring(ring: np.ndarray) -> np.ndarray | None:
+def _subsequence(ring: np.ndarray, smooth: np.ndarray) -> np.ndarray | None:
+    """Indexes in ``ring`` of the vertices of ``smooth`` (a simplification keeps a subsequence)."""
+    found, k = [], 0
+    for point in smooth[:-1]:
+        while k < len(ring) - 1 and not np.array_equal(ring[k], point):
+            k += 1
+        if k == len(ring) - 1:
+            return None
+        found.append(k)
+    return np.array([*found, len(ring) - 1])
+
+
+def square_ring(ring: np.ndarray, smooth: np.ndarray | None = None) -> np.ndarray | None:
     """A rectilinear ring following ``ring``, whose dominant directions must already be the axes.
 
+    Args:
+        ring: a closed ring (first point repeated last).
+        smooth: a simplification of ``ring`` (a subsequence of its vertices) whose edges decide which
+            parts of ``ring`` are horizontal and which vertical; default ``ring`` itself.
+
     Returns:
-        The closed ring (first point repeated last), or None when the ring has fewer than two horizontal
-        and two vertical runs of edges (nothing rectangular to make of it).
+        The closed rectilinear ring, or None when there are fewer than two horizontal and two vertical
+        runs of edges (nothing rectangular to make of it).
     """
-    steps = np.diff(ring, axis=0)
+    smooth = ring if smooth is None else smooth
+    steps = np.diff(smooth, axis=0)
     horizontal = np.abs(steps[:, 0]) >= np.abs(steps[:, 1])
     starts = np.flatnonzero(horizontal != np.roll(horizontal, 1))
     if len(starts) < 4:
         return None
-    shift = -starts[0]
-    horizontal = np.roll(horizontal, shift)
-    lengths = np.roll(np.hypot(steps[:, 0], steps[:, 1]), shift)
-    middles = np.roll((ring[:-1] + ring[1:]) / 2, shift, axis=0)
-    run = np.cumsum(horizontal != np.roll(horizontal, 1)) - 1
-    position = np.where(horizontal, middles[:, 1], middles[:, 0])
+    run = (np.cumsum(horizontal != np.roll(horizontal, 1)) - 1) % len(starts)  # first and last may join
+    index = _subsequence(ring, smooth)
+    if index is None:  # not a subsequence: level by the smoothed edges themselves
+        ring, index = smooth, np.arange(len(smooth))
+    edge_run = run[np.searchsorted(index, np.arange(len(ring) - 1), side="right") - 1]
+    edge_horizontal = horizontal[np.searchsorted(index, np.arange(len(ring) - 1), side="right") - 1]
+    start, end = ring[:-1], ring[1:]
+    along = np.where(edge_horizontal, end[:, 0] - start[:, 0], end[:, 1] - start[:, 1])
+    across = np.where(edge_horizontal, start[:, 1] + end[:, 1], start[:, 0] + end[:, 0]) / 2
+    span = np.bincount(edge_run, weights=along, minlength=len(starts))
+    length = np.bincount(edge_run, weights=np.hypot(*(end - start).T), minlength=len(starts))
     with np.errstate(invalid="ignore", divide="ignore"):
-        level = np.bincount(run, weights=lengths * position) / np.bincount(run, weights=lengths)
-    run_horizontal = horizontal[np.flatnonzero(np.diff(run, prepend=-1))]
+        level = np.where(np.abs(span) > 1e-9 * length,
+                         np.bincount(edge_run, weights=along * across, minlength=len(starts)) / span,
+                         np.bincount(edge_run, weights=np.hypot(*(end - start).T) * across,
+                                     minlength=len(starts)) / length)
+    run_horizontal = np.zeros(len(starts), bool)
+    run_horizontal[run] = horizontal
     following = np.roll(level, -1)
     corners = np.column_stack([np.where(run_horizontal, following, level),
                                np.where(run_horizontal, level, following)])
-    return np.vstack([corners, corners[:1]])
+    return np.vstack([corners[-1:], corners])
+
+
+def _rotation(angle: float) -> np.ndarray:
+    """Row vectors times this matrix are rotated by ``-angle``; times its transpose, by ``angle``."""
+    cos, sin = np.cos(angle), np.sin(angle)
+    return np.array([[cos, -sin], [sin, cos]])
+
+
+def _squared(polygon: shapely.Polygon, smooth: shapely.Polygon, angle: float) -> shapely.Geometry | None:
+    centre = np.asarray(polygon.exterior.coords[0])
+    turn = _rotation(angle)
+    rings = []
+    pairs = zip([polygon.exterior, *polygon.interiors], [smooth.exterior, *smooth.interiors], strict=True)
+    for ring, simple in pairs:
+        squared = square_ring((shapely.get_coordinates(ring) - centre) @ turn,
+                              (shapely.get_coordinates(simple) - centre) @ turn)
+        if squared is None:
+            return None
+        rings.append(squared @ turn.T + centre)
+    return shapely.remove_repeated_points(shapely.Polygon(rings[0], rings[1:]))
+
+
+def _envelope_angle(polygon: shapely.Polygon) -> float:
+    corners = shapely.get_coordinates(shapely.oriented_envelope(polygon))
+    dx, dy = corners[1] - corners[0]
+    return float((np.arctan2(dy, dx) + np.pi / 4) % (np.pi / 2) - np.pi / 4)
 
 
 def _regularize(polygon: shapely.Polygon, smoothing: float, max_change: float) -> shapely.Geometry:
     smooth = shapely.simplify(polygon, smoothing, preserve_topology=True)
-    if not isinstance(smooth, shapely.Polygon) or smooth.is_empty:
+    if not isinstance(smooth, shapely.Polygon) or len(smooth.interiors) != len(polygon.interiors):
         return polygon
-    outer = shapely.get_coordinates(smooth.exterior)
-    angle = dominant_angle(outer)
-    centre = outer[:-1].mean(axis=0)
-    cos, sin = np.cos(angle), np.sin(angle)
-    to_axes = np.array([[cos, -sin], [sin, cos]])  # row vectors times this rotate by -angle
-    rings = []
-    for ring in [outer, *(shapely.get_coordinates(hole) for hole in smooth.interiors)]:
-        squared = square_ring((ring - centre) @ to_axes)
-        if squared is None:
-            return polygon
-        rings.append(squared @ to_axes.T + centre)
-    result = shapely.remove_repeated_points(shapely.Polygon(rings[0], rings[1:]))
-    if not result.is_valid or abs(result.area - polygon.area) > max_change * polygon.area:
-        return polygon
-    return result
+    best, best_iou = polygon, -1.0
+    for angle in (dominant_angle(shapely.get_coordinates(smooth.exterior)), _envelope_angle(polygon)):
+        result = _squared(polygon, smooth, angle)
+        if result is None or not result.is_valid or abs(result.area - polygon.area) > max_change * polygon.area:
+            continue
+        overlap = shapely.area(shapely.intersection(result, polygon))
+        iou = overlap / (result.area + polygon.area - overlap)
+        if iou > best_iou:
+            best, best_iou = result, iou
+    return best
 
 
 def regularize_polygons(polygons: np.ndarray, pixel: float, max_change: float = 0.1) -> np.ndarray:

@@ -281,8 +281,11 @@ def _rsseg_tags(src: rasterio.DatasetReader, band: int) -> dict[str, str]:
 
 
 def _provenance(src: rasterio.DatasetReader, path: Path, band: int, **options: object) -> dict[str, str]:
-    """Where the polygons come from: the mask, its CRS, rsseg's tags on it, the options used."""
-    info = {"source": str(path.resolve()), "source_crs": src.crs.to_string(), "band": str(band),
+    """Where the polygons come from: the mask, its CRS, its rsseg tags, and the options used.
+
+    Inference tags its rasters with the checkpoint hash, threshold, TTA and source image.
+    """
+    info = {"mask": str(path.resolve()), "mask_crs": src.crs.to_string(), "band": str(band),
             "code_version": version("rsseg")}
     info.update(_rsseg_tags(src, band))
     info.update({key: str(value) for key, value in options.items() if value is not None})

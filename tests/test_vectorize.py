@@ -260,7 +260,7 @@ def test_geojson_is_rfc7946_with_provenance(tmp_path):
     assert doc["type"] == "FeatureCollection"
     assert doc.get("crs", {}).get("properties", {}).get("name", "CRS84").endswith("CRS84")
     assert doc["rsseg"]["threshold"] == "0.5" and doc["rsseg"]["checkpoint_sha256"] == "ab12"
-    assert doc["rsseg"]["source_crs"] == UTM
+    assert doc["rsseg"]["mask_crs"] == UTM and doc["rsseg"]["mask"].endswith("mask.tif")
     holes = 0
     for feature in doc["features"]:
         rings = feature["geometry"]["coordinates"]
@@ -285,7 +285,7 @@ def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
         assert back.crs == CRS(UTM) and len(back) == 6
         assert sorted(back["id"]) == list(range(1, 7))
         meta = pyogrio.read_info(tmp_path / name)["layer_metadata"]
-        assert meta["rsseg_threshold"] == "0.4" and meta["rsseg_source"].endswith("mask.tif")
+        assert meta["rsseg_threshold"] == "0.4" and meta["rsseg_mask"].endswith("mask.tif")
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 
