@@ -78,7 +78,8 @@ class Layout:
     """Features of a scene as shapely arrays in pixel coordinates, with their rendering attributes.
 
     Buildings are split into convex rectangular *parts* (one for a rectangle, two for an L) that carry
-    the roof geometry: centre, unit ridge axis and half sizes along and across the ridge.
+    the roof geometry: centre, unit ridge axis and half sizes along and across the ridge. ``shadows``
+    are the buildings' shadows; trees cast their crown shifted by ``tree_shadow`` (x, y) pixels.
     """
 
     buildings: np.ndarray
@@ -98,6 +99,7 @@ class Layout:
     tree_center: np.ndarray
     tree_radius: np.ndarray
     tree_rgb: np.ndarray
+    tree_shadow: tuple[float, float]
     valid: shapely.Polygon | None
 
 
@@ -182,10 +184,9 @@ def _box(x0, y0, x1, y1) -> np.ndarray:
     return np.stack([np.stack(p, axis=-1) for p in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], axis=1)
 
 
-def _candidates(n: int, bounds, style: Style, gsd: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random rectangle and L-shaped building candidates (footprints, parts, attributes)."""
-    x0, y0, x1, y1 = bounds
-    centre = np.column_stack([rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)])
+def _candidates(centre: np.ndarray, style: Style, gsd: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random rectangle and L-shaped building candidates at ``centre`` (footprints, parts, attributes)."""
+    n = len(centre)
     length = np.exp(rng.uniform(np.log(8), np.log(40), n)) / gsd
     width = np.maximum(length * rng.uniform(0.45, 0.95, n), 6 / gsd)
     angle = style.road_angle + rng.integers(0, 4, n) * np.pi / 2 + rng.normal(0, 0.03, n)
@@ -200,9 +201,11 @@ def _candidates(n: int, bounds, style: Style, gsd: float, rng: np.random.Generat
                                         (-a + arm_x, b), (-a, b))], axis=1)
     part_a = np.where(is_l[:, None, None], _box(-a, -b, -a + arm_x, b), ring)
     part_b = _box(-a + arm_x, -b, a, -b + arm_y)
+    footprints = np.empty(n, dtype=object)
+    footprints[~is_l] = shapely.polygons(_rotate(ring[~is_l], angle[~is_l], centre[~is_l]))
+    footprints[is_l] = shapely.polygons(_rotate(l_ring[is_l], angle[is_l], centre[is_l]))
     return {
-        "centre": centre, "angle": angle, "is_l": is_l, "length": length,
-        "rect": _rotate(ring, angle, centre), "l": _rotate(l_ring, angle, centre),
+        "is_l": is_l, "footprints": footprints,
         "part_a": _rotate(part_a, angle, centre), "part_b": _rotate(part_b, angle, centre),
         "height_m": 3 + length * gsd * rng.uniform(0.1, 0.45, n),
         "roof": np.where(rng.random(n) < style.confusable_roofs,
@@ -254,10 +257,8 @@ def _trees(n: int, bounds, style: Style, gsd: float, buildings, roads, rng: np.r
     theta = np.linspace(0, 2 * np.pi, k, endpoint=False)[None, :] + rng.uniform(0, np.pi, (len(xy), 1))
     r = radius[:, None] * np.clip(rng.normal(1, 0.1, (len(xy), k)), 0.8, 1.2)
     ring = np.stack([np.cos(theta) * r, np.sin(theta) * r], axis=-1) + xy[:, None, :]
-    height_px = (2 * radius + 2 / gsd) * style.shadow_ratio
-    shadow = ring + (style.shadow_dir[None, None, :] * height_px[:, None, None])
     rgb = TREES[rng.integers(len(TREES), size=len(xy))] * rng.uniform(0.85, 1.15, (len(xy), 1))
-    return shapely.polygons(ring), xy, radius, rgb.astype(np.float32), shapely.polygons(shadow)
+    return shapely.polygons(ring), xy, radius, rgb.astype(np.float32)
 
 
 def place(
@@ -285,13 +286,14 @@ def place(
     x0, y0, x1, y1 = bounds
     area_m2 = (x1 - x0) * (y1 - y0) * gsd * gsd
     roads = _roads(style, bounds, gsd, rng)
-    n = int(rng.poisson(area_m2 / 350)) if style.building_density > 0 else 0
-    cand = _candidates(n, bounds, style, gsd, rng)
-    footprints = np.where(cand["is_l"], shapely.polygons(cand["l"]).astype(object), shapely.polygons(cand["rect"]))
-    keep = rng.random(n) < style.building_density
+    n = int(rng.poisson(area_m2 / 350 * style.building_density))
+    centre = np.column_stack([rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)])
     if style.urban_scale_px is not None:
-        urban = value_noise_at(cand["centre"][:, 0], cand["centre"][:, 1], style.urban_scale_px, style.seed + 3)
-        keep &= rng.random(n) < np.clip(2.2 * urban - 0.5, 0.03, 1.0)
+        urban = value_noise_at(centre[:, 0], centre[:, 1], style.urban_scale_px, style.seed + 3)
+        centre = centre[rng.random(n) < np.clip(2.2 * urban - 0.5, 0.03, 1.0)]
+    cand = _candidates(centre, style, gsd, rng)
+    footprints = cand["footprints"]
+    keep = np.ones(len(footprints), dtype=bool)
     if keep_within is not None:
         keep &= shapely.contains_properly(keep_within, footprints)
     if min_visible is not None:
@@ -310,7 +312,7 @@ def place(
     offset = (cand["height_m"][idx][part_building] * style.shadow_ratio / gsd)[:, None, None] * style.shadow_dir
     shadows = shapely.convex_hull(shapely.multipoints(np.concatenate([part_corners, part_corners + offset], axis=1)))
     buildings = footprints[idx]
-    trees, tree_xy, tree_r, tree_rgb, tree_shadows = _trees(
+    trees, tree_xy, tree_r, tree_rgb = _trees(
         int(rng.poisson(area_m2 / 100 * style.tree_density)), bounds, style, gsd, buildings, roads, rng)
     return Layout(
         buildings=buildings,
@@ -324,11 +326,13 @@ def place(
         part_axis=axis,
         part_half=half,
         first_part=np.searchsorted(part_building, np.arange(len(idx))),
-        shadows=np.concatenate([shadows, tree_shadows]),
+        shadows=shadows,
         roads=roads,
         trees=trees,
         tree_center=tree_xy,
         tree_radius=tree_r,
         tree_rgb=tree_rgb,
+        # all trees cast the shadow of a 7 m tree; a dyadic offset keeps windows bit-identical
+        tree_shadow=tuple(np.round(style.shadow_dir * 7 * style.shadow_ratio / gsd * 64) / 64),
         valid=valid,
     )

@@ -67,14 +67,13 @@ class Renderer:
         lit = normal @ light
         self._side_gain = np.column_stack([1 + 0.16 * lit, 1 - 0.16 * lit]).astype(np.float32)
 
-    def _burn(self, name: str, row0: int, col0: int, height: int, width: int, values=None) -> np.ndarray:
+    def _burn(self, name: str, row0: float, col0: float, height: int, width: int) -> np.ndarray:
         """Rasterise features of family ``name`` meeting the window; each pixel gets index + 1 (or 0)."""
         idx = np.sort(self._trees[name].query(shapely.box(col0, row0, col0 + width, row0 + height)))
         if not len(idx):
             return np.zeros((height, width), dtype=np.int32)
         geoms = getattr(self.layout, name)[idx]
-        burn = idx + 1 if values is None else values[idx]
-        return rasterize(zip(geoms, burn.tolist(), strict=True), out_shape=(height, width),
+        return rasterize(zip(geoms, (idx + 1).tolist(), strict=True), out_shape=(height, width),
                          transform=Affine.translation(col0, row0), fill=0, dtype="int32")
 
     def render(self, row0: int, col0: int, height: int, width: int) -> Rendered:
@@ -95,7 +94,9 @@ class Renderer:
 
         road = self._burn("roads", row0, col0, height, width) > 0
         rgb[:, road] = style.road_rgb[:, None] * (0.97 + 0.06 * texture[road]) * (0.95 + 0.1 * grain[road])
+        dx, dy = lay.tree_shadow
         shadow = self._burn("shadows", row0, col0, height, width) > 0
+        shadow |= self._burn("trees", row0 - dy, col0 - dx, height, width) > 0
         rgb[:, shadow] *= _SHADOW_TINT
 
         halo = self._burn("buildings", row0 - 1, col0 - 1, height + 2, width + 2)
