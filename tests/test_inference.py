@@ -1,0 +1,265 @@
+"""Sliding-window inference: seams, georeferencing, nodata, submissions and bad input (rsseg.inference)."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from PIL import Image
+from torch import nn
+
+from rsseg.cli import main
+from rsseg.errors import CheckpointError, DatasetError, RasterError
+from rsseg.fileio import file_sha256
+from rsseg.inference import predict_images, predict_raster, prob_path, read_tags
+from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
+from rsseg.tianchi import validate_submission
+
+TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
+
+
+def write_raster(path, data, nodata=None, crs="EPSG:32650"):
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                   dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def fcn(seed=0, bands=3):
+    """Three 3x3 convolutions: receptive field 7 px, i.e. less than half of the 32 px overlap used below."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(bands, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+                        nn.Conv2d(8, 1, 3, padding=1))
+    return Segmenter(net, (110.0,) * bands, (60.0,) * bands).eval()
+
+
+def whole_image_prob(model, image):
+    with torch.inference_mode():
+        return torch.sigmoid(model(torch.from_numpy(image)[None]))[0, 0].numpy()
+
+
+def read(path, masked=False):
+    with rasterio.open(path) as src:
+        return src.read(1, masked=masked)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real create_model checkpoint (U-Net, resnet18) whose meta holds a validation threshold."""
+    torch.manual_seed(0)
+    model = create_model("unet", "resnet18")
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, model_config(model, arch="unet", encoder="resnet18", in_channels=3),
+                    meta={"threshold": 0.4})
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (3, 300, 410), dtype=np.uint8)
+    return write_raster(tmp_path / "scene.tif", image), image
+
+
+@pytest.mark.parametrize(("tta", "batch_size"), [("none", 3), ("flip", 5)])
+def test_windowed_prediction_equals_whole_image(tmp_path, scene, tta, batch_size):
+    src, image = scene
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "p.tif", tile=128, overlap=32, tta=tta, batch_size=batch_size,
+                         device="cpu", output="prob", prob_dtype="float32")
+    got = read(out)
+    want = whole_image_prob(model, image)
+    if tta == "flip":
+        views = [want, whole_image_prob(model, image[:, :, ::-1].copy())[:, ::-1],
+                 whole_image_prob(model, image[:, ::-1].copy())[::-1],
+                 whole_image_prob(model, image[:, ::-1, ::-1].copy())[::-1, ::-1]]
+        want = np.mean(views, axis=0)
+    assert got.shape == want.shape == (300, 410)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[-1], want[-1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
+
+
+def test_raster_smaller_than_a_window(tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8)
+    src = write_raster(tmp_path / "small.tif", image)
+    out = predict_raster(fcn(), src, tmp_path / "m.tif", tile=64, overlap=16, tta="d4", device="cpu",
+                         output="both", prob_dtype="float32")
+    mask, prob = read(out), read(prob_path(out))
+    assert mask.shape == prob.shape == (50, 70)
+    assert np.isfinite(prob).all() and set(np.unique(mask)) <= {0, 1}
+    np.testing.assert_array_equal(mask, (prob > 0.5).astype(np.uint8))
+
+
+def nodata_scene(tmp_path):
+    image = np.random.default_rng(2).integers(1, 256, (3, 200, 260), dtype=np.uint8)
+    image[:, :40, :] = 0  # a nodata collar along the top
+    image[:, 100:110, 200:] = 0  # and a patch at the right edge
+    image[0, 150, 10] = 0  # one band at the nodata value is still valid data
+    return write_raster(tmp_path / "nodata.tif", image, nodata=0), (image == 0).all(axis=0)
+
+
+def test_georeferencing_nodata_and_tags(tmp_path):
+    src, nodata = nodata_scene(tmp_path)
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "mask.tif", tile=128, overlap=32, tta="flip", device="cpu",
+                         output="both", threshold=0.45)
+    with rasterio.open(out) as mask_ds, rasterio.open(prob_path(out)) as prob_ds:
+        for ds in (mask_ds, prob_ds):
+            assert ds.crs.to_epsg() == 32650 and ds.transform == TRANSFORM
+            assert ds.count == 1 and ds.dtypes[0] == "uint8" and (ds.width, ds.height) == (260, 200)
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (512, 512)
+            assert ds.compression is not None
+        assert mask_ds.nodata == 255 and prob_ds.nodata is None
+        mask, prob, prob_valid = mask_ds.read(1), prob_ds.read(1), prob_ds.dataset_mask() > 0
+    np.testing.assert_array_equal(mask == 255, nodata)
+    np.testing.assert_array_equal(prob_valid, ~nodata)
+    assert set(np.unique(mask[~nodata])) == {0, 1}
+    p = prob[~nodata] / 255.0  # uint8 probabilities are rounded: compare away from the threshold
+    assert (mask[~nodata][p > 0.45 + 0.5 / 255] == 1).all() and (mask[~nodata][p < 0.45 - 0.5 / 255] == 0).all()
+    tags = read_tags(out)
+    assert tags["rsseg:tta"] == "flip" and tags["rsseg:threshold"] == "0.45"
+    assert tags["rsseg:source"] == str(src.resolve()) and len(tags["rsseg:checkpoint_sha256"]) == 64
+    assert read_tags(prob_path(out)) == tags
+
+
+def test_float_probabilities_mark_nodata_with_nan(tmp_path):
+    src, nodata = nodata_scene(tmp_path)
+    out = predict_raster(fcn(), src, tmp_path / "p.tif", tile=96, overlap=32, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32")
+    prob = read(out)
+    np.testing.assert_array_equal(np.isnan(prob), nodata)
+    assert ((prob[~nodata] >= 0) & (prob[~nodata] <= 1)).all()
+
+
+def test_checkpoint_threshold_and_digest(tmp_path, checkpoint):
+    image = np.random.default_rng(3).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    src = write_raster(tmp_path / "s.tif", image)
+    out = predict_raster(checkpoint, src, tmp_path / "m.tif", tile=64, overlap=16, tta="none", device="cpu",
+                         output="both", prob_dtype="float32")
+    tags = read_tags(out)
+    assert tags["rsseg:threshold"] == "0.4"
+    assert tags["rsseg:checkpoint_sha256"] == file_sha256(checkpoint)
+    np.testing.assert_array_equal(read(out), (read(prob_path(out)) > 0.4).astype(np.uint8))
+
+
+class FailingModel(nn.Module):
+    """Works for ``n`` batches, then raises (to check that a failed run leaves nothing behind)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.inner, self.n = fcn(), n
+
+    def forward(self, x):
+        self.n -= 1
+        if self.n < 0:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+def test_a_failed_run_leaves_no_output(tmp_path, scene):
+    src, _ = scene
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_raster(FailingModel(3), src, tmp_path / "out.tif", tile=64, overlap=16, tta="none",
+                       batch_size=2, device="cpu", output="both")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, scene):
+    src, _ = scene
+    dst = tmp_path / "out.tif"
+    dst.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        predict_raster(fcn(), src, dst, tile=128, overlap=32, tta="none", device="cpu")
+    assert dst.read_bytes() == b"keep me"
+    predict_raster(fcn(), src, dst, tile=128, overlap=32, tta="none", device="cpu", overwrite=True)
+    assert read(dst).shape == (300, 410)
+
+
+def test_band_count_must_match_the_model(tmp_path, checkpoint):
+    src = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    with pytest.raises(RasterError, match="4 band.*trained on 3"):
+        predict_raster(checkpoint, src, tmp_path / "out.tif", device="cpu")
+    assert not (tmp_path / "out.tif").exists()
+
+
+# ------------------------------------------------------------------------------------------- Tianchi
+def test_submission_from_generated_tianchi_data_validates_and_scores(tmp_path, checkpoint, capsys):
+    from rsseg.synth import make_tianchi
+
+    info = make_tianchi(tmp_path / "tc", n_train=1, n_test=3, seed=0)
+    sub = tmp_path / "submission.csv"
+    main(["predict", str(checkpoint), str(info["test_dir"]), str(sub), "--tta", "none", "--device", "cpu",
+          "--sample", str(info["sample_submission"])])
+    assert validate_submission(sub, info["sample_submission"]) == []
+    names = [line.split("\t")[0] for line in sub.read_text().splitlines()]
+    assert names == [line.split("\t")[0] for line in open(info["sample_submission"]).read().splitlines()]
+    capsys.readouterr()
+    main(["score", str(sub), str(info["test_mask"])])
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 3 and 0.0 <= result["mean_dice"] <= 1.0
+
+
+def test_images_without_sample_are_in_name_order(tmp_path):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("b.jpg", "a.jpg", "c.JPG"):
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(folder / name)
+    out = predict_images(fcn(), folder, tmp_path / "sub.csv", tta="flip", batch_size=2, device="cpu", threshold=0.5)
+    rows = out.read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows] == ["a.jpg", "b.jpg", "c.JPG"]
+    assert all(r.count("\t") == 1 for r in rows)
+
+
+# --------------------------------------------------------------------------------------- bad input
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("rsseg: error: ")
+    return err
+
+
+def test_bad_checkpoints_through_the_cli(tmp_path, scene, capsys):
+    src, _ = scene
+    out = tmp_path / "out.tif"
+    assert "not found" in run_cli(["predict", str(tmp_path / "missing.pt"), str(src), str(out)], capsys)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert "not an rsseg checkpoint" in run_cli(["predict", str(foreign), str(src), str(out)], capsys)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert "not a loadable torch checkpoint" in run_cli(["predict", str(text), str(src), str(out)], capsys)
+    assert not out.exists()
+
+
+def test_bad_inputs_through_the_cli(tmp_path, checkpoint, capsys):
+    four = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    out = tmp_path / "out.tif"
+    assert "trained on 3" in run_cli(["predict", str(checkpoint), str(four), str(out), "--device", "cpu"], capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no JPG" in run_cli(["predict", str(checkpoint), str(empty), str(tmp_path / "s.csv")], capsys)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.fromarray(np.zeros((256, 300, 3), np.uint8)).save(odd / "x.jpg")
+    err = run_cli(["predict", str(checkpoint), str(odd), str(tmp_path / "s.csv"), "--device", "cpu"], capsys)
+    assert "300x256" in err and "512x512" in err
+    out.write_text("existing")
+    three = write_raster(tmp_path / "three.tif", np.zeros((3, 32, 32), np.uint8))
+    assert "exists" in run_cli(["predict", str(checkpoint), str(three), str(out)], capsys)
+    assert out.read_text() == "existing"
+    assert not (tmp_path / "s.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "four.tif", "odd", "out.tif", "three.tif"]
+
+
+def test_library_errors_are_rssegerrors(tmp_path):
+    with pytest.raises(DatasetError):
+        predict_images(fcn(), tmp_path, tmp_path / "s.csv", device="cpu")
+    Image.fromarray(np.zeros((512, 512, 3), np.uint8)).save(tmp_path / "a.jpg")
+    with pytest.raises(CheckpointError, match="not found"):
+        predict_images(tmp_path / "nope.pt", tmp_path, tmp_path / "s.csv", device="cpu")

@@ -1,0 +1,158 @@
+"""Test-time augmentation (rsseg.tta) and the blending weights (rsseg.blend)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from rsseg.blend import axis_weights, edge_margin, window_weights
+from rsseg.errors import ConfigError
+from rsseg.grid import TileGrid, grid_offsets
+from rsseg.models import Segmenter
+from rsseg.tta import TTA_MODES, Predictor, resolve_device, tta_views
+
+# Each D4 element written out by hand, independently of rsseg.augment: (forward, inverse) on HW arrays.
+HAND_D4 = {
+    0: (lambda a: a, lambda a: a),
+    1: (lambda a: np.rot90(a, 1), lambda a: np.rot90(a, -1)),
+    2: (lambda a: a[::-1, ::-1], lambda a: a[::-1, ::-1]),
+    3: (lambda a: np.rot90(a, -1), lambda a: np.rot90(a, 1)),
+    4: (lambda a: a[:, ::-1], lambda a: a[:, ::-1]),
+    5: (lambda a: np.rot90(a[:, ::-1], 1), lambda a: np.rot90(a, -1)[:, ::-1]),
+    6: (lambda a: a[::-1, :], lambda a: a[::-1, :]),
+    7: (lambda a: np.rot90(a[:, ::-1], -1), lambda a: np.rot90(a, 1)[:, ::-1]),
+}
+
+
+def skewed_model(seed: int = 0) -> Segmenter:
+    """A small conv net with random (so not rotation-invariant) kernels and a position-dependent bias."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 1, 5, padding=2))
+    return Segmenter(net, (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)).eval()
+
+
+def reference_tta(model: nn.Module, image: np.ndarray, views: tuple[int, ...]) -> np.ndarray:
+    """Mean over views of the model's probability on each transformed image, mapped back by hand."""
+    out = []
+    for k in views:
+        forward, inverse = HAND_D4[k]
+        x = np.ascontiguousarray(np.stack([forward(band) for band in image]))
+        with torch.inference_mode():
+            prob = torch.sigmoid(model(torch.from_numpy(x)[None].float()))[0, 0].numpy()
+        out.append(inverse(prob))
+    return np.mean(out, axis=0)
+
+
+def test_hand_table_matches_the_d4_definition():
+    from rsseg.augment import d4_apply
+
+    probe = np.arange(12).reshape(3, 4)
+    for k, (forward, inverse) in HAND_D4.items():
+        assert np.array_equal(forward(probe), d4_apply(probe, k)), k
+        assert np.array_equal(inverse(forward(probe)), probe), k
+
+
+@pytest.mark.parametrize("mode", ["none", "flip", "d4"])
+def test_tta_is_the_mean_of_the_views_mapped_back(mode):
+    model = skewed_model()
+    image = np.random.default_rng(1).integers(0, 256, (2, 3, 24, 24), dtype=np.uint8)
+    predictor = Predictor(model, torch.device("cpu"), tta=mode)
+    got = predictor(torch.from_numpy(image)).numpy()
+    assert got.shape == (2, 24, 24) and got.dtype == np.float32
+    for i in range(2):
+        np.testing.assert_allclose(got[i], reference_tta(model, image[i], TTA_MODES[mode]), atol=1e-6)
+
+
+def test_views_differ_so_the_tta_test_can_catch_a_wrong_inverse():
+    model = skewed_model()
+    image = np.random.default_rng(2).integers(0, 256, (3, 24, 24), dtype=np.uint8)
+    per_view = [reference_tta(model, image, (k,)) for k in range(8)]
+    for k in range(1, 8):
+        assert np.abs(per_view[k] - per_view[0]).max() > 1e-3, f"model invariant under D4 element {k}"
+    # Mapping rot90 back with rot90 again (a mis-ordered inverse) changes the average.
+    forward, _ = HAND_D4[1]
+    x = np.ascontiguousarray(np.stack([forward(b) for b in image]))
+    with torch.inference_mode():
+        wrong = np.rot90(torch.sigmoid(model(torch.from_numpy(x)[None].float()))[0, 0].numpy(), 1)
+    assert np.abs(wrong - per_view[1]).max() > 1e-3
+
+
+def test_flip_views_are_the_four_flips():
+    probe = np.arange(6).reshape(2, 3)
+    from rsseg.augment import d4_apply
+
+    got = {d4_apply(probe, k).tobytes() for k in tta_views("flip")}
+    want = {a.tobytes() for a in (probe, probe[:, ::-1], probe[::-1], probe[::-1, ::-1])}
+    assert got == want
+
+
+def test_bf16_on_cpu_agrees_with_fp32():
+    model = skewed_model()
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    fp32 = Predictor(model, torch.device("cpu"), "flip", "fp32")(image)
+    bf16 = Predictor(model, torch.device("cpu"), "flip", "bf16")(image)
+    assert bf16.dtype == torch.float32
+    assert (fp32 - bf16).abs().max() < 0.05
+    assert ((fp32 > 0.5) == (bf16 > 0.5)).float().mean() > 0.95
+
+
+def test_bad_options_name_the_choices():
+    with pytest.raises(ConfigError, match="none, flip, d4"):
+        tta_views("rot")
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        Predictor(skewed_model(), torch.device("cpu"), "none", "fp16")
+    with pytest.raises(ConfigError, match="square"):
+        Predictor(skewed_model(), torch.device("cpu"), "d4")(torch.zeros((1, 3, 8, 16), dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_predictor_matches_cpu():
+    model = skewed_model()
+    image = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    cpu = Predictor(skewed_model(), torch.device("cpu"), "d4")(image)
+    gpu = Predictor(model, torch.device("cuda"), "d4")(image.pin_memory())
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() < 1e-3
+    bf16 = Predictor(skewed_model(), torch.device("cuda"), "d4", "bf16")(image.pin_memory())
+    assert ((bf16.cpu() > 0.5) == (cpu > 0.5)).float().mean() > 0.95
+
+
+# ------------------------------------------------------------------------------------------ weights
+def test_axis_weights_shape():
+    w = axis_weights(64, 16, True, True)
+    m = edge_margin(16)
+    assert m == 4 and w.dtype == np.float32 and w.shape == (64,)
+    assert (w[:m] == 0).all() and (w[-m:] == 0).all() and (w[16:-16] == 1).all()
+    assert (np.diff(w[:16]) >= 0).all() and 0 < w[m] < 1
+    assert (axis_weights(64, 16, False, False) == 1).all()  # no taper on sides at the raster edge
+    assert axis_weights(64, 16, False, True)[0] == 1 and axis_weights(64, 16, True, False)[-1] == 1
+
+
+@given(length=st.integers(1, 400), size=st.integers(1, 80), data=st.data())
+def test_total_weight_is_positive_along_an_axis(length, size, data):
+    overlap = data.draw(st.integers(0, size - 1))
+    total = np.zeros(max(length, size))
+    for off in grid_offsets(length, size, overlap):
+        total[off : off + size] += axis_weights(size, overlap, off > 0, off + size < length)
+    assert (total[:length] > 0).all()
+
+
+@given(width=st.integers(1, 90), height=st.integers(1, 90), size=st.integers(2, 40), data=st.data())
+def test_total_weight_is_positive_over_a_grid(width, height, size, data):
+    grid = TileGrid(width, height, size, data.draw(st.integers(0, size - 1)))
+    total = np.zeros((max(height, size), max(width, size)))
+    for tile in grid:
+        total[tile.row_off : tile.row_off + size, tile.col_off : tile.col_off + size] += window_weights(grid, tile)
+    assert (total[:height, :width] > 0).all()
+    assert all(0 <= window_weights(grid, t).min() and window_weights(grid, t).max() <= 1 for t in grid)
