@@ -47,8 +47,12 @@ TILE = 512
 #: Tianchi tiles: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
 TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.12, 90
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
-#: GeoTIFF creation options. Measured on a 4096x4096 scene (one core): see data_cards/synthetic.md.
-CREATION_OPTIONS = {"compress": "deflate", "predictor": 2, "zlevel": 6}
+#: GeoTIFF compression presets (benchmarks/bench_synth.py compares them; data_cards/synthetic.md).
+COMPRESSION = {
+    "deflate": {"compress": "deflate", "predictor": 2, "zlevel": 6},
+    "zstd": {"compress": "zstd", "predictor": 2, "zstd_level": 9},
+    "lzw": {"compress": "lzw", "predictor": 2},
+}
 
 
 def footprints_path(scene: str | os.PathLike[str]) -> Path:
@@ -91,13 +95,15 @@ def scene_transform(crs: str | int, size: int, gsd: float) -> tuple[CRS, Affine]
     return crs_obj, Affine(step, 0.0, x0, 0.0, -step, y0)
 
 
-def _check(size: int, gsd: float, block: int) -> None:
+def _check(size: int, gsd: float, block: int, compress: str) -> None:
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"size={size!r}: expected a positive number of pixels, e.g. 4096")
     if not gsd > 0:
         raise ConfigError(f"gsd={gsd!r}: expected a positive pixel size in metres, e.g. 0.3")
     if block < 1 or block % TILE:
         raise ConfigError(f"block={block!r}: expected a positive multiple of the {TILE}-pixel tile size")
+    if compress not in COMPRESSION:
+        raise ConfigError(f"compress={compress!r}: expected one of {sorted(COMPRESSION)}")
 
 
 def _collar(size: int, seed: int) -> shapely.Polygon:
@@ -144,11 +150,12 @@ def make_scene(
     nodata_border: bool = False,
     *,
     block: int = 1024,
+    compress: str = "deflate",
     progress: bool | None = None,
 ) -> gpd.GeoDataFrame:
     """Write a generated RGB scene GeoTIFF and its footprints; return the footprints in the scene CRS.
 
-    The GeoTIFF is uint8 RGB, tiled in 512x512 blocks, DEFLATE-compressed with the horizontal predictor,
+    The GeoTIFF is uint8 RGB, tiled in 512x512 blocks, compressed (DEFLATE by default) with predictor 2,
     north-up with ``gsd`` metre pixels. Beside it, ``OUT.buildings.geojson`` (RFC 7946, EPSG:4326) holds
     the true footprints with attributes ``id``, ``kind`` (``rect`` or ``L``), ``area_m2`` and ``height_m``.
     Both are written atomically. Memory stays bounded: features are vectors; pixels are rendered and
@@ -163,12 +170,13 @@ def make_scene(
         nodata_border: surround the scene with an irregular nodata collar (0 in all bands, declared as
             the dataset's nodata), like the edge of an orthophoto; buildings lie inside the valid area.
         block: render window size in pixels, a multiple of 512; the output does not depend on it.
+        compress: GeoTIFF compression, a key of :data:`COMPRESSION` (all with the horizontal predictor).
         progress: show a progress bar (None: only on a terminal).
 
     Raises:
-        ConfigError: for a non-positive size or gsd, an unknown CRS, or a bad block size.
+        ConfigError: for a non-positive size or gsd, an unknown CRS, a bad block size or compression.
     """
-    _check(size, gsd, block)
+    _check(size, gsd, block, compress)
     crs_obj, transform = scene_transform(crs, size, gsd)
     rng = np.random.default_rng(seed)
     style: Style = random_style(rng, urban_scale_px=600 / gsd)
@@ -180,7 +188,7 @@ def make_scene(
         "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
         "crs": rasterio.crs.CRS.from_wkt(crs_obj.to_wkt()), "transform": transform, "tiled": True,
         "blockxsize": TILE, "blockysize": TILE, "photometric": "RGB", "interleave": "pixel",
-        "bigtiff": "IF_SAFER", "nodata": 0 if nodata_border else None, **CREATION_OPTIONS,
+        "bigtiff": "IF_SAFER", "nodata": 0 if nodata_border else None, **COMPRESSION[compress],
     }
     windows = [(r, c) for r in range(0, size, block) for c in range(0, size, block)]
     path = Path(path)

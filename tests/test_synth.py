@@ -127,7 +127,7 @@ def test_scene_geographic_crs(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"size": 0}, "size=0"), ({"crs": "EPSG:999999"}, "EPSG:999999"), ({"gsd": -1.0}, "gsd=-1.0"),
-     ({"block": 300}, "block=300")],
+     ({"block": 300}, "block=300"), ({"compress": "jpeg"}, "compress='jpeg'")],
 )
 def test_scene_bad_input(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
