@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -177,25 +178,35 @@ def _read_strip(src: rasterio.DatasetReader, window: Window, job: _ChipJob) -> t
     return full, full_valid
 
 
-def _strip_labels(window: Window, transform: Affine, valid: np.ndarray,
-                  label_src: rasterio.DatasetReader | None, footprints: Footprints | None) -> np.ndarray:
-    """Label strip: 1 building, 0 background, 255 where the scene has no data (or the label raster says so)."""
-    if label_src is not None:
-        inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
-        raw = label_src.read(1, window=inside)
-        labels = np.full(valid.shape, 255, np.uint8)
-        part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
-            : inside.height, : inside.width]
-        part[...] = raw != 0
-        if label_src.nodata is not None:
-            part[raw == label_src.nodata] = 255
-    else:
-        labels = np.zeros(valid.shape, np.uint8)
-        geoms = footprints.intersecting(_window_bounds(transform, window)) if footprints else ()
-        if len(geoms):
-            rasterize(geoms, out_shape=valid.shape, transform=transform, fill=0, default_value=1, out=labels)
-    labels[~valid] = 255
+def _raster_labels(label_src: rasterio.DatasetReader, window: Window) -> np.ndarray:
+    """Labels from a label raster: 0 background, its nodata value 255 (ignore), anything else 1."""
+    inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
+    raw = label_src.read(1, window=inside)
+    labels = np.full((window.height, window.width), 255, np.uint8)
+    part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
+        : inside.height, : inside.width]
+    part[...] = raw != 0
+    if label_src.nodata is not None:
+        part[raw == label_src.nodata] = 255
     return labels
+
+
+def _vector_labels(footprints: Footprints, window: Window, transform: Affine) -> np.ndarray:
+    """Burn the footprints that intersect ``window`` (pixel centres inside a polygon become 1)."""
+    labels = np.zeros((window.height, window.width), np.uint8)
+    geoms = footprints.intersecting(_window_bounds(transform, window))
+    if len(geoms):
+        rasterize(geoms, out_shape=labels.shape, transform=_window_transform(transform, window), fill=0,
+                  default_value=1, out=labels)
+    return labels
+
+
+def _load_strip(job: _ChipJob, src: rasterio.DatasetReader, label_src: rasterio.DatasetReader | None,
+                tiles: tuple[Tile, ...]) -> tuple[Window, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read one strip of windows with one windowed read: (window, data, valid mask, raster labels)."""
+    window = _strip_window(tiles)
+    data, valid = _read_strip(src, window, job)
+    return window, data, valid, _raster_labels(label_src, window) if label_src is not None else None
 
 
 def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
@@ -203,16 +214,16 @@ def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
         dst.write(array)
 
 
-def _chip_strip(job: _ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],
-                label_src: rasterio.DatasetReader | None, footprints: Footprints | None,
-                counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Read one strip of windows with one windowed read and write its chips; return their index rows."""
+def _write_strip(job: _ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],
+                 loaded: tuple[Window, np.ndarray, np.ndarray, np.ndarray | None], footprints: Footprints | None,
+                 counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Write the chips (and label chips) of one loaded strip; return their index rows."""
     out = Path(job.out_dir)
-    strip = _strip_window(tiles)
-    data, valid = _read_strip(src, strip, job)
-    labels = None
-    if label_src is not None or footprints is not None:
-        labels = _strip_labels(strip, _window_transform(src.transform, strip), valid, label_src, footprints)
+    strip, data, valid, labels = loaded
+    if footprints is not None:
+        labels = _vector_labels(footprints, strip, src.transform)
+    if labels is not None:
+        labels[~valid] = 255
     base = dict(driver="GTiff", width=job.size, height=job.size, crs=src.crs)
     if job.compress:
         base["compress"] = job.compress
@@ -249,7 +260,9 @@ def chip_block(job: _ChipJob, strips: tuple[tuple[Tile, ...], ...],
                geoms: np.ndarray | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Dask task: write the chips of consecutive strips through one dataset handle.
 
-    Module level so that it pickles by reference to worker processes.
+    A reader thread reads (decodes) the next strip while this one writes the current strip's chips; GDAL
+    releases the GIL in both. At most two strips are in memory. Module level so that it pickles by
+    reference to worker processes.
 
     Args:
         job: the settings shared by every task.
@@ -266,8 +279,13 @@ def chip_block(job: _ChipJob, strips: tuple[tuple[Tile, ...], ...],
         stack.enter_context(raster_env())
         src = stack.enter_context(rasterio.open(job.scene))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
-        for tiles in strips:
-            rows.extend(_chip_strip(job, src, tiles, label_src, footprints, counts))
+        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-strip-reader"))
+        pending = reader.submit(_load_strip, job, src, label_src, strips[0])
+        for i, tiles in enumerate(strips):
+            loaded = pending.result()
+            if i + 1 < len(strips):
+                pending = reader.submit(_load_strip, job, src, label_src, strips[i + 1])
+            rows.extend(_write_strip(job, src, tiles, loaded, footprints, counts))
     return rows, counts
 
 

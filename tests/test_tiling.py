@@ -19,6 +19,7 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from rsseg import tiling
 from rsseg.cli import main
 from rsseg.grid import TileGrid
 from rsseg.tiling import INDEX_COLUMNS, write_chips
@@ -121,6 +122,29 @@ def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: 
             truth = expected[r : r + 32, c : c + 32]
             np.testing.assert_array_equal(chip.read(1), truth)
             assert float(row["building_frac"]) == pytest.approx(truth.mean(), abs=1e-6)
+
+
+def test_many_footprints_across_many_tasks(tmp_path: Path, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)  # several strips per row and several tasks
+    monkeypatch.setattr(tiling, "TASK_ROWS_PX", 60)
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, width=150, height=110, count=1)
+    expected = np.zeros((110, 150), np.uint8)
+    squares = []
+    for r in range(1, 105, 9):
+        for c in range(2, 145, 11):
+            expected[r : r + 3, c : c + 4] = 1
+            (x0, y0), (x1, y1) = TRANSFORM @ (c + 0.2, r + 0.2), TRANSFORM @ (c + 3.8, r + 2.8)
+            squares.append(shapely.box(x0, y1, x1, y0))
+    labels = tmp_path / "squares.gpkg"
+    gpd.GeoDataFrame(geometry=squares, crs=CRS).to_crs("EPSG:3857").to_file(labels)
+    write_chips(scene, tmp_path / "out", size=32, overlap=6, labels=labels, scheduler=client)
+    rows, meta = read_index(tmp_path / "out")
+    assert len(rows) == len(TileGrid(150, 110, 32, 6)) and meta["counts"]["geometries_read"] == len(squares)
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), expected[r : r + 32, c : c + 32], err_msg=row["label"])
 
 
 def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> None:

@@ -1,0 +1,145 @@
+"""Benchmark: tiling throughput against a plain loop of window reads, and peak memory against scene size.
+
+Throughput is decoded megabytes per second: windows x size^2 x bands x bytes per sample, over the
+wall-clock time. The baseline is a sequential loop of ``src.read(window=...)`` over the same windows in
+this process: once in plain ``rasterio.Env()`` (GDAL defaults: one decoding thread) and once in
+``rsseg.fileio.raster_env()`` (the settings tiling runs under). ``write_chips`` (labels from the scene's
+footprints) runs on a LocalCluster of 1 and then 2 single-threaded workers started beforehand, so
+start-up is not timed; each figure is the best of ``--repeat`` runs.
+
+Peak memory: ``write_chips`` with its own LocalCluster of 2 workers (as ``rsseg tile`` runs) in a fresh
+subprocess per scene size; psutil samples the process tree (the run, its nanny-spawned workers and any
+helper processes) every 50 ms; reported both as the peak of the tree's summed RSS and as the largest
+single process. Prints one JSON line.
+
+    python benchmarks/bench_tiling.py [--size 20000] [--small 5000] [--repeat 2] [--data /tmp/rsseg-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+from distributed import Client, LocalCluster
+
+from rsseg.fileio import raster_env
+from rsseg.grid import TileGrid
+from rsseg.synth import footprints_path, make_scene
+from rsseg.tiling import write_chips
+
+TILE, OVERLAP = 512, 64
+
+
+def scene_of(data: Path, size: int) -> Path:
+    path = data / f"scene_{size}.tif"
+    if not path.exists() or not footprints_path(path).exists():
+        make_scene(path, size=size, seed=0, progress=False)
+    return path
+
+
+def decoded_mb(scene: Path) -> float:
+    """Megabytes the grid's windows hold once decoded (overlaps counted in every window)."""
+    with rasterio.open(scene) as src:
+        grid = TileGrid(src.width, src.height, TILE, OVERLAP)
+        return len(grid) * TILE * TILE * src.count * np.dtype(src.dtypes[0]).itemsize / 1e6
+
+
+def read_loop(scene: Path, env: rasterio.Env) -> float:
+    """Seconds for a sequential loop of window reads over the grid's windows."""
+    with env, rasterio.open(scene) as src:
+        grid = TileGrid(src.width, src.height, TILE, OVERLAP)
+        start = time.perf_counter()
+        for tile in grid:
+            src.read(window=tile.window())
+        return time.perf_counter() - start
+
+
+def tiling_time(scene: Path, out: Path, client: Client) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    write_chips(scene, out, TILE, OVERLAP, labels=footprints_path(scene), scheduler=client)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
+
+
+def peak_memory(scene: Path, out: Path) -> dict[str, float]:
+    """Run the tiling in a fresh subprocess; sample its process tree's resident memory."""
+    shutil.rmtree(out, ignore_errors=True)
+    child = subprocess.Popen([sys.executable, __file__, "--memory-run", str(scene), str(out)])
+    root = psutil.Process(child.pid)
+    peak_sum = peak_one = 0
+    n_procs = 0
+    while child.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            rss = []
+            for proc in procs:
+                try:
+                    rss.append(proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            peak_sum, peak_one = max(peak_sum, sum(rss)), max(peak_one, max(rss, default=0))
+            n_procs = max(n_procs, len(rss))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if child.returncode:
+        raise SystemExit(f"tiling subprocess for {scene} failed with {child.returncode}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tree_sum_mb": round(peak_sum / 2**20, 1), "max_process_mb": round(peak_one / 2**20, 1),
+            "processes": n_procs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=20000)
+    parser.add_argument("--small", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/rsseg-bench"))
+    parser.add_argument("--memory-run", nargs=2, metavar=("SCENE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_run:
+        scene, out = map(Path, args.memory_run)
+        write_chips(scene, out, TILE, OVERLAP, labels=footprints_path(scene), n_workers=2)
+        return
+    args.data.mkdir(parents=True, exist_ok=True)
+    big, small = scene_of(args.data, args.size), scene_of(args.data, args.small)
+    mb = decoded_mb(big)
+    out = args.data / "bench-chips"
+    result: dict[str, object] = {"scene_px": args.size, "tile": TILE, "overlap": OVERLAP, "decoded_mb": round(mb)}
+    read_loop(big, rasterio.Env())  # warm the page cache: every run then reads the file from memory
+    plain = min(read_loop(big, rasterio.Env()) for _ in range(args.repeat))
+    tuned = min(read_loop(big, raster_env()) for _ in range(args.repeat))
+    result["baseline_plain_mb_s"] = round(mb / plain, 1)
+    result["baseline_raster_env_mb_s"] = round(mb / tuned, 1)
+    for workers in (1, 2):
+        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+              Client(cluster) as client):
+            best = min(tiling_time(big, out, client) for _ in range(args.repeat))
+        result[f"tiling_{workers}w_mb_s"] = round(mb / best, 1)
+        result[f"ratio_{workers}w_vs_plain"] = round(plain / best, 3)
+        result[f"ratio_{workers}w_vs_raster_env"] = round(tuned / best, 3)
+    memory = {n: peak_memory(scene, out) for n, scene in ((args.small, small), (args.size, big))}
+    result["peak_memory"] = {str(n): m for n, m in memory.items()}
+    result["memory_ratio_tree_sum"] = round(memory[args.size]["tree_sum_mb"] / memory[args.small]["tree_sum_mb"], 3)
+    result["memory_ratio_max_process"] = round(
+        memory[args.size]["max_process_mb"] / memory[args.small]["max_process_mb"], 3)
+    result["targets"] = {"ratio_1w_vs_plain": ">= 0.9", "ratio_2w_vs_plain": ">= 1.3",
+                         "memory_ratio_tree_sum": "<= 1.3", "tree_sum_mb": "< 1024"}
+    result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    result["cpus"] = os.cpu_count()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
