@@ -67,11 +67,12 @@ def synth_tianchi(out_dir: Path, n_train: int, n_test: int, seed: int) -> None:
 @click.option("--crs", default="EPSG:32650", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--gsd", default=0.3, show_default=True, help="Pixel size in metres (degrees scaled for EPSG:4326).")
-def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float) -> None:
+@click.option("--nodata-border", is_flag=True, help="Surround the scene with an irregular nodata (0) collar.")
+def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float, nodata_border: bool) -> None:
     """Write a georeferenced RGB scene OUT.tif and its footprints OUT.buildings.geojson."""
     from rsseg.synth import make_scene
 
-    footprints = make_scene(out, size=size, crs=crs, seed=seed, gsd=gsd)
+    footprints = make_scene(out, size=size, crs=crs, seed=seed, gsd=gsd, nodata_border=nodata_border)
     click.echo(json.dumps({"scene": str(out), "buildings": len(footprints)}))
 
 

@@ -237,6 +237,9 @@ def test_cli_synth_commands(tmp_path):
     result = runner.invoke(cli, ["synth", "tianchi", str(tmp_path / "tc"), "--n-train", "2", "--n-test", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["n_train"] == 2
-    result = runner.invoke(cli, ["synth", "scene", str(tmp_path / "s.tif"), "--size", "300", "--seed", "1"])
+    result = runner.invoke(cli, ["synth", "scene", str(tmp_path / "s.tif"), "--size", "300", "--seed", "1",
+                                 "--nodata-border"])
     assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "s.tif") as src:
+        assert src.nodata == 0
     assert json.loads(result.output)["buildings"] == len(pyogrio.read_dataframe(tmp_path / "s.buildings.geojson"))
