@@ -3,21 +3,18 @@
 The mask GeoTIFF is read in windows (``block`` x ``block`` pixels), one Dask task per window. A task
 checks the window's values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
 coordinates (:mod:`rsseg.polygonize`), sums the probability raster under each polygon, and finishes
-every building that does not touch an inner window border: it maps it to the raster's CRS, computes its
-ground area, drops it if smaller than ``min_area``, simplifies and regularises it, repairs it if needed
-and reprojects it to the output CRS. Pieces of buildings cut by window borders come back in pixel
-coordinates; the client joins them exactly and finishes them the same way. The result is the same set of
-polygons as polygonising the whole raster at once, with memory bounded by the window size.
+every building that does not touch an inner window border (:mod:`rsseg.cleaning`): it maps it to the
+raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies and
+regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
+window borders come back in pixel coordinates; the client joins them exactly and finishes them the same
+way. The result is the same set of polygons as polygonising the whole raster at once, with memory
+bounded by the window size.
 
-Areas and tolerances are in metres whatever the CRS: in a projected CRS the planar area (in the CRS's
-units, converted to metres) is divided by the projection's areal scale at each building's centroid (so
-Web Mercator areas are right too); a geographic raster is worked on in a Lambert azimuthal equal-area
-projection centred on the scene.
+Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.cleaning`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -30,18 +27,18 @@ import pyogrio
 import rasterio
 import shapely
 from distributed import as_completed
-from pyproj import CRS, Proj, Transformer
+from pyproj import CRS
 from rasterio import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from rsseg.cleaning import Buildings, Cleaning, finish, make_cleaning
 from rsseg.cluster import dask_client
 from rsseg.errors import ConfigError, RasterError, VectorError
 from rsseg.fileio import atomic_path, raster_env
 from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
-from rsseg.regularize import regularize_polygons
 
 __all__ = ["FORMATS", "vectorize", "vectorize_to_file", "write_vectors"]
 
@@ -49,117 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Output drivers by file extension. GeoJSON is written in EPSG:4326 (RFC 7946), the others in the mask's CRS.
 FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
-
-
-@functools.lru_cache(maxsize=16)
-def _transformer(source: str, target: str) -> Transformer:
-    return Transformer.from_crs(source, target, always_xy=True)
-
-
-def _reproject(geoms: np.ndarray, source: str, target: str) -> np.ndarray:
-    transformer = _transformer(source, target)
-    return shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
-
-
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    """How pixel polygons become map polygons: CRSs, units and cleaning options (sent with every task)."""
-
-    transform: tuple[float, float, float, float, float, float]  # pixel -> source CRS, Affine (a..f)
-    source_crs: str
-    work_crs: str  # where areas, simplification and regularisation are computed
-    out_crs: str
-    metres: float  # metres per unit of the work CRS
-    scale_correct: bool  # divide planar areas by the projection's areal scale at each centroid
-    min_area: float  # m2
-    tolerance: float  # simplification tolerance in work-CRS units; 0 for none
-    pixel: float  # pixel size in work-CRS units
-    regularize: bool
-
-
-def _make_frame(src: rasterio.DatasetReader, out_crs: str | None, min_area: float, simplify: float,
-                regularize: bool) -> _Frame:
-    source = src.crs.to_string()
-    crs = CRS.from_user_input(source)
-    centre = src.transform @ (src.width / 2, src.height / 2)
-    lon, lat = _transformer(source, "EPSG:4326").transform(*centre)
-    pixel = abs(src.transform.determinant) ** 0.5
-    if crs.is_geographic:
-        work = CRS.from_proj4(f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m").to_wkt()
-        col, row = src.width / 2, src.height / 2
-        corners = np.array([src.transform @ (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))])
-        x, y = _transformer(source, work).transform(corners[:, 0], corners[:, 1])
-        pixel = float(np.sqrt(np.hypot(x[1] - x[0], y[1] - y[0]) * np.hypot(x[2] - x[0], y[2] - y[0])))
-        metres, scale_correct, scale = 1.0, False, 1.0
-    else:
-        work = source
-        metres = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-        scale = float(Proj(crs).get_factors(lon, lat).areal_scale) ** 0.5 if crs.is_projected else 1.0
-        scale_correct = crs.is_projected and np.isfinite(scale)
-        scale = scale if scale_correct else 1.0
-    return _Frame(transform=tuple(src.transform)[:6], source_crs=source, work_crs=work,
-                  out_crs=CRS.from_user_input(out_crs).to_string() if out_crs else source, metres=metres,
-                  scale_correct=bool(scale_correct), min_area=float(min_area),
-                  tolerance=simplify / metres * scale, pixel=pixel, regularize=regularize)
-
-
-def _areas(geoms: np.ndarray, frame: _Frame) -> np.ndarray:
-    """Ground areas in m2 of polygons in the work CRS."""
-    area = shapely.area(geoms) * frame.metres**2
-    if frame.scale_correct and len(geoms):
-        xy = shapely.get_coordinates(shapely.centroid(geoms))
-        lon, lat = _transformer(frame.work_crs, "EPSG:4326").transform(xy[:, 0], xy[:, 1])
-        area = area / Proj(frame.work_crs).get_factors(lon, lat).areal_scale
-    return area
-
-
-@dataclass(frozen=True, slots=True)
-class _Buildings:
-    """Finished buildings: output geometries and attributes, with their pixel position for ordering."""
-
-    geometry: np.ndarray
-    area_m2: np.ndarray
-    mean_prob: np.ndarray
-    top: np.ndarray
-    left: np.ndarray
-
-    @classmethod
-    def concat(cls, parts: list[_Buildings]) -> _Buildings:
-        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__slots__))
-
-
-def _repair(geoms: np.ndarray) -> np.ndarray:
-    bad = ~shapely.is_valid(geoms)
-    if bad.any():
-        log.debug("repairing %d invalid polygons", bad.sum())
-        fixed = shapely.make_valid(geoms[bad], method="structure", keep_collapsed=False)
-        geoms = geoms.copy()
-        geoms[bad] = fixed
-    return geoms
-
-
-def _finish(pixels: np.ndarray, prob_sum: np.ndarray, prob_count: np.ndarray, frame: _Frame) -> _Buildings:
-    """Pixel polygons of whole buildings -> cleaned output polygons with their attributes."""
-    left, top = shapely.bounds(pixels)[:, :2].T if len(pixels) else (np.empty(0), np.empty(0))
-    a, b, c, d, e, f = frame.transform
-    geoms = shapely.transform(pixels, lambda xy: xy @ np.array([[a, d], [b, e]]) + (c, f))
-    if frame.work_crs != frame.source_crs:
-        geoms = _reproject(geoms, frame.source_crs, frame.work_crs)
-    area = _areas(geoms, frame)
-    keep = area >= frame.min_area
-    geoms, area, prob_sum, prob_count, top, left = (x[keep] for x in (geoms, area, prob_sum, prob_count, top,
-                                                                       left))
-    if frame.tolerance > 0:
-        geoms = shapely.simplify(geoms, frame.tolerance, preserve_topology=True)
-    if frame.regularize:
-        geoms = regularize_polygons(geoms, frame.pixel)
-    if frame.tolerance > 0 or frame.regularize:
-        area = _areas(geoms, frame)
-    if frame.out_crs != frame.work_crs:
-        geoms = _reproject(geoms, frame.work_crs, frame.out_crs)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_prob = prob_sum / prob_count
-    return _Buildings(_repair(geoms), area, mean_prob, top, left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +57,14 @@ class _Block:
     window: Window
     width: int
     height: int
-    frame: _Frame
+    cleaning: Cleaning
     prob: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class _BlockResult:
     values: frozenset[int]
-    buildings: _Buildings
+    buildings: Buildings
     pieces: np.ndarray  # pixel polygons touching an inner window border
     piece_sum: np.ndarray
     piece_count: np.ndarray
@@ -215,7 +101,7 @@ def _run_block(block: _Block) -> _BlockResult:
         prob_sum = prob_count = np.zeros(len(pixels))
     edge = on_inner_border(pixels, block.window, block.width, block.height)
     inside = ~edge
-    return _BlockResult(present, _finish(pixels[inside], prob_sum[inside], prob_count[inside], block.frame),
+    return _BlockResult(present, finish(pixels[inside], prob_sum[inside], prob_count[inside], block.cleaning),
                         pixels[edge], prob_sum[edge], prob_count[edge])
 
 
@@ -326,10 +212,11 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
                           "not be negative (block at least 1)")
     with raster_env(), _open(path) as src:
         _check_inputs(src, path, band, Path(prob) if prob else None)
-        frame = _make_frame(src, crs, min_area, simplify, regularize)
+        cleaning = make_cleaning(src.crs.to_string(), src.transform, src.width, src.height, crs, min_area,
+                                 simplify, regularize)
         provenance = _provenance(src, path, band=band, min_area_m2=min_area, simplify_m=simplify,
                                  regularize=regularize, prob=prob and str(Path(prob).resolve()))
-        blocks = [_Block(str(path), band, window, src.width, src.height, frame, prob and str(prob))
+        blocks = [_Block(str(path), band, window, src.width, src.height, cleaning, prob and str(prob))
                   for window in block_windows(src.width, src.height, block)]
     results = _run(blocks, scheduler)
     present = frozenset().union(*(r.values for r in results))
@@ -340,12 +227,12 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
     merged, group = merge_pieces(np.concatenate([r.pieces for r in results]))
     sums = [np.bincount(group, np.concatenate([getattr(r, name) for r in results]), len(merged))
             for name in ("piece_sum", "piece_count")]
-    found = _Buildings.concat([r.buildings for r in results] + [_finish(merged, *sums, frame)])
+    found = Buildings.concat([r.buildings for r in results] + [finish(merged, *sums, cleaning)])
     order = np.lexsort((found.left, found.top))
     columns = {"id": np.arange(1, len(order) + 1), "area_m2": found.area_m2[order]}
     if prob:
         columns["mean_prob"] = found.mean_prob[order]
-    gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=frame.out_crs)
+    gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=cleaning.out_crs)
     gdf.attrs["provenance"] = provenance
     log.info("%s: %d buildings (%d of them cut by window borders)", path, len(gdf), len(merged))
     return gdf
