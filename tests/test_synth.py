@@ -13,6 +13,8 @@ import pytest
 import rasterio
 import shapely
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from rasterio.features import rasterize
 
@@ -21,6 +23,8 @@ from rsseg.cli import cli
 from rsseg.errors import ConfigError
 from rsseg.fileio import file_sha256
 from rsseg.synth import footprints_path, make_scene, make_tianchi
+from rsseg.synth_layout import place, random_style
+from rsseg.synth_render import Renderer
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,26 @@ def test_scene_deterministic_and_seamless(tmp_path):
     assert (pa != pc).mean() > 0.5
     assert file_sha256(footprints_path(a)) == file_sha256(footprints_path(b))
     assert file_sha256(footprints_path(a)) != file_sha256(footprints_path(c))
+
+
+@pytest.fixture(scope="module")
+def small_scene():
+    rng = np.random.default_rng(9)
+    style = random_style(rng, urban_scale_px=600)
+    layout = place(style, (0, 0, 400, 400), 0.3, rng, keep_within=shapely.box(0, 0, 400, 400),
+                   valid=shapely.Point(200, 200).buffer(190))
+    renderer = Renderer(layout, style)
+    return renderer, renderer.render(0, 0, 400, 400)
+
+
+@settings(max_examples=25, deadline=None)
+@given(row0=st.integers(0, 399), col0=st.integers(0, 399), height=st.integers(1, 120), width=st.integers(1, 120))
+def test_any_window_equals_the_crop_of_the_whole(small_scene, row0, col0, height, width):
+    renderer, whole = small_scene
+    height, width = min(height, 400 - row0), min(width, 400 - col0)
+    part = renderer.render(row0, col0, height, width)
+    np.testing.assert_array_equal(part.rgb, whole.rgb[:, row0:row0 + height, col0:col0 + width])
+    np.testing.assert_array_equal(part.buildings, whole.buildings[row0:row0 + height, col0:col0 + width])
 
 
 def test_nodata_collar(tmp_path):
