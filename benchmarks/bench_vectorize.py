@@ -8,6 +8,8 @@ Figures:
   per polygon, geopandas ``to_crs`` and pyogrio GeoJSON writing;
 - ``whole_*``: rsseg with one window covering the mask, on a one-worker LocalCluster;
 - ``block_1w_*`` / ``block_2w_*``: rsseg with 2048 px windows on one and two single-threaded workers;
+- ``cpu_*``: CPU seconds of the one-worker blockwise run in the driver and in the worker, and what
+  they imply on an idle machine (wall times on a shared machine mostly measure the other tenants);
 - ``peak_rss_mb_*``: peak resident memory of the process tree (driver, scheduler, 2 workers) of a fresh
   ``rsseg vectorize``-equivalent subprocess on a 10000 and a 20000 px mask, sampled with psutil.
 """
@@ -98,6 +100,22 @@ def best_time(fn, *args, **kwargs) -> tuple[float, int]:
     return min(times), n
 
 
+def _worker_cpu(client: Client) -> float:
+    pids = client.run(os.getpid).values()
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def cpu_split(client: Client, mask: Path, out: Path) -> tuple[float, float]:
+    """CPU seconds of one blockwise run in this process (client, scheduler, writing) and in the workers.
+
+    Unlike wall times these hardly depend on the load of a shared machine; the ideal time on k idle
+    cores is about ``workers / k + driver``.
+    """
+    driver, workers = time.process_time(), _worker_cpu(client)
+    vectorize_to_file(mask, out, block=2048, scheduler=client)
+    return time.process_time() - driver, _worker_cpu(client) - workers
+
+
 def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
     """Peak RSS (MB) of a fresh process tree vectorising ``mask`` to GeoJSON, and its wall time."""
     code = ("import sys; from rsseg.vectorize import vectorize_to_file; "
@@ -129,6 +147,7 @@ def main() -> None:
                 Client(cluster) as client:
             t_whole, n_whole = best_time(vectorize_to_file, mask10, out, block=10000, scheduler=client)
             t_1w, n_1w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
+            cpu_driver, cpu_workers = cpu_split(client, mask10, out)
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             t_2w, n_2w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
@@ -144,6 +163,9 @@ def main() -> None:
         "blockwise_overhead": round(t_1w / t_whole - 1, 4),
         "speedup_2w_over_1w": round(t_1w / t_2w, 3),
         "ratio_block_1w_over_plain": round(t_1w / t_plain, 3),
+        "cpu_s_driver": round(cpu_driver, 3), "cpu_s_workers": round(cpu_workers, 3),
+        "cpu_polygons_per_s": round(n_1w / (cpu_driver + cpu_workers)),
+        "cpu_estimate_speedup_2w": round((cpu_workers + cpu_driver) / (cpu_workers / 2 + cpu_driver), 3),
         "peak_rss_mb_10000": round(rss10, 1), "peak_rss_mb_20000": round(rss20, 1),
         "peak_rss_ratio_20000_over_10000": round(rss20 / rss10, 3),
         "memory_run_wall_s_10000": round(wall10, 2), "memory_run_wall_s_20000": round(wall20, 2),

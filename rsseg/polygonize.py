@@ -174,10 +174,9 @@ def merge_pieces(pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     group = _components(len(pieces), first[shared], second[shared])
     order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.diff(group[order], prepend=-1))
-    merged = np.empty(len(starts), dtype=object)
-    for k, members in enumerate(np.split(order, starts[1:])):
-        if len(members) == 1:
-            merged[k] = pieces[members[0]]
-        else:
-            merged[k] = shapely.simplify(shapely.union_all(pieces[members]), 0.0)
+    merged = pieces[order[starts]]
+    joined = np.flatnonzero(np.diff(np.append(starts, len(order))) > 1)
+    members = np.split(order, starts[1:])
+    unions = np.array([shapely.union_all(pieces[members[k]]) for k in joined], dtype=object)
+    merged[joined] = shapely.simplify(unions, 0.0)  # drops the collinear vertices left on the seams
     return merged, group

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Output drivers by file extension. GeoJSON is written in EPSG:4326 (RFC 7946), the others in the mask's CRS.
 FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
+#: OGR layer geometry types by shapely type id.
+_TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
+               6: "MultiPolygon"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,12 +269,14 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Tru
     if driver == "GeoJSON":
         if not gdf.crs.equals(CRS.from_epsg(4326)):
             gdf = gdf.to_crs(4326)
-        gdf = gdf.set_geometry(shapely.orient_polygons(gdf.geometry.values))
+        gdf = gdf.set_geometry(gpd.GeoSeries(shapely.orient_polygons(gdf.geometry.array.to_numpy()),
+                                             index=gdf.index, crs=gdf.crs))
         options["layer_options"] = {"RFC7946": "YES",
                                     "FOREIGN_MEMBERS_COLLECTION": json.dumps({"rsseg": provenance})}
     else:
         options["layer_metadata"] = {f"rsseg_{key}": value for key, value in provenance.items()}
-    kinds = set(gdf.geom_type.dropna())
+    kinds = {_TYPE_NAMES.get(k, "Unknown") for k in np.unique(shapely.get_type_id(gdf.geometry.array.to_numpy()))
+             if k >= 0}
     options["geometry_type"] = kinds.pop() if len(kinds) == 1 else ("Polygon" if not kinds else "Unknown")
     with atomic_path(path, overwrite=overwrite) as tmp:
         pyogrio.write_dataframe(gdf, tmp, driver=driver, **options)
