@@ -7,9 +7,25 @@ scores (SpaceNet F1 on footprints) live in :mod:`rsseg.objects` and are re-expor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-__all__ = ["dice", "iou", "mean_image_dice"]
+if TYPE_CHECKING:
+    from rsseg.objects import evaluate_vectors, match_buildings
+
+__all__ = ["dice", "evaluate_vectors", "iou", "match_buildings", "mean_image_dice"]
+
+_OBJECT_LEVEL = ("evaluate_vectors", "match_buildings")
+
+
+def __getattr__(name: str) -> object:
+    """Object-level scores from :mod:`rsseg.objects`, imported on first use (it needs geopandas)."""
+    if name in _OBJECT_LEVEL:
+        from rsseg import objects
+
+        return getattr(objects, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None) -> tuple[int, int, int]:
