@@ -35,11 +35,12 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rsseg")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="-v: rsseg debug output; -vv: also other libraries' info.")
 def cli(verbose: int) -> None:
     """Find buildings in aerial and satellite images."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if verbose > 1 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("rsseg").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 # ----------------------------------------------------------------------------------------------- synth

@@ -384,19 +384,23 @@ def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None
     """Run ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
     pipe = load_pipeline(PIPELINES_DIR / "demo.yaml", workdir=workdir)
     summary = run(pipe, scheduler=scheduler)
-    stages = summary["stages"]
-    work = pipe.workdir
-    evaluation = stages.get("evaluate", {})
-    overall = next(iter(v for k, v in evaluation.items() if isinstance(v, dict)), {})
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for st in pipe.stages:
+        by_kind.setdefault(st.uses, {})[st.name] = summary["stages"][st.name]
+    evaluation = next(iter(by_kind.get("evaluate", {}).values()), {})
+    scene = next((v for v in evaluation.values() if isinstance(v, dict)), {})
+    vectors = pipe.workdir / next(iter(by_kind.get("vectorize", {})), "vectorize")
     return {
-        "validation_dice": stages.get("train", {}).get("best_dice"),
-        "test_dice": stages.get("score", {}).get("mean_dice"),
-        "buildings_found": stages.get("vectorize", {}).get("buildings"),
-        "footprint_iou": overall.get("iou"),
-        "object_f1": overall.get("f1"),
-        "submission_csv": str(work / "predict_tianchi" / "submission.csv"),
-        "geojson": sorted(str(p) for p in (work / "vectorize").glob("*.geojson")),
-        "geopackage": str(work / "vectorize" / "buildings.gpkg"),
+        "validation_dice": {name: s.get("best_dice") for name, s in by_kind.get("train", {}).items()},
+        "test_dice": next(iter(by_kind.get("score", {}).values()), {}).get("mean_dice"),
+        "buildings_found": scene.get("n_pred"),
+        "buildings_true": scene.get("n_truth"),
+        "footprint_iou": scene.get("area_iou"),
+        "matched_mean_iou": scene.get("mean_iou"),
+        "object_f1": scene.get("f1"),
+        "submission_csv": [str(pipe.workdir / n / "submission.csv") for n in by_kind.get("predict_tianchi", {})],
+        "geojson": sorted(str(p) for p in vectors.glob("*.geojson")),
+        "geopackage": str(vectors / "buildings.gpkg"),
         "report": summary.get("report"),
         "seconds": round(summary["seconds"], 1),
     }

@@ -123,12 +123,12 @@ class SynthSceneParams(Params):
 def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.synth import make_scene
 
-    def one(i: int) -> int:
-        name = "scene.tif" if p.count == 1 else f"scene_{i:03d}.tif"
-        return len(make_scene(ctx.out_dir / name, size=p.size, crs=p.crs, seed=p.seed + i, gsd=p.gsd,
-                              nodata_border=p.nodata_border, progress=False))
-
-    counts = ctx.gather([ctx.submit(one, i, label=f"scene{i}") for i in range(p.count)])
+    futures = []
+    for i in range(p.count):
+        path = ctx.out_dir / ("scene.tif" if p.count == 1 else f"scene_{i:03d}.tif")
+        futures.append(ctx.submit(make_scene, path, size=p.size, crs=p.crs, seed=p.seed + i, gsd=p.gsd,
+                                  nodata_border=p.nodata_border, progress=False, label=f"scene{i}"))
+    counts = [len(gdf) for gdf in ctx.gather(futures)]
     return {"scenes": p.count, "buildings": sum(counts)}
 
 
@@ -156,7 +156,8 @@ def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- training
 class TrainParams(Params):
-    config: dict[str, Any] = Field(description="A training config (see configs/*.yaml), paths interpolated")
+    config: str | dict[str, Any] = Field(description="A training config file (configs/*.yaml) or mapping")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides, e.g. run.epochs: 3")
     nproc: int = Field(1, ge=1)
 
 
@@ -173,7 +174,8 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.train import load_config
 
-    cfg = load_config(p.config, {"run.out_dir": str(ctx.out_dir)})
+    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in p.set.items()}
+    cfg = load_config(p.config, {**overrides, "run.out_dir": str(ctx.out_dir), "run.progress": "false"})
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     gpu = _device_is_gpu(cfg.run.device)
