@@ -75,9 +75,12 @@ def window_weights(grid: TileGrid, tile: Tile) -> np.ndarray:
 class BandAccumulator:
     """Weighted sums of window predictions for the band of rows still open; yields rows as they complete.
 
+    On CPU the band is numpy arrays (each update is one small single-threaded operation: no OpenMP
+    barrier per window); on CUDA it is tensors on the device, so predictions never leave the GPU.
+
     Args:
         grid: the grid whose windows are added, in its (row-major) iteration order.
-        device: where the sums live (the model's device: no copy of predictions to the host).
+        device: where the sums live (the model's device).
     """
 
     def __init__(self, grid: TileGrid, device: torch.device) -> None:
@@ -85,23 +88,30 @@ class BandAccumulator:
         self.device = device
         self.rows = min(grid.size, grid.height)
         self.start = 0  # raster row of the band's first row
-        self.sums = torch.zeros((self.rows, grid.width), dtype=torch.float32, device=device)
-        self.weights = torch.zeros_like(self.sums)
+        self._cpu = device.type == "cpu"
+        self.sums, self.weights = self._zeros(), self._zeros()
         self._next = 0  # index, in iteration order, of the next expected window
-        self._weight_cache: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
+        self._weight_cache: dict[tuple[bool, bool, bool, bool], np.ndarray | torch.Tensor] = {}
 
-    def _weights(self, tile: Tile) -> torch.Tensor:
+    def _zeros(self) -> np.ndarray | torch.Tensor:
+        shape = (self.rows, self.grid.width)
+        if self._cpu:
+            return np.zeros(shape, dtype=np.float32)
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def _weights(self, tile: Tile) -> np.ndarray | torch.Tensor:
         g = self.grid
         key = (tile.row_off > 0, tile.row_off + g.size < g.height, tile.col_off > 0, tile.col_off + g.size < g.width)
         if key not in self._weight_cache:
-            self._weight_cache[key] = torch.from_numpy(window_weights(g, tile)).to(self.device)
+            weights = window_weights(g, tile)
+            self._weight_cache[key] = weights if self._cpu else torch.from_numpy(weights).to(self.device)
         return self._weight_cache[key]
 
-    def add(self, tile: Tile, prob: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    def add(self, tile: Tile, prob: torch.Tensor) -> tuple[int, np.ndarray | torch.Tensor] | None:
         """Add one window's prediction ``(size, size)``; return ``(first_row, rows)`` of newly final rows.
 
-        The returned tensor holds the blended probabilities of raster rows ``first_row ..`` for the full
-        width, on the device; it is only valid until the next call.
+        ``rows`` holds the blended probabilities of raster rows ``first_row ..`` over the full width:
+        a float32 numpy array on CPU, a tensor on the device otherwise.
 
         Raises:
             ValueError: windows out of the grid's iteration order (which the band relies on).
@@ -113,21 +123,25 @@ class BandAccumulator:
         self._next += 1
         h, w = min(g.size, g.height - tile.row_off), min(g.size, g.width - tile.col_off)
         r0, c0 = tile.row_off - self.start, tile.col_off
-        self.sums[r0 : r0 + h, c0 : c0 + w].addcmul_(prob[:h, :w], self._weights(tile)[:h, :w])
-        self.weights[r0 : r0 + h, c0 : c0 + w] += self._weights(tile)[:h, :w]
+        weights = self._weights(tile)[:h, :w]
+        values = (prob.numpy() if self._cpu else prob)[:h, :w]
+        self.sums[r0 : r0 + h, c0 : c0 + w] += values * weights
+        self.weights[r0 : r0 + h, c0 : c0 + w] += weights
         if tile.col < g.n_cols - 1:
             return None
         end = g.row_offsets[tile.row + 1] if tile.row + 1 < g.n_rows else g.height
         return self._flush(end - self.start)
 
-    def _flush(self, k: int) -> tuple[int, torch.Tensor]:
+    def _flush(self, k: int) -> tuple[int, np.ndarray | torch.Tensor]:
+        """Blend the band's first ``k`` rows, then move the open rows up by ``k``."""
         first = self.start
         done = self.sums[:k] / self.weights[:k]
         keep = self.rows - k
-        if keep > 0:
-            self.sums[:keep] = self.sums[k:].clone()
-            self.weights[:keep] = self.weights[k:].clone()
-        self.sums[keep:] = 0
-        self.weights[keep:] = 0
+        for band in (self.sums, self.weights):
+            rest = band[k:]
+            if keep > k and not self._cpu:
+                rest = rest.clone()  # torch refuses overlapping copies (numpy buffers them itself)
+            band[:keep] = rest
+            band[keep:] = 0
         self.start += k
         return first, done

@@ -131,16 +131,6 @@ def _profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: str) -
     return profiles
 
 
-def _encode_rows(probs: torch.Tensor, kinds: tuple[str, ...], threshold: float, prob_dtype: str) -> dict:
-    """Output pixels of blended probabilities, computed on their device."""
-    rows = {}
-    if "mask" in kinds:
-        rows["mask"] = (probs > threshold).to(torch.uint8)
-    if "prob" in kinds:
-        rows["prob"] = probs if prob_dtype == "float32" else (probs * 255).round_().to(torch.uint8)
-    return rows
-
-
 def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike, tile: int = 512,
                    overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str | torch.device = "auto",
                    precision: str = "fp32", threshold: float | None = None, output: str = "mask",
@@ -215,9 +205,9 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
         profiles = _profiles(info, tmp, prob_dtype)
-        writer = RowWriter(src if info["masked"] else None, profiles, tags)
+        writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
         try:
-            _stream(predictor, grid, src, writer, tuple(tmp), threshold, prob_dtype, batch_size)
+            _stream(predictor, grid, src, writer, batch_size)
         except BaseException:
             writer.close(ok=False)
             raise
@@ -227,8 +217,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     return dst
 
 
-def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, kinds: tuple[str, ...],
-            threshold: float, prob_dtype: str, batch_size: int) -> None:
+def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
     """The main loop: batches in, blended rows out."""
     band = BandAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
@@ -240,7 +229,7 @@ def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, 
             for tile, prob in zip(tiles, probs, strict=True):
                 done = band.add(tile, prob)
                 if done is not None:
-                    writer.submit(done[0], _encode_rows(done[1], kinds, threshold, prob_dtype))
+                    writer.submit(*done)
             bar.update(len(tiles))
 
 

@@ -111,25 +111,29 @@ def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, 
 
 
 class RowWriter:
-    """Write finished rows of the output rasters from a thread, in whole 512-row blocks.
+    """Encode and write finished rows of blended probabilities from a thread, in whole 512-row blocks.
 
-    Each output is a single-band GeoTIFF already described by its profile. Rows arrive in order as
-    tensors (on any device, with an optional CUDA event marking when their copy to the host is done);
-    source nodata is applied here from the source's dataset mask, read window by window: ``255`` in uint8
-    masks (the declared nodata), NaN in float32 probabilities (the declared nodata), and an internal
-    mask band (0 = nodata) for uint8 probabilities, whose 0-255 range leaves no spare value.
+    Rows arrive in order, as float32 probabilities (a numpy array, or a tensor on any device: CUDA rows
+    are copied to pinned memory asynchronously and the thread waits on an event). The thread turns them
+    into each output's pixels: the mask is ``probability > threshold`` as uint8 0/1; uint8 probabilities
+    are ``round(255 * p)``; float32 probabilities are ``p``. Source nodata comes from the source's dataset
+    mask, read window by window: ``255`` in masks (the declared nodata), NaN in float32 probabilities
+    (the declared nodata), and an internal mask band (0 = nodata) for uint8 probabilities, whose 0-255
+    range leaves no spare value.
 
     Args:
         source: the raster being predicted (for its dataset mask); None if it has no nodata.
-        outputs: ``{"mask" | "prob": (path, profile)}``.
+        outputs: ``{"mask" | "prob": (path, profile)}``; the profile's dtype selects the encoding.
         tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`.
+        threshold: the mask's probability threshold.
     """
 
     def __init__(self, source: Path | None, outputs: dict[str, tuple[Path, dict[str, Any]]],
-                 tags: dict[str, str]) -> None:
+                 tags: dict[str, str], threshold: float) -> None:
         self._source = source
         self._outputs = outputs
         self._tags = tags
+        self._threshold = np.float32(threshold)
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._pending: list[dict[str, np.ndarray]] = []
@@ -137,26 +141,34 @@ class RowWriter:
         self._thread = threading.Thread(target=self._run, name="rsseg-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, row0: int, rows: dict[str, torch.Tensor]) -> None:
-        """Queue ``rows`` (``{"mask"|"prob": (k, width) tensor}``) starting at raster row ``row0``."""
+    def submit(self, row0: int, probs: np.ndarray | torch.Tensor) -> None:
+        """Queue the probabilities ``(k, width)`` of raster rows ``row0 .. row0 + k``."""
         if self._error is not None:
             raise self._error
-        host, event = {}, None
-        for key, tensor in rows.items():
-            if tensor.device.type == "cuda":
-                pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host[key] = pinned.copy_(tensor, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                host[key] = tensor
+        event = None
+        if isinstance(probs, torch.Tensor) and probs.device.type == "cuda":
+            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+            probs = host.copy_(probs, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         while True:
             try:
-                self._queue.put((row0, host, event), timeout=0.5)
+                self._queue.put((row0, probs, event), timeout=0.5)
                 return
             except queue.Full:
                 if self._error is not None:
                     raise self._error from None
+
+    def _encode(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        pixels = {}
+        for key, (_, profile) in self._outputs.items():
+            if key == "mask":
+                pixels[key] = (probs > self._threshold).view(np.uint8)
+            elif profile["dtype"] == "float32":
+                pixels[key] = probs
+            else:
+                pixels[key] = np.rint(probs * np.float32(255)).astype(np.uint8)
+        return pixels
 
     def close(self, ok: bool = True) -> None:
         """Write what is left (if ``ok``), close the outputs and re-raise an error of the thread."""
@@ -178,10 +190,11 @@ class RowWriter:
                     dsts[key].update_tags(ns=TAG_NS, **self._tags)
                 while (item := self._queue.get()) is not None:
                     if self._error is None:
-                        row0, host, event = item
+                        row0, probs, event = item
                         if event is not None:
                             event.synchronize()
-                        self._stage(src, dsts, row0, {k: v.numpy() for k, v in host.items()})
+                        probs = probs.numpy() if isinstance(probs, torch.Tensor) else probs
+                        self._stage(src, dsts, row0, self._encode(probs))
                 ended = True
                 if self._error is None:
                     self._write(src, dsts, final=True)

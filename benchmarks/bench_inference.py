@@ -1,0 +1,229 @@
+"""Benchmark of streamed sliding-window inference (rsseg.inference): prints one JSON line.
+
+Figures (issue 5):
+
+* overhead: ``predict_raster`` wall time on a generated 8192x8192 scene divided by the time of the bare
+  model forward passes over the same windows and views, measured in the same run (target <= 1.1). On
+  CPU the model is a U-Net with a resnet18 encoder and a light decoder (128-64-32-16-8 channels) under
+  bf16 autocast, with ``tta="none"``, so that both passes fit in a few minutes on 2 cores; on CUDA it
+  is ``create_model("unet", "resnet34")`` in bf16.
+* windows/s on the device for tta ``none`` (the 8192 run) and ``d4`` (a 1536x1536 scene).
+* bf16 vs fp32: speed-up and mask agreement of ``create_model("unet", "resnet34")`` (or ``--checkpoint``)
+  on the 1536x1536 scene, tta none.
+* memory: peak resident memory of a fresh process predicting a 16384x16384 scene over that of a
+  4096x4096 scene (target <= 1.3), with a tiny two-layer conv stand-in model (the network's own
+  activations do not depend on the scene size), sampled every 20 ms with psutil.
+* CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
+
+Usage: ``.venv/bin/python benchmarks/bench_inference.py [--workdir DIR] [--quick]``. Scenes are generated
+once with :func:`rsseg.synth.make_scene` and kept in ``--workdir`` (default: a folder in the temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from torch import nn
+
+from rsseg.grid import TileGrid
+from rsseg.inference import predict_raster
+from rsseg.models import RGB_MEAN, RGB_STD, Segmenter, create_model, model_from_checkpoint
+from rsseg.streams import read_batches
+from rsseg.synth import make_scene
+from rsseg.tta import Predictor, resolve_device
+
+TILE, OVERLAP = 512, 128
+
+
+def scene(workdir: Path, size: int) -> Path:
+    path = workdir / f"scene_{size}.tif"
+    if not path.exists():
+        make_scene(path, size=size, seed=size, progress=False)
+    return path
+
+
+def light_unet() -> Segmenter:
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    net = smp.Unet("resnet18", encoder_weights=None, decoder_channels=(128, 64, 32, 16, 8))
+    return Segmenter(net, RGB_MEAN, RGB_STD).eval()
+
+
+def tiny_model() -> Segmenter:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+    return Segmenter(net, RGB_MEAN, RGB_STD).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward_seconds(model: nn.Module, src: Path, device: torch.device, precision: str, tta: str,
+                         batch_size: int) -> tuple[float, int]:
+    """Time only the model's forward passes over the windows and views predict_raster would feed it."""
+    with rasterio.open(src) as ds:
+        grid = TileGrid(ds.width, ds.height, TILE, OVERLAP)
+    predictor = Predictor(model, device, tta, precision)
+    total, windows = 0.0, 0
+    for _, pixels in read_batches(src, grid, batch_size, pin=device.type == "cuda"):
+        views = predictor.stack_views(pixels)
+        sync(device)
+        start = time.perf_counter()
+        predictor.logits(views)
+        sync(device)
+        total += time.perf_counter() - start
+        windows += pixels.shape[0]
+    return total, windows
+
+
+def timed_predict(model: nn.Module, src: Path, dst: Path, **kwargs) -> float:
+    start = time.perf_counter()
+    predict_raster(model, src, dst, tile=TILE, overlap=OVERLAP, overwrite=True, **kwargs)
+    return time.perf_counter() - start
+
+
+def warm_up(model: nn.Module, device: torch.device, precision: str, batch_size: int) -> None:
+    Predictor(model, device, "none", precision)(torch.zeros((batch_size, 3, TILE, TILE), dtype=torch.uint8))
+    sync(device)
+
+
+def overhead(workdir: Path, size: int, device: torch.device, batch_size: int) -> dict:
+    src = scene(workdir, size)
+    if device.type == "cuda":
+        model, name, precision = create_model("unet", "resnet34").eval(), "unet/resnet34", "bf16"
+    else:
+        model, name, precision = light_unet(), "unet/resnet18, decoder 128-64-32-16-8", "bf16"
+    warm_up(model, device, precision, batch_size)
+    bare, windows = bare_forward_seconds(model, src, device, precision, "none", batch_size)
+    wall = timed_predict(model, src, workdir / "out.tif", tta="none", batch_size=batch_size, device=device,
+                         precision=precision, output="both")
+    return {"scene_px": size, "model": name, "precision": precision, "tta": "none", "batch_size": batch_size,
+            "windows": windows, "predict_raster_s": round(wall, 2), "bare_forward_s": round(bare, 2),
+            "overhead_ratio": round(wall / bare, 3), "windows_per_s_tta_none": round(windows / wall, 3)}
+
+
+def d4_and_bf16(workdir: Path, device: torch.device, checkpoint: Path | None, batch_size: int) -> dict:
+    src = scene(workdir, 1536)
+    with rasterio.open(src) as ds:
+        n = len(TileGrid(ds.width, ds.height, TILE, OVERLAP))
+    light = light_unet()
+    precision = "bf16" if device.type == "cpu" else "bf16"
+    warm_up(light, device, precision, 2)
+    d4 = timed_predict(light, src, workdir / "d4.tif", tta="d4", batch_size=2, device=device, precision=precision)
+    if checkpoint is not None:
+        model, name = model_from_checkpoint(checkpoint, device)[0], str(checkpoint)
+    else:
+        torch.manual_seed(0)
+        model, name = create_model("unet", "resnet34").eval(), "unet/resnet34 (random init)"
+    warm_up(model, device, "fp32", batch_size)
+    fp32 = timed_predict(model, src, workdir / "fp32.tif", tta="none", batch_size=batch_size, device=device,
+                         precision="fp32", output="both", prob_dtype="float32")
+    warm_up(model, device, "bf16", batch_size)
+    bf16 = timed_predict(model, src, workdir / "bf16.tif", tta="none", batch_size=batch_size, device=device,
+                         precision="bf16", output="both", prob_dtype="float32")
+    with rasterio.open(workdir / "fp32.tif") as a, rasterio.open(workdir / "bf16.tif") as b:
+        agree = float((a.read(1) == b.read(1)).mean())
+    with rasterio.open(workdir / "fp32.prob.tif") as a, rasterio.open(workdir / "bf16.prob.tif") as b:
+        diff = np.abs(a.read(1) - b.read(1))
+    return {"d4_scene_px": 1536, "d4_windows": n, "d4_model": "light unet/resnet18 bf16",
+            "windows_per_s_tta_d4": round(n / d4, 3), "bf16_model": name, "bf16_windows": n,
+            "fp32_s": round(fp32, 2), "bf16_s": round(bf16, 2), "bf16_speedup": round(fp32 / bf16, 2),
+            "bf16_mask_agreement": round(agree, 6), "bf16_prob_max_abs_diff": round(float(diff.max()), 4),
+            "bf16_prob_mean_abs_diff": round(float(diff.mean()), 6)}
+
+
+def peak_rss_mb(src: Path, dst: Path) -> tuple[float, float]:
+    """Run predict_raster on ``src`` in a fresh process; return (peak RSS MB, seconds)."""
+    start = time.perf_counter()
+    proc = psutil.Popen([sys.executable, __file__, "--memory-child", str(src), str(dst)])
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed on {src} (exit {proc.returncode})")
+    return peak / 2**20, time.perf_counter() - start
+
+
+def memory(workdir: Path, sizes: list[int]) -> dict:
+    out = {"memory_model": "tiny 2-layer conv stand-in", "memory_tta": "none", "memory_output": "both (uint8)"}
+    peaks = {}
+    for size in sizes:
+        peaks[size], seconds = peak_rss_mb(scene(workdir, size), workdir / f"mem_{size}.tif")
+        out[f"peak_rss_mb_{size}"] = round(peaks[size], 1)
+        out[f"memory_run_s_{size}"] = round(seconds, 1)
+    out["memory_ratio"] = round(peaks[sizes[-1]] / peaks[sizes[0]], 3)
+    return out
+
+
+def gpu_windows_per_s(batch_size: int = 32, steps: int = 20) -> dict:
+    device = torch.device("cuda")
+    predictor = Predictor(create_model("unet", "resnet34"), device, "none", "bf16")
+    host = torch.randint(0, 256, (batch_size, 3, TILE, TILE), dtype=torch.uint8).pin_memory()
+    for _ in range(3):
+        predictor(host)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        predictor(host)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"gpu": torch.cuda.get_device_name(device), "gpu_model": "unet/resnet34 bf16", "gpu_batch": batch_size,
+            "gpu_windows_per_s_tta_none": round(batch_size * steps / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rsseg-bench-inference")
+    parser.add_argument("--size", type=int, default=8192, help="scene size of the overhead run")
+    parser.add_argument("--mem-sizes", type=int, nargs=2, default=[4096, 16384])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the bf16 agreement check")
+    parser.add_argument("--quick", action="store_true", help="small scenes, to check the script itself")
+    parser.add_argument("--memory-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        src, dst = args.memory_child
+        predict_raster(tiny_model(), src, dst, tile=TILE, overlap=OVERLAP, tta="none", device="cpu",
+                       output="both", overwrite=True)
+        return
+    if args.quick:
+        args.size, args.mem_sizes = 2048, [1024, 2048]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    for size in {args.size, 1536, *args.mem_sizes}:
+        scene(args.workdir, size)
+    result: dict = {"bench": "inference", "device": str(device), "torch_threads": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(), "tile": TILE, "overlap": OVERLAP}
+    result.update(overhead(args.workdir, args.size, device, args.batch_size))
+    result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
+    result.update(memory(args.workdir, args.mem_sizes))
+    if device.type == "cuda":
+        result.update(gpu_windows_per_s())
+    else:
+        result["gpu_windows_per_s_tta_none"] = None
+        result["gpu_note"] = "no CUDA device here; run this script on one to report it (target >= 1500 on H100)"
+    result["targets"] = {"overhead_ratio_max": 1.1, "memory_ratio_max": 1.3, "gpu_windows_per_s_min": 1500}
+    result["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
