@@ -1,8 +1,10 @@
 """Cut a large scene into georeferenced chips (and label chips) on Dask, with an index datasets read.
 
-The scene is never read whole: each Dask task opens its own dataset handle and reads one strip (a run of
-windows along one grid row, at most :data:`STRIP_MAX_PX` pixels wide) with one windowed read, then
-writes that strip's chips. Memory therefore depends on the window size, not on the scene size.
+The scene is never read whole. The grid's windows are grouped into tasks of a few consecutive strips (runs
+of windows along one grid row, at most :data:`STRIP_MAX_PX` pixels wide, :data:`TASK_ROWS_PX` rows per
+task); each task opens its own dataset handle and reads one strip at a time (:mod:`rsseg.chips`). Memory
+therefore depends on the window size, not on the scene size. This module validates the inputs, prepares
+the labels, runs the tasks on Dask and writes the index.
 
 Output layout (``OUT_DIR``, written atomically)::
 
@@ -24,8 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,17 @@ import numpy as np
 import rasterio
 from distributed import Client, as_completed
 from rasterio.enums import MaskFlags
-from rasterio.features import rasterize
-from rasterio.transform import Affine
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from rsseg.chips import ChipJob, chip_block, strip_window, window_bounds
 from rsseg.cluster import dask_client
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir, raster_env
 from rsseg.footprints import Footprints, check_label_raster, load_footprints
 from rsseg.grid import Tile, TileGrid, grid_offsets
 
-__all__ = ["INDEX_COLUMNS", "STRIP_MAX_PX", "Tile", "TileGrid", "grid_offsets", "write_chips"]
+__all__ = ["INDEX_COLUMNS", "STRIP_MAX_PX", "TASK_ROWS_PX", "Tile", "TileGrid", "grid_offsets", "write_chips"]
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,6 @@ INDEX_COLUMNS = ("image", "label", "col_off", "row_off", "width", "height",
 STRIP_MAX_PX = 8192
 #: Rows of the scene one task covers (strip after strip), in pixels: sets the number of tasks.
 TASK_ROWS_PX = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class _ChipJob:
-    """What every task needs besides its windows (pickled to the workers)."""
-
-    scene: str
-    out_dir: str
-    size: int
-    bands: tuple[int, ...]
-    nodata: float | None
-    mask_band: bool
-    max_nodata: float
-    label_raster: str | None
-    compress: str | None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -115,22 +100,6 @@ def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dic
                     mask_band=src.nodata is None and (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags))
 
 
-def _window_transform(transform: Affine, window: Window) -> Affine:
-    """The transform of ``window``: its pixel (0, 0) maps to the window's corner.
-
-    Same as :meth:`rasterio.io.DatasetReader.window_transform`, which still uses affine's deprecated ``*``.
-    """
-    return transform @ Affine.translation(window.col_off, window.row_off)
-
-
-def _window_bounds(transform: Affine, window: Window) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of ``window`` (like :func:`rasterio.windows.bounds`, without ``*``)."""
-    cols = (window.col_off, window.col_off + window.width)
-    rows = (window.row_off, window.row_off + window.height)
-    xs, ys = zip(*(transform @ (c, r) for c in cols for r in rows), strict=True)
-    return min(xs), min(ys), max(xs), max(ys)
-
-
 def _crs_string(crs: rasterio.crs.CRS | None) -> str | None:
     if crs is None:
         return None
@@ -150,143 +119,6 @@ def _tasks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
     row_chunks = np.array_split(np.arange(grid.n_rows), -(-grid.n_rows // max(1, TASK_ROWS_PX // stride)))
     return [tuple(tuple(grid.tile(int(i), int(j)) for j in cols) for i in rows)
             for rows in row_chunks for cols in col_chunks]
-
-
-def _strip_window(tiles: tuple[Tile, ...]) -> Window:
-    first, last = tiles[0], tiles[-1]
-    return Window(first.col_off, first.row_off, last.col_off + last.width - first.col_off, first.height)
-
-
-def _read_strip(src: rasterio.DatasetReader, window: Window, job: _ChipJob) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``window`` (padding whatever lies beyond the raster); return (data, valid pixel mask)."""
-    inside = window.intersection(Window(0, 0, src.width, src.height))
-    data = src.read(job.bands, window=inside)
-    if job.nodata is None:
-        valid = src.dataset_mask(window=inside) > 0 if job.mask_band else np.ones(data.shape[1:], bool)
-    elif np.isnan(job.nodata):
-        valid = ~np.isnan(data).all(axis=0)
-    else:
-        valid = (data != job.nodata).any(axis=0)
-    if (inside.width, inside.height) == (window.width, window.height):
-        return data, valid
-    fill = 0 if job.nodata is None else job.nodata
-    full = np.full((len(job.bands), window.height, window.width), fill, dtype=data.dtype)
-    full_valid = np.zeros((window.height, window.width), bool)
-    r0, c0 = inside.row_off - window.row_off, inside.col_off - window.col_off
-    full[:, r0 : r0 + inside.height, c0 : c0 + inside.width] = data
-    full_valid[r0 : r0 + inside.height, c0 : c0 + inside.width] = valid
-    return full, full_valid
-
-
-def _raster_labels(label_src: rasterio.DatasetReader, window: Window) -> np.ndarray:
-    """Labels from a label raster: 0 background, its nodata value 255 (ignore), anything else 1."""
-    inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
-    raw = label_src.read(1, window=inside)
-    labels = np.full((window.height, window.width), 255, np.uint8)
-    part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
-        : inside.height, : inside.width]
-    part[...] = raw != 0
-    if label_src.nodata is not None:
-        part[raw == label_src.nodata] = 255
-    return labels
-
-
-def _vector_labels(footprints: Footprints, window: Window, transform: Affine) -> np.ndarray:
-    """Burn the footprints that intersect ``window`` (pixel centres inside a polygon become 1)."""
-    labels = np.zeros((window.height, window.width), np.uint8)
-    geoms = footprints.intersecting(_window_bounds(transform, window))
-    if len(geoms):
-        rasterize(geoms, out_shape=labels.shape, transform=_window_transform(transform, window), fill=0,
-                  default_value=1, out=labels)
-    return labels
-
-
-def _load_strip(job: _ChipJob, src: rasterio.DatasetReader, label_src: rasterio.DatasetReader | None,
-                tiles: tuple[Tile, ...]) -> tuple[Window, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Read one strip of windows with one windowed read: (window, data, valid mask, raster labels)."""
-    window = _strip_window(tiles)
-    data, valid = _read_strip(src, window, job)
-    return window, data, valid, _raster_labels(label_src, window) if label_src is not None else None
-
-
-def _write_tif(path: Path, array: np.ndarray, profile: dict[str, Any]) -> None:
-    with rasterio.open(path, "w", **profile, count=array.shape[0], dtype=array.dtype) as dst:
-        dst.write(array)
-
-
-def _write_strip(job: _ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],
-                 loaded: tuple[Window, np.ndarray, np.ndarray, np.ndarray | None], footprints: Footprints | None,
-                 counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Write the chips (and label chips) of one loaded strip; return their index rows."""
-    out = Path(job.out_dir)
-    strip, data, valid, labels = loaded
-    if footprints is not None:
-        labels = _vector_labels(footprints, strip, src.transform)
-    if labels is not None:
-        labels[~valid] = 255
-    base = dict(driver="GTiff", width=job.size, height=job.size, crs=src.crs)
-    if job.compress:
-        base["compress"] = job.compress
-    area = job.size * job.size
-    rows = []
-    for tile in tiles:
-        cols = slice(tile.col_off - strip.col_off, tile.col_off - strip.col_off + job.size)
-        n_valid = int(np.count_nonzero(valid[:, cols]))
-        nodata_frac = 1.0 - n_valid / area
-        if n_valid == 0:
-            counts["skipped_all_nodata"] += 1
-            continue
-        if nodata_frac > job.max_nodata:
-            counts["skipped_max_nodata"] += 1
-            continue
-        win = tile.window()
-        chip_transform = _window_transform(src.transform, win)
-        image = f"images/{tile.name}.tif"
-        _write_tif(out / image, data[:, :, cols], dict(base, transform=chip_transform, nodata=job.nodata))
-        label, building_frac = "", ""
-        if labels is not None:
-            chip_labels = labels[:, cols]
-            label = f"labels/{tile.name}.tif"
-            _write_tif(out / label, chip_labels[None], dict(base, transform=chip_transform, nodata=255))
-            building_frac = round(int(np.count_nonzero(chip_labels == 1)) / n_valid, 6)
-        minx, miny, maxx, maxy = _window_bounds(src.transform, win)
-        rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
-                         width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
-                         building_frac=building_frac, nodata_frac=round(nodata_frac, 6)))
-    return rows
-
-
-def chip_block(job: _ChipJob, strips: tuple[tuple[Tile, ...], ...],
-               geoms: np.ndarray | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Dask task: write the chips of consecutive strips through one dataset handle.
-
-    A reader thread reads (decodes) the next strip while this one writes the current strip's chips; GDAL
-    releases the GIL in both. At most two strips are in memory. Module level so that it pickles by
-    reference to worker processes.
-
-    Args:
-        job: the settings shared by every task.
-        strips: runs of windows, one per grid row, top to bottom.
-        geoms: footprints (scene CRS) that intersect the block, or None without vector labels.
-
-    Returns:
-        The index rows of the chips written, and the counts of windows skipped for nodata.
-    """
-    counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
-    footprints = Footprints(geoms, {}) if geoms is not None else None
-    rows: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(raster_env())
-        src = stack.enter_context(rasterio.open(job.scene))
-        label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
-        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-strip-reader"))
-        pending = reader.submit(_load_strip, job, src, label_src, strips[0])
-        for i, tiles in enumerate(strips):
-            loaded = pending.result()
-            if i + 1 < len(strips):
-                pending = reader.submit(_load_strip, job, src, label_src, strips[i + 1])
-            rows.extend(_write_strip(job, src, tiles, loaded, footprints, counts))
-    return rows, counts
 
 
 def _label_source(labels: Path | None, info: dict[str, Any]) -> tuple[dict | None, Footprints | None]:
@@ -348,7 +180,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         except ValueError as exc:
             raise ConfigError(f"{scene}: {exc}") from None
         label_meta, footprints = _label_source(Path(labels) if labels else None, info)
-    job = _ChipJob(scene=str(scene.resolve()), out_dir="", size=size, bands=info["bands"], nodata=info["nodata"],
+    job = ChipJob(scene=str(scene.resolve()), out_dir="", size=size, bands=info["bands"], nodata=info["nodata"],
                    mask_band=info["mask_band"], max_nodata=max_nodata,
                    label_raster=label_meta["path"] if label_meta and label_meta["kind"] == "raster" else None,
                    compress=compress)
@@ -382,12 +214,12 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
 
 
 def _bounds(strips: tuple[tuple[Tile, ...], ...], info: dict[str, Any]) -> tuple[float, float, float, float]:
-    first, last = _strip_window(strips[0]), _strip_window(strips[-1])
+    first, last = strip_window(strips[0]), strip_window(strips[-1])
     block = Window(first.col_off, first.row_off, first.width, last.row_off + last.height - first.row_off)
-    return _window_bounds(info["transform"], block)
+    return window_bounds(info["transform"], block)
 
 
-def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], job: _ChipJob, label_meta: dict | None,
+def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], job: ChipJob, label_meta: dict | None,
                  counts: dict[str, int], grid: TileGrid, scene: Path) -> None:
     with open(tmp / "index.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)

@@ -20,6 +20,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rsseg import tiling
+from rsseg.chips import ChipWriter
 from rsseg.cli import main
 from rsseg.grid import TileGrid
 from rsseg.tiling import INDEX_COLUMNS, write_chips
@@ -87,6 +88,25 @@ def test_chips_equal_source_windows_with_exact_transform(tmp_path: Path, client:
             bounds = [float(row[k]) for k in ("minx", "miny", "maxx", "maxy")]
             np.testing.assert_allclose(bounds, tuple(chip.bounds))
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", None), ("uint16", 0.0), ("float32", float("nan"))])
+def test_chip_writer_template_matches_gdal(tmp_path: Path, dtype: str, nodata: float | None) -> None:
+    profile = dict(width=24, height=16, count=3, dtype=dtype, crs=CRS, transform=TRANSFORM, nodata=nodata)
+    fast, gdal = ChipWriter(profile), ChipWriter(dict(profile, compress="deflate"))
+    assert fast.uses_template and not gdal.uses_template
+    array = np.random.default_rng(1).integers(0, 1000, (3, 40, 60)).astype(dtype)[:, 3:19, 10:34]
+    where = TRANSFORM @ Affine.translation(448, 896)
+    fast.write(tmp_path / "fast.tif", array, where)
+    gdal.write(tmp_path / "gdal.tif", array, where)
+    with rasterio.open(tmp_path / "fast.tif") as a, rasterio.open(tmp_path / "gdal.tif") as b:
+        np.testing.assert_array_equal(a.read(), array)
+        np.testing.assert_array_equal(b.read(), array)
+        assert a.transform == b.transform == where and a.crs == b.crs == CRS
+        assert a.dtypes == b.dtypes == (dtype,) * 3
+        assert str(a.nodata) == str(b.nodata) == str(nodata)
+    rotated = ChipWriter(dict(profile, transform=Affine(0.5, 0.1, 500_000.0, 0.1, -0.5, 4_000_000.0)))
+    assert not rotated.uses_template  # GDAL writes a ModelTransformation tag there: every chip via GDAL
 
 
 def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: Client) -> None:

@@ -1,0 +1,281 @@
+"""The worker side of tiling: read strips of windows, burn labels, write chip GeoTIFFs fast.
+
+A Dask task (:func:`chip_block`) covers a few consecutive strips (runs of windows along one grid row). It
+opens its own dataset handles, reads each strip with one windowed read in a reader thread while the task's
+thread writes the previous strip's chips, and returns the chips' index rows.
+
+Chips are written by :class:`ChipWriter`: GDAL writes one template chip in memory, and every chip file is
+that template's bytes with its pixels and its two tie-point coordinates put in, which costs a third of a
+GDAL create-write-close. The template is checked by reading a patched copy back through GDAL; where it
+does not round-trip (a rotated transform, compression) every chip goes through GDAL instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.features import rasterize
+from rasterio.io import MemoryFile
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
+from rsseg.footprints import Footprints
+from rsseg.grid import Tile
+
+__all__ = ["CACHE_BYTES", "ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
+           "window_transform"]
+
+#: GDAL block cache of a tiling worker, in bytes: holds the block row that consecutive strips share. rasterio
+#: hands an integer GDAL_CACHEMAX to GDALSetCacheMax64 as bytes, so raster_env()'s 64 means 64 bytes.
+CACHE_BYTES = GDAL_CACHEMAX_MB * 2**20
+
+_TIEPOINT = struct.Struct("<6d")  # ModelTiepointTag: pixel (I, J, K) -> (X, Y, Z), little-endian doubles
+
+
+@dataclass(frozen=True, slots=True)
+class ChipJob:
+    """What every task needs besides its windows (pickled to the workers)."""
+
+    scene: str
+    out_dir: str
+    size: int
+    bands: tuple[int, ...]
+    nodata: float | None
+    mask_band: bool
+    max_nodata: float
+    label_raster: str | None
+    compress: str | None
+
+
+def window_transform(transform: Affine, window: Window) -> Affine:
+    """The transform of ``window``: its pixel (0, 0) maps to the window's corner.
+
+    Same as :meth:`rasterio.io.DatasetReader.window_transform`, which still uses affine's deprecated ``*``.
+    """
+    return transform @ Affine.translation(window.col_off, window.row_off)
+
+
+def window_bounds(transform: Affine, window: Window) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of ``window`` (like :func:`rasterio.windows.bounds`, without ``*``)."""
+    cols = (window.col_off, window.col_off + window.width)
+    rows = (window.row_off, window.row_off + window.height)
+    xs, ys = zip(*(transform @ (c, r) for c in cols for r in rows), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def strip_window(tiles: tuple[Tile, ...]) -> Window:
+    """The window covering a run of windows of one grid row."""
+    first, last = tiles[0], tiles[-1]
+    return Window(first.col_off, first.row_off, last.col_off + last.width - first.col_off, first.height)
+
+
+def _same_nodata(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+class ChipWriter:
+    """Writes GeoTIFF chips that share shape, dtype, bands, CRS, pixel size and nodata.
+
+    Args:
+        profile: rasterio creation profile of one chip (``width``, ``height``, ``count``, ``dtype``,
+            ``crs``, ``transform``, ``nodata``, optionally ``compress``).
+    """
+
+    def __init__(self, profile: dict[str, Any]) -> None:
+        self.profile = dict(profile, driver="GTiff", interleave="band", tiled=False,
+                            blockysize=profile["height"])
+        self.dtype = np.dtype(profile["dtype"])
+        self._parts = None if profile.get("compress") else self._template()
+
+    @property
+    def uses_template(self) -> bool:
+        """True when chips are written from the checked template, False when each goes through GDAL."""
+        return self._parts is not None
+
+    def _gdal_bytes(self, array: np.ndarray, transform: Affine) -> bytes:
+        with MemoryFile() as mem:
+            with mem.open(**dict(self.profile, transform=transform)) as dst:
+                dst.write(array)
+            return mem.read()
+
+    def _template(self) -> tuple[bytes, bytes, bytes] | None:
+        """(bytes before the tie point, between it and the pixels, after the pixels), if they round-trip."""
+        t = self.profile["transform"]
+        if t.b or t.d or sys.byteorder != "little":
+            return None
+        shape = (self.profile["count"], self.profile["height"], self.profile["width"])
+        pattern = np.random.default_rng(0).integers(1, 100, shape).astype(self.dtype)
+        raw, pixels, tie = self._gdal_bytes(pattern, t), pattern.tobytes(), _TIEPOINT.pack(0, 0, 0, t.c, t.f, 0)
+        start = raw.find(pixels)
+        at = raw.find(tie, 0, max(start, 0))
+        if raw[:2] != b"II" or start < 0 or at < 0 or raw.count(tie) != 1:
+            return None
+        parts = raw[:at], raw[at + _TIEPOINT.size : start], raw[start + len(pixels) :]
+        moved = window_transform(t, Window(7, 5, 1, 1))
+        with MemoryFile(self._assemble(parts, pattern[:, ::-1], moved)) as mem, mem.open() as check:
+            ok = (check.transform == moved and check.crs == self.profile["crs"] and check.dtypes[0] == self.dtype
+                  and np.array_equal(check.read(), pattern[:, ::-1])
+                  and _same_nodata(check.nodata, self.profile.get("nodata")))
+        return parts if ok else None
+
+    @staticmethod
+    def _assemble(parts: tuple[bytes, bytes, bytes], array: np.ndarray, transform: Affine) -> bytes:
+        head, middle, tail = parts
+        return b"".join((head, _TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0), middle,
+                         np.ascontiguousarray(array).tobytes(), tail))
+
+    def write(self, path: str | Path, array: np.ndarray, transform: Affine) -> None:
+        """Write ``array`` (bands, rows, cols) as a chip at ``transform`` (same pixel size as the profile's)."""
+        if self._parts is None:
+            with rasterio.open(path, "w", **dict(self.profile, transform=transform)) as dst:
+                dst.write(array)
+            return
+        head, middle, tail = self._parts
+        with open(path, "wb") as fh:
+            fh.write(head)
+            fh.write(_TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0))
+            fh.write(middle)
+            fh.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+            fh.write(tail)
+
+
+def _read_strip(src: rasterio.DatasetReader, window: Window, job: ChipJob) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``window`` (padding whatever lies beyond the raster); return (data, valid pixel mask)."""
+    inside = window.intersection(Window(0, 0, src.width, src.height))
+    data = src.read(job.bands, window=inside)
+    if job.nodata is None:
+        valid = src.dataset_mask(window=inside) > 0 if job.mask_band else np.ones(data.shape[1:], bool)
+    elif np.isnan(job.nodata):
+        valid = ~np.isnan(data).all(axis=0)
+    else:
+        valid = (data != job.nodata).any(axis=0)
+    if (inside.width, inside.height) == (window.width, window.height):
+        return data, valid
+    fill = 0 if job.nodata is None else job.nodata
+    full = np.full((len(job.bands), window.height, window.width), fill, dtype=data.dtype)
+    full_valid = np.zeros((window.height, window.width), bool)
+    r0, c0 = inside.row_off - window.row_off, inside.col_off - window.col_off
+    full[:, r0 : r0 + inside.height, c0 : c0 + inside.width] = data
+    full_valid[r0 : r0 + inside.height, c0 : c0 + inside.width] = valid
+    return full, full_valid
+
+
+def _raster_labels(label_src: rasterio.DatasetReader, window: Window) -> np.ndarray:
+    """Labels from a label raster: 0 background, its nodata value 255 (ignore), anything else 1."""
+    inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
+    raw = label_src.read(1, window=inside)
+    labels = np.full((window.height, window.width), 255, np.uint8)
+    part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
+        : inside.height, : inside.width]
+    part[...] = raw != 0
+    if label_src.nodata is not None:
+        part[raw == label_src.nodata] = 255
+    return labels
+
+
+def _vector_labels(footprints: Footprints, window: Window, transform: Affine) -> np.ndarray:
+    """Burn the footprints that intersect ``window`` (pixel centres inside a polygon become 1)."""
+    labels = np.zeros((window.height, window.width), np.uint8)
+    geoms = footprints.intersecting(window_bounds(transform, window))
+    if len(geoms):
+        rasterize(geoms, out_shape=labels.shape, transform=window_transform(transform, window), fill=0,
+                  default_value=1, out=labels)
+    return labels
+
+
+def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.DatasetReader | None,
+                tiles: tuple[Tile, ...]) -> tuple[Window, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read one strip of windows with one windowed read: (window, data, valid mask, raster labels)."""
+    window = strip_window(tiles)
+    data, valid = _read_strip(src, window, job)
+    return window, data, valid, _raster_labels(label_src, window) if label_src is not None else None
+
+
+def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],
+                 loaded: tuple[Window, np.ndarray, np.ndarray, np.ndarray | None], footprints: Footprints | None,
+                 writers: tuple[ChipWriter, ChipWriter], counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Write the chips (and label chips) of one loaded strip; return their index rows."""
+    out = Path(job.out_dir)
+    strip, data, valid, labels = loaded
+    if footprints is not None:
+        labels = _vector_labels(footprints, strip, src.transform)
+    if labels is not None:
+        labels[~valid] = 255
+    area = job.size * job.size
+    rows = []
+    for tile in tiles:
+        cols = slice(tile.col_off - strip.col_off, tile.col_off - strip.col_off + job.size)
+        n_valid = int(np.count_nonzero(valid[:, cols]))
+        nodata_frac = 1.0 - n_valid / area
+        if n_valid == 0:
+            counts["skipped_all_nodata"] += 1
+            continue
+        if nodata_frac > job.max_nodata:
+            counts["skipped_max_nodata"] += 1
+            continue
+        win = tile.window()
+        chip_transform = window_transform(src.transform, win)
+        image = f"images/{tile.name}.tif"
+        writers[0].write(out / image, data[:, :, cols], chip_transform)
+        label, building_frac = "", ""
+        if labels is not None:
+            chip_labels = labels[:, cols]
+            label = f"labels/{tile.name}.tif"
+            writers[1].write(out / label, chip_labels[None], chip_transform)
+            building_frac = round(int(np.count_nonzero(chip_labels == 1)) / n_valid, 6)
+        minx, miny, maxx, maxy = window_bounds(src.transform, win)
+        rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
+                         width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
+                         building_frac=building_frac, nodata_frac=round(nodata_frac, 6)))
+    return rows
+
+
+def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
+               geoms: np.ndarray | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Dask task: write the chips of consecutive strips through one dataset handle.
+
+    A reader thread reads (decodes) the next strip while this thread writes the current strip's chips;
+    GDAL releases the GIL while it decodes. At most two strips are in memory. Module level, so that it
+    pickles by reference to worker processes.
+
+    Args:
+        job: the settings shared by every task.
+        strips: runs of windows, one per grid row, top to bottom.
+        geoms: footprints (scene CRS) that intersect the block, or None without vector labels.
+
+    Returns:
+        The index rows of the chips written, and the counts of windows skipped for nodata.
+    """
+    counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
+    footprints = Footprints(geoms, {}) if geoms is not None else None
+    rows: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(raster_env())
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES))
+        src = stack.enter_context(rasterio.open(job.scene))
+        label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
+        base = dict(width=job.size, height=job.size, crs=src.crs, transform=src.transform)
+        if job.compress:
+            base["compress"] = job.compress
+        writers = (ChipWriter(dict(base, count=len(job.bands), dtype=src.dtypes[job.bands[0] - 1],
+                                   nodata=job.nodata)),
+                   ChipWriter(dict(base, count=1, dtype="uint8", nodata=255)))
+        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-strip-reader"))
+        pending = reader.submit(_load_strip, job, src, label_src, strips[0])
+        for i, tiles in enumerate(strips):
+            loaded = pending.result()
+            if i + 1 < len(strips):
+                pending = reader.submit(_load_strip, job, src, label_src, strips[i + 1])
+            rows.extend(_write_strip(job, src, tiles, loaded, footprints, writers, counts))
+    return rows, counts
