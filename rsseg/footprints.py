@@ -46,10 +46,13 @@ class Footprints:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", shapely.STRtree(self.geoms))
 
+    def query(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """Indexes (ascending) of the footprints that intersect the rectangle (minx, miny, maxx, maxy)."""
+        return np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
+
     def intersecting(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
         """The footprints that intersect the rectangle ``bounds`` (minx, miny, maxx, maxy), in file order."""
-        index = self.tree.query(shapely.box(*bounds), predicate="intersects")
-        return self.geoms[np.sort(index)]
+        return self.geoms[self.query(bounds)]
 
 
 def _fmt(bounds: Any) -> str:
