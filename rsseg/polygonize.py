@@ -71,8 +71,8 @@ def building_pixels(values: np.ndarray, nodata: float | None, window: Window,
     Raises:
         RasterError: the block holds values other than 0, 1 and 255, or both 1 and 255.
     """
-    if values.dtype == np.uint8 and (nodata is None or nodata not in (1, 255)):
-        # Fast path for the usual mask: one max() decides 0/1 masks, which are already booleans.
+    if values.dtype == np.uint8 and (nodata is None or nodata in (0, 255) or 2 <= nodata <= 254):
+        # Fast path for the usual masks, in a few whole-array passes: 0/1 masks are booleans already.
         top = int(values.max()) if values.size else 0
         if top <= 1:
             return values.view(bool), frozenset({1} & {top})
@@ -81,9 +81,10 @@ def building_pixels(values: np.ndarray, nodata: float | None, window: Window,
             outside &= values != nodata
         if outside.any():
             raise _bad_values(values, nodata, window, source)
-        present = frozenset({255} | ({1} if (values == 1).any() else set()))
-        building = values != 0
-        if nodata is not None and nodata != 0:
+        has_255 = nodata != 255 and top == 255
+        present = frozenset(({255} if has_255 else set()) | ({1} if (values == 1).any() else set()))
+        building = (values != 0) if has_255 else (values == 1)
+        if has_255 and nodata is not None and nodata != 0:
             building &= values != nodata
     else:
         valid = values == values  # False on NaN

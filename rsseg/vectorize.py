@@ -74,20 +74,24 @@ class _BlockResult:
 
 
 def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum and count of valid probability pixels under each pixel polygon of a block."""
+    """Sum and count of valid probability pixels under each pixel polygon of a block.
+
+    Valid means not masked in the raster's dataset mask (nodata value, NaN nodata or mask band).
+    """
     window = block.window
     with rasterio.open(block.prob) as src:
         prob = src.read(1, window=window)
-        nodata = src.nodata
-    valid = ~np.isnan(prob) if prob.dtype.kind == "f" else np.ones(prob.shape, bool)
-    if nodata is not None:
-        valid &= prob != nodata
-    weights = np.where(valid, prob / (255.0 if prob.dtype == np.uint8 else 1.0), 0.0)
+        inside = src.read_masks(1, window=window) > 0
     labels = rasterize(zip(pixels, range(1, len(pixels) + 1), strict=True), out_shape=prob.shape,
                        transform=Affine.translation(window.col_off, window.row_off), dtype="int32")
+    inside &= labels > 0
+    if prob.dtype.kind == "f":
+        inside &= np.isfinite(prob)
+    label = labels[inside]
+    values = prob[inside] / (255.0 if prob.dtype == np.uint8 else 1.0)
     n = len(pixels) + 1
-    return (np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)[1:],
-            np.bincount(labels.ravel(), weights=valid.ravel(), minlength=n)[1:])
+    return (np.bincount(label, weights=values, minlength=n)[1:],
+            np.bincount(label, minlength=n)[1:].astype(float))
 
 
 def _run_block(block: _Block) -> _BlockResult:

@@ -113,12 +113,13 @@ def test_merged_blocks_equal_whole_polygonisation(seed, height, width, density, 
     assert np.isclose(shapely.area(found).sum(), mask.sum())
 
 
-def test_holes_kept_and_0_255_convention_with_nodata(tmp_path):
+@pytest.mark.parametrize(("building", "nodata"), [(255, 7), (1, 255)])  # 0/1 with nodata 255: inference's
+def test_holes_kept_both_conventions_nodata_ignored(tmp_path, building, nodata):
     mask = np.zeros((40, 40), np.uint8)
-    mask[5:35, 5:35] = 255
+    mask[5:35, 5:35] = building
     mask[15:25, 15:25] = 0  # courtyard across the 20 px block corner
-    mask[0, :] = 7  # nodata, ignored
-    path = write_raster(tmp_path / "mask.tif", mask, nodata=7)
+    mask[0, :] = nodata  # ignored
+    path = write_raster(tmp_path / "mask.tif", mask, nodata=nodata)
     found = vectorize(path, block=20, scheduler="sync")
     assert len(found) == 1
     (building,) = found.geometry
