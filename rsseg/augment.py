@@ -10,12 +10,22 @@ definition.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["D4_NAMES", "d4_apply", "d4_compose", "d4_inverse", "d4_invert"]
+__all__ = [
+    "D4_NAMES",
+    "TrainTransform",
+    "colour_matrix",
+    "d4_apply",
+    "d4_compose",
+    "d4_inverse",
+    "d4_invert",
+    "random_crop",
+]
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -64,3 +74,90 @@ def d4_compose(a: int, b: int) -> int:
     target = d4_apply(d4_apply(probe, b), a)
     return next(k for k in range(8) if d4_apply(probe, k).shape == target.shape
                 and np.array_equal(d4_apply(probe, k), target))
+
+
+# ------------------------------------------------------------------------------------- training transforms
+#: RGB -> YIQ; hue rotates the (I, Q) chroma plane, saturation scales it, Y (luma) is kept.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
+_SHAPE_KEEPING = (0, 2, 4, 6)  # the D4 elements that keep an H x W image H x W when H != W
+
+
+def colour_matrix(hue: float, saturation: float) -> np.ndarray:
+    """The 3x3 RGB matrix that rotates hue by ``hue`` turns and scales saturation by ``saturation``.
+
+    ``rgb @ colour_matrix(h, s).T`` works in YIQ space: luma is unchanged, the chroma vector (I, Q) is
+    rotated by ``2 * pi * h`` and multiplied by ``s``; ``colour_matrix(0, 1)`` is the identity.
+    """
+    angle = 2.0 * np.pi * hue
+    cos, sin = np.cos(angle), np.sin(angle)
+    chroma = np.array([[1.0, 0.0, 0.0], [0.0, saturation * cos, -saturation * sin],
+                       [0.0, saturation * sin, saturation * cos]])
+    return np.linalg.inv(_YIQ) @ chroma @ _YIQ
+
+
+@dataclass(frozen=True, slots=True)
+class TrainTransform:
+    """A random training transform applied jointly to an image (H, W, C) and its masks (H, W).
+
+    In order: a random ``crop`` x ``crop`` window (same window for image and masks), a random D4 element
+    (a uniform draw among the 8; among the 4 that keep the shape if the image is not square), then
+    photometric changes to the image only: hue rotation and saturation (3-band images only), contrast
+    around the image mean and brightness gain, each drawn uniformly within ``1 +- value`` (hue: ``+-value``
+    turns), finally clipped to ``[0, max_value]``. All randomness comes from the ``rng`` argument, so a
+    caller that seeds it per item gets the same result in any worker and after a resume.
+
+    Attributes:
+        d4: apply a random D4 element.
+        crop: side of a random square crop, or None for the whole image.
+        brightness: maximum relative gain change (0.1: a gain in [0.9, 1.1]).
+        contrast: maximum relative contrast change.
+        saturation: maximum relative saturation change (RGB only).
+        hue: maximum hue rotation in turns (0.02 = 7.2 degrees; RGB only).
+        max_value: clip photometric results to ``[0, max_value]`` (255 for uint8 data); None: no clip.
+    """
+
+    d4: bool = True
+    crop: int | None = None
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    max_value: float | None = 255.0
+
+    def __call__(self, image: np.ndarray, masks: tuple[np.ndarray, ...],
+                 rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Transform ``image`` (H, W, C float) and ``masks`` (each H, W); returns new arrays (may be views)."""
+        if self.crop is not None:
+            image, masks = random_crop(image, masks, self.crop, rng)
+        if self.d4:
+            square = image.shape[0] == image.shape[1]
+            k = int(rng.integers(8)) if square else _SHAPE_KEEPING[int(rng.integers(4))]
+            image, masks = d4_apply(image, k), tuple(d4_apply(m, k) for m in masks)
+        return self.photometric(image, rng), masks
+
+    def photometric(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Apply the random colour, contrast and brightness changes to ``image`` (H, W, C) only."""
+        if not (self.hue or self.saturation or self.contrast or self.brightness):
+            return image
+        out = np.asarray(image, dtype=np.float32)
+        if image.shape[-1] == 3 and (self.hue or self.saturation):
+            matrix = colour_matrix(rng.uniform(-self.hue, self.hue),
+                                   rng.uniform(1.0 - self.saturation, 1.0 + self.saturation))
+            out = out @ matrix.T.astype(np.float32)
+        if self.contrast:
+            mean = out.mean(axis=(0, 1), keepdims=True)
+            out = (out - mean) * np.float32(rng.uniform(1.0 - self.contrast, 1.0 + self.contrast)) + mean
+        if self.brightness:
+            out = out * np.float32(rng.uniform(1.0 - self.brightness, 1.0 + self.brightness))
+        return np.clip(out, 0.0, self.max_value) if self.max_value is not None else out
+
+
+def random_crop(image: np.ndarray, masks: tuple[np.ndarray, ...], size: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Cut the same random ``size`` x ``size`` window out of ``image`` (H, W, ...) and each mask (views)."""
+    height, width = image.shape[:2]
+    if size > min(height, width):
+        raise ValueError(f"crop {size} is larger than the {height}x{width} image; use crop <= {min(height, width)}")
+    row, col = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+    window = (slice(row, row + size), slice(col, col + size))
+    return image[window], tuple(m[window] for m in masks)

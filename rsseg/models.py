@@ -24,7 +24,9 @@ from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 
 __all__ = [
+    "ARCHS",
     "Segmenter",
+    "TinyNet",
     "create_model",
     "load_checkpoint",
     "model_config",
@@ -36,7 +38,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rsseg-checkpoint"
 VERSION = 1
-ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "deeplabv3plus", "manet", "pspnet")
+SMP_ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "deeplabv3plus", "manet", "pspnet")
+#: ``tiny`` is :class:`TinyNet`, a few convolutions for smoke tests and plumbing (it ignores ``encoder``).
+ARCHS = (*SMP_ARCHS, "tiny")
 #: ImageNet statistics in 0-255 units, the default normalisation of RGB uint8 input.
 RGB_MEAN = (123.675, 116.28, 103.53)
 RGB_STD = (58.395, 57.12, 57.375)
@@ -57,9 +61,30 @@ class Segmenter(nn.Module):
         return self.net(x)
 
 
+class TinyNet(nn.Module):
+    """A two-level encoder-decoder of a few convolutions without normalisation layers.
+
+    For tests and smoke runs: it trains in seconds on a CPU, and having no batch statistics, a batch split
+    across DDP ranks gives exactly the gradients of the whole batch in one process.
+    """
+
+    def __init__(self, in_channels: int = 3, classes: int = 1, width: int = 8) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Sequential(nn.Conv2d(3 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, classes, H, W)`` of a normalised ``(N, C, H, W)`` input (H, W even)."""
+        skip = self.enc1(x)
+        return self.dec(torch.cat([skip, self.up(self.enc2(skip))], dim=1))
+
+
 def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights: str | os.PathLike[str] | None = None,
                  in_channels: int = 3, classes: int = 1, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None) -> Segmenter:
+                 std: tuple[float, ...] | None = None, **arch_kwargs: Any) -> Segmenter:
     """Build a segmentation model.
 
     Args:
@@ -71,19 +96,21 @@ def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights:
         classes: output channels (1 for building / background).
         mean: per-band mean in raw pixel units (default ImageNet RGB in 0-255 units for 3 bands, else 0).
         std: per-band standard deviation in raw pixel units (default ImageNet RGB for 3 bands, else 255).
+        **arch_kwargs: further arguments of the architecture, e.g. ``encoder_depth=4,
+            decoder_channels=[128, 64, 32, 16]`` for a lighter U-Net, or ``width`` for ``tiny``.
     """
-    import segmentation_models_pytorch as smp
-
     if arch.lower() not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    named = encoder_weights if encoder_weights in (None, "imagenet") else None
-    try:
-        net = smp.create_model(arch, encoder_name=encoder, encoder_weights=named, in_channels=in_channels,
-                               classes=classes)
-    except KeyError as exc:
-        raise ConfigError(f"unknown encoder {encoder!r} for smp: {exc}") from None
-    if named is None and encoder_weights is not None:
-        _load_encoder_weights(net, Path(encoder_weights))
+    if arch.lower() == "tiny":
+        net = _build(TinyNet, f"arch {arch!r}", in_channels=in_channels, classes=classes, **arch_kwargs)
+    else:
+        import segmentation_models_pytorch as smp
+
+        named = encoder_weights if encoder_weights in (None, "imagenet") else None
+        net = _build(smp.create_model, f"{arch}/{encoder}", arch=arch, encoder_name=encoder, encoder_weights=named,
+                     in_channels=in_channels, classes=classes, **arch_kwargs)
+        if named is None and encoder_weights is not None:
+            _load_encoder_weights(net, Path(encoder_weights))
     if mean is None:
         mean = RGB_MEAN if in_channels == 3 else (0.0,) * in_channels
     if std is None:
@@ -91,6 +118,16 @@ def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights:
     if len(mean) != in_channels or len(std) != in_channels:
         raise ConfigError(f"mean/std have {len(mean)}/{len(std)} values for {in_channels} input bands")
     return Segmenter(net, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def _build(factory: Any, name: str, **kwargs: Any) -> nn.Module:
+    """Call a network factory, turning its complaints about names and arguments into a ConfigError."""
+    try:
+        return factory(**kwargs)
+    except KeyError as exc:
+        raise ConfigError(f"unknown encoder for {name}: {exc}") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"cannot build {name} with {kwargs}: {type(exc).__name__}: {exc}") from None
 
 
 def _load_encoder_weights(net: nn.Module, path: Path) -> None:

@@ -1,0 +1,232 @@
+"""The training configuration: pydantic models (a typo is an error) and YAML loading with overrides.
+
+A config has five sections, each strict (``extra="forbid"``)::
+
+    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, seed, batch_size, augment: {...}}
+    model: {arch, encoder, encoder_weights, kwargs: {...}}
+    loss:  {dice_weight, bce_weight, per_image, smooth}
+    optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip}
+    run:   {out_dir, epochs, device, precision, channels_last, thresholds, resume, ...}
+
+Relative paths are taken from the current directory. ``data.batch_size`` is the *global* batch: under DDP
+each of N processes takes ``batch_size / N`` images, so a config trains the same way on 1 or N devices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rsseg.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AugmentConfig(_Strict):
+    """Random training transforms (see :class:`rsseg.augment.TrainTransform`)."""
+
+    d4: bool = True
+    crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole tiles)")
+    brightness: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+    saturation: float = Field(0.1, ge=0, lt=1)
+    hue: float = Field(0.0, ge=0, le=0.5)
+
+
+class DataConfig(_Strict):
+    """Where the tiles come from and how they are split and batched."""
+
+    source: Literal["tianchi", "chips"]
+    root: Path | None = Field(None, description="Tianchi folder (train/ and train_mask.csv)")
+    chips: list[Path] = Field(default_factory=list, description="chip folders or index.csv files (rsseg tile)")
+    mask_csv: str = "train_mask.csv"
+    image_dir: str = "train"
+    tile_size: int = Field(512, gt=0, description="Tianchi tile size (checked on every image)")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="global batch, split across DDP processes")
+    val_batch_size: int = Field(4, gt=0)
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers per process (None: 0 on CPU)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source == "tianchi" and self.root is None:
+            raise ValueError("data.source=tianchi needs data.root (the folder holding train/ and train_mask.csv)")
+        if self.source == "chips" and not self.chips:
+            raise ValueError("data.source=chips needs data.chips (one or more folders written by `rsseg tile`)")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"data.fold={self.fold} with data.folds={self.folds}: expected fold < folds")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Arguments of :func:`rsseg.models.create_model`."""
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. encoder_depth, decoder_channels")
+
+
+class LossConfig(_Strict):
+    """Arguments of :class:`rsseg.losses.DiceBCELoss`."""
+
+    dice_weight: float = Field(0.5, ge=0)
+    bce_weight: float = Field(0.5, ge=0)
+    per_image: bool = True
+    smooth: float = Field(1.0, gt=0)
+
+
+class OptimConfig(_Strict):
+    """AdamW with a linear warm-up then a cosine decay to ``lr * min_lr_ratio``, stepped per batch."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="share of all steps spent warming up")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class RunConfig(_Strict):
+    """Where outputs go, how long to train, on what device and in what precision."""
+
+    out_dir: Path
+    epochs: int = Field(10, gt=0)
+    stop_after: int | None = Field(None, gt=0, description="stop after this many epochs in this invocation")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    channels_last: bool = True
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process")
+    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
+    seed: int = 0
+    resume: bool = Field(False, description="continue from out_dir/last.pt if it exists")
+    overwrite: bool = Field(False, description="start afresh even if out_dir holds a run")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> RunConfig:
+        if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
+            raise ValueError(f"run.thresholds={self.thresholds}: expected one or more values in (0, 1)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """A whole training run."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that holds the field at ``loc`` (None if ``loc`` goes below a plain value)."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _message(exc: ValidationError, origin: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        section = _section(loc)
+        if err["type"] == "extra_forbidden" and section is not None:
+            where = ".".join(str(p) for p in loc[:-1]) or "top level"
+            problems.append(f"unknown key {key!r}; valid keys in {where}: {', '.join(_keys(section))}")
+        elif err["type"] == "missing":
+            problems.append(f"missing key {key!r}")
+        elif err["type"] == "value_error":
+            problems.append(f"{key or 'config'}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            problems.append(f"{key or 'config'}: {err['msg']} (got {err.get('input')!r})")
+    return f"{origin}: " + "; ".join(problems)
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set ``tree[a][b]... = yaml(raw)`` for ``dotted = "a.b..."``, checking each key against the schema."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = TrainConfig
+    node = tree
+    for depth, part in enumerate(parts):
+        if model is not None and part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(f"--set {dotted}: unknown key {part!r}; valid keys in {where}: {', '.join(_keys(model))}")
+        if depth == len(parts) - 1:
+            break
+        annotation = model.model_fields[part].annotation if model is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}={raw!r}: not a YAML value ({exc})") from None
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
+                overrides: Mapping[str, str] | None = None) -> TrainConfig:
+    """Read and validate a training config.
+
+    Args:
+        source: a YAML file, or a mapping with the same structure.
+        overrides: dotted keys and YAML scalar values, e.g. ``{"optim.lr": "1e-3", "run.epochs": "2"}``.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key (the message lists the valid ones) or a bad value.
+    """
+    if isinstance(source, Mapping):
+        tree, origin = yaml.safe_load(yaml.safe_dump(dict(source))) if source else {}, "config"
+    else:
+        path = Path(source)
+        origin = str(path)
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: expected a mapping with sections {', '.join(_keys(TrainConfig))}")
+    for key, value in (overrides or {}).items():
+        _apply_override(tree, key, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc, origin)) from None

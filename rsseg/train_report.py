@@ -1,0 +1,88 @@
+"""What a training run reports each epoch: validation Dice per threshold, metrics.csv and curves.png.
+
+Validation follows the competition's rule: per-image Dice ``2|X∩Y| / (|X| + |Y|)`` (1 when both masks are
+empty), averaged over images, computed at several probability thresholds at once so that the run can
+store the best one in its checkpoint. Ignore pixels (``valid == 0``) are left out of the counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsseg.fileio import atomic_path
+
+__all__ = ["METRIC_COLUMNS", "ThresholdDice", "write_curves", "write_metrics"]
+
+#: Columns of ``metrics.csv``, one row per epoch.
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "threshold", "val_dice_at_0.5",
+                  "train_images_per_s", "train_s", "val_s")
+
+
+class ThresholdDice:
+    """Accumulates the mean per-image Dice of probability maps at several thresholds."""
+
+    def __init__(self, thresholds: Sequence[float], device: torch.device | str = "cpu") -> None:
+        self.thresholds = torch.tensor(sorted(thresholds), dtype=torch.float32, device=device)
+        self.total = torch.zeros(len(thresholds), dtype=torch.float64, device=device)
+        self.images = 0
+
+    def update(self, probs: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add a batch: ``probs``, ``truth`` (0/1) and ``valid`` (0/1) of shape ``(N, 1, H, W)``."""
+        keep = torch.ones_like(truth, dtype=torch.bool) if valid is None else valid > 0
+        t = (truth > 0) & keep
+        pred = (probs.float()[None] > self.thresholds.view(-1, 1, 1, 1, 1)) & keep  # (T, N, 1, H, W)
+        inter = (pred & t).sum((2, 3, 4))
+        total = pred.sum((2, 3, 4)) + t.sum((1, 2, 3))
+        scores = torch.where(total == 0, 1.0, 2.0 * inter / total.clamp_min(1))
+        self.total += scores.sum(1).double()
+        self.images += probs.shape[0]
+
+    def scores(self) -> dict[float, float]:
+        """Mean per-image Dice for each threshold."""
+        values = (self.total / max(self.images, 1)).tolist()
+        return {round(float(t), 6): v for t, v in zip(self.thresholds.tolist(), values, strict=True)}
+
+    def best(self) -> tuple[float, float]:
+        """``(threshold, mean Dice)`` of the best threshold (the lowest one among ties)."""
+        scores = self.scores()
+        threshold = max(scores, key=lambda t: (scores[t], -t))
+        return threshold, scores[threshold]
+
+
+def write_metrics(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write the per-epoch records as ``metrics.csv`` (atomically, the whole history each time)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    return path
+
+
+def write_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Plot training/validation loss and validation Dice per epoch to a PNG (Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, dice_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="loss")
+    loss_ax.legend()
+    dice_ax.plot(epochs, [r["val_dice"] for r in history], "o-", label="best threshold")
+    dice_ax.plot(epochs, [r["val_dice_at_0.5"] for r in history], "s--", label="threshold 0.5")
+    dice_ax.set(xlabel="epoch", ylabel="mean per-image Dice", title="validation Dice", ylim=(0, 1))
+    dice_ax.legend(loc="lower right")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return path

@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from PIL import Image
+
+from rsseg import rle
+from rsseg.augment import TrainTransform
+from rsseg.datasets import ChipDataset, TianchiDataset, split_indices
+from rsseg.errors import DatasetError
+from rsseg.tianchi import write_mask_csv
+
+SIZE = 64
+
+
+def make_tianchi(root, n=6, size=SIZE):
+    """Tiles with one bright rectangle each (its mask exactly), the last one without buildings."""
+    (root / "train").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        if i < n - 1:
+            mask[4 + i : 20 + i, 8 : 30 + 2 * i] = 1
+        rgb = np.where(mask[..., None] == 1, [230, 230, 230], [40, 90, 40]).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "train" / f"t{i:02d}.jpg", quality=95)
+        rows.append((f"t{i:02d}.jpg", rle.encode(mask)))
+    write_mask_csv(rows, root / "train_mask.csv")
+    return root
+
+
+def test_tianchi_items_are_raw_pixels_and_decoded_masks(tmp_path):
+    ds = TianchiDataset(make_tianchi(tmp_path), size=SIZE)
+    assert len(ds) == 6 and ds.bands == 3
+    item = ds[1]
+    assert set(item) == {"image", "mask", "valid"}
+    assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
+    assert item["image"].max() > 200  # raw 0-255 values: the model normalises
+    expected = np.zeros((SIZE, SIZE), np.float32)
+    expected[5:21, 8:32] = 1
+    assert np.array_equal(item["mask"][0].numpy(), expected)
+    assert item["valid"].shape == (1, SIZE, SIZE) and bool((item["valid"] == 1).all())
+    assert ds[5]["mask"].sum() == 0
+    assert torch.equal((item["image"][0] > 128).float(), item["mask"][0])
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    train, val = split_indices(50, "train", 0.2, seed=3), split_indices(50, "val", 0.2, seed=3)
+    assert len(val) == 10 and not set(train) & set(val) and sorted([*train, *val]) == list(range(50))
+    assert np.array_equal(val, split_indices(50, "val", 0.2, seed=3))
+    assert not np.array_equal(val, split_indices(50, "val", 0.2, seed=4))
+    folds = [split_indices(50, "val", seed=1, folds=5, fold=k) for k in range(5)]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(50))
+    assert np.array_equal(split_indices(50, "train", seed=1, folds=5, fold=2), np.sort(np.concatenate(
+        [f for k, f in enumerate(folds) if k != 2])))
+    with pytest.raises(DatasetError, match="fold 5 of 5"):
+        split_indices(50, "val", folds=5, fold=5)
+
+
+def test_tianchi_split_and_seeded_transforms(tmp_path):
+    root = make_tianchi(tmp_path)
+    transform = TrainTransform(crop=32, brightness=0.2)
+    train = TianchiDataset(root, "train", val_fraction=0.34, seed=1, transform=transform, size=SIZE)
+    val = TianchiDataset(root, "val", val_fraction=0.34, seed=1, size=SIZE)
+    assert len(train) == 4 and len(val) == 2 and not set(train.names) & set(val.names)
+    first = train[0]
+    assert first["image"].shape == (3, 32, 32) and first["mask"].shape == (1, 32, 32)
+    assert torch.equal(first["image"], train[0]["image"])  # seeded by (seed, epoch, index)
+    train.set_epoch(1)
+    assert not torch.equal(first["image"], train[0]["image"])
+
+
+def test_tianchi_bad_input(tmp_path):
+    root = make_tianchi(tmp_path / "a")
+    (root / "train" / "t02.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 images named in train_mask.csv are missing .*t02.jpg"):
+        TianchiDataset(root, size=SIZE)
+    root = make_tianchi(tmp_path / "b")
+    Image.new("RGB", (SIZE, SIZE // 2)).save(root / "train" / "t03.jpg")
+    with pytest.raises(DatasetError, match=r"t03.jpg is 64x32; expected 64x64"):
+        TianchiDataset(root, size=SIZE)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train_mask.csv").write_text("")
+    with pytest.raises(DatasetError, match="lists no images"):
+        TianchiDataset(tmp_path / "c")
+    with pytest.raises(DatasetError, match="not found"):
+        TianchiDataset(tmp_path / "nowhere")
+
+
+def make_chips(out, n=4, size=16, bands=4, dtype="uint16"):
+    """A chip folder in the layout of rsseg.tiling.write_chips (index.csv + index.json + GeoTIFFs)."""
+    (out / "images").mkdir(parents=True)
+    (out / "labels").mkdir()
+    rows = ["image,label,col_off,row_off,width,height,minx,miny,maxx,maxy,building_frac,nodata_frac"]
+    for i in range(n):
+        transform = Affine(1.0, 0.0, 500000.0 + i * size, 0.0, -1.0, 4000000.0)
+        labels = np.zeros((size, size), np.uint8)
+        labels[2:8, 3:9 + i] = 1
+        labels[:, -2:] = 255
+        data = (labels[None] == 1) * np.arange(1000, 1000 + 100 * bands, 100)[:, None, None] + 7
+        for name, array in ((f"images/c{i}.tif", data.astype(dtype)), (f"labels/c{i}.tif", labels[None])):
+            with rasterio.open(out / name, "w", driver="GTiff", width=size, height=size, count=array.shape[0],
+                               dtype=array.dtype, crs="EPSG:32650", transform=transform) as dst:
+                dst.write(array)
+        rows.append(f"images/c{i}.tif,labels/c{i}.tif,{i * size},0,{size},{size},0,0,1,1,0.1,0.0")
+    (out / "index.csv").write_text("\n".join(rows) + "\n")
+    meta = {"crs": "EPSG:32650", "size": size, "bands": list(range(1, bands + 1)), "dtype": dtype, "nodata": None}
+    (out / "index.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_chip_dataset_reads_bands_labels_and_ignore(tmp_path):
+    ds = ChipDataset([make_chips(tmp_path / "a"), make_chips(tmp_path / "b") / "index.csv"])
+    assert len(ds) == 8 and ds.bands == 4 and ds.size == 16 and ds.max_value == 65535
+    item = ds[1]
+    assert item["image"].shape == (4, 16, 16)
+    assert item["image"][3].max() == 1307  # raw uint16 values
+    assert item["mask"][0, 2:8, 3:10].eq(1).all() and item["mask"].sum() == 6 * 7
+    assert item["valid"][0, :, -2:].eq(0).all() and item["valid"][0, :, :-2].eq(1).all()
+    train = ChipDataset(tmp_path / "a", "train", val_fraction=0.25, transform=TrainTransform(crop=8))
+    assert len(train) == 3 and train[0]["image"].shape == (4, 8, 8)
+
+
+def test_chip_dataset_bad_input(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        ChipDataset(tmp_path / "missing")
+    make_chips(tmp_path / "three", bands=3)
+    with pytest.raises(DatasetError, match="disagree on"):
+        ChipDataset([make_chips(tmp_path / "a"), tmp_path / "three"])
+    (tmp_path / "a" / "labels" / "c2.tif").unlink()
+    with pytest.raises(DatasetError, match="1 listed chip files are missing"):
+        ChipDataset(tmp_path / "a")
+    empty = make_chips(tmp_path / "e", n=0)
+    with pytest.raises(DatasetError, match="list no chips"):
+        ChipDataset(empty)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from rsseg.errors import CheckpointError, ConfigError
+from rsseg.models import create_model, load_checkpoint, model_config, model_from_checkpoint, save_checkpoint
+
+LIGHT_UNET = dict(arch="unet", encoder="resnet18", encoder_depth=3, decoder_channels=[32, 16, 8])
+
+
+def test_unet_takes_raw_pixels_and_normalises_inside():
+    torch.manual_seed(0)
+    model = create_model(**LIGHT_UNET).eval()
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(raw)
+        direct = model.net((raw.float() - model.mean) / model.std)
+    assert out.shape == (2, 1, 64, 64)
+    assert torch.allclose(out, direct)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(**LIGHT_UNET).eval()
+    cfg = model_config(model, **LIGHT_UNET)
+    path = save_checkpoint(tmp_path / "m.pt", model, cfg, meta={"epoch": 3, "threshold": 0.45})
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    again, ckpt = model_from_checkpoint(path)
+    x = torch.rand(1, 3, 32, 32) * 255
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert ckpt["meta"] == {"epoch": 3, "threshold": 0.45}
+    assert ckpt["model"]["decoder_channels"] == [32, 16, 8] and ckpt["model"]["encoder_weights"] is None
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    model = create_model(**LIGHT_UNET)
+    path = save_checkpoint(tmp_path / "m.pt", model, model_config(model, **LIGHT_UNET))
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["encoder"] = "resnet34"  # the weights are resnet18's
+    with pytest.raises(CheckpointError, match="do not fit unet/resnet34"):
+        model_from_checkpoint(ckpt)
+    ckpt["model"] = {"arch": "tiny"}
+    with pytest.raises(CheckpointError, match="do not fit tiny"):
+        model_from_checkpoint(ckpt)
+
+
+def test_foreign_and_missing_files_are_clear_errors(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an rsseg checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bad_model_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown arch 'unet3d'; expected one of unet"):
+        create_model("unet3d")
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        create_model("unet", "resnet999")
+    with pytest.raises(ConfigError, match="decoder_channels"):
+        create_model("unet", "resnet18", encoder_depth=3, decoder_channels=[8, 8])
+
+
+def test_tiny_arch_for_plumbing_tests():
+    model = create_model("tiny", in_channels=4, width=4)
+    assert model(torch.zeros(2, 4, 16, 16)).shape == (2, 1, 16, 16)
+    assert model.mean.flatten().tolist() == [0.0] * 4 and model.std.flatten().tolist() == [255.0] * 4
+    assert sum(p.numel() for p in model.parameters()) < 5000
