@@ -124,8 +124,9 @@ def _run(blocks: list[_Block], scheduler: object) -> list[_BlockResult]:
         try:
             for future, result in tqdm(as_completed(futures, with_results=True), **progress):
                 results[order[future.key]] = result
-        finally:
+        except BaseException:
             client.cancel(futures)
+            raise
     return results
 
 
@@ -207,7 +208,7 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
     Returns:
         One row per building, ordered by position (top to bottom, then left to right), with ``id``
         (1..n), ``area_m2`` and, when ``prob`` is given, ``mean_prob``; ``attrs["provenance"]`` records
-        the source, its CRS, the ``rsseg:`` tags of the mask (checkpoint hash, threshold) and the options.
+        the mask, its CRS, its ``rsseg`` tags (checkpoint hash, threshold, ...) and the options.
 
     Raises:
         RasterError: the mask is not a raster, has no CRS, lacks ``band``, or holds values other than
@@ -275,8 +276,9 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Tru
             gdf = gdf.to_crs(4326)
         gdf = gdf.set_geometry(gpd.GeoSeries(shapely.orient_polygons(gdf.geometry.array.to_numpy()),
                                              index=gdf.index, crs=gdf.crs))
-        options["layer_options"] = {"RFC7946": "YES",
-                                    "FOREIGN_MEMBERS_COLLECTION": json.dumps({"rsseg": provenance})}
+        options["layer_options"] = {"RFC7946": "YES"}
+        if provenance:
+            options["layer_options"]["FOREIGN_MEMBERS_COLLECTION"] = json.dumps({"rsseg": provenance})
     else:
         options["layer_metadata"] = {f"rsseg_{key}": value for key, value in provenance.items()}
     kinds = {_TYPE_NAMES.get(k, "Unknown") for k in np.unique(shapely.get_type_id(gdf.geometry.array.to_numpy()))
