@@ -87,9 +87,22 @@ def square_ring(ring: np.ndarray, smooth: np.ndarray | None = None) -> np.ndarra
     run_horizontal = np.zeros(len(starts), bool)
     run_horizontal[run] = horizontal
     following = np.roll(level, -1)
-    corners = np.column_stack([np.where(run_horizontal, following, level),
-                               np.where(run_horizontal, level, following)])
-    return np.vstack([corners[-1:], corners])
+    corners = _drop_straight(np.column_stack([np.where(run_horizontal, following, level),
+                                              np.where(run_horizontal, level, following)]))
+    return None if len(corners) < 4 else np.vstack([corners[-1:], corners])
+
+
+def _drop_straight(corners: np.ndarray) -> np.ndarray:
+    """Remove corners where the ring goes straight on or turns back (spikes, zero-length runs)."""
+    while len(corners) >= 4:
+        before, after = corners - np.roll(corners, 1, axis=0), np.roll(corners, -1, axis=0) - corners
+        cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+        size = np.hypot(*before.T) * np.hypot(*after.T)
+        straight = np.abs(cross) <= 1e-9 * max(float(size.max()), 1e-300)
+        if not straight.any():
+            break
+        corners = corners[~straight]
+    return corners
 
 
 def _rotation(angle: float) -> np.ndarray:
@@ -109,7 +122,7 @@ def _squared(polygon: shapely.Polygon, smooth: shapely.Polygon, angle: float) ->
         if squared is None:
             return None
         rings.append(squared @ turn.T + centre)
-    return shapely.remove_repeated_points(shapely.Polygon(rings[0], rings[1:]))
+    return shapely.Polygon(rings[0], rings[1:])
 
 
 def _envelope_angle(polygon: shapely.Polygon) -> float:

@@ -227,6 +227,24 @@ def test_regularize_squares_rotated_buildings(tmp_path):
     assert regularize_polygons(raw.geometry.values, 0.5, max_change=0.0)[0].equals(raw.geometry.iloc[0])
 
 
+@settings(max_examples=40, deadline=None)
+@given(angle=st.floats(-90, 90), width=st.floats(3, 40), height=st.floats(3, 40), notch=st.floats(0, 0.8),
+       hole=st.booleans())
+def test_regularize_keeps_valid_buildings_with_their_area(angle, width, height, notch, hole):
+    shape = shapely.box(0, 0, width, height) - shapely.box(0, 0, width * notch, height * notch)
+    if hole:
+        shape = shape - shapely.box(width * 0.85, height * 0.4, width * 0.95, height * 0.6)
+    shape = shapely.affinity.translate(shapely.affinity.rotate(shape, angle, origin="centroid"), 32, 32)
+    staircase = polygonize_pixels(rasterize([shape], out_shape=(64, 64), dtype="uint8").astype(bool))
+    squared = regularize_polygons(staircase, pixel=1.0)
+    assert len(squared) == len(staircase)
+    for before, after in zip(staircase, squared, strict=True):
+        assert after.is_valid and len(after.interiors) == len(before.interiors)
+        assert abs(after.area - before.area) <= 0.1 * before.area
+        if not after.equals(before):  # regularised: every corner a right angle
+            assert np.allclose(interior_angles(after), 90, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_mean_probability_across_blocks(tmp_path, dtype):
     mask = np.zeros((32, 32), np.uint8)
