@@ -7,9 +7,9 @@ Figures (issue 5):
   CPU the model is a U-Net with a resnet18 encoder and a light decoder (128-64-32-16-8 channels) under
   bf16 autocast, with ``tta="none"``, so that both passes fit in a few minutes on 2 cores; on CUDA it
   is ``create_model("unet", "resnet34")`` in bf16.
-* windows/s on the device for tta ``none`` (the 8192 run) and ``d4`` (a 1536x1536 scene).
+* windows/s on the device for tta ``none`` (the 8192 run) and ``d4`` (a 1024x1024 scene).
 * bf16 vs fp32: speed-up and mask agreement of ``create_model("unet", "resnet34")`` (or ``--checkpoint``)
-  on the 1536x1536 scene, tta none.
+  on the 1024x1024 scene, tta none.
 * memory: peak resident memory of a fresh process predicting a 16384x16384 scene over that of a
   4096x4096 scene (target <= 1.3), with a tiny two-layer conv stand-in model (the network's own
   activations do not depend on the scene size), sampled every 20 ms with psutil.
@@ -43,6 +43,7 @@ from rsseg.synth import make_scene
 from rsseg.tta import Predictor, resolve_device
 
 TILE, OVERLAP = 512, 128
+SMALL = 1024  # scene size of the d4 and bf16 runs
 
 
 def scene(workdir: Path, size: int) -> Path:
@@ -116,13 +117,12 @@ def overhead(workdir: Path, size: int, device: torch.device, batch_size: int) ->
 
 
 def d4_and_bf16(workdir: Path, device: torch.device, checkpoint: Path | None, batch_size: int) -> dict:
-    src = scene(workdir, 1536)
+    src = scene(workdir, SMALL)
     with rasterio.open(src) as ds:
         n = len(TileGrid(ds.width, ds.height, TILE, OVERLAP))
     light = light_unet()
-    precision = "bf16" if device.type == "cpu" else "bf16"
-    warm_up(light, device, precision, 2)
-    d4 = timed_predict(light, src, workdir / "d4.tif", tta="d4", batch_size=2, device=device, precision=precision)
+    warm_up(light, device, "bf16", 2)
+    d4 = timed_predict(light, src, workdir / "d4.tif", tta="d4", batch_size=2, device=device, precision="bf16")
     if checkpoint is not None:
         model, name = model_from_checkpoint(checkpoint, device)[0], str(checkpoint)
     else:
@@ -138,7 +138,7 @@ def d4_and_bf16(workdir: Path, device: torch.device, checkpoint: Path | None, ba
         agree = float((a.read(1) == b.read(1)).mean())
     with rasterio.open(workdir / "fp32.prob.tif") as a, rasterio.open(workdir / "bf16.prob.tif") as b:
         diff = np.abs(a.read(1) - b.read(1))
-    return {"d4_scene_px": 1536, "d4_windows": n, "d4_model": "light unet/resnet18 bf16",
+    return {"d4_scene_px": SMALL, "d4_windows": n, "d4_model": "light unet/resnet18 bf16",
             "windows_per_s_tta_d4": round(n / d4, 3), "bf16_model": name, "bf16_windows": n,
             "fp32_s": round(fp32, 2), "bf16_s": round(bf16, 2), "bf16_speedup": round(fp32 / bf16, 2),
             "bf16_mask_agreement": round(agree, 6), "bf16_prob_max_abs_diff": round(float(diff.max()), 4),
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the bf16 agreement check")
     parser.add_argument("--quick", action="store_true", help="small scenes, to check the script itself")
+    parser.add_argument("--parts", default="overhead,d4,memory", help="comma-separated subset to run")
     parser.add_argument("--memory-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -208,13 +209,15 @@ def main() -> None:
         args.size, args.mem_sizes = 2048, [1024, 2048]
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    for size in {args.size, 1536, *args.mem_sizes}:
-        scene(args.workdir, size)
+    parts = set(args.parts.split(","))
     result: dict = {"bench": "inference", "device": str(device), "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "tile": TILE, "overlap": OVERLAP}
-    result.update(overhead(args.workdir, args.size, device, args.batch_size))
-    result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
-    result.update(memory(args.workdir, args.mem_sizes))
+    if "overhead" in parts:
+        result.update(overhead(args.workdir, args.size, device, args.batch_size))
+    if "d4" in parts:
+        result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
+    if "memory" in parts:
+        result.update(memory(args.workdir, args.mem_sizes))
     if device.type == "cuda":
         result.update(gpu_windows_per_s())
     else:

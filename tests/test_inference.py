@@ -82,6 +82,17 @@ def test_windowed_prediction_equals_whole_image(tmp_path, scene, tta, batch_size
     np.testing.assert_allclose(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tmp_path, scene):
+    src, _ = scene
+    kwargs = dict(tile=128, overlap=32, tta="d4", batch_size=4, output="both", prob_dtype="float32")
+    cpu = predict_raster(fcn(), src, tmp_path / "cpu.tif", device="cpu", **kwargs)
+    gpu = predict_raster(fcn(), src, tmp_path / "gpu.tif", device="cuda", **kwargs)
+    np.testing.assert_allclose(read(prob_path(gpu)), read(prob_path(cpu)), atol=2e-3)  # cuDNN may use TF32
+    bf16 = predict_raster(fcn(), src, tmp_path / "bf16.tif", device="cuda", precision="bf16", **kwargs)
+    assert (read(bf16) == read(cpu)).mean() > 0.95
+
+
 def test_raster_smaller_than_a_window(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8)
     src = write_raster(tmp_path / "small.tif", image)
@@ -123,6 +134,19 @@ def test_georeferencing_nodata_and_tags(tmp_path):
     assert tags["rsseg:tta"] == "flip" and tags["rsseg:threshold"] == "0.45"
     assert tags["rsseg:source"] == str(src.resolve()) and len(tags["rsseg:checkpoint_sha256"]) == 64
     assert read_tags(prob_path(out)) == tags
+
+
+def test_a_mask_band_marks_nodata_too(tmp_path):
+    image = np.random.default_rng(5).integers(0, 256, (3, 96, 120), dtype=np.uint8)
+    valid = np.ones((96, 120), bool)
+    valid[:, :30] = False
+    src = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        write_raster(src, image)
+        with rasterio.open(src, "r+") as ds:
+            ds.write_mask(valid.astype(np.uint8) * 255)
+    out = predict_raster(fcn(), src, tmp_path / "m.tif", tile=64, overlap=16, tta="none", device="cpu")
+    np.testing.assert_array_equal(read(out) == 255, ~valid)
 
 
 def test_float_probabilities_mark_nodata_with_nan(tmp_path):
