@@ -1,0 +1,95 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rsseg.errors import DatasetError
+from rsseg.models import load_checkpoint
+from rsseg.synth import make_tianchi
+from rsseg.train import _Dist, _Trainer, build_datasets, fit, launch
+from rsseg.train_config import load_config
+
+
+@pytest.fixture(scope="module")
+def tianchi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tianchi") / "data"
+    make_tianchi(root, n_train=6, n_test=0, seed=2, progress=False)
+    return root
+
+
+def config(root, out, **run):
+    """6 tiles: 4 train + 2 validation; a global batch of 4, so one epoch is exactly one step."""
+    return {"data": {"source": "tianchi", "root": str(root), "batch_size": 4, "val_fraction": 0.34,
+                     "augment": {"crop": 64, "brightness": 0.2, "saturation": 0.2}},
+            "model": {"arch": "tiny"},  # no batch statistics: a split batch gives the whole batch's gradients
+            "optim": {"lr": 0.05, "warmup_fraction": 0.0},
+            "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", **run}}
+
+
+# Adam's first step is lr * g / (|g| + eps): where a gradient is near 0, the float noise of summing it in
+# another order (two ranks' halves vs one batch) is amplified, up to ~1e-5 here for a step of 0.05.
+ATOL = 1e-4
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _one_step(cfg_dict, env):
+    cfg = load_config(cfg_dict)
+    train, val = build_datasets(cfg)
+    trainer = _Trainer(cfg, env, torch.device("cpu"), train, val, cfg.data.batch_size // env.world)
+    record = trainer._train_epoch()
+    assert record["step"] == 1
+    return trainer.module.state_dict()
+
+
+def _rank(rank, world, port, cfg_dict, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_one_step(cfg_dict, _Dist(rank, rank, world)), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_take_the_step_of_one_process_with_the_global_batch(tianchi, tmp_path):
+    cfg = config(tianchi, tmp_path / "unused")
+    mp.spawn(_rank, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _one_step(cfg, _Dist())
+    for key, value in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # DDP keeps the ranks identical
+        assert torch.allclose(ranks[0][key], value, atol=ATOL), key  # and equal to one process
+    assert any(not torch.equal(ranks[0][k], v) for k, v in _untrained(cfg).items())  # a step was taken
+
+
+def _untrained(cfg_dict):
+    cfg = load_config(cfg_dict)
+    train, val = build_datasets(cfg)
+    return _Trainer(cfg, _Dist(), torch.device("cpu"), train, val, 4).module.state_dict()
+
+
+def test_launch_with_two_processes_matches_fit_in_one(tianchi, tmp_path):
+    best = launch(config(tianchi, tmp_path / "ddp"), nproc=2)
+    single = fit(load_config(config(tianchi, tmp_path / "one")))
+    a, b = load_checkpoint(best), load_checkpoint(single)
+    assert a["meta"]["world_size"] == 2 and b["meta"]["world_size"] == 1
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value, b["state_dict"][key], atol=ATOL), key
+    assert a["meta"]["val_dice"] == pytest.approx(b["meta"]["val_dice"], abs=1e-4)
+    assert len(a["train_state"]["rng"]) == 2  # each rank's RNG state, for an exact resume
+
+
+def test_launch_checks_input_before_starting_workers(tianchi, tmp_path):
+    with pytest.raises(DatasetError, match="fewer than one batch"):
+        launch(config(tianchi, tmp_path / "out"), nproc=2, overrides={"data.batch_size": "8"})
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        launch(config(tianchi, tmp_path / "out"), nproc=3)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,183 @@
+import csv
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from rsseg.cli import main
+from rsseg.errors import ConfigError
+from rsseg.metrics import mean_image_dice
+from rsseg.models import load_checkpoint, model_from_checkpoint
+from rsseg.synth import make_tianchi
+from rsseg.train import WarmupCosine, fit
+from rsseg.train_config import load_config
+from rsseg.train_report import ThresholdDice
+
+
+@pytest.fixture(scope="module")
+def tianchi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tianchi") / "data"
+    make_tianchi(root, n_train=10, n_test=0, seed=5, progress=False)
+    return root
+
+
+def tiny_config(root, out, **run):
+    return {"data": {"source": "tianchi", "root": str(root), "batch_size": 4, "val_fraction": 0.2,
+                     "augment": {"crop": 64, "brightness": 0.1, "saturation": 0.1}},
+            "model": {"arch": "tiny"},
+            "optim": {"lr": 0.01, "warmup_fraction": 0.25},
+            "run": {"out_dir": str(out), "epochs": 2, "progress": False, "thresholds": [0.3, 0.5, 0.7], **run}}
+
+
+def test_load_config_from_yaml_with_overrides_and_typos(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config("data", "out")))
+    cfg = load_config(path, {"optim.lr": "3e-3", "run.device": "cpu", "model.kwargs.width": "4",
+                             "data.augment.crop": "null"})
+    assert cfg.optim.lr == 0.003 and cfg.run.device == "cpu" and cfg.model.kwargs == {"width": 4}
+    assert cfg.data.augment.crop is None and cfg.data.batch_size == 4
+    with pytest.raises(ConfigError, match=r"--set optim.lrate: unknown key .lrate.; valid keys in optim: grad_clip"):
+        load_config(path, {"optim.lrate": "1"})
+    bad = tiny_config("data", "out")
+    bad["data"]["bach_size"] = 4
+    with pytest.raises(ConfigError, match=r"unknown key 'data.bach_size'; valid keys in data: augment, batch_size"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"run.epochs: Input should be greater than 0"):
+        load_config(path, {"run.epochs": "0"})
+    with pytest.raises(ConfigError, match="data.source=chips needs data.chips"):
+        load_config(path, {"data.source": "chips"})
+
+
+def test_threshold_dice_is_the_competition_metric():
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((5, 1, 8, 8), dtype=np.float32))
+    truth = torch.from_numpy((rng.random((5, 1, 8, 8)) > 0.6).astype(np.float32))
+    truth[0] = 0  # an empty truth
+    probs[1] = 0.1  # an empty prediction
+    acc = ThresholdDice([0.3, 0.5, 0.7])
+    acc.update(probs[:2], truth[:2])
+    acc.update(probs[2:], truth[2:])
+    for t, score in acc.scores().items():
+        assert score == pytest.approx(mean_image_dice((probs > t).numpy()[:, 0], truth.numpy()[:, 0]))
+    threshold, best = acc.best()
+    assert best == max(acc.scores().values()) and acc.scores()[threshold] == best
+    valid = torch.ones_like(truth)
+    valid[..., :4] = 0
+    masked = ThresholdDice([0.5])
+    masked.update(probs, truth, valid)
+    expected = mean_image_dice((probs[..., 4:] > 0.5).numpy()[:, 0], truth[..., 4:].numpy()[:, 0])
+    assert masked.scores()[0.5] == pytest.approx(expected)
+
+
+def test_warmup_then_cosine():
+    f = WarmupCosine(total=100, warmup=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(100) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
+    steps = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_run_outputs_and_resume_equals_a_straight_run(tianchi, tmp_path):
+    straight = fit(load_config(tiny_config(tianchi, tmp_path / "straight")))
+    out = tmp_path / "split"
+    fit(load_config(tiny_config(tianchi, out, stop_after=1)))
+    assert load_checkpoint(out / "last.pt")["meta"]["epoch"] == 1
+    with pytest.raises(FileExistsError, match="run.resume=true"):
+        fit(load_config(tiny_config(tianchi, out)))
+    resumed = fit(load_config(tiny_config(tianchi, out, resume=True)))
+
+    a, b = load_checkpoint(straight.with_name("last.pt")), load_checkpoint(resumed.with_name("last.pt"))
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    losses = [[r["train_loss"] for r in ck["train_state"]["history"]] for ck in (a, b)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+    for path in (straight, resumed):
+        ckpt = load_checkpoint(path)
+        meta = ckpt["meta"]
+        assert meta["epoch"] in (1, 2) and meta["threshold"] in (0.3, 0.5, 0.7)
+        assert meta["best_dice"] == meta["val_dice"] and 0 <= meta["best_dice"] <= 1
+        assert meta["data"] == {"source": "tianchi", "path": str(tianchi)}
+        assert meta["in_channels"] == 3 and meta["tile_size"] == 512 and meta["rsseg_version"]
+        model, _ = model_from_checkpoint(path)
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(out / "config.yaml").run.resume is True
+    assert not list(out.glob(".*"))  # no temporaries left
+
+
+def test_cli_trains_a_real_unet_and_the_loss_goes_down(tianchi, tmp_path):
+    cfg = tiny_config(tianchi, tmp_path / "run", epochs=4)
+    cfg["model"] = {"arch": "unet", "encoder": "resnet18",
+                    "kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}}
+    cfg["data"]["augment"]["crop"] = 128
+    cfg["optim"] = {"lr": 3e-3, "warmup_fraction": 0.1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([sys.executable, "-m", "rsseg.cli", "train", str(tmp_path / "c.yaml"),
+                             "--set", "run.epochs=5"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "run" / "best.pt")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert len(losses) == 5 and losses[-1] < losses[0] * 0.9, losses
+    assert "val Dice" in result.stderr  # rank 0 logs each epoch
+
+
+def _bad(root, out, mutate):
+    cfg = tiny_config(root, out)
+    mutate(cfg)
+    return cfg
+
+
+def _expect_error(capsys, tmp_path, cfg, match, extra=()):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(path), *extra])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert err.startswith("rsseg: error:") and "\n" not in err and match in err, err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_bad_input_through_the_cli(tianchi, tmp_path, capsys):
+    out = tmp_path / "out"
+    _expect_error(capsys, tmp_path, _bad(tianchi, out, lambda c: c["data"].update(bach_size=2)),
+                  "unknown key 'data.bach_size'; valid keys in data:")
+    _expect_error(capsys, tmp_path, tiny_config(tianchi, out), "unknown key 'lrr'", ["--set", "optim.lrr=1"])
+    _expect_error(capsys, tmp_path, tiny_config(tianchi, out), "fewer than one batch", ["--set", "data.batch_size=16"])
+    if not torch.cuda.is_available():
+        _expect_error(capsys, tmp_path, tiny_config(tianchi, out), "no CUDA GPU is available",
+                      ["--set", "run.device=cuda"])
+    broken = tmp_path / "broken"
+    make_tianchi(broken, n_train=3, n_test=0, seed=1, progress=False)
+    names = sorted(p.name for p in (broken / "train").iterdir())
+    (broken / "train" / names[0]).unlink()
+    _expect_error(capsys, tmp_path, tiny_config(broken, out), f"missing from {broken / 'train'} (e.g. {names[0]})")
+    Image.new("RGB", (256, 256)).save(broken / "train" / names[0])
+    _expect_error(capsys, tmp_path, tiny_config(broken, out), "is 256x256; expected 512x512")
+    (broken / "train_mask.csv").write_text("")
+    _expect_error(capsys, tmp_path, tiny_config(broken, out), "train_mask.csv lists no images")
+
+
+def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "out")
+    cfg["optim"]["lerning_rate"] = 1.0
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([sys.executable, "-m", "rsseg.cli", "train", str(tmp_path / "c.yaml")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rsseg: error: {tmp_path / 'c.yaml'}: unknown key 'optim.lerning_rate'; valid keys in optim: grad_clip, "
+        "lr, min_lr_ratio, warmup_fraction, weight_decay"]
