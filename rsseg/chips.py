@@ -102,6 +102,7 @@ class ChipWriter:
                             blockysize=profile["height"])
         self.dtype = np.dtype(profile["dtype"])
         self._parts = None if profile.get("compress") else self._template()
+        self._pixels = np.empty((profile["count"], profile["height"], profile["width"]), self.dtype)
 
     @property
     def uses_template(self) -> bool:
@@ -147,11 +148,12 @@ class ChipWriter:
                 dst.write(array)
             return
         head, middle, tail = self._parts
+        np.copyto(self._pixels, array)  # one reused buffer: Dask workers trim freed memory, new pages fault
         with open(path, "wb") as fh:
             fh.write(head)
             fh.write(_TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0))
             fh.write(middle)
-            fh.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+            fh.write(self._pixels.data)
             fh.write(tail)
 
 
@@ -239,6 +241,7 @@ def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, .
         labels = burner.labels(strip, src.transform)
     if labels is not None and valid is not None:
         labels[~valid] = 255
+    building = labels == 1 if labels is not None else None
     area = job.size * job.size
     rows = []
     for tile in tiles:
@@ -260,7 +263,7 @@ def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, .
             chip_labels = labels[:, cols]
             label = f"labels/{tile.name}.tif"
             writers[1].write(out / label, chip_labels[None], chip_transform)
-            building_frac = round(int(np.count_nonzero(chip_labels == 1)) / n_valid, 6)
+            building_frac = round(int(np.count_nonzero(building[:, cols])) / n_valid, 6)
         minx, miny, maxx, maxy = window_bounds(src.transform, win)
         rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
                          width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,

@@ -247,10 +247,13 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     make_scene(no_crs, 64, 64, crs=None)
     far = tmp_path / "far.geojson"
     gpd.GeoDataFrame(geometry=[shapely.box(10, 10, 11, 11)], crs="EPSG:4326").to_file(far)
+    other_grid = tmp_path / "mask.tif"
+    make_scene(other_grid, 32, 64, count=1)
     return {
         "not a raster": ([str(not_raster)], "not a raster that GDAL can read"),
         "no crs": ([str(no_crs)], "has no CRS"),
         "labels elsewhere": ([str(scene), "--labels", str(far)], "do not overlap the scene: footprints extent"),
+        "label raster elsewhere": ([str(scene), "--labels", str(other_grid)], "label raster is 32x64 px; expected"),
         "unknown band": ([str(scene), "--bands", "1,4"], "unknown band(s) [4]; the scene has 3 band(s)"),
         "bad overlap": ([str(scene), "--overlap", "512"], "overlap=512: expected less than size=512"),
         "bad max nodata": ([str(scene), "--max-nodata", "1.5"], "max_nodata=1.5"),
