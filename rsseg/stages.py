@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 from distributed import Client, Future
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsseg.errors import ConfigError, PipelineError
 
@@ -160,6 +160,18 @@ class TrainParams(Params):
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides, e.g. run.epochs: 3")
     nproc: int = Field(1, ge=1)
 
+    def train_config(self, out_dir: Path) -> Any:
+        """The validated :class:`rsseg.train_config.TrainConfig`, writing into ``out_dir``."""
+        from rsseg.train_config import load_config
+
+        overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.set.items()}
+        return load_config(self.config, {**overrides, "run.out_dir": str(out_dir), "run.progress": "false"})
+
+    @model_validator(mode="after")
+    def _valid_config(self) -> TrainParams:
+        self.train_config(Path("."))  # a typo in the training config fails when the pipeline loads
+        return self
+
 
 def train_subprocess(config_path: Path, nproc: int) -> str:
     """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
@@ -172,10 +184,7 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
 
 
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.train import load_config
-
-    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in p.set.items()}
-    cfg = load_config(p.config, {**overrides, "run.out_dir": str(ctx.out_dir), "run.progress": "false"})
+    cfg = p.train_config(ctx.out_dir)
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     gpu = _device_is_gpu(cfg.run.device)
