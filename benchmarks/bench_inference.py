@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192, help="scene size of the overhead run")
     parser.add_argument("--mem-sizes", type=int, nargs=2, default=[4096, 16384])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="windows per batch (default: 8 on CPU, 32 on CUDA)")
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the bf16 agreement check")
     parser.add_argument("--quick", action="store_true", help="small scenes, to check the script itself")
     parser.add_argument("--parts", default="overhead,d4,memory", help="comma-separated subset to run")
@@ -210,10 +210,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     parts = set(args.parts.split(","))
+    batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     result: dict = {"bench": "inference", "device": str(device), "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "tile": TILE, "overlap": OVERLAP}
     if "overhead" in parts:
-        result.update(overhead(args.workdir, args.size, device, args.batch_size))
+        result.update(overhead(args.workdir, args.size, device, batch_size))
     if "d4" in parts:
         result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
     if "memory" in parts:

@@ -134,7 +134,7 @@ class RowWriter:
         self._outputs = outputs
         self._tags = tags
         self._threshold = np.float32(threshold)
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # each item is a grid row of rows x full width
         self._error: BaseException | None = None
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_start = 0
