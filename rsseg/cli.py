@@ -150,16 +150,20 @@ def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
 @click.argument("checkpoint", type=_PATH)
 @click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.argument("output", type=_PATH)
-@click.option("--tile", "tile_size", default=512, show_default=True)
-@click.option("--overlap", default=128, show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="d4", show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--tile", "tile_size", default=512, show_default=True, help="Window size in pixels (rasters).")
+@click.option("--overlap", default=128, show_default=True, help="Pixels shared by neighbouring windows (rasters).")
+@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="d4", show_default=True,
+              help="Test-time augmentation: 1, 4 or 8 views per window, probabilities averaged.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass (times the TTA views).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX).")
 @click.option("--threshold", type=float, default=None,
               help="Building probability threshold (default: the checkpoint's validation threshold, else 0.5).")
-@click.option("--output-kind", type=click.Choice(["prob", "mask", "both"]), default="both", show_default=True)
-@click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
+@click.option("--output-kind", type=click.Choice(["prob", "mask", "both"]), default="both", show_default=True,
+              help="Raster outputs; with both, probabilities go to OUTPUT's sibling <stem>.prob.tif.")
+@click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
+              help="Probabilities as 0-255 or 0-1.")
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, overlap: int, tta: str,
