@@ -55,7 +55,7 @@ INDEX_COLUMNS = ("image", "label", "col_off", "row_off", "width", "height",
 #: Widest strip one task reads at once, in pixels: bounds a worker's memory (8192 x 512 x 3 bands = 12 MB).
 STRIP_MAX_PX = 8192
 #: Rows of the scene one task covers (strip after strip), in pixels: sets the number of tasks.
-TASK_ROWS_PX = 2048
+TASK_ROWS_PX = 4096
 
 
 def _one_line(exc: BaseException) -> str:
