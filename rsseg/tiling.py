@@ -24,9 +24,9 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +180,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         except ValueError as exc:
             raise ConfigError(f"{scene}: {exc}") from None
         label_meta, footprints = _label_source(Path(labels) if labels else None, info)
-    job = ChipJob(scene=str(scene.resolve()), out_dir="", size=size, bands=info["bands"], nodata=info["nodata"],
-                   mask_band=info["mask_band"], max_nodata=max_nodata,
-                   label_raster=label_meta["path"] if label_meta and label_meta["kind"] == "raster" else None,
-                   compress=compress)
+    label_raster = label_meta["path"] if label_meta and label_meta["kind"] == "raster" else None
     tasks = _tasks(grid)
     rows: list[dict[str, Any]] = []
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
@@ -191,13 +188,15 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         (tmp / "images").mkdir()
         if label_meta:
             (tmp / "labels").mkdir()
-        job = replace(job, out_dir=str(tmp.resolve()))
+        job = ChipJob(scene=str(scene.resolve()), out_dir=str(tmp.resolve()), size=size, bands=info["bands"],
+                      nodata=info["nodata"], mask_band=info["mask_band"], max_nodata=max_nodata,
+                      label_raster=label_raster, compress=compress)
         with dask_client(scheduler, n_workers) as client:
             futures = [client.submit(chip_block, job, t, footprints.intersecting(_bounds(t, info)) if footprints
                                      else None, pure=False) for t in tasks]
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc=f"tiling {scene.name}",
-                                   unit="strip", disable=None):
+                                   unit="task", disable=None):
                     task_rows, task_counts = future.result()
                     rows.extend(task_rows)
                     for key, value in task_counts.items():
@@ -208,7 +207,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         counts["chips"] = len(rows)
         if footprints is not None:
             counts.update(footprints.counts)
-        _write_index(tmp, rows, info, job, label_meta, counts, grid, scene)
+        _write_index(tmp, rows, info, job, label_meta, counts, grid)
     log.info("%s: %d chips from %d windows under %s (%s)", scene, len(rows), len(grid), out_dir, counts)
     return out_dir / "index.csv"
 
@@ -219,8 +218,13 @@ def _bounds(strips: tuple[tuple[Tile, ...], ...], info: dict[str, Any]) -> tuple
     return window_bounds(info["transform"], block)
 
 
+def _json_number(value: float | None) -> float | str | None:
+    """JSON has no NaN: a NaN nodata value is written as the string "nan"."""
+    return "nan" if value is not None and math.isnan(value) else value
+
+
 def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], job: ChipJob, label_meta: dict | None,
-                 counts: dict[str, int], grid: TileGrid, scene: Path) -> None:
+                 counts: dict[str, int], grid: TileGrid) -> None:
     with open(tmp / "index.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
         writer.writeheader()
@@ -228,6 +232,6 @@ def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], job: ChipJob
     meta = dict(scene=job.scene, crs=_crs_string(info["crs"]), width=info["width"], height=info["height"],
                 transform=list(info["transform"])[:6], size=grid.size, overlap=grid.overlap,
                 n_rows=grid.n_rows, n_cols=grid.n_cols, bands=list(info["bands"]), dtype=info["dtype"],
-                nodata=info["nodata"], max_nodata=job.max_nodata, compress=job.compress, labels=label_meta,
-                counts=counts)
+                nodata=_json_number(info["nodata"]), max_nodata=job.max_nodata, compress=job.compress,
+                labels=label_meta, counts=counts)
     (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")

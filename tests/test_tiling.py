@@ -193,6 +193,27 @@ def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> 
         assert img.nodata == 0 and img.read(1)[5, 6] == 0 and img.read(2)[5, 6] == 9
 
 
+def test_dataset_mask_counts_as_nodata(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "masked.tif"
+    data = np.full((3, 32, 64), 50, np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=64, height=32, count=3, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM) as dst:
+        dst.write(data)
+        mask = np.full((32, 64), 255, np.uint8)
+        mask[:, :40] = 0  # an orthophoto's collar, kept as a per-dataset mask rather than a nodata value
+        dst.write_mask(mask)
+    labels = tmp_path / "b.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(*rasterio.transform.array_bounds(32, 64, TRANSFORM))],
+                     crs=CRS).to_file(labels)
+    write_chips(scene, tmp_path / "out", size=32, overlap=0, labels=labels, max_nodata=0.9, scheduler=client)
+    rows, meta = read_index(tmp_path / "out")
+    assert [r["image"] for r in rows] == ["images/r0000_c0001.tif"] and meta["counts"]["skipped_all_nodata"] == 1
+    assert float(rows[0]["nodata_frac"]) == 0.25 and float(rows[0]["building_frac"]) == 1.0
+    with rasterio.open(tmp_path / "out" / rows[0]["label"]) as lab:
+        label = lab.read(1)
+    assert (label[:, :8] == 255).all() and (label[:, 8:] == 1).all()
+
+
 def test_uint16_band_selection_label_raster_and_small_scene(tmp_path: Path, client: Client) -> None:
     scene = tmp_path / "scene.tif"
     data = make_scene(scene, width=40, height=20, count=5, dtype="uint16", nodata=0)
