@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("-v", "--verbose", count=True, help="-v: rsseg debug output; -vv: also other libraries' info.")
 def cli(verbose: int) -> None:
     """Find buildings in aerial and satellite images."""
+    # Dask reads its logging levels from the environment when first imported (here and in workers).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose > 1 else "warning")
     logging.basicConfig(level=logging.INFO if verbose > 1 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("rsseg").setLevel(logging.DEBUG if verbose else logging.INFO)
