@@ -201,8 +201,9 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                     rows.extend(task_rows)
                     for key, value in task_counts.items():
                         counts[key] += value
-            finally:
-                client.cancel(futures)
+            except BaseException:
+                client.cancel(futures)  # stop writing into the temporary folder before it is removed
+                raise
         rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
         counts["chips"] = len(rows)
         if footprints is not None:
