@@ -128,6 +128,14 @@ class Buildings:
         """All buildings of ``parts``, in order."""
         return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__slots__))
 
+    def __reduce__(self) -> tuple:
+        """Pickle the geometries as one WKB array: 10x cheaper than shapely's pickling object by object."""
+        return _from_wkb, (shapely.to_wkb(self.geometry), self.area_m2, self.mean_prob, self.top, self.left)
+
+
+def _from_wkb(wkb: np.ndarray, *columns: np.ndarray) -> Buildings:
+    return Buildings(shapely.from_wkb(wkb), *columns)
+
 
 def _repair(geoms: np.ndarray) -> np.ndarray:
     bad = ~shapely.is_valid(geoms)

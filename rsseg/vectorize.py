@@ -72,6 +72,16 @@ class _BlockResult:
     piece_sum: np.ndarray
     piece_count: np.ndarray
 
+    def __reduce__(self) -> tuple:
+        """Pickle the pieces as one WKB array (see :meth:`Buildings.__reduce__`)."""
+        return _result_from_wkb, (self.values, self.buildings, shapely.to_wkb(self.pieces), self.piece_sum,
+                                  self.piece_count)
+
+
+def _result_from_wkb(values: frozenset[int], buildings: Buildings, pieces: np.ndarray, *sums: np.ndarray
+                     ) -> _BlockResult:
+    return _BlockResult(values, buildings, shapely.from_wkb(pieces), *sums)
+
 
 def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum and count of valid probability pixels under each pixel polygon of a block.
