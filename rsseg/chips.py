@@ -29,6 +29,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from rsseg.errors import RasterError
 from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
 from rsseg.footprints import Footprints
 from rsseg.grid import Tile
@@ -227,8 +228,15 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
                 tiles: tuple[Tile, ...], out: np.ndarray | None) -> _Loaded:
     """Read one strip of windows with one windowed read (into ``out`` when it fits)."""
     window = strip_window(tiles)
-    data, valid = _read_strip(src, window, job, out)
-    return window, data, valid, _raster_labels(label_src, window) if label_src is not None else None
+    try:
+        data, valid = _read_strip(src, window, job, out)
+        labels = _raster_labels(label_src, window) if label_src is not None else None
+    except rasterio.errors.RasterioError as exc:
+        problem = " ".join(str(exc).split())
+    else:
+        return window, data, valid, labels
+    # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
+    raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
 
 
 def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],

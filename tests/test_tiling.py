@@ -294,6 +294,25 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path: Path, capsys: pytest.Capt
     assert not list(tmp_path.glob(".out*")), "no temporary folder left behind"
 
 
+@pytest.mark.usefixtures("cli_logging")
+def test_damaged_scene_fails_in_a_worker_without_output(tmp_path: Path, client: Client,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    scene = tmp_path / "damaged.tif"
+    data = np.random.default_rng(0).integers(0, 255, (1, 128, 128), dtype=np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=128, height=128, count=1, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM, tiled=True, blockxsize=32, blockysize=32) as dst:
+        dst.write(data)
+    with open(scene, "r+b") as fh:  # cut the pixel data short; the header (written first) stays readable
+        fh.truncate(scene.stat().st_size // 2)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["tile", str(scene), str(out), "--size", "32", "--overlap", "0", "--scheduler",
+              client.scheduler.address])
+    last = capsys.readouterr().err.splitlines()[-1]  # earlier lines: the CLI's INFO log of the Dask connection
+    assert exc.value.code == 2 and last.startswith("rsseg: error: ") and "cannot read Window(" in last
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_console_entry_point_reports_missing_crs(tmp_path: Path, client: Client) -> None:
     scene = tmp_path / "nocrs.tif"
     make_scene(scene, 16, 16, crs=None)
