@@ -13,13 +13,14 @@ does not round-trip (a rotated transform, compression) every chip goes through G
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import rasterio
@@ -102,8 +103,10 @@ class ChipWriter:
         self.profile = dict(profile, driver="GTiff", interleave="band", tiled=False,
                             blockysize=profile["height"])
         self.dtype = np.dtype(profile["dtype"])
-        self._parts = None if profile.get("compress") else self._template()
         self._pixels = np.empty((profile["count"], profile["height"], profile["width"]), self.dtype)
+        self._parts: tuple[bytes, bytes, bytes] | None = None
+        if not profile.get("compress"):
+            self._prepare_template()
 
     @property
     def uses_template(self) -> bool:
@@ -116,46 +119,49 @@ class ChipWriter:
                 dst.write(array)
             return mem.read()
 
-    def _template(self) -> tuple[bytes, bytes, bytes] | None:
-        """(bytes before the tie point, between it and the pixels, after the pixels), if they round-trip."""
+    def _prepare_template(self) -> None:
+        """Keep the template's bytes before the tie point, between it and the pixels, and after the pixels.
+
+        Only if a chip assembled from them at another position reads back right through GDAL.
+        """
         t = self.profile["transform"]
         if t.b or t.d or sys.byteorder != "little":
-            return None
+            return
         shape = (self.profile["count"], self.profile["height"], self.profile["width"])
         pattern = np.random.default_rng(0).integers(1, 100, shape).astype(self.dtype)
         raw, pixels, tie = self._gdal_bytes(pattern, t), pattern.tobytes(), _TIEPOINT.pack(0, 0, 0, t.c, t.f, 0)
         start = raw.find(pixels)
         at = raw.find(tie, 0, max(start, 0))
         if raw[:2] != b"II" or start < 0 or at < 0 or raw.count(tie) != 1:
-            return None
-        parts = raw[:at], raw[at + _TIEPOINT.size : start], raw[start + len(pixels) :]
-        moved = window_transform(t, Window(7, 5, 1, 1))
-        with MemoryFile(self._assemble(parts, pattern[:, ::-1], moved)) as mem, mem.open() as check:
+            return
+        self._parts = raw[:at], raw[at + _TIEPOINT.size : start], raw[start + len(pixels) :]
+        moved, buffer = window_transform(t, Window(7, 5, 1, 1)), io.BytesIO()
+        self._emit(buffer, pattern[:, ::-1], moved)
+        with MemoryFile(buffer.getvalue()) as mem, mem.open() as check:
             ok = (check.transform == moved and check.crs == self.profile["crs"] and check.dtypes[0] == self.dtype
                   and np.array_equal(check.read(), pattern[:, ::-1])
                   and _same_nodata(check.nodata, self.profile.get("nodata")))
-        return parts if ok else None
+        if not ok:
+            self._parts = None
 
-    @staticmethod
-    def _assemble(parts: tuple[bytes, bytes, bytes], array: np.ndarray, transform: Affine) -> bytes:
-        head, middle, tail = parts
-        return b"".join((head, _TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0), middle,
-                         np.ascontiguousarray(array).tobytes(), tail))
+    def _emit(self, fh: BinaryIO, array: np.ndarray, transform: Affine) -> None:
+        head, middle, tail = self._parts
+        np.copyto(self._pixels, array)  # one reused buffer: Dask workers trim freed memory, new pages fault
+        fh.write(head)
+        fh.write(_TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0))
+        fh.write(middle)
+        fh.write(self._pixels.data)
+        fh.write(tail)
 
     def write(self, path: str | Path, array: np.ndarray, transform: Affine) -> None:
-        """Write ``array`` (bands, rows, cols) as a chip at ``transform`` (same pixel size as the profile's)."""
-        if self._parts is None:
+        """Write ``array`` (bands, rows, cols) as a chip whose pixel (0, 0) lies at ``transform``."""
+        t = self.profile["transform"]
+        if self._parts is None or (transform.a, transform.b, transform.d, transform.e) != (t.a, t.b, t.d, t.e):
             with rasterio.open(path, "w", **dict(self.profile, transform=transform)) as dst:
                 dst.write(array)
             return
-        head, middle, tail = self._parts
-        np.copyto(self._pixels, array)  # one reused buffer: Dask workers trim freed memory, new pages fault
         with open(path, "wb") as fh:
-            fh.write(head)
-            fh.write(_TIEPOINT.pack(0, 0, 0, transform.c, transform.f, 0))
-            fh.write(middle)
-            fh.write(self._pixels.data)
-            fh.write(tail)
+            self._emit(fh, array, transform)
 
 
 def _read_strip(src: rasterio.DatasetReader, window: Window, job: ChipJob,
