@@ -59,8 +59,9 @@ def _fmt(bounds: Any) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in bounds) + ")"
 
 
-def _overlaps(a: Any, b: Any) -> bool:
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+def _overlaps(a: Any, b: Any) -> Any:
+    """Whether rectangles (minx, miny, maxx, maxy) touch; elementwise when ``a`` holds arrays (NaN: False)."""
+    return (a[0] <= b[2]) & (b[0] <= a[2]) & (a[1] <= b[3]) & (b[1] <= a[3])
 
 
 def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
@@ -97,9 +98,7 @@ def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
     frame = pyogrio.read_dataframe(path, columns=[])
     geoms = np.asarray(frame.geometry.array, dtype=object)
     present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    lo_x, lo_y, hi_x, hi_y = shapely.bounds(geoms).T  # NaN for missing and empty geometries
-    near = present & (lo_x <= scene_in_file[2]) & (hi_x >= scene_in_file[0]) & (lo_y <= scene_in_file[3]) & (
-        hi_y >= scene_in_file[1])
+    near = present & _overlaps(shapely.bounds(geoms).T, scene_in_file)
     if file_crs is not None and crs is not None and file_crs != crs:
         frame = frame[near].to_crs(crs)
     else:
