@@ -131,6 +131,7 @@ def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: 
     assert meta["labels"]["kind"] == "vector"
     counts = meta["counts"]
     assert counts["geometries_repaired"] == 1 and counts["geometries_empty"] == 1
+    assert counts["geometries_outside"] == 1 and counts["geometries_read"] == 6
     # The bow-tie is repaired into two triangles; pixel centres inside them are buildings.
     expected |= rasterize([shapely.make_valid(bowtie)], out_shape=expected.shape, transform=TRANSFORM,
                           dtype=np.uint8)
