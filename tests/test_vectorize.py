@@ -308,6 +308,14 @@ def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 
+def test_empty_mask_gives_empty_layers(tmp_path):
+    path = write_raster(tmp_path / "mask.tif", np.zeros((20, 20), np.uint8))
+    for name in ("b.geojson", "b.gpkg"):
+        assert vectorize_to_file(path, tmp_path / name, block=8, scheduler="sync") == 0
+        assert len(pyogrio.read_dataframe(tmp_path / name)) == 0
+    assert json.loads((tmp_path / "b.geojson").read_text())["features"] == []
+
+
 def run_cli(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
