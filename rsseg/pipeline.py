@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 import uuid
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -368,12 +368,11 @@ def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: 
                     del pending[name]
             if not running:
                 raise PipelineError(f"stages {sorted(pending)} wait on stages that cannot run")
-            done, _ = wait(running, return_when=FIRST_EXCEPTION)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 name = running.pop(fut)
                 if fut.exception() is not None:
-                    for other in running:
-                        other.cancel()
+                    client.cancel(list(client.futures.values()))  # other stages' tasks: stop promptly
                     raise fut.exception()  # type: ignore[misc]
                 results[name] = fut.result()
                 bar.update()

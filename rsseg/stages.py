@@ -173,10 +173,19 @@ class TrainParams(Params):
         return self
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the Dask worker that started us dies (Linux), so no orphan trains on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def train_subprocess(config_path: Path, nproc: int) -> str:
     """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PipelineError(f"rsseg train exited with {done.returncode}: {tail}")
