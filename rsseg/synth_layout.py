@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-__all__ = ["Layout", "Style", "hash01", "place", "random_style", "value_noise_at"]
+__all__ = [
+    "TREE_CELL", "TREE_RADIUS_M", "Layout", "Style", "Trees", "cell_trees", "hash01", "place", "random_style",
+    "value_noise_at",
+]
 
 #: Ground covers as (RGB low, RGB high) pairs blended by a low-frequency noise field.
 GROUNDS = (
@@ -35,6 +38,9 @@ ROOFS = np.array(
 )
 _N_DISTINCT_ROOFS = 10
 TREES = np.array([(46, 72, 36), (60, 86, 42), (38, 64, 44), (74, 92, 48)], dtype=np.float32)
+#: Trees are drawn per square cell of this many pixels, each cell from its own seed (see cell_trees).
+TREE_CELL = 256
+TREE_RADIUS_M = (1.5, 4.5)
 ROAD_RGB = np.array([(92, 92, 94), (112, 110, 106), (78, 80, 84)], dtype=np.float32)
 
 
@@ -79,7 +85,8 @@ class Layout:
 
     Buildings are split into convex rectangular *parts* (one for a rectangle, two for an L) that carry
     the roof geometry: centre, unit ridge axis and half sizes along and across the ridge. ``shadows``
-    are the buildings' shadows; trees cast their crown shifted by ``tree_shadow`` (x, y) pixels.
+    are the buildings' shadows. Trees are not stored: :func:`cell_trees` draws them per cell on demand;
+    they cast their crown shifted by ``tree_shadow`` (x, y) pixels.
     """
 
     buildings: np.ndarray
@@ -95,12 +102,24 @@ class Layout:
     first_part: np.ndarray
     shadows: np.ndarray
     roads: np.ndarray
-    trees: np.ndarray
-    tree_center: np.ndarray
-    tree_radius: np.ndarray
-    tree_rgb: np.ndarray
+    gsd: float
     tree_shadow: tuple[float, float]
     valid: shapely.Polygon | None
+
+
+@dataclass(frozen=True, slots=True)
+class Trees:
+    """Tree crowns: closed outline rings (n, 13, 2), centres (n, 2), radii (n,) in pixels, colours (n, 3)."""
+
+    rings: np.ndarray
+    center: np.ndarray
+    radius: np.ndarray
+    rgb: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[Trees]) -> Trees:
+        """All trees of ``parts``, in order."""
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rings", "center", "radius", "rgb")))
 
 
 def hash01(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
@@ -238,27 +257,32 @@ def _part_frame(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return centre, axis, half
 
 
-def _trees(n: int, bounds, style: Style, gsd: float, buildings, roads, rng: np.random.Generator):
-    """Clumped trees: irregular round crowns that may overhang a roof by at most about a metre."""
-    x0, y0, x1, y1 = bounds
-    xy = np.column_stack([rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)])
-    clump = value_noise_at(xy[:, 0], xy[:, 1], 40 / gsd, style.seed + 7)
-    xy = xy[clump > 0.55]
-    radius = rng.uniform(1.5, 4.5, len(xy)) / gsd
+def cell_trees(style: Style, gsd: float, col: int, row: int, buildings: shapely.STRtree,
+               roads: shapely.STRtree) -> Trees:
+    """The clumped trees of one :data:`TREE_CELL` cell, drawn from a seed of their own.
+
+    A function of the style and the cell only, so every window that needs the cell gets the same trees
+    and no scene-wide list is kept. Crowns are irregular round outlines (plain coordinate arrays: no
+    shapely objects to convert when rasterising); a crown may overhang a roof by
+    at most about a metre; no tree stands on a road.
+    """
+    rng = np.random.default_rng([style.seed, col + 2**31, row + 2**31])
+    n = int(rng.poisson((TREE_CELL * gsd) ** 2 / 100 * style.tree_density))
+    xy = (np.array([col, row]) + rng.random((n, 2))) * TREE_CELL
+    xy = xy[value_noise_at(xy[:, 0], xy[:, 1], 40 / gsd, style.seed + 7) > 0.55]
+    radius = rng.uniform(*TREE_RADIUS_M, len(xy)) / gsd
     points = shapely.points(xy)
     clear = np.minimum(radius - 1.0 / gsd, 0.6 * radius)
     bad = np.zeros(len(xy), dtype=bool)
-    if len(buildings):
-        bad[shapely.STRtree(buildings).query(points, predicate="dwithin", distance=clear)[0]] = True
-    if len(roads):
-        bad[shapely.STRtree(roads).query(points, predicate="intersects")[0]] = True
+    bad[buildings.query(points, predicate="dwithin", distance=clear)[0]] = True
+    bad[roads.query(points, predicate="intersects")[0]] = True
     xy, radius = xy[~bad], radius[~bad]
     k = 12
     theta = np.linspace(0, 2 * np.pi, k, endpoint=False)[None, :] + rng.uniform(0, np.pi, (len(xy), 1))
     r = radius[:, None] * np.clip(rng.normal(1, 0.1, (len(xy), k)), 0.8, 1.2)
     ring = np.stack([np.cos(theta) * r, np.sin(theta) * r], axis=-1) + xy[:, None, :]
     rgb = TREES[rng.integers(len(TREES), size=len(xy))] * rng.uniform(0.85, 1.15, (len(xy), 1))
-    return shapely.polygons(ring), xy, radius, rgb.astype(np.float32)
+    return Trees(np.concatenate([ring, ring[:, :1]], axis=1), xy, radius, rgb.astype(np.float32))
 
 
 def place(
@@ -271,7 +295,7 @@ def place(
     min_visible: shapely.Geometry | None = None,
     valid: shapely.Polygon | None = None,
 ) -> Layout:
-    """Place roads, buildings and trees in ``bounds`` (pixel coordinates) and derive their shadows.
+    """Place roads and buildings in ``bounds`` (pixel coordinates) and derive the buildings' shadows.
 
     Args:
         style: the look of the scene (densities, orientation, colours, sun).
@@ -312,8 +336,6 @@ def place(
     offset = (cand["height_m"][idx][part_building] * style.shadow_ratio / gsd)[:, None, None] * style.shadow_dir
     shadows = shapely.convex_hull(shapely.multipoints(np.concatenate([part_corners, part_corners + offset], axis=1)))
     buildings = footprints[idx]
-    trees, tree_xy, tree_r, tree_rgb = _trees(
-        int(rng.poisson(area_m2 / 100 * style.tree_density)), bounds, style, gsd, buildings, roads, rng)
     return Layout(
         buildings=buildings,
         kind=np.where(is_l, "L", "rect"),
@@ -328,10 +350,7 @@ def place(
         first_part=np.searchsorted(part_building, np.arange(len(idx))),
         shadows=shadows,
         roads=roads,
-        trees=trees,
-        tree_center=tree_xy,
-        tree_radius=tree_r,
-        tree_rgb=tree_rgb,
+        gsd=gsd,
         # all trees cast the shadow of a 7 m tree; a dyadic offset keeps windows bit-identical
         tree_shadow=tuple(np.round(style.shadow_dir * 7 * style.shadow_ratio / gsd * 64) / 64),
         valid=valid,

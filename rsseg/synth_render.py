@@ -11,6 +11,7 @@ tree crowns, which may overhang a roof edge a little. The building mask is the r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ import shapely
 from affine import Affine
 from rasterio.features import rasterize
 
-from rsseg.synth_layout import Layout, Style, hash01, smoothstep
+from rsseg.synth_layout import TREE_CELL, TREE_RADIUS_M, Layout, Style, Trees, cell_trees, hash01, smoothstep
 
 __all__ = ["Rendered", "Renderer", "value_noise"]
 
@@ -45,6 +46,23 @@ def value_noise(row0: int, col0: int, height: int, width: int, scale: float, see
     return rows[jy] * (1 - wy)[:, None] + rows[jy + 1] * wy[:, None]
 
 
+def _rasterize(geoms, values: np.ndarray, row0: float, col0: float, height: int, width: int) -> np.ndarray:
+    """Burn ``values`` of ``geoms`` (pixel coordinates) into a window; later geometries win; 0 elsewhere."""
+    if not len(values):
+        return np.zeros((height, width), dtype=np.int32)
+    return rasterize(zip(geoms, values.tolist(), strict=True), out_shape=(height, width),
+                     transform=Affine.translation(col0, row0), fill=0, dtype="int32")
+
+
+def _burn_rings(trees: Trees, row0: float, col0: float, height: int, width: int) -> np.ndarray:
+    """Rasterise the tree crowns meeting a window; each pixel gets its tree's index + 1 (or 0)."""
+    lo, hi = trees.rings.min(axis=1), trees.rings.max(axis=1)
+    meet = (hi[:, 0] > col0) & (lo[:, 0] < col0 + width) & (hi[:, 1] > row0) & (lo[:, 1] < row0 + height)
+    meet = np.flatnonzero(meet)
+    shapes = ({"type": "Polygon", "coordinates": [ring]} for ring in trees.rings[meet].tolist())
+    return _rasterize(shapes, meet + 1, row0, col0, height, width)
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A rendered window: ``rgb`` (3, h, w) uint8 and the boolean building mask (h, w)."""
@@ -58,23 +76,28 @@ class Renderer:
 
     def __init__(self, layout: Layout, style: Style):
         self.layout, self.style = layout, style
-        self._trees = {
-            name: shapely.STRtree(getattr(layout, name))
-            for name in ("roads", "shadows", "buildings", "parts", "trees")
-        }
+        families = ("roads", "shadows", "buildings", "parts")
+        self._index = {name: shapely.STRtree(getattr(layout, name)) for name in families}
+        self._cell = functools.lru_cache(maxsize=1024)(self._make_cell)
         light = -np.asarray(style.shadow_dir, dtype=np.float64)
         normal = np.column_stack([-layout.part_axis[:, 1], layout.part_axis[:, 0]])
         lit = normal @ light
         self._side_gain = np.column_stack([1 + 0.16 * lit, 1 - 0.16 * lit]).astype(np.float32)
 
+    def _make_cell(self, col: int, row: int) -> Trees:
+        return cell_trees(self.style, self.layout.gsd, col, row, self._index["buildings"], self._index["roads"])
+
+    def _trees_near(self, row0: int, col0: int, height: int, width: int) -> Trees:
+        """The trees whose crown or shadow may reach the window, in a fixed global order."""
+        margin = 1.25 * TREE_RADIUS_M[1] / self.layout.gsd + np.abs(self.layout.tree_shadow).max()
+        c0, c1 = (int(np.floor(v / TREE_CELL)) for v in (col0 - margin, col0 + width + margin))
+        r0, r1 = (int(np.floor(v / TREE_CELL)) for v in (row0 - margin, row0 + height + margin))
+        return Trees.concat([self._cell(c, r) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)])
+
     def _burn(self, name: str, row0: float, col0: float, height: int, width: int) -> np.ndarray:
         """Rasterise features of family ``name`` meeting the window; each pixel gets index + 1 (or 0)."""
-        idx = np.sort(self._trees[name].query(shapely.box(col0, row0, col0 + width, row0 + height)))
-        if not len(idx):
-            return np.zeros((height, width), dtype=np.int32)
-        geoms = getattr(self.layout, name)[idx]
-        return rasterize(zip(geoms, (idx + 1).tolist(), strict=True), out_shape=(height, width),
-                         transform=Affine.translation(col0, row0), fill=0, dtype="int32")
+        idx = np.sort(self._index[name].query(shapely.box(col0, row0, col0 + width, row0 + height)))
+        return _rasterize(getattr(self.layout, name)[idx], idx + 1, row0, col0, height, width)
 
     def render(self, row0: int, col0: int, height: int, width: int) -> Rendered:
         """Render the window with top-left pixel (row0, col0) and the given size."""
@@ -95,8 +118,9 @@ class Renderer:
         road = self._burn("roads", row0, col0, height, width) > 0
         rgb[:, road] = style.road_rgb[:, None] * (0.97 + 0.06 * texture[road]) * (0.95 + 0.1 * grain[road])
         dx, dy = lay.tree_shadow
+        trees = self._trees_near(row0, col0, height, width)
         shadow = self._burn("shadows", row0, col0, height, width) > 0
-        shadow |= self._burn("trees", row0 - dy, col0 - dx, height, width) > 0
+        shadow |= _burn_rings(trees, row0 - dy, col0 - dx, height, width) > 0
         rgb[:, shadow] *= _SHADOW_TINT
 
         halo = self._burn("buildings", row0 - 1, col0 - 1, height + 2, width + 2)
@@ -106,9 +130,9 @@ class Renderer:
             inner = (halo[:-2, 1:-1] == label) & (halo[2:, 1:-1] == label)
             inner &= (halo[1:-1, :-2] == label) & (halo[1:-1, 2:] == label)
             rgb[:, roof] = self._roofs(label, inner, grain, row0, col0)
-        tree = self._burn("trees", row0, col0, height, width)
+        tree = _burn_rings(trees, row0, col0, height, width)
         if tree.any():
-            rgb[:, tree > 0] = self._crowns(tree, texture, grain, row0, col0)
+            rgb[:, tree > 0] = self._crowns(trees, tree, texture, grain, row0, col0)
         rgb *= style.gain[:, None, None]
         if lay.valid is not None:
             valid = rasterize([(lay.valid, 1)], out_shape=(height, width),
@@ -139,13 +163,12 @@ class Renderer:
         gain = gain * np.where(inner[r, c], 1.0, 0.78) * (0.95 + 0.1 * grain[r, c])
         return (lay.roof_rgb[b] * gain[:, None].astype(np.float32)).T
 
-    def _crowns(self, tree, texture, grain, row0: int, col0: int) -> np.ndarray:
+    def _crowns(self, trees: Trees, tree, texture, grain, row0: int, col0: int) -> np.ndarray:
         """Colours (3, k) of tree-crown pixels: darker rim, lit towards the sun, leafy texture."""
-        lay = self.layout
         r, c = np.nonzero(tree)
         t = tree[r, c] - 1
-        d = (np.column_stack([c + col0 + 0.5, r + row0 + 0.5]) - lay.tree_center[t]) / lay.tree_radius[t][:, None]
+        d = (np.column_stack([c + col0 + 0.5, r + row0 + 0.5]) - trees.center[t]) / trees.radius[t][:, None]
         rim = np.minimum((d * d).sum(axis=1), 1.0)
         lit = -(d @ np.asarray(self.style.shadow_dir))
         gain = (1.05 - 0.3 * rim + 0.18 * lit) * (0.75 + 0.5 * texture[r, c]) * (0.9 + 0.2 * grain[r, c])
-        return (lay.tree_rgb[t] * gain[:, None].astype(np.float32)).T
+        return (trees.rgb[t] * gain[:, None].astype(np.float32)).T
