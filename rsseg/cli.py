@@ -190,7 +190,8 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
 @click.option("--regularize", is_flag=True, help="Square up outlines along their dominant orientation.")
 @click.option("--band", default=1, show_default=True, help="Band of MASK holding the mask.")
 @click.option("--block", default=2048, show_default=True, help="Block size in pixels.")
-@click.option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
+@click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
+              "LocalCluster; a single block runs in this process).")
 def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Path | None, regularize: bool,
               band: int, block: int, scheduler: str | None) -> None:
     """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
