@@ -212,7 +212,7 @@ def _quiet(progress: bool | None) -> bool | None:
 def render_tile(seed: int | np.random.SeedSequence, *, empty: bool = False, size: int = TIANCHI_SIZE):
     """One Tianchi-style tile: a ``size`` x ``size`` patch of a small scene with a look of its own.
 
-    Ground, colours, densities, sun and pixel size (0.25-0.4 m) vary per tile. Buildings may be cut by
+    Ground, colours, densities, sun and pixel size (0.27-0.36 m) vary per tile. Buildings may be cut by
     the tile edge but show at least half their area (and 40 m2). ``empty`` draws no building.
 
     Returns:
@@ -220,7 +220,7 @@ def render_tile(seed: int | np.random.SeedSequence, *, empty: bool = False, size
     """
     rng = np.random.default_rng(seed)
     style = random_style(rng, empty=empty)
-    gsd = float(rng.uniform(0.25, 0.4))
+    gsd = float(rng.uniform(0.27, 0.36))
     pad = 30 / gsd
     layout = place(style, (-pad, -pad, size + pad, size + pad), gsd, rng, min_visible=shapely.box(0, 0, size, size))
     out = Renderer(layout, style).render(0, 0, size, size)
