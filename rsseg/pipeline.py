@@ -301,7 +301,8 @@ def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, client: Any) -> 
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         task = f", task {ctx.task_keys[-1]}" if ctx.task_keys else ""
-        raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {exc}") from exc
+        cause = (str(exc).strip().splitlines() or [""])[0]
+        raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {cause}") from exc
     manifest = {**head, "summary": summary, "tasks": len(ctx.task_keys), "seconds": time.perf_counter() - start,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "outputs": [{"path": str(p.relative_to(tmp)), "size": p.stat().st_size}

@@ -60,7 +60,8 @@ class StageContext:
             try:
                 results.append(fut.result())
             except Exception as exc:
-                raise PipelineError(f"task {fut.key} failed: {type(exc).__name__}: {exc}") from exc
+                cause = (str(exc).strip().splitlines() or [""])[0]
+                raise PipelineError(f"task {fut.key} failed: {type(exc).__name__}: {cause}") from exc
         return results
 
 
@@ -281,16 +282,17 @@ class VectorizeParams(Params):
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.report import scene_quicklook
-    from rsseg.vectorize import vectorize_to_file
+    from rsseg.vectorize import vectorize, write_vectors
 
     masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
     counts: dict[str, int] = {}
     for mask in masks:
         prob = mask.with_name(f"{mask.stem}.prob.tif")
+        gdf = vectorize(mask, min_area=p.min_area, simplify=p.simplify, prob=prob if prob.exists() else None,
+                        regularize=p.regularize, block=p.block, scheduler=ctx.client)
         for fmt in p.formats:
-            counts[mask.stem] = vectorize_to_file(mask, ctx.out_dir / f"{mask.stem}.{fmt}", min_area=p.min_area,
-                                                  simplify=p.simplify, prob=prob if prob.exists() else None,
-                                                  regularize=p.regularize, block=p.block, scheduler=ctx.client)
+            write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}")
+        counts[mask.stem] = len(gdf)
     if p.merged:
         fmt = "gpkg" if "gpkg" in p.formats else p.formats[0]
         merge_vectors([ctx.out_dir / f"{m.stem}.{fmt}" for m in masks], ctx.out_dir / p.merged)
