@@ -179,7 +179,7 @@ def make_scene(
     _check(size, gsd, block, compress)
     crs_obj, transform = scene_transform(crs, size, gsd)
     rng = np.random.default_rng(seed)
-    style: Style = random_style(rng, urban_scale_px=600 / gsd)
+    style: Style = random_style(rng, urban_scale_px=600 / gsd, roads=True)
     extent = shapely.box(0, 0, size, size)
     valid = _collar(size, seed) if nodata_border else None
     layout = place(style, (0, 0, size, size), gsd, rng, keep_within=extent if valid is None else valid, valid=valid)

@@ -150,8 +150,9 @@ def value_noise_at(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-def random_style(rng: np.random.Generator, *, empty: bool = False, urban_scale_px: float | None = None) -> Style:
-    """Draw the look of a scene or tile; ``empty`` gives a scene without buildings."""
+def random_style(rng: np.random.Generator, *, empty: bool = False, urban_scale_px: float | None = None,
+                 roads: bool | None = None) -> Style:
+    """Draw the look of a scene or tile; ``empty``: no buildings; ``roads``: force or forbid roads (None: 80%)."""
     azimuth = rng.uniform(0, 2 * np.pi)
     return Style(
         seed=int(rng.integers(1, 2**31)),
@@ -159,7 +160,7 @@ def random_style(rng: np.random.Generator, *, empty: bool = False, urban_scale_p
         cover_threshold=float(rng.uniform(0.3, 0.7)),
         road_rgb=ROAD_RGB[rng.integers(len(ROAD_RGB))],
         road_angle=float(rng.uniform(0, np.pi / 2)),
-        road_spacing_m=(80.0, 220.0) if rng.random() < 0.8 else None,
+        road_spacing_m=(80.0, 220.0) if (rng.random() < 0.8 if roads is None else roads) else None,
         building_density=0.0 if empty else float(rng.uniform(0.35, 0.9)),
         urban_scale_px=urban_scale_px,
         confusable_roofs=float(rng.uniform(0.03, 0.12)),
