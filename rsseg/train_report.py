@@ -69,6 +69,7 @@ def write_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     """Plot training/validation loss and validation Dice per epoch to a PNG (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(9, 3.5), layout="constrained")
@@ -82,6 +83,8 @@ def write_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     dice_ax.plot(epochs, [r["val_dice_at_0.5"] for r in history], "s--", label="threshold 0.5")
     dice_ax.set(xlabel="epoch", ylabel="mean per-image Dice", title="validation Dice", ylim=(0, 1))
     dice_ax.legend(loc="lower right")
+    for ax in (loss_ax, dice_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)

@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 from rsseg.errors import DatasetError
 from rsseg.models import load_checkpoint
 from rsseg.synth import make_tianchi
-from rsseg.train import _Dist, _Trainer, build_datasets, fit, launch
+from rsseg.train import build_datasets, fit, launch
 from rsseg.train_config import load_config
+from rsseg.trainer import Rank, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def _free_port():
 def _one_step(cfg_dict, env):
     cfg = load_config(cfg_dict)
     train, val = build_datasets(cfg)
-    trainer = _Trainer(cfg, env, torch.device("cpu"), train, val, cfg.data.batch_size // env.world)
-    record = trainer._train_epoch()
+    trainer = Trainer(cfg, env, torch.device("cpu"), train, val, cfg.data.batch_size // env.world)
+    record = trainer.train_epoch()
     assert record["step"] == 1
     return trainer.module.state_dict()
 
@@ -54,7 +55,7 @@ def _rank(rank, world, port, cfg_dict, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_one_step(cfg_dict, _Dist(rank, rank, world)), out / f"rank{rank}.pt")
+        torch.save(_one_step(cfg_dict, Rank(rank, rank, world)), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -63,7 +64,7 @@ def test_two_gloo_ranks_take_the_step_of_one_process_with_the_global_batch(tianc
     cfg = config(tianchi, tmp_path / "unused")
     mp.spawn(_rank, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    single = _one_step(cfg, _Dist())
+    single = _one_step(cfg, Rank())
     for key, value in single.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # DDP keeps the ranks identical
         assert torch.allclose(ranks[0][key], value, atol=ATOL), key  # and equal to one process
@@ -73,7 +74,7 @@ def test_two_gloo_ranks_take_the_step_of_one_process_with_the_global_batch(tianc
 def _untrained(cfg_dict):
     cfg = load_config(cfg_dict)
     train, val = build_datasets(cfg)
-    return _Trainer(cfg, _Dist(), torch.device("cpu"), train, val, 4).module.state_dict()
+    return Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4).module.state_dict()
 
 
 def test_launch_with_two_processes_matches_fit_in_one(tianchi, tmp_path):

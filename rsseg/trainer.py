@@ -1,0 +1,295 @@
+"""One process's share of a training run: model, optimizer, schedule, loaders, epochs and checkpoints.
+
+:class:`Trainer` is what :func:`rsseg.train.fit` drives, in a single process or as one DDP rank (its
+:class:`Rank`). Rank 0 alone validates and writes; every rank's RNG state goes into ``last.pt`` so that a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from rsseg.errors import CheckpointError, ConfigError
+from rsseg.fileio import atomic_path
+from rsseg.losses import DiceBCELoss
+from rsseg.models import create_model, load_checkpoint, model_config, save_checkpoint
+from rsseg.train_config import TrainConfig
+from rsseg.train_report import ThresholdDice, write_curves, write_metrics
+
+__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True, slots=True)
+class Rank:
+    """This process's place in a run: global rank, rank on this machine, number of processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that logs, validates and writes."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Rank:
+        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE), or a single process."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+class WarmupCosine:
+    """Learning-rate factor per step: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def __init__(self, total: int, warmup: int, min_ratio: float) -> None:
+        self.total, self.warmup, self.min_ratio = int(total), int(warmup), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        """The factor of the base learning rate at ``step`` (0-based)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def data_source(cfg: TrainConfig) -> dict[str, Any]:
+    """Where a run's data comes from, for checkpoints' meta: ``{"source": ..., "path": ...}``."""
+    paths = [str(cfg.data.root)] if cfg.data.source == "tianchi" else [str(p) for p in cfg.data.chips]
+    return {"source": cfg.data.source, "path": paths[0] if len(paths) == 1 else paths}
+
+
+def _model_name(model_cfg: Mapping[str, Any]) -> str:
+    arch = str(model_cfg.get("arch"))
+    return arch if arch == "tiny" else f"{arch}/{model_cfg.get('encoder')}"
+
+
+def _rsseg_version() -> str:
+    try:
+        return metadata.version("rsseg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and lists (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached], "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One process's share of a run: model, optimizer, loaders and the per-epoch bookkeeping.
+
+    Args:
+        cfg: the run's configuration.
+        env: this process's rank (``Rank()`` for a single process; the process group must be up for more).
+        device: where the model runs.
+        train_ds: the training dataset (with ``set_epoch``); ``bands`` gives the model's input channels.
+        val_ds: the validation dataset (whole tiles); ``size`` is recorded as the checkpoint's tile size.
+        per_rank: this rank's batch size (the global batch divided by the number of processes).
+    """
+
+    def __init__(self, cfg: TrainConfig, env: Rank, device: torch.device, train_ds: Dataset, val_ds: Dataset,
+                 per_rank: int) -> None:
+        self.cfg, self.env, self.device = cfg, env, device
+        self.out = Path(cfg.run.out_dir)
+        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        self.train_ds, self.val_ds = train_ds, val_ds
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        reserved = {"arch", "encoder", "encoder_weights", "in_channels", "mean", "std"} & set(cfg.model.kwargs)
+        if reserved:
+            raise ConfigError(f"model.kwargs repeats {sorted(reserved)}: set them in the model section itself")
+        kwargs = dict(arch=cfg.model.arch, encoder=cfg.model.encoder, encoder_weights=cfg.model.encoder_weights,
+                      in_channels=train_ds.bands, mean=cfg.model.mean, std=cfg.model.std, **cfg.model.kwargs)
+        self.module = create_model(**kwargs).to(device, memory_format=self.memory_format)
+        self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
+        self.model = self.module
+        if env.world > 1:
+            self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
+                                                 else None)
+        self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
+            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        self.sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                          seed=cfg.data.seed, drop_last=True)
+        pin = device.type == "cuda"
+        self.loader = DataLoader(train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+                                 drop_last=True, pin_memory=pin)
+        self.val_loader = DataLoader(val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers, pin_memory=pin)
+        self.steps_per_epoch = len(self.loader)
+        total = self.steps_per_epoch * cfg.run.epochs
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(
+            total, round(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
+        self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
+        self.history: list[dict[str, Any]] = []
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return (image, batch["mask"].to(self.device, non_blocking=True),
+                batch["valid"].to(self.device, non_blocking=True))
+
+    def resume(self, path: Path) -> None:
+        """Restore model, optimizer, scheduler, counters, history and RNG states from ``path`` (a last.pt)."""
+        ckpt = load_checkpoint(path)
+        if ckpt["model"] != self.model_cfg:
+            raise CheckpointError(f"{path} holds a {_model_name(ckpt['model'])} model unlike this config's "
+                                  f"{_model_name(self.model_cfg)} (or other model settings differ); set "
+                                  "run.overwrite=true to start afresh")
+        self.module.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["train_state"]
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_dice, self.best_epoch = float(state["best_dice"]), int(state["best_epoch"])
+        self.history = [dict(r) for r in state["history"]]
+        rngs = state["rng"]
+        _set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world else rngs[0])
+        if self.env.main:
+            log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
+
+    def run(self) -> Path:
+        """Train until ``run.epochs`` (or ``run.stop_after`` more epochs); returns the best checkpoint's path."""
+        run = self.cfg.run
+        if self.env.main:
+            with atomic_path(self.out / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            log.info("training %s on %s (%d process(es), %s%s): %d train / %d validation images, %d steps/epoch",
+                     _model_name(self.model_cfg), self.device, self.env.world,
+                     "bf16" if self.bf16 else "fp32", ", channels_last" if run.channels_last else "",
+                     len(self.train_ds), len(self.val_ds), self.steps_per_epoch)
+        last = run.epochs if run.stop_after is None else min(run.epochs, self.epoch + run.stop_after)
+        while self.epoch < last:
+            record = self.train_epoch()
+            rngs = [None] * self.env.world
+            if self.env.world > 1:
+                dist.all_gather_object(rngs, _rng_state())
+            else:
+                rngs = [_rng_state()]
+            if self.env.main:
+                record.update(self.validate())
+                self._save(record, rngs)
+            if self.env.world > 1:
+                dist.barrier()
+        return self.out / "best.pt"
+
+    def train_epoch(self) -> dict[str, Any]:
+        """One pass over this rank's shard of the training split; returns the epoch's training record."""
+        self.train_ds.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        self.model.train()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss * images, images
+        start = time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.run.epochs}", unit="batch", leave=False,
+                   disable=not (self.env.main and self.cfg.run.progress) or None)
+        for i, batch in enumerate(bar):
+            image, mask, valid = self._batch(batch)
+            with self._autocast():
+                logits = self.model(image)
+            loss = self.criterion(logits, mask, valid)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            sums += torch.stack([loss.detach().double() * image.shape[0], sums.new_tensor(image.shape[0])])
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")
+        if self.env.world > 1:
+            dist.all_reduce(sums)
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        return {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": float(sums[0] / sums[1].clamp_min(1)), "train_images_per_s": float(sums[1]) / elapsed,
+                "train_s": elapsed}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Validation loss and mean per-image Dice per threshold on whole tiles (rank 0, unwrapped model)."""
+        self.module.eval()
+        scores = ThresholdDice(self.cfg.run.thresholds + [0.5], self.device)
+        loss_sum, images, start = 0.0, 0, time.perf_counter()
+        for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False,
+                          disable=not self.cfg.run.progress or None):
+            image, mask, valid = self._batch(batch)
+            with self._autocast():
+                logits = self.module(image)
+            loss_sum += float(self.criterion(logits, mask, valid)) * image.shape[0]
+            images += image.shape[0]
+            scores.update(torch.sigmoid(logits.float()), mask, valid)
+        by_threshold = scores.scores()
+        chosen = {t: by_threshold[round(t, 6)] for t in self.cfg.run.thresholds}
+        threshold = max(chosen, key=lambda t: (chosen[t], -t))
+        return {"val_loss": loss_sum / max(images, 1), "val_dice": chosen[threshold], "threshold": threshold,
+                "val_dice_at_0.5": by_threshold[0.5], "val_s": time.perf_counter() - start}
+
+    def _save(self, record: dict[str, Any], rngs: list[dict[str, Any]]) -> None:
+        improved = record["val_dice"] > self.best_dice
+        if improved:
+            self.best_dice, self.best_epoch = record["val_dice"], self.epoch
+        self.history.append(record)
+        val = self.val_ds
+        meta = {"epoch": self.epoch, "step": self.step, "val_dice": record["val_dice"],
+                "threshold": record["threshold"], "best_dice": self.best_dice, "best_epoch": self.best_epoch,
+                "data": data_source(self.cfg), "rsseg_version": _rsseg_version(), "in_channels": val.bands,
+                "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
+                "precision": "bf16" if self.bf16 else "fp32"}
+        state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
+                 "history": self.history, "rng": rngs}
+        last = save_checkpoint(self.out / "last.pt", self.module, self.model_cfg, meta,
+                               optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                               train_state=state)
+        if improved:
+            with atomic_path(self.out / "best.pt") as tmp:
+                shutil.copyfile(last, tmp)
+        write_metrics(self.history, self.out / "metrics.csv")
+        write_curves(self.history, self.out / "curves.png")
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f at threshold %.2f (best %.4f, "
+                 "epoch %d), %.1f train images/s", self.epoch, self.cfg.run.epochs, record["train_loss"],
+                 record["val_loss"], record["val_dice"], record["threshold"], self.best_dice, self.best_epoch,
+                 record["train_images_per_s"])
