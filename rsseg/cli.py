@@ -39,11 +39,14 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("-v", "--verbose", count=True, help="-v: rsseg debug output; -vv: also other libraries' info.")
 def cli(verbose: int) -> None:
     """Find buildings in aerial and satellite images."""
-    # Dask reads its logging levels from the environment when first imported (here and in workers).
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose > 1 else "warning")
+    # Dask reads its logging levels from the environment when first imported (here and in workers); its
+    # task-failure reports and rasterio's echo of GDAL errors would repeat the one-line error rsseg prints.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", ("error", "warning", "info")[min(verbose, 2)])
     logging.basicConfig(level=logging.INFO if verbose > 1 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("rsseg").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("rasterio._env").setLevel(logging.CRITICAL)
 
 
 # ----------------------------------------------------------------------------------------------- synth

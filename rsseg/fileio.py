@@ -18,8 +18,8 @@ import rasterio
 
 __all__ = ["atomic_dir", "atomic_path", "file_sha256", "raster_env"]
 
-#: GDAL block cache for rsseg's readers and writers, in MB. Measured on a 20000x20000 scene: 64 MB cut
-#: the reading process from 1.27 GB to 136 MB resident and read 1.15x faster than GDAL's default (5% of RAM).
+#: GDAL block cache for rsseg's readers and writers, in MB: small, so memory does not follow the scene size
+#: (GDAL's default is 5% of RAM per process, 1.2 GB here, multiplied by every Dask worker).
 GDAL_CACHEMAX_MB = 64
 
 
@@ -90,4 +90,5 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 def raster_env(cache_mb: int = GDAL_CACHEMAX_MB, **options: object) -> rasterio.Env:
     """A :class:`rasterio.Env` with a small GDAL block cache (memory independent of scene size)."""
-    return rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_NUM_THREADS="ALL_CPUS", **options)
+    # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes.
+    return rasterio.Env(GDAL_CACHEMAX=cache_mb << 20, GDAL_NUM_THREADS="ALL_CPUS", **options)

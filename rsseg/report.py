@@ -52,7 +52,7 @@ def scene_quicklook(scene: Path, vectors: Path, out: Path, max_size: int = 1024)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         bands = [1, 2, 3] if src.count >= 3 else [1]
         data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
-        inverse = ~(src.transform * src.transform.scale(src.width / shape[1], src.height / shape[0]))
+        inverse = ~(src.transform @ src.transform.scale(src.width / shape[1], src.height / shape[0]))
         crs = src.crs
     data = data.astype(np.float32)
     lo, hi = np.percentile(data, (1, 99))
