@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -132,6 +133,8 @@ class Trainer:
         self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.train_ds, self.val_ds = train_ds, val_ds
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
@@ -149,6 +152,9 @@ class Trainer:
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
         workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
             0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
+            log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
+            workers = 0
         self.sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
                                           seed=cfg.data.seed, drop_last=True)
         pin = device.type == "cuda"

@@ -181,3 +181,11 @@ def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"rsseg: error: {tmp_path / 'c.yaml'}: unknown key 'optim.lerning_rate'; valid keys in optim: grad_clip, "
         "lr, min_lr_ratio, warmup_fraction, weight_decay"]
+
+
+@pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.data.augment.crop == 256 and cfg.run.precision == "bf16"
