@@ -220,7 +220,7 @@ class RowWriter:
             return
         k = stop - self._pending_start
         joined = {key: np.concatenate([a[key] for a in self._pending]) for key in self._pending[0]}
-        self._pending = [{key: arr[k:] for key, arr in joined.items()}] if stop < end else []
+        self._pending = [{key: arr[k:].copy() for key, arr in joined.items()}] if stop < end else []
         width = joined[next(iter(joined))].shape[1]
         window = Window(0, self._pending_start, width, k)
         valid = src.dataset_mask(window=window) > 0 if src is not None else None
