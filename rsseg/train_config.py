@@ -121,6 +121,8 @@ class RunConfig(_Strict):
     channels_last: bool = True
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process")
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
+    min_pixels: list[int] = Field(default_factory=lambda: [0, 16, 64, 256], description=(
+        "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty tile"))
     seed: int = 0
     resume: bool = Field(False, description="continue from out_dir/last.pt if it exists")
     overwrite: bool = Field(False, description="start afresh even if out_dir holds a run")
@@ -130,6 +132,8 @@ class RunConfig(_Strict):
     def _thresholds(self) -> RunConfig:
         if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError(f"run.thresholds={self.thresholds}: expected one or more values in (0, 1)")
+        if not self.min_pixels or min(self.min_pixels) < 0:
+            raise ValueError(f"run.min_pixels={self.min_pixels}: expected one or more pixel counts >= 0")
         return self
 
 

@@ -258,7 +258,8 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation loss and mean per-image Dice per threshold on whole tiles (rank 0, unwrapped model)."""
         self.module.eval()
-        scores = ThresholdDice(self.cfg.run.thresholds + [0.5], self.device)
+        run = self.cfg.run
+        scores = ThresholdDice([*run.thresholds, 0.5], [*run.min_pixels, 0], self.device)
         loss_sum, images, start = 0.0, 0, time.perf_counter()
         for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False,
                           disable=not self.cfg.run.progress or None):
@@ -268,11 +269,10 @@ class Trainer:
             loss_sum += float(self.criterion(logits, mask, valid)) * image.shape[0]
             images += image.shape[0]
             scores.update(torch.sigmoid(logits.float()), mask, valid)
-        by_threshold = scores.scores()
-        chosen = {t: by_threshold[round(t, 6)] for t in self.cfg.run.thresholds}
-        threshold = max(chosen, key=lambda t: (chosen[t], -t))
-        return {"val_loss": loss_sum / max(images, 1), "val_dice": chosen[threshold], "threshold": threshold,
-                "val_dice_at_0.5": by_threshold[0.5], "val_s": time.perf_counter() - start}
+        threshold, min_pixels, dice = scores.best(run.thresholds, run.min_pixels)
+        return {"val_loss": loss_sum / max(images, 1), "val_dice": dice, "threshold": threshold,
+                "min_pixels": min_pixels, "val_dice_at_0.5": scores.scores()[(0.5, 0)],
+                "val_s": time.perf_counter() - start}
 
     def _save(self, record: dict[str, Any], rngs: list[dict[str, Any]]) -> None:
         improved = record["val_dice"] > self.best_dice
@@ -281,8 +281,9 @@ class Trainer:
         self.history.append(record)
         val = self.val_ds
         meta = {"epoch": self.epoch, "step": self.step, "val_dice": record["val_dice"],
-                "threshold": record["threshold"], "best_dice": self.best_dice, "best_epoch": self.best_epoch,
-                "data": data_source(self.cfg), "rsseg_version": _rsseg_version(), "in_channels": val.bands,
+                "threshold": record["threshold"], "min_pixels": record["min_pixels"], "best_dice": self.best_dice,
+                "best_epoch": self.best_epoch, "data": data_source(self.cfg), "rsseg_version": _rsseg_version(),
+                "in_channels": val.bands,
                 "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
                 "precision": "bf16" if self.bf16 else "fp32"}
         state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
@@ -295,7 +296,7 @@ class Trainer:
                 shutil.copyfile(last, tmp)
         write_metrics(self.history, self.out / "metrics.csv")
         write_curves(self.history, self.out / "curves.png")
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f at threshold %.2f (best %.4f, "
-                 "epoch %d), %.1f train images/s", self.epoch, self.cfg.run.epochs, record["train_loss"],
-                 record["val_loss"], record["val_dice"], record["threshold"], self.best_dice, self.best_epoch,
-                 record["train_images_per_s"])
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f at threshold %.2f, min_pixels %d "
+                 "(best %.4f, epoch %d), %.1f train images/s", self.epoch, self.cfg.run.epochs, record["train_loss"],
+                 record["val_loss"], record["val_dice"], record["threshold"], record["min_pixels"], self.best_dice,
+                 self.best_epoch, record["train_images_per_s"])

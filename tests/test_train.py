@@ -59,19 +59,25 @@ def test_threshold_dice_is_the_competition_metric():
     truth = torch.from_numpy((rng.random((5, 1, 8, 8)) > 0.6).astype(np.float32))
     truth[0] = 0  # an empty truth
     probs[1] = 0.1  # an empty prediction
-    acc = ThresholdDice([0.3, 0.5, 0.7])
+    probs[0] = 0.0
+    probs[0, 0, 0, :3] = 0.9  # 3 false pixels on the empty tile: Dice 0 unless min_pixels > 3 drops them
+    acc = ThresholdDice([0.3, 0.5, 0.7], [0, 4])
     acc.update(probs[:2], truth[:2])
     acc.update(probs[2:], truth[2:])
-    for t, score in acc.scores().items():
-        assert score == pytest.approx(mean_image_dice((probs > t).numpy()[:, 0], truth.numpy()[:, 0]))
-    threshold, best = acc.best()
-    assert best == max(acc.scores().values()) and acc.scores()[threshold] == best
+    for (t, m), score in acc.scores().items():
+        pred = (probs > t).numpy()[:, 0]
+        pred[pred.sum((1, 2)) < m] = False  # the min_pixels rule: too few pixels -> empty
+        assert score == pytest.approx(mean_image_dice(pred, truth.numpy()[:, 0])), (t, m)
+    assert acc.scores()[(0.5, 4)] - acc.scores()[(0.5, 0)] == pytest.approx(1 / 5)
+    threshold, min_pixels, best = acc.best()
+    assert best == max(acc.scores().values()) and acc.scores()[(threshold, min_pixels)] == best
+    assert acc.best([0.3], [0])[:2] == (0.3, 0)
     valid = torch.ones_like(truth)
     valid[..., :4] = 0
     masked = ThresholdDice([0.5])
     masked.update(probs, truth, valid)
     expected = mean_image_dice((probs[..., 4:] > 0.5).numpy()[:, 0], truth[..., 4:].numpy()[:, 0])
-    assert masked.scores()[0.5] == pytest.approx(expected)
+    assert masked.scores()[(0.5, 0)] == pytest.approx(expected)
 
 
 def test_warmup_then_cosine():
@@ -105,6 +111,7 @@ def test_run_outputs_and_resume_equals_a_straight_run(tianchi, tmp_path):
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         assert meta["epoch"] in (1, 2) and meta["threshold"] in (0.3, 0.5, 0.7)
+        assert meta["min_pixels"] in (0, 16, 64, 256)
         assert meta["best_dice"] == meta["val_dice"] and 0 <= meta["best_dice"] <= 1
         assert meta["data"] == {"source": "tianchi", "path": str(tianchi)}
         assert meta["in_channels"] == 3 and meta["tile_size"] == 512 and meta["rsseg_version"]
