@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ from rsseg.trainer import Rank, Trainer, WarmupCosine, data_source
 __all__ = ["TrainConfig", "WarmupCosine", "build_datasets", "fit", "launch", "load_config", "main", "resolve_device"]
 
 log = logging.getLogger(__name__)
+
+#: Minutes a collective (the end-of-epoch barrier) may wait: rank 0 validates while the others wait there.
+COLLECTIVE_TIMEOUT_MIN = 120
 
 
 def resolve_device(name: str, local_rank: int = 0, nproc: int = 1) -> torch.device:
@@ -118,7 +122,9 @@ def fit(cfg: TrainConfig) -> Path:
     if env.world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world)
+        # Ranks > 0 wait at a barrier while rank 0 validates and writes: allow for long validations.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world,
+                                timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     try:
         trainer = Trainer(cfg, env, device, train_ds, val_ds, per_rank)
         if resume_from is not None:
