@@ -45,7 +45,7 @@ METRES_PER_DEGREE = 111_320.0
 #: Raster block (tile) size of the written GeoTIFFs.
 TILE = 512
 #: Tianchi tiles: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
-TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.12, 90
+TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.10, 90
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
 #: GeoTIFF compression presets (benchmarks/bench_synth.py compares them; data_cards/synthetic.md).
 COMPRESSION = {
@@ -244,7 +244,7 @@ def make_tianchi(
     ``OUT_DIR/train/*.jpg`` and ``OUT_DIR/test_a/*.jpg`` (512x512 RGB, JPEG quality 90, names of 10
     characters of [0-9A-Z]), ``train_mask.csv`` and ``test_a_mask.csv`` (the truth) with ``name<TAB>rle``
     rows (column-major, 1-based runs; empty for no building), and ``test_a_samplesubmit.csv`` listing
-    the test images with empty masks. Rows follow the sorted file names. About 12% of the tiles of each
+    the test images with empty masks. Rows follow the sorted file names. About 10% of the tiles of each
     split have no building.
 
     Args:
