@@ -1,4 +1,4 @@
-"""Vector layout of a generated aerial scene: roads, buildings, trees and shadows, placed globally.
+"""Vector layout of a generated aerial scene: roads, buildings and their shadows placed globally; trees per cell.
 
 Everything here is in *pixel* coordinates of the scene (x = column, y = row, y down; a pixel's centre is
 at ``(col + 0.5, row + 0.5)``), so the same layout renders identically whatever block size is used.
@@ -17,7 +17,7 @@ import shapely
 
 __all__ = [
     "TREE_CELL", "TREE_RADIUS_M", "Layout", "Style", "Trees", "cell_trees", "hash01", "place", "random_style",
-    "value_noise_at",
+    "smoothstep", "value_noise_at",
 ]
 
 #: Ground covers as (RGB low, RGB high) pairs blended by a low-frequency noise field.
