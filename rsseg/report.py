@@ -46,7 +46,7 @@ def tiles_quicklook(images_dir: Path, submission: Path, out: Path, n: int = 8, s
 
 
 def scene_quicklook(scene: Path, vectors: Path, out: Path, max_size: int = 1024) -> Path:
-    """The scene, decimated to at most ``max_size`` pixels a side, with the buildings' outlines in red."""
+    """The scene, decimated to at most ``max_size`` pixels a side, with the buildings' outlines in yellow."""
     with raster_env(), rasterio.open(scene) as src:
         scale = max(src.width, src.height) / max_size
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
@@ -67,7 +67,7 @@ def scene_quicklook(scene: Path, vectors: Path, out: Path, max_size: int = 1024)
         (a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f)))
     for poly in shapely.get_parts(pixel):
         if isinstance(poly, shapely.Polygon):
-            draw.line(list(poly.exterior.coords), fill=(255, 0, 0), width=1)
+            draw.line(list(poly.exterior.coords), fill=(255, 255, 0), width=1)
     with atomic_path(out) as tmp:
         image.save(tmp, format="PNG")
     return out
