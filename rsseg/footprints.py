@@ -55,6 +55,10 @@ class Footprints:
         return self.geoms[self.query(bounds)]
 
 
+_COUNTS = ("geometries_read", "geometries_empty", "geometries_outside", "geometries_repaired",
+           "geometries_non_polygonal")
+
+
 def _fmt(bounds: Any) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in bounds) + ")"
 
@@ -75,15 +79,17 @@ def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
         bounds: the scene's extent (minx, miny, maxx, maxy) in ``crs``.
 
     Raises:
-        VectorError: the file cannot be read, has no features, or none near the scene (both extents named).
+        VectorError: the file cannot be read, or its footprints are all away from the scene (both extents
+            named). A file without features is a scene without buildings (all-background labels).
     """
     try:
         info = pyogrio.read_info(path, force_total_bounds=True)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
         raise VectorError(f"{path}: not a raster or vector file GDAL can read "
                           f"({' '.join(str(exc).split())})") from None
-    if not info["features"]:
-        raise VectorError(f"{path}: has no features; expected building footprints")
+    if not info["features"]:  # a scene without buildings: every label pixel is background
+        log.warning("%s: no footprints; labels will be all background", path)
+        return Footprints(np.empty(0, dtype=object), dict.fromkeys(_COUNTS, 0))
     file_crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
     if file_crs is None or crs is None:
         if file_crs != crs:

@@ -145,6 +145,20 @@ def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: 
             assert float(row["building_frac"]) == pytest.approx(truth.mean(), abs=1e-6)
 
 
+def test_empty_footprints_file_gives_background_labels(tmp_path: Path, client: Client) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, width=40, height=40)
+    labels = tmp_path / "none.geojson"
+    gpd.GeoDataFrame(geometry=gpd.GeoSeries([], crs="EPSG:4326")).to_file(labels)
+    write_chips(scene, tmp_path / "out", size=32, overlap=8, labels=labels, scheduler=client)
+    rows, meta = read_index(tmp_path / "out")
+    assert len(rows) == 4 and meta["counts"]["geometries_read"] == 0
+    for row in rows:
+        assert float(row["building_frac"]) == 0.0
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            assert not chip.read(1).any()
+
+
 def test_many_footprints_across_many_tasks(tmp_path: Path, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)  # several strips per row and several tasks
     monkeypatch.setattr(tiling, "TASK_ROWS_PX", 60)
