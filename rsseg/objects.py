@@ -20,6 +20,7 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import shapely
+from pyproj import CRS
 
 from rsseg.errors import ConfigError, VectorError
 
@@ -83,6 +84,16 @@ def _ratio(num: float, den: float, both_empty: bool) -> float:
     return 1.0 if both_empty else (num / den if den else 0.0)
 
 
+def _metric_crs(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> CRS:
+    """The truth's CRS if projected, else the local UTM zone of the buildings (any CRS when there are none)."""
+    if truth.crs.is_projected:
+        return truth.crs
+    for gdf in (truth, pred):
+        if len(gdf):
+            return gdf.estimate_utm_crs()
+    return truth.crs  # nothing to measure
+
+
 def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gpd.GeoDataFrame,
                      iou_threshold: float = 0.5) -> dict:
     """Score predicted building polygons against truth polygons (see the module docstring).
@@ -101,8 +112,7 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
         VectorError: a file that is not a vector file, has no CRS, or holds other geometries than polygons.
     """
     pred_gdf, truth_gdf = _read(pred, "prediction"), _read(truth, "truth")
-    crs = truth_gdf.crs if truth_gdf.crs.is_projected else (
-        truth_gdf.estimate_utm_crs() if len(truth_gdf) else pred_gdf.estimate_utm_crs())
+    crs = _metric_crs(pred_gdf, truth_gdf)
     shapes_ = [shapely.make_valid(gdf.to_crs(crs).geometry.values.to_numpy(), method="structure")
                for gdf in (pred_gdf, truth_gdf)]
     p_geoms, t_geoms = shapes_

@@ -71,6 +71,8 @@ def test_files_in_different_crs_and_empty_cases(tmp_path):
     assert geographic["crs"] == UTM and geographic["f1"] == 1.0  # the UTM zone of the geographic truth
     empty = frame()
     assert evaluate_vectors(empty, empty)["f1"] == 1.0
+    nothing = evaluate_vectors(frame(crs="EPSG:4326"), frame(crs="EPSG:4326"))  # no building to place a UTM zone
+    assert (nothing["f1"], nothing["area_iou"], nothing["n_pred"]) == (1.0, 1.0, 0)
     missed = evaluate_vectors(empty, TRUTH)
     assert (missed["f1"], missed["fn"], missed["area_iou"]) == (0.0, 5, 0.0)
 
