@@ -171,16 +171,19 @@ def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
 @click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
               help="Probabilities as 0-255 or 0-1.")
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
+@click.option("--min-pixels", type=int, default=None,
+              help="JPG tiles: fewer building pixels than this -> empty mask (default: the checkpoint's).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, overlap: int, tta: str,
             batch_size: int, device: str, precision: str, threshold: float | None, output_kind: str,
-            prob_dtype: str, sample: Path | None, overwrite: bool) -> None:
+            prob_dtype: str, sample: Path | None, min_pixels: int | None, overwrite: bool) -> None:
     """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG tiles (to a submission CSV)."""
     from rsseg.inference import predict_path
 
     result = predict_path(checkpoint, input_path, output, tile=tile_size, overlap=overlap, tta=tta,
                           batch_size=batch_size, device=device, precision=precision, threshold=threshold,
-                          output_kind=output_kind, prob_dtype=prob_dtype, sample=sample, overwrite=overwrite)
+                          output_kind=output_kind, prob_dtype=prob_dtype, sample=sample, overwrite=overwrite,
+                          min_pixels=min_pixels)
     click.echo(str(result))
 
 

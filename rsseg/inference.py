@@ -71,8 +71,9 @@ def prob_path(dst: PathLike) -> Path:
     return dst.with_name(f"{dst.stem}.prob{dst.suffix or '.tif'}")
 
 
-def _load_model(checkpoint_or_model: ModelLike, device: torch.device) -> tuple[nn.Module, int | None, float, str]:
-    """``(model, in_channels or None, default threshold, sha256)`` from a checkpoint path, dict or module."""
+def _load_model(checkpoint_or_model: ModelLike, device: torch.device
+                ) -> tuple[nn.Module, int | None, dict[str, Any], str]:
+    """``(model, in_channels or None, checkpoint meta, sha256)`` from a checkpoint path, dict or module."""
     if isinstance(checkpoint_or_model, nn.Module):
         model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
     else:
@@ -86,8 +87,14 @@ def _load_model(checkpoint_or_model: ModelLike, device: torch.device) -> tuple[n
         model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
         meta = ckpt.get("meta") or {}
     in_channels = int(model.mean.shape[1]) if isinstance(model, Segmenter) else None
-    threshold = meta.get("threshold")
-    return model, in_channels, 0.5 if threshold is None else float(threshold), digest
+    return model, in_channels, meta, digest
+
+
+def _setting(value: float | None, meta: dict[str, Any], key: str, default: float) -> float:
+    """An explicit value, else the one chosen on validation (checkpoint meta), else ``default``."""
+    if value is not None:
+        return float(value)
+    return float(meta[key]) if meta.get(key) is not None else default
 
 
 def _module_sha256(model: nn.Module) -> str:
@@ -193,8 +200,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     dev = resolve_device(device)
-    model, in_channels, default_threshold, digest = _load_model(checkpoint_or_model, dev)
-    threshold = default_threshold if threshold is None else float(threshold)
+    model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
+    threshold = _setting(threshold, meta, "threshold", 0.5)
     with raster_env():
         info = _source_info(src, in_channels)
     try:
@@ -274,12 +281,14 @@ def _read_jpg_batches(image_dir: Path, names: list[str], batch_size: int, pin: b
 def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_csv: PathLike,
                    sample: PathLike | None = None, tta: str = "d4", batch_size: int = 8,
                    device: str | torch.device = "auto", threshold: float | None = None, precision: str = "fp32",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, min_pixels: int | None = None) -> Path:
     """Predict every 512x512 JPG of ``image_dir`` and write a validated Tianchi submission.
 
     Rows follow the ``sample`` submission's order (its images must all be in the folder; JPGs it does
     not list are left out with a warning); without a sample, every JPG in name order. Masks are
-    ``probability > threshold`` after TTA, RLE-encoded by :func:`rsseg.rle.encode`, written by
+    ``probability > threshold`` after TTA, emptied when they hold fewer than ``min_pixels`` building pixels
+    (a tile without buildings scores 0 for a single false pixel), RLE-encoded by :func:`rsseg.rle.encode`,
+    written by
     :func:`rsseg.tianchi.write_submission` and checked by :func:`rsseg.tianchi.validate_submission`
     before the file takes its final name.
 
@@ -294,6 +303,8 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         threshold: None: the checkpoint's ``meta["threshold"]``, else 0.5.
         precision: ``fp32`` or ``bf16``.
         overwrite: replace an existing ``output_csv``.
+        min_pixels: None: the checkpoint's ``meta["min_pixels"]`` (chosen on validation with the
+            threshold), else 0.
 
     Returns:
         ``output_csv``.
@@ -312,10 +323,11 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     names = _image_names(image_dir, sample)
     dev = resolve_device(device)
-    model, in_channels, default_threshold, _ = _load_model(checkpoint_or_model, dev)
+    model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
     if in_channels not in (None, 3):
         raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG tiles have 3 (RGB)")
-    threshold = default_threshold if threshold is None else float(threshold)
+    threshold = _setting(threshold, meta, "threshold", 0.5)
+    min_pixels = int(_setting(min_pixels, meta, "min_pixels", 0))
     predictor = Predictor(model, dev, tta, precision)
     rles: dict[str, str] = {}
     pin = dev.type == "cuda"
@@ -323,6 +335,7 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
           tqdm(total=len(names), desc=f"predict {image_dir.name}", unit="image", disable=None) as bar):
         for chunk, pixels in batches:
             masks = (predictor(pixels) > threshold).cpu().numpy()
+            masks[masks.reshape(len(masks), -1).sum(axis=1) < min_pixels] = False
             rles.update((name, encode(mask)) for name, mask in zip(chunk, masks, strict=True))
             bar.update(len(chunk))
     with atomic_path(output_csv, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -334,22 +347,26 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         problems = validate_submission(tmp, reference)
         if problems:
             raise SubmissionError(f"{output_csv}: {len(problems)} problem(s), first: {problems[0]}")
-    log.info("%s: %d images (%s TTA) -> %s", image_dir, len(names), tta, output_csv)
+    log.info("%s: %d images (%s TTA, threshold %g, min_pixels %d) -> %s", image_dir, len(names), tta, threshold,
+             min_pixels, output_csv)
     return output_csv
 
 
 def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, tile: int = 512,
                  overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str = "auto",
                  precision: str = "fp32", threshold: float | None = None, output_kind: str = "mask",
-                 prob_dtype: str = "uint8", sample: PathLike | None = None, overwrite: bool = False) -> Path:
+                 prob_dtype: str = "uint8", sample: PathLike | None = None, overwrite: bool = False,
+                 min_pixels: int | None = None) -> Path:
     """``rsseg predict``: a folder of JPG tiles -> :func:`predict_images`; a raster -> :func:`predict_raster`.
 
-    ``tile``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` to folders.
+    ``tile``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
+    ``min_pixels`` to folders.
     """
     input_path = Path(input_path)
     if input_path.is_dir():
         return predict_images(checkpoint, input_path, output, sample=sample, tta=tta, batch_size=batch_size,
-                              device=device, threshold=threshold, precision=precision, overwrite=overwrite)
+                              device=device, threshold=threshold, precision=precision, overwrite=overwrite,
+                              min_pixels=min_pixels)
     if not input_path.exists():
         raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG tiles)")
     return predict_raster(checkpoint, input_path, output, tile=tile, overlap=overlap, tta=tta,

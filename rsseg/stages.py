@@ -215,6 +215,7 @@ class PredictTianchiParams(Params):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     threshold: float | None = None
+    min_pixels: int | None = None
 
 
 def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, An
     out = ctx.out_dir / "submission.csv"
     fut = ctx.submit(predict_images, p.checkpoint, p.images, out, sample=p.sample, tta=p.tta,
                      batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
-                     gpu=_device_is_gpu(p.device), label="predict")
+                     min_pixels=p.min_pixels, gpu=_device_is_gpu(p.device), label="predict")
     ctx.gather([fut])
     tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
     return {"submission": out.name, "rows": sum(1 for _ in open(out))}

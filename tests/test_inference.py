@@ -15,7 +15,7 @@ from rsseg.errors import CheckpointError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
 from rsseg.inference import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
-from rsseg.tianchi import validate_submission
+from rsseg.tianchi import read_masks_csv, validate_submission
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
@@ -236,6 +236,32 @@ def test_images_without_sample_are_in_name_order(tmp_path):
     rows = out.read_text().splitlines()
     assert [r.split("\t")[0] for r in rows] == ["a.jpg", "b.jpg", "c.JPG"]
     assert all(r.count("\t") == 1 for r in rows)
+
+
+def test_min_pixels_empties_small_masks_and_defaults_to_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(folder / name)
+    model = fcn()
+    plain = read_masks_csv(predict_images(model, folder, tmp_path / "plain.csv", tta="none", device="cpu",
+                                          threshold=0.5))
+    counts = {name: int(plain.mask(name).sum()) for name in plain}
+    assert min(counts.values()) > 0
+    cut = sorted(counts.values())[0] + 1  # drops the smaller mask only
+    kept = read_masks_csv(predict_images(model, folder, tmp_path / "cut.csv", tta="none", device="cpu",
+                                         threshold=0.5, min_pixels=cut))
+    assert {name: int(kept.mask(name).sum()) for name in kept} == {
+        name: (n if n >= cut else 0) for name, n in counts.items()}
+    path = tmp_path / "m.pt"  # threshold 0 marks every pixel; min_pixels from the checkpoint empties all
+    unet = create_model("unet", "resnet18", encoder_depth=3, decoder_channels=(16, 8, 4))
+    save_checkpoint(path, unet, model_config(unet, arch="unet", encoder="resnet18", in_channels=3,
+                                             encoder_depth=3, decoder_channels=[16, 8, 4]),
+                    meta={"threshold": 0.0, "min_pixels": 512 * 512 + 1})
+    everything_dropped = read_masks_csv(predict_images(path, folder, tmp_path / "meta.csv", tta="none",
+                                                       device="cpu"))
+    assert all(everything_dropped[name] == "" for name in everything_dropped)
 
 
 # --------------------------------------------------------------------------------------- bad input
