@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -174,6 +175,9 @@ class TrainParams(Params):
         return self
 
 
+_THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the Dask worker that started us dies (Linux), so no orphan trains on."""
     if sys.platform.startswith("linux"):
@@ -186,7 +190,10 @@ def _die_with_parent() -> None:
 def train_subprocess(config_path: Path, nproc: int) -> str:
     """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
-    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
+    # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
+    # process of its own and uses every core (run.threads in the config still sets it explicitly).
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PipelineError(f"rsseg train exited with {done.returncode}: {tail}")
