@@ -96,7 +96,6 @@ class Pipeline:
     workdir: Path
     retries: int
     stages: tuple[Stage, ...]
-    source: Path | None = None
 
 
 def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -206,7 +205,7 @@ def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: di
             if dep not in spec.stages or dep == name:
                 raise ConfigError(f"{label}: stages.{name}.after: {dep!r} is not another stage")
         stages[name] = Stage(name, st.uses, model, needs)
-    return Pipeline(spec.name, work, spec.retries, _topological(stages, label), path)
+    return Pipeline(spec.name, work, spec.retries, _topological(stages, label))
 
 
 def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
