@@ -31,16 +31,13 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rsseg.errors import RasterError
-from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
+from rsseg.fileio import raster_env
 from rsseg.footprints import Footprints
 from rsseg.grid import Tile
 
-__all__ = ["CACHE_BYTES", "ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
+__all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
            "window_transform"]
 
-#: GDAL block cache of a tiling worker, in bytes: holds the block row that consecutive strips share. rasterio
-#: hands an integer GDAL_CACHEMAX to GDALSetCacheMax64 as bytes, so raster_env()'s 64 means 64 bytes.
-CACHE_BYTES = GDAL_CACHEMAX_MB * 2**20
 
 #: A loaded strip: its window, pixels (bands, rows, cols), valid mask (None: all valid), raster labels or None.
 _Loaded = tuple[Window, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
@@ -307,7 +304,6 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(raster_env())
-        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES))
         src = stack.enter_context(rasterio.open(job.scene))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
         base = dict(width=job.size, height=job.size, crs=src.crs, transform=src.transform)
