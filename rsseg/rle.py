@@ -16,7 +16,6 @@ raises :class:`~rsseg.errors.RLEError` naming the problem.
 from __future__ import annotations
 
 import math
-import operator
 from functools import lru_cache
 
 import numpy as np
@@ -27,16 +26,18 @@ __all__ = ["decode", "encode", "is_missing"]
 
 TIANCHI_SHAPE = (512, 512)
 
-# Bytes allowed in an RLE string: ASCII digits and ASCII whitespace.
-_ALLOWED = np.zeros(256, dtype=bool)
-_ALLOWED[ord("0") : ord("9") + 1] = True
-_ALLOWED[[9, 10, 11, 12, 13, 32]] = True
+# Bytes allowed in an RLE string (ASCII digits and whitespace): deleting them must leave nothing.
+_VALID_BYTES = b"0123456789 \t\n\r\x0b\x0c"
+
+# Formatting by table lookup is used up to this many pixels (the table costs 8 bytes per number).
+_TABLE_LIMIT = 1 << 20
 
 
-@lru_cache(maxsize=4)
-def _number_strings(limit: int) -> list[str]:
-    """``str(i)`` for ``0 <= i <= limit``: formatting by table lookup is 3x faster than ``str()`` per run."""
-    return [str(i) for i in range(limit + 1)]
+@lru_cache(maxsize=2)
+def _number_table(limit: int) -> np.ndarray:
+    """Entry ``i`` holds the bytes of ``str(i)``, one space, then NUL padding, as one uint64 (``i <= limit``)."""
+    digits = np.array([f"{i} " for i in range(limit + 1)], dtype="S8")
+    return digits.view(np.uint64)
 
 
 def is_missing(rle: object) -> bool:
@@ -45,7 +46,7 @@ def is_missing(rle: object) -> bool:
         return True
     if isinstance(rle, float):
         return math.isnan(rle)
-    return isinstance(rle, str) and not rle.strip()
+    return isinstance(rle, str) and (not rle or rle.isspace())
 
 
 def encode(mask: np.ndarray) -> str:
@@ -60,38 +61,59 @@ def encode(mask: np.ndarray) -> str:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"encode expects a 2-D mask, got an array of shape {mask.shape}")
-    height, width = mask.shape
-    on = mask if mask.dtype == bool else mask != 0
-    if on.size == 0:
+    if mask.size == 0:
         return ""
-    # change[r, c] is True where the column-major sequence changes value on arriving at (r, c): within a
-    # column, compare with the pixel above; at the top of a column, with the bottom of the previous one.
-    change = np.empty_like(on)
-    np.not_equal(on[1:], on[:-1], out=change[1:])
-    change[0, 0] = on[0, 0]
-    np.not_equal(on[0, 1:], on[-1, :-1], out=change[0, 1:])
-    flat = np.flatnonzero(change)  # row-major positions; flatnonzero is far faster than 2-D nonzero
-    rows, cols = np.divmod(flat, width)
-    bounds = np.sort(cols * height + rows)
-    if on[-1, -1]:
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        mask = mask != 0
+    height, width = mask.shape
+    bounds = _change_points(mask)
+    if mask[-1, -1]:
         bounds = np.append(bounds, height * width)
     if bounds.size == 0:
         return ""
     bounds[1::2] -= bounds[::2]  # ends -> lengths
     bounds[::2] += 1  # 0-based -> 1-based starts
-    values = bounds.tolist()
-    if height * width <= 1 << 20:
-        table = _number_strings(max(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1], height * width))
-        if len(values) == 2:
-            return f"{table[values[0]]} {table[values[1]]}"
-        return " ".join(operator.itemgetter(*values)(table))
-    return " ".join(map(str, values))
+    if height * width <= _TABLE_LIMIT:
+        table = _number_table(max(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1], height * width))
+        return table[bounds].tobytes().translate(None, b"\0")[:-1].decode("ascii")
+    return " ".join(map(str, bounds.tolist()))
+
+
+def _change_points(mask: np.ndarray) -> np.ndarray:
+    """Sorted 0-based column-major indices where the pixel sequence changes value (starting from 0).
+
+    Works on the mask packed to bits along its rows (an eighth of the bytes), each row padded to a power of
+    two of at least 8 bytes: XOR of each row with the row above marks the changes inside columns, found
+    64-bit word, then byte, then bit; the top of each column is compared with the bottom of the previous one.
+    """
+    height, width = mask.shape
+    packed = np.packbits(mask, axis=1)  # any non-zero value packs as 1
+    row_bytes = max(8, 1 << (packed.shape[1] - 1).bit_length())
+    if packed.shape[1] != row_bytes:
+        packed = np.pad(packed, ((0, 0), (0, row_bytes - packed.shape[1])))
+    words = (packed[1:] ^ packed[:-1]).view(np.uint64).reshape(-1)
+    hot_words = np.flatnonzero(words != 0)
+    hot = words[hot_words].view(np.uint8)
+    nonzero = np.flatnonzero(hot != 0)
+    hot_bytes = (hot_words[nonzero >> 3] << 3) | (nonzero & 7)  # byte indices into the XOR
+    bits = np.flatnonzero(np.unpackbits(hot[nonzero]).view(bool))
+    flat = (hot_bytes[bits >> 3] << 3) | (bits & 7)  # bit indices into the XOR (packed rows 1..)
+    shift = row_bytes.bit_length() + 2  # log2 of the bits per packed row
+    before = np.empty(width, dtype=bool)  # the pixel preceding the top of each column in column-major order
+    before[0] = False
+    before[1:] = mask[-1, :-1] != 0
+    cols = np.concatenate([np.flatnonzero((mask[0] != 0) != before), flat & ((1 << shift) - 1)])
+    rows = np.zeros(cols.size, dtype=np.int64)
+    rows[cols.size - flat.size:] = (flat >> shift) + 1
+    # Rows are increasing within each column already: a stable sort by column (radix on 16-bit keys)
+    # gives the column-major order.
+    order = np.argsort(cols.astype(np.uint16) if width <= 1 << 16 else cols, kind="stable")
+    return cols[order] * height + rows[order]
 
 
 def _parse(rle: str) -> np.ndarray:
     """The integer tokens of ``rle``, or :class:`RLEError` naming the first bad token."""
-    raw = rle.encode("ascii", errors="replace")
-    if not _ALLOWED[np.frombuffer(raw, dtype=np.uint8)].all():
+    if not rle.isascii() or rle.encode("ascii").translate(None, _VALID_BYTES):
         tokens = rle.split()
         bad = next(i for i, tok in enumerate(tokens) if not (tok.isascii() and tok.isdigit()))
         raise RLEError(f"token {bad + 1} ({tokens[bad]!r}) is not a non-negative integer")
@@ -120,26 +142,36 @@ def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> n
         return np.zeros(shape, dtype=np.uint8, order="F")
     if not isinstance(rle, str):
         raise RLEError(f"expected an RLE string, got {type(rle).__name__} {rle!r}")
-    values = _parse(rle)
-    if values.size % 2:
-        raise RLEError(f"odd number of RLE tokens ({values.size}); expected start/length pairs")
-    starts = values[0::2] - 1
-    lengths = values[1::2]
-    ends = starts + lengths
-    _check_runs(starts, lengths, ends, size, shape)
-    # The image as alternating background/building segments: gap, run, gap, run, ..., gap.
-    segments = np.empty(2 * starts.size + 1, dtype=np.int64)
-    segments[0] = starts[0]
-    segments[1:-1:2] = lengths
-    segments[2:-1:2] = starts[1:] - ends[:-1]
-    segments[-1] = size - ends[-1]
-    labels = np.zeros(segments.size, dtype=np.uint8)
-    labels[1::2] = 1
-    return np.repeat(labels, segments).reshape(shape, order="F")
+    bounds = _parse(rle)  # start, length, start, length... -> 0-based start, end, start, end...
+    if bounds.size % 2:
+        raise RLEError(f"odd number of RLE tokens ({bounds.size}); expected start/length pairs")
+    bounds[0::2] -= 1
+    bounds[1::2] += bounds[0::2]
+    # The image as alternating background/building segments: gap, run, gap, run, ..., gap. The runs are
+    # valid (sorted, disjoint, inside the image) exactly when no gap is negative and no run is empty.
+    segments = np.empty(bounds.size + 1, dtype=np.int64)
+    segments[0] = bounds[0]
+    np.subtract(bounds[1:], bounds[:-1], out=segments[1:-1])
+    segments[-1] = size - bounds[-1]
+    if segments.min() < 0 or segments[1::2].min() < 1:
+        _raise_bad_run(bounds[0::2], segments[1::2], bounds[1::2], size, shape)
+    return np.repeat(_alternating(segments.size), segments).reshape(shape, order="F")
 
 
-def _check_runs(starts: np.ndarray, lengths: np.ndarray, ends: np.ndarray, size: int,
-                shape: tuple[int, int]) -> None:
+@lru_cache(maxsize=1)
+def _alternating_cache() -> np.ndarray:
+    """0, 1, 0, 1, ... as uint8, long enough for any 512x512 mask."""
+    return np.arange(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1] + 1, dtype=np.uint8) & 1
+
+
+def _alternating(n: int) -> np.ndarray:
+    """The labels of ``n`` alternating segments, background first."""
+    cache = _alternating_cache()
+    return cache[:n] if n <= cache.size else np.arange(n, dtype=np.uint8) & 1
+
+
+def _raise_bad_run(starts: np.ndarray, lengths: np.ndarray, ends: np.ndarray, size: int,
+                   shape: tuple[int, int]) -> None:
     """Raise :class:`RLEError` for the first run that breaks the convention (all checks vectorised)."""
     if (bad := np.flatnonzero(starts < 0)).size:
         i = bad[0]
