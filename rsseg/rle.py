@@ -91,7 +91,7 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
     row_bytes = max(8, 1 << (packed.shape[1] - 1).bit_length())
     if packed.shape[1] != row_bytes:
         packed = np.pad(packed, ((0, 0), (0, row_bytes - packed.shape[1])))
-    words = (packed[1:] ^ packed[:-1]).view(np.uint64).reshape(-1)
+    words = np.ascontiguousarray(packed[1:] ^ packed[:-1]).view(np.uint64).reshape(-1)
     hot_words = np.flatnonzero(words != 0)
     hot = words[hot_words].view(np.uint8)
     nonzero = np.flatnonzero(hot != 0)

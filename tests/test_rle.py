@@ -112,3 +112,22 @@ def test_round_trip_densities_512(density: float, seed: int) -> None:
     if code:
         starts = np.array(code.split(), dtype=np.int64)[0::2]
         assert starts.min() >= 1 and np.all(np.diff(starts) > 0)
+
+
+def _runs_by_definition(mask: np.ndarray) -> str:
+    """The convention spelled out: column-major pixels, 1-based starts, one pair per run."""
+    pixels = np.concatenate([[0], (mask != 0).ravel(order="F").astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(pixels))
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(edges[0::2], edges[1::2], strict=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 130), st.integers(1, 1100), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1),
+       st.sampled_from(["uint8", "bool", "255", "int64", "float32", "fortran", "strided"]))
+def test_encode_any_layout_matches_the_definition(height: int, width: int, density: float, seed: int,
+                                                  kind: str) -> None:
+    mask = (np.random.default_rng(seed).random((height, width)) < density).astype(np.uint8)
+    variant = {"uint8": mask, "bool": mask.astype(bool), "255": mask * 255, "int64": mask.astype(np.int64) * -3,
+               "float32": mask.astype(np.float32) * 0.5, "fortran": np.asfortranarray(mask),
+               "strided": np.repeat(mask, 2, axis=1)[:, ::2]}[kind]
+    assert encode(variant) == _runs_by_definition(mask)
