@@ -299,7 +299,7 @@ def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, client: Any) -> 
         summary = STAGES[st.uses].run(st.params, ctx)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        task = f", task {ctx.task_keys[-1]}" if ctx.task_keys else ""
+        task = f", task {ctx.failed_task}" if ctx.failed_task else ""
         cause = (str(exc).strip().splitlines() or [""])[0]
         raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {cause}") from exc
     manifest = {**head, "summary": summary, "tasks": len(ctx.task_keys), "seconds": time.perf_counter() - start,

@@ -46,6 +46,7 @@ class StageContext:
     out_dir: Path
     retries: int = 1
     task_keys: list[str] = field(default_factory=list)
+    failed_task: str | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
         """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
@@ -55,14 +56,14 @@ class StageContext:
                                   resources={"GPU": 1} if gpu else None, **kwargs)
 
     def gather(self, futures: list[Future]) -> list[Any]:
-        """Results of ``futures``; a failure names the task that failed."""
+        """Results of ``futures``; a failure is re-raised with the failed task kept in :attr:`failed_task`."""
         results = []
         for fut in futures:
             try:
                 results.append(fut.result())
-            except Exception as exc:
-                cause = (str(exc).strip().splitlines() or [""])[0]
-                raise PipelineError(f"task {fut.key} failed: {type(exc).__name__}: {cause}") from exc
+            except Exception:
+                self.failed_task = fut.key
+                raise
         return results
 
 

@@ -172,6 +172,7 @@ def test_failing_stage_is_named_and_leaves_no_partial_output(tmp_path: Path, che
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("rsseg: error: stage predict (predict_scenes, task predict-")
     assert "is not a loadable torch checkpoint" in line
+    assert line.count(" task ") == 1 and "PipelineError" not in line  # the task and the real error, once
     work = tmp_path / "work"
     assert (work / "scenes" / "manifest.json").exists()  # completed stages stay
     assert not (work / "predict").exists() and not list(work.glob(".predict.tmp-*"))
