@@ -8,25 +8,29 @@ raster's CRS, computes its ground area, drops it if smaller than ``min_area``, s
 regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
 window borders come back in pixel coordinates; the client joins them exactly and finishes them the same
 way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the window size.
+bounded by the window size. GeoJSON features are formatted by GDAL on the workers too, in chunks.
 
 Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.cleaning`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import rasterio
 import shapely
-from distributed import as_completed
+from distributed import Client, as_completed
 from pyproj import CRS
 from rasterio import Affine
 from rasterio.errors import RasterioIOError
@@ -49,6 +53,11 @@ FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "
 #: OGR layer geometry types by shapely type id.
 _TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
                6: "MultiPolygon"}
+#: Features per GeoJSON chunk formatted by one Dask task (rounded so every worker gets as many chunks).
+_GEOJSON_CHUNK = 10_000
+#: How GDAL's GeoJSON writer opens the feature list, and how it closes the file.
+_GEOJSON_FEATURES = b'"features": [\n'
+_GEOJSON_END = b"\n]\n}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,21 +131,34 @@ def _run_block(block: _Block) -> _BlockResult:
                         pixels[edge], prob_sum[edge], prob_count[edge])
 
 
-def _run(blocks: list[_Block], scheduler: object) -> list[_BlockResult]:
-    """Run the block tasks: in this process for one block or ``scheduler="sync"``, else on Dask."""
-    progress = {"total": len(blocks), "desc": "vectorize", "unit": "block", "disable": None}
-    if scheduler == "sync" or (scheduler is None and len(blocks) == 1):
-        return [_run_block(block) for block in tqdm(blocks, **progress)]
+@contextlib.contextmanager
+def _workers(scheduler: object, n_blocks: int) -> Iterator[Client | None]:
+    """The Dask client to run ``n_blocks`` block tasks on, or None to run them in this process.
+
+    None for ``scheduler="sync"``, and for a single window when no scheduler is named; else
+    :func:`rsseg.cluster.dask_client`.
+    """
+    if scheduler == "sync" or (scheduler is None and n_blocks == 1):
+        yield None
+        return
     with dask_client(scheduler) as client:
-        futures = client.map(_run_block, blocks, pure=False)
-        order = {future.key: i for i, future in enumerate(futures)}
-        results: list = [None] * len(blocks)
-        try:
-            for future, result in tqdm(as_completed(futures, with_results=True), **progress):
-                results[order[future.key]] = result
-        except BaseException:
-            client.cancel(futures)
-            raise
+        yield client
+
+
+def _run(blocks: list[_Block], client: Client | None) -> list[_BlockResult]:
+    """Run the block tasks on ``client``, or in this process if it is None."""
+    progress = {"total": len(blocks), "desc": "vectorize", "unit": "block", "disable": None}
+    if client is None:
+        return [_run_block(block) for block in tqdm(blocks, **progress)]
+    futures = client.map(_run_block, blocks, pure=False)
+    order = {future.key: i for i, future in enumerate(futures)}
+    results: list = [None] * len(blocks)
+    try:
+        for future, result in tqdm(as_completed(futures, with_results=True), **progress):
+            results[order[future.key]] = result
+    except BaseException:
+        client.cancel(futures)
+        raise
     return results
 
 
@@ -224,7 +246,14 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
         RasterError: the mask is not a raster, has no CRS, lacks ``band``, or holds values other than
             0/1 or 0/255; the probability raster is on another grid.
     """
-    path = Path(mask_raster)
+    blocks, provenance = _plan(Path(mask_raster), min_area, simplify, prob, regularize, band, block, crs)
+    with _workers(scheduler, len(blocks)) as client:
+        return _assemble(blocks, _run(blocks, client), provenance)
+
+
+def _plan(path: Path, min_area: float, simplify: float, prob: str | Path | None, regularize: bool, band: int,
+          block: int, crs: str | None) -> tuple[list[_Block], dict[str, str]]:
+    """Check the inputs; the mask's block tasks and provenance (arguments as for :func:`vectorize`)."""
     if min_area < 0 or simplify < 0 or block < 1:
         raise ConfigError(f"min_area ({min_area} m2), simplify ({simplify} m) and block ({block} px) must "
                           "not be negative (block at least 1)")
@@ -236,7 +265,13 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
                                  regularize=regularize, prob=prob and str(Path(prob).resolve()))
         blocks = [_Block(str(path), band, window, src.width, src.height, cleaning, prob and str(prob))
                   for window in block_windows(src.width, src.height, block)]
-    results = _run(blocks, scheduler)
+    return blocks, provenance
+
+
+def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dict[str, str]
+              ) -> gpd.GeoDataFrame:
+    """Join the pieces cut by window borders, finish them, and order all buildings into a GeoDataFrame."""
+    path, cleaning = blocks[0].mask, blocks[0].cleaning
     present = frozenset().union(*(r.values for r in results))
     if {1, 255} <= present:
         raise RasterError(f"{path}: some windows mark buildings with 1, others with 255; a building mask "
@@ -248,7 +283,7 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
     found = Buildings.concat([r.buildings for r in results] + [finish(merged, *sums, cleaning)])
     order = np.lexsort((found.left, found.top))
     columns = {"id": np.arange(1, len(order) + 1), "area_m2": found.area_m2[order]}
-    if prob:
+    if blocks[0].prob:
         columns["mean_prob"] = found.mean_prob[order]
     gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=cleaning.out_crs)
     gdf.attrs["provenance"] = provenance
@@ -264,13 +299,55 @@ def _driver(path: Path) -> str:
                           f"supported: {', '.join(FORMATS)}") from None
 
 
-def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = True) -> Path:
+def _geojson_text(wkb: np.ndarray, attributes: pd.DataFrame, crs: CRS, options: dict) -> bytes:
+    """Features as a GeoJSON FeatureCollection, formatted by GDAL (a Dask task of :func:`write_vectors`)."""
+    buffer = io.BytesIO()
+    pyogrio.write_dataframe(gpd.GeoDataFrame(attributes, geometry=shapely.from_wkb(wkb), crs=crs), buffer,
+                            driver="GeoJSON", **options)
+    return buffer.getvalue()
+
+
+def _write_geojson_on(client: Client, threads: int, gdf: gpd.GeoDataFrame, tmp: Path, options: dict) -> None:
+    """Write GeoJSON with GDAL formatting the features on the workers, in chunks spliced in order.
+
+    GDAL writes a FeatureCollection as a header ending in ``"features": [``, one feature per line with
+    ``,`` line ends, then ``]`` and ``}`` lines; every chunk is written with the same options, so its
+    header and footer are the same and its feature lines are those the whole layer would have: the
+    file is byte for byte what one ``write_dataframe`` call writes.
+    """
+    n_chunks = threads * -(-len(gdf) // (threads * _GEOJSON_CHUNK))
+    bounds = np.linspace(0, len(gdf), n_chunks + 1).astype(int)
+    wkb = shapely.to_wkb(gdf.geometry.array.to_numpy())
+    attributes = pd.DataFrame(gdf.drop(columns=gdf.geometry.name))
+    futures = [client.submit(_geojson_text, wkb[a:b], attributes.iloc[a:b], gdf.crs, options, pure=False)
+               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    head = b""
+    with tmp.open("wb") as out:
+        while futures:
+            text = futures.pop(0).result()  # dropping the future frees the chunk on its worker
+            start = text.find(_GEOJSON_FEATURES) + len(_GEOJSON_FEATURES)
+            if not head:
+                head = text[:start]
+                out.write(head)
+            else:
+                out.write(b",\n")
+            if start < len(_GEOJSON_FEATURES) or text[:start] != head or not text.endswith(_GEOJSON_END):
+                raise VectorError(f"{tmp}: GDAL {pyogrio.__gdal_version_string__} laid GeoJSON out "
+                                  "unexpectedly; write it in one process (scheduler='sync')")
+            out.write(text[start:-len(_GEOJSON_END)])
+        out.write(_GEOJSON_END)
+
+
+def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = True,
+                  client: Client | None = None) -> Path:
     """Write polygons atomically, in the format the extension names.
 
     GeoJSON (``.geojson``/``.json``) follows RFC 7946: EPSG:4326, longitude before latitude, exterior
-    rings counter-clockwise and holes clockwise; GeoPackage (``.gpkg``) and FlatGeobuf (``.fgb``) keep
-    the data's CRS. ``gdf.attrs["provenance"]`` goes into the layer metadata (``rsseg_*`` items) or, for
-    GeoJSON, into an ``rsseg`` member of the FeatureCollection.
+    rings counter-clockwise and holes clockwise (GDAL's ``RFC7946`` option orients the rings);
+    GeoPackage (``.gpkg``) and FlatGeobuf (``.fgb``) keep the data's CRS. ``gdf.attrs["provenance"]``
+    goes into the layer metadata (``rsseg_*`` items) or, for GeoJSON, into an ``rsseg`` member of the
+    FeatureCollection. Given a Dask ``client`` with two or more worker threads, GeoJSON features are
+    formatted on the workers in chunks (the same bytes as formatting them here).
 
     Raises:
         VectorError: an unsupported extension, or polygons without a CRS.
@@ -284,8 +361,6 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Tru
     if driver == "GeoJSON":
         if not gdf.crs.equals(CRS.from_epsg(4326)):
             gdf = gdf.to_crs(4326)
-        gdf = gdf.set_geometry(gpd.GeoSeries(shapely.orient_polygons(gdf.geometry.array.to_numpy()),
-                                             index=gdf.index, crs=gdf.crs))
         options["layer_options"] = {"RFC7946": "YES"}
         if provenance:
             options["layer_options"]["FOREIGN_MEMBERS_COLLECTION"] = json.dumps({"rsseg": provenance})
@@ -294,8 +369,12 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Tru
     kinds = {_TYPE_NAMES.get(k, "Unknown") for k in np.unique(shapely.get_type_id(gdf.geometry.array.to_numpy()))
              if k >= 0}
     options["geometry_type"] = kinds.pop() if len(kinds) == 1 else ("Polygon" if not kinds else "Unknown")
+    threads = sum(client.nthreads().values()) if client is not None and driver == "GeoJSON" else 1
     with atomic_path(path, overwrite=overwrite) as tmp:
-        pyogrio.write_dataframe(gdf, tmp, driver=driver, **options)
+        if 1 < threads <= len(gdf):
+            _write_geojson_on(client, threads, gdf, tmp, options)
+        else:
+            pyogrio.write_dataframe(gdf, tmp, driver=driver, **options)
     return path
 
 
@@ -304,11 +383,13 @@ def vectorize_to_file(mask: str | Path, out: str | Path, min_area: float = 0.0, 
                       block: int = 2048, scheduler: object = None) -> int:
     """:func:`vectorize` ``mask`` and :func:`write_vectors` the result to ``out``; return the building count.
 
-    GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the block tasks).
+    GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the block tasks), and its
+    features are formatted on the Dask workers that ran the blocks, if there are several.
     """
     out = Path(out)
     crs = "EPSG:4326" if _driver(out) == "GeoJSON" else None
-    gdf = vectorize(mask, min_area, simplify, prob=prob, regularize=regularize, band=band, block=block,
-                    scheduler=scheduler, crs=crs)
-    write_vectors(gdf, out)
+    blocks, provenance = _plan(Path(mask), min_area, simplify, prob, regularize, band, block, crs)
+    with _workers(scheduler, len(blocks)) as client:
+        gdf = _assemble(blocks, _run(blocks, client), provenance)
+        write_vectors(gdf, out, client=client)
     return len(gdf)

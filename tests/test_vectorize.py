@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
@@ -18,6 +19,7 @@ from pyproj import CRS, Geod, Transformer
 from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
+from rsseg import vectorize as vectorize_module
 from rsseg.cli import main
 from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 from rsseg.regularize import regularize_polygons
@@ -293,6 +295,28 @@ def test_geojson_is_rfc7946_with_provenance(tmp_path):
             assert ring_area(hole) < 0  # holes clockwise
         assert set(feature["properties"]) >= {"id", "area_m2"}
     assert holes == 2
+
+
+def test_geojson_formatted_on_workers_is_byte_identical(tmp_path, client, monkeypatch):
+    monkeypatch.setattr(vectorize_module, "_GEOJSON_CHUNK", 2)  # several chunks per worker
+    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"rsseg:threshold": "0.5"})
+    here, there = tmp_path / "here" / "b.geojson", tmp_path / "there" / "b.geojson"  # same layer name
+    here.parent.mkdir(), there.parent.mkdir()
+    assert vectorize_to_file(path, here, block=16, scheduler="sync") == 6
+    assert vectorize_to_file(path, there, block=16, scheduler=client) == 6
+    assert there.read_bytes() == here.read_bytes()
+    # rings in the wrong orientation are written RFC 7946 oriented, here and on the workers
+    clockwise = shapely.Polygon([(117, 36), (117, 36.01), (117.01, 36.01), (117.01, 36)],
+                                [[(117.002, 36.002), (117.008, 36.002), (117.008, 36.008), (117.002, 36.008)]])
+    wrong = gpd.GeoDataFrame({"id": [1, 2, 3]}, geometry=[clockwise] * 3, crs="EPSG:4326")
+    for dask in (None, client):
+        write_vectors(wrong, tmp_path / "wrong.geojson", client=dask)
+        for feature in json.loads((tmp_path / "wrong.geojson").read_text())["features"]:
+            outer, hole = feature["geometry"]["coordinates"]
+            assert ring_area(outer) > 0 > ring_area(hole)
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((20, 20), np.uint8))
+    assert vectorize_to_file(empty, tmp_path / "empty.geojson", block=8, scheduler=client) == 0
+    assert json.loads((tmp_path / "empty.geojson").read_text())["features"] == []
 
 
 def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
