@@ -7,10 +7,12 @@ Figures:
 - ``plain_*``: the baseline, whole mask read at once, ``rasterio.features.shapes``, ``shapely.geometry.shape``
   per polygon, geopandas ``to_crs`` and pyogrio GeoJSON writing;
 - ``whole_*``: rsseg with one window covering the mask, on a one-worker LocalCluster;
-- ``block_1w_*`` / ``block_2w_*``: rsseg with 2048 px windows on one and two single-threaded workers;
-- ``cpu_*``: CPU seconds of the one-worker blockwise run in the driver and in the worker, and what
-  they imply on an idle machine (wall times on a shared machine mostly measure the other tenants);
-  ``gpkg_cpu_*`` the same writing GeoPackage, whose writer costs a fifth of GDAL's GeoJSON writer;
+- ``block_1w_*`` / ``block_2w_*``: rsseg with 2048 px windows on one and two single-threaded workers
+  (each cluster warmed by one untimed run first: worker imports, GDAL, page cache);
+- ``cpu_*``: CPU seconds of the blockwise runs in the driver and in the workers, and the speed-up they
+  imply on an idle machine, ``(workers_1w + driver_1w) / (workers_2w / 2 + driver_2w)`` (wall times on
+  a shared machine mostly measure the other tenants); ``gpkg_cpu_*`` the same for one worker writing
+  GeoPackage, whose writer costs a fifth of GDAL's GeoJSON writer;
 - ``peak_rss_mb_*``: peak resident memory of the process tree (driver, scheduler, 2 workers) of a fresh
   ``rsseg vectorize``-equivalent subprocess on a 10000 and a 20000 px mask, sampled with psutil.
 """
@@ -117,6 +119,12 @@ def cpu_split(client: Client, mask: Path, out: Path) -> tuple[float, float]:
     return time.process_time() - driver, _worker_cpu(client) - workers
 
 
+def warm(client: Client, mask: Path, out: Path) -> None:
+    """One untimed run, so that every worker has imported rsseg and opened the mask before timing."""
+    vectorize_to_file(mask, out, block=2048, scheduler=client)
+    assert all(client.run(lambda: "rsseg.vectorize" in sys.modules).values())
+
+
 def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
     """Peak RSS (MB) of a fresh process tree vectorising ``mask`` to GeoJSON, and its wall time."""
     code = ("import sys; from rsseg.vectorize import vectorize_to_file; "
@@ -140,19 +148,23 @@ def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
 
 def main() -> None:
     mask10, mask20 = mask_path(10000), mask_path(20000)
-    result: dict = {"bench": "vectorize", "mask_px": 10000, "block_px": 2048, "repeats_best_of": REPEATS}
+    result: dict = {"bench": "vectorize", "mask_px": 10000, "block_px": 2048, "repeats_best_of": REPEATS,
+                    "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "buildings.geojson"
         t_plain, n_plain = best_time(plain, mask10, out)
         with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
+            warm(client, mask10, out)
             t_whole, n_whole = best_time(vectorize_to_file, mask10, out, block=10000, scheduler=client)
             t_1w, n_1w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
             cpu_driver, cpu_workers = cpu_split(client, mask10, out)
             gpkg_driver, gpkg_workers = cpu_split(client, mask10, Path(tmp) / "buildings.gpkg")
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
+            warm(client, mask10, out)
             t_2w, n_2w = best_time(vectorize_to_file, mask10, out, block=2048, scheduler=client)
+            cpu_driver_2w, cpu_workers_2w = cpu_split(client, mask10, out)
         assert n_whole == n_1w == n_2w == n_plain, (n_plain, n_whole, n_1w, n_2w)
         rss10, wall10 = peak_rss_mb(mask10, out)
         rss20, wall20 = peak_rss_mb(mask20, Path(tmp) / "buildings20.geojson")
@@ -167,7 +179,8 @@ def main() -> None:
         "ratio_block_1w_over_plain": round(t_1w / t_plain, 3),
         "cpu_s_driver": round(cpu_driver, 3), "cpu_s_workers": round(cpu_workers, 3),
         "cpu_polygons_per_s": round(n_1w / (cpu_driver + cpu_workers)),
-        "cpu_estimate_speedup_2w": round((cpu_workers + cpu_driver) / (cpu_workers / 2 + cpu_driver), 3),
+        "cpu_s_driver_2w": round(cpu_driver_2w, 3), "cpu_s_workers_2w": round(cpu_workers_2w, 3),
+        "cpu_estimate_speedup_2w": round((cpu_workers + cpu_driver) / (cpu_workers_2w / 2 + cpu_driver_2w), 3),
         "gpkg_cpu_s_driver": round(gpkg_driver, 3), "gpkg_cpu_s_workers": round(gpkg_workers, 3),
         "gpkg_cpu_estimate_speedup_2w": round((gpkg_workers + gpkg_driver) / (gpkg_workers / 2 + gpkg_driver), 3),
         "peak_rss_mb_10000": round(rss10, 1), "peak_rss_mb_20000": round(rss20, 1),
