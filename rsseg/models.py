@@ -29,6 +29,7 @@ __all__ = [
     "TinyNet",
     "create_model",
     "load_checkpoint",
+    "load_weights",
     "model_config",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -191,12 +192,26 @@ def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict[str, Any],
                           device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (a path or a loaded dict); returns ``(model, checkpoint)``."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    cfg = dict(ckpt["model"])
-    model = create_model(**cfg)
+    model = create_model(**ckpt["model"])
+    load_weights(model, ckpt)
+    return model.to(device).eval(), ckpt
+
+
+def load_weights(model: Segmenter, checkpoint: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's weights (and input normalisation) into ``model``, e.g. to fine-tune from it.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, or its weights do not fit ``model`` (another
+            architecture, encoder, decoder width or number of bands); the message names both.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = ckpt["model"]
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        name = f"{cfg.get('arch')}/{cfg.get('encoder')}"
-        raise CheckpointError(f"checkpoint weights do not fit {name}: {first}") from None
-    return model.to(device).eval(), ckpt
+        source = "" if isinstance(checkpoint, dict) else f"{checkpoint}: "
+        name = "/".join(str(cfg[k]) for k in ("arch", "encoder") if cfg.get(k))
+        raise CheckpointError(f"{source}checkpoint weights ({name}, {cfg.get('in_channels', 3)} bands) do not fit "
+                              f"the model: {first}") from None
+    return ckpt

@@ -3,7 +3,7 @@
 A config has five sections, each strict (``extra="forbid"``)::
 
     data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, seed, batch_size, augment: {...}}
-    model: {arch, encoder, encoder_weights, kwargs: {...}}
+    model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
     optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip}
     run:   {out_dir, epochs, device, precision, channels_last, thresholds, resume, ...}
@@ -86,6 +86,8 @@ class ModelConfig(_Strict):
     arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: str | None = None
+    init: str | None = Field(None, description=(
+        "start from the weights of this rsseg checkpoint (fine-tuning); its architecture must match"))
     mean: list[float] | None = None
     std: list[float] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. encoder_depth, decoder_channels")

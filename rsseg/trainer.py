@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.losses import DiceBCELoss
-from rsseg.models import create_model, load_checkpoint, model_config, save_checkpoint
+from rsseg.models import create_model, load_checkpoint, load_weights, model_config, save_checkpoint
 from rsseg.train_config import TrainConfig
 from rsseg.train_report import ThresholdDice, write_curves, write_metrics
 
@@ -143,7 +143,11 @@ class Trainer:
             raise ConfigError(f"model.kwargs repeats {sorted(reserved)}: set them in the model section itself")
         kwargs = dict(arch=cfg.model.arch, encoder=cfg.model.encoder, encoder_weights=cfg.model.encoder_weights,
                       in_channels=train_ds.bands, mean=cfg.model.mean, std=cfg.model.std, **cfg.model.kwargs)
-        self.module = create_model(**kwargs).to(device, memory_format=self.memory_format)
+        self.module = create_model(**kwargs)
+        if cfg.model.init:
+            load_weights(self.module, cfg.model.init)
+            log.info("starting from the weights of %s", cfg.model.init)
+        self.module = self.module.to(device, memory_format=self.memory_format)
         self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
         self.model = self.module
         if env.world > 1:

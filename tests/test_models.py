@@ -37,10 +37,10 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, model_config(model, **LIGHT_UNET))
     ckpt = load_checkpoint(path)
     ckpt["model"]["encoder"] = "resnet34"  # the weights are resnet18's
-    with pytest.raises(CheckpointError, match="do not fit unet/resnet34"):
+    with pytest.raises(CheckpointError, match=r"\(unet/resnet34, 3 bands\) do not fit the model"):
         model_from_checkpoint(ckpt)
     ckpt["model"] = {"arch": "tiny"}
-    with pytest.raises(CheckpointError, match="do not fit tiny"):
+    with pytest.raises(CheckpointError, match=r"\(tiny, 3 bands\) do not fit the model"):
         model_from_checkpoint(ckpt)
 
 

@@ -124,6 +124,19 @@ def test_run_outputs_and_resume_equals_a_straight_run(tianchi, tmp_path):
     assert not list(out.glob(".*"))  # no temporaries left
 
 
+def test_fine_tuning_starts_from_the_init_checkpoint(tianchi, tmp_path, capsys):
+    first = fit(load_config(tiny_config(tianchi, tmp_path / "first", epochs=1)))
+    cfg = tiny_config(tianchi, tmp_path / "tuned", epochs=1)
+    cfg["model"]["init"] = str(first)
+    cfg["optim"] = {"lr": 1e-12, "warmup_fraction": 0.0}  # a step that changes nothing measurable
+    tuned = fit(load_config(cfg))
+    start, end = load_checkpoint(first)["state_dict"], load_checkpoint(tuned)["state_dict"]
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
+    cfg["model"]["kwargs"] = {"width": 4}  # another architecture than the checkpoint's width 8
+    cfg["run"]["out_dir"] = str(tmp_path / "out")
+    _expect_error(capsys, tmp_path, cfg, "(tiny/resnet34, 3 bands) do not fit the model: Error(s) in loading")
+
+
 def test_cli_trains_a_real_unet_and_the_loss_goes_down(tianchi, tmp_path):
     cfg = tiny_config(tianchi, tmp_path / "run", epochs=4)
     cfg["model"] = {"arch": "unet", "encoder": "resnet18",
