@@ -13,10 +13,13 @@ does not round-trip (a rotated transform, compression) every chip goes through G
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
+import os
 import struct
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import rasterio
-import shapely
 from rasterio.features import rasterize
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
@@ -32,7 +34,6 @@ from rasterio.windows import Window
 
 from rsseg.errors import RasterError
 from rsseg.fileio import raster_env
-from rsseg.footprints import Footprints
 from rsseg.grid import Tile
 
 __all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
@@ -43,6 +44,9 @@ __all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds
 _Loaded = tuple[Window, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 _TIEPOINT = struct.Struct("<6d")  # ModelTiepointTag: pixel (I, J, K) -> (X, Y, Z), little-endian doubles
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_GLIBC_MMAP_THRESHOLD = 128 << 10  # glibc's initial mmap threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,31 @@ class ChipWriter:
             self._emit(fh, array, transform)
 
 
+@contextlib.contextmanager
+def _reusing_freed_memory() -> Iterator[None]:
+    """Let glibc keep freed memory for reuse while a task runs; give it back to the OS at the end.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap
+    threshold at 128 KB: every decoded block, strip buffer and temporary array is then a fresh mmap whose
+    pages fault in and are zeroed, and then unmapped. Measured on one 45-strip task: 1.8 ms of system time
+    per MB of chips instead of 0.85. No-op where the C library has no ``mallopt`` (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 << 10)))
+        malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if malloc_trim is not None:
+            malloc_trim(0)
+
+
 def _read_strip(src: rasterio.DatasetReader, window: Window, job: ChipJob,
                 out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``window``, padding what lies beyond the raster; return (data, valid mask or None: all valid).
@@ -202,16 +231,21 @@ def _raster_labels(label_src: rasterio.DatasetReader, window: Window) -> np.ndar
 
 
 class _Burner:
-    """Burns footprints into label strips; each footprint is turned into GeoJSON once per task."""
+    """Burns footprints into label strips.
 
-    def __init__(self, geoms: np.ndarray) -> None:
-        self.footprints = Footprints(geoms, {})
+    Args:
+        shapes: the footprints as a GeoJSON array of geometries (text: pickles as one string, ~5x faster
+            than shapely objects, and GeoJSON is what rasterio burns).
+        bounds: their bounding boxes (n, 4) as minx, miny, maxx, maxy.
+    """
+
+    def __init__(self, shapes: str, bounds: np.ndarray) -> None:
+        self.shapes = json.loads(shapes)
+        self.bounds = bounds
         self._buffer: np.ndarray | None = None
-        # shapely.to_geojson + json.loads is ~5x faster than rasterio reading each __geo_interface__.
-        self.shapes = json.loads("[" + ",".join(shapely.to_geojson(geoms)) + "]") if len(geoms) else []
 
     def labels(self, window: Window, transform: Affine) -> np.ndarray:
-        """Label strip: 1 where a pixel centre lies in a footprint intersecting ``window``, else 0.
+        """Label strip: 1 where a pixel centre lies in a footprint that overlaps ``window``, else 0.
 
         The array is reused by the next call (fresh pages cost page faults; a task's strips share a shape).
         """
@@ -220,7 +254,9 @@ class _Burner:
             self._buffer = np.empty(shape, np.uint8)
         labels = self._buffer
         labels.fill(0)
-        index = self.footprints.query(window_bounds(transform, window))
+        minx, miny, maxx, maxy = window_bounds(transform, window)
+        b = self.bounds
+        index = np.flatnonzero((b[:, 0] <= maxx) & (b[:, 2] >= minx) & (b[:, 1] <= maxy) & (b[:, 3] >= miny))
         if len(index):
             rasterize([self.shapes[i] for i in index], out_shape=labels.shape, fill=0, default_value=1,
                       transform=window_transform(transform, window), out=labels)
@@ -283,7 +319,7 @@ def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, .
 
 
 def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
-               geoms: np.ndarray | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+               footprints: tuple[str, np.ndarray] | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Dask task: write the chips of consecutive strips through one dataset handle.
 
     A reader thread reads (decodes) the next strip while this thread writes the current strip's chips;
@@ -294,15 +330,17 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
     Args:
         job: the settings shared by every task.
         strips: runs of windows, one per grid row, top to bottom.
-        geoms: footprints (scene CRS) that intersect the block, or None without vector labels.
+        footprints: the footprints (scene CRS) that intersect the block, as a GeoJSON array of geometries
+            and their bounds (n, 4), or None without vector labels.
 
     Returns:
         The index rows of the chips written, and the counts of windows skipped for nodata.
     """
     counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
-    burner = _Burner(geoms) if geoms is not None else None
+    burner = _Burner(*footprints) if footprints is not None else None
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_reusing_freed_memory())
         stack.enter_context(raster_env())
         src = stack.enter_context(rasterio.open(job.scene))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None

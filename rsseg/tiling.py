@@ -1,10 +1,10 @@
 """Cut a large scene into georeferenced chips (and label chips) on Dask, with an index datasets read.
 
-The scene is never read whole. The grid's windows are grouped into tasks of a few consecutive strips (runs
-of windows along one grid row, at most :data:`STRIP_MAX_PX` pixels wide, :data:`TASK_ROWS_PX` rows per
-task); each task opens its own dataset handle and reads one strip at a time (:mod:`rsseg.chips`). Memory
-therefore depends on the window size, not on the scene size. This module validates the inputs, prepares
-the labels, runs the tasks on Dask and writes the index.
+The scene is never read whole. The grid's columns are split into a few bands (:data:`BANDS_PER_THREAD` per
+Dask worker thread, each at most :data:`STRIP_MAX_PX` pixels wide); a band is one task, which opens its own
+dataset handle and reads its strips (runs of windows along one grid row) one at a time, top to bottom
+(:mod:`rsseg.chips`). Memory therefore depends on the window size, not on the scene size. This module
+validates the inputs, prepares the labels, runs the tasks on Dask and writes the index.
 
 Output layout (``OUT_DIR``, written atomically)::
 
@@ -44,7 +44,7 @@ from rsseg.fileio import atomic_dir, raster_env
 from rsseg.footprints import Footprints, check_label_raster, load_footprints
 from rsseg.grid import Tile, TileGrid, grid_offsets
 
-__all__ = ["INDEX_COLUMNS", "STRIP_MAX_PX", "TASK_ROWS_PX", "Tile", "TileGrid", "grid_offsets", "write_chips"]
+__all__ = ["INDEX_COLUMNS", "BANDS_PER_THREAD", "STRIP_MAX_PX", "Tile", "TileGrid", "grid_offsets", "write_chips"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ INDEX_COLUMNS = ("image", "label", "col_off", "row_off", "width", "height",
 
 #: Widest strip one task reads at once, in pixels: bounds a worker's memory (8192 x 512 x 3 bands = 12 MB).
 STRIP_MAX_PX = 8192
-#: Rows of the scene one task covers (strip after strip), in pixels: sets the number of tasks.
-TASK_ROWS_PX = 4096
+#: Tasks (column bands) per worker thread: enough to balance the load, few boundaries decoded twice.
+BANDS_PER_THREAD = 2
 
 
 def _one_line(exc: BaseException) -> str:
@@ -107,18 +107,19 @@ def _crs_string(crs: rasterio.crs.CRS | None) -> str | None:
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
-def _tasks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
-    """Split the grid into blocks of strips: each strip at most STRIP_MAX_PX wide, TASK_ROWS_PX tall per block.
+def _tasks(grid: TileGrid, threads: int) -> list[tuple[tuple[Tile, ...], ...]]:
+    """Split the grid into bands of grid columns, each a task that walks its strips from top to bottom.
 
-    A task reads its strips one after the other through one dataset handle, so the rows that neighbouring
-    strips share come from GDAL's block cache instead of being decoded twice.
+    Neighbouring windows share source blocks; within a task GDAL's block cache decodes the rows two
+    strips share once, so blocks are decoded twice only along a boundary between bands. Bands therefore
+    span the whole height (no boundary across rows) and are as few as balance allows: two per worker
+    thread, or more where a strip would be wider than STRIP_MAX_PX.
     """
     stride = grid.size - grid.overlap
     per_strip = max(1, (STRIP_MAX_PX - grid.size) // stride + 1)
-    col_chunks = np.array_split(np.arange(grid.n_cols), -(-grid.n_cols // per_strip))
-    row_chunks = np.array_split(np.arange(grid.n_rows), -(-grid.n_rows // max(1, TASK_ROWS_PX // stride)))
-    return [tuple(tuple(grid.tile(int(i), int(j)) for j in cols) for i in rows)
-            for rows in row_chunks for cols in col_chunks]
+    n_bands = min(grid.n_cols, max(-(-grid.n_cols // per_strip), BANDS_PER_THREAD * threads))
+    return [tuple(tuple(grid.tile(i, int(j)) for j in cols) for i in range(grid.n_rows))
+            for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
 
 
 def _label_source(labels: Path | None, info: dict[str, Any]) -> tuple[dict | None, Footprints | None]:
@@ -181,7 +182,6 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             raise ConfigError(f"{scene}: {exc}") from None
         label_meta, footprints = _label_source(Path(labels) if labels else None, info)
     label_raster = label_meta["path"] if label_meta and label_meta["kind"] == "raster" else None
-    tasks = _tasks(grid)
     rows: list[dict[str, Any]] = []
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -192,7 +192,8 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       nodata=info["nodata"], mask_band=info["mask_band"], max_nodata=max_nodata,
                       label_raster=label_raster, compress=compress)
         with dask_client(scheduler, n_workers) as client:
-            futures = [client.submit(chip_block, job, t, footprints.intersecting(_bounds(t, info)) if footprints
+            tasks = _tasks(grid, sum(client.nthreads().values()) or 1)
+            futures = [client.submit(chip_block, job, t, footprints.geojson(_bounds(t, info)) if footprints
                                      else None, pure=False) for t in tasks]
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc=f"tiling {scene.name}",

@@ -161,7 +161,6 @@ def test_empty_footprints_file_gives_background_labels(tmp_path: Path, client: C
 
 def test_many_footprints_across_many_tasks(tmp_path: Path, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)  # several strips per row and several tasks
-    monkeypatch.setattr(tiling, "TASK_ROWS_PX", 60)
     scene = tmp_path / "scene.tif"
     make_scene(scene, width=150, height=110, count=1)
     expected = np.zeros((110, 150), np.uint8)
