@@ -109,8 +109,9 @@ class SynthTianchiParams(Params):
 def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.synth import make_tianchi
 
-    info = ctx.gather([ctx.submit(make_tianchi, ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed,
-                                  progress=False)])[0]
+    # The tiles are rendered in chunks on the workers; this process writes the CSV files.
+    info = make_tianchi(ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed, progress=False,
+                        executor=ctx.client.get_executor(retries=ctx.retries, pure=False))
     return {k: v for k, v in info.items() if k.startswith("n_")}
 
 

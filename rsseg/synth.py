@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import string
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -46,6 +48,7 @@ METRES_PER_DEGREE = 111_320.0
 TILE = 512
 #: Tianchi tiles: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
 TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.10, 90
+_CHUNK = 20  # tiles per rendering task when an executor is given
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
 #: GeoTIFF compression presets (benchmarks/bench_synth.py compares them; data_cards/synthetic.md).
 COMPRESSION = {
@@ -235,9 +238,20 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     return sorted(names)
 
 
+def _render_chunk(folder: Path, names: list[str], seqs: list[np.random.SeedSequence],
+                  empty: list[bool]) -> list[str]:
+    """Render tiles into ``folder`` as JPG files; returns their masks as RLE strings."""
+    codes = []
+    for name, seq, is_empty in zip(names, seqs, empty, strict=True):
+        rgb, mask = render_tile(seq, empty=is_empty)
+        Image.fromarray(rgb).save(folder / name, quality=TIANCHI_QUALITY)
+        codes.append(rle.encode(mask))
+    return codes
+
+
 def make_tianchi(
     out_dir: str | os.PathLike[str], n_train: int = 400, n_test: int = 100, seed: int = 0, *,
-    progress: bool | None = None,
+    progress: bool | None = None, executor: Executor | None = None,
 ) -> dict[str, object]:
     """Write a generated dataset in the Tianchi building-segmentation layout, atomically.
 
@@ -253,6 +267,9 @@ def make_tianchi(
         n_test: number of test tiles (at least 0).
         seed: the random seed; the same seed gives the same files, byte for byte.
         progress: show a progress bar (None: only on a terminal).
+        executor: render chunks of tiles on it (e.g. a Dask client's ``get_executor()`` or a process
+            pool; its workers must see ``out_dir``); default: one after the other in this process. Every
+            tile has its own seed, so the files are the same either way.
 
     Returns:
         The paths written (``root``, ``train_dir``, ``test_dir``, ``train_mask``, ``test_mask``,
@@ -276,17 +293,29 @@ def make_tianchi(
     splits = {"train": (names[:n_train], tile_seqs[:n_train]), "test_a": (names[n_train:], tile_seqs[n_train:])}
     info: dict[str, object] = {"root": out_dir}
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        bar = tqdm(total=n_train + n_test, desc=f"synth {out_dir.name}", unit="tile", disable=_quiet(progress))
+        jobs: dict[str, list[Any]] = {}
         for split, (split_names, seqs) in splits.items():
             (tmp / split).mkdir()
             n_empty = int(round(TIANCHI_EMPTY * len(split_names)))
             empty = set(rng.choice(len(split_names), n_empty, replace=False).tolist())
-            rows = []
-            for i, (name, seq) in enumerate(zip(split_names, seqs, strict=True)):
-                rgb, mask = render_tile(seq, empty=i in empty)
-                Image.fromarray(rgb).save(tmp / split / name, quality=TIANCHI_QUALITY)
-                rows.append((name, rle.encode(mask)))
-                bar.update()
+            flags = [i in empty for i in range(len(split_names))]
+            chunks = [(tmp / split, split_names[i : i + _CHUNK], seqs[i : i + _CHUNK], flags[i : i + _CHUNK])
+                      for i in range(0, len(split_names), _CHUNK)]
+            jobs[split] = [executor.submit(_render_chunk, *c) for c in chunks] if executor else chunks
+        bar = tqdm(total=n_train + n_test, desc=f"synth {out_dir.name}", unit="tile", disable=_quiet(progress))
+        for split, (split_names, _) in splits.items():
+            codes: list[str] = []
+            for job in jobs[split]:
+                try:
+                    chunk = job.result() if executor else _render_chunk(*job)
+                except BaseException:
+                    if executor:  # nothing more is written into the folder about to be removed
+                        for pending in (j for js in jobs.values() for j in js):
+                            pending.cancel()
+                    raise
+                codes += chunk
+                bar.update(len(chunk))
+            rows = list(zip(split_names, codes, strict=True))
             truth = "train_mask.csv" if split == "train" else "test_a_mask.csv"
             tianchi.write_mask_csv(rows, tmp / truth)
             key = "train" if split == "train" else "test"

@@ -18,6 +18,7 @@ import yaml
 from rsseg.errors import ConfigError
 from rsseg.models import create_model, model_config, save_checkpoint
 from rsseg.pipeline import load_pipeline
+from rsseg.synth import make_tianchi
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +118,17 @@ def test_overrides_interpolation_and_dependencies(tmp_path: Path, checkpoint: Pa
 
 def test_run_on_local_cluster_then_resume(tmp_path: Path, checkpoint: Path) -> None:
     path = _pipeline_file(tmp_path, checkpoint)
+    spec = yaml.safe_load(path.read_text())  # plus Tianchi tiles, rendered in chunks on the workers
+    spec["stages"]["data"] = {"uses": "synth_tianchi", "with": {"n_train": 21, "n_test": 2, "seed": 4}}
+    path.write_text(yaml.safe_dump(spec))
     done = _rsseg("run", path)
     assert done.returncode == 0, done.stderr
     assert "Dask dashboard at" in done.stdout
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     work = tmp_path / "work"
     assert summary["stages"]["scenes"]["buildings"] > 0
+    direct = make_tianchi(tmp_path / "direct", n_train=21, n_test=2, seed=4, progress=False)
+    assert (work / "data" / "tianchi" / "train_mask.csv").read_bytes() == direct["train_mask"].read_bytes()
     assert summary["stages"]["chips"]["chips"] == 8  # 2 scenes x 2x2 windows of 256 over 384 px
     assert sorted(p.name for p in (work / "predict").glob("*.tif")) == [
         "scene_000.prob.tif", "scene_000.tif", "scene_001.prob.tif", "scene_001.tif"]
