@@ -91,26 +91,26 @@ def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
             named). A file without features is a scene without buildings (all-background labels).
     """
     try:
-        info = pyogrio.read_info(path, force_total_bounds=True)
+        frame = pyogrio.read_dataframe(path, columns=[])  # one pass: read_info's total bounds is a second
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
         raise VectorError(f"{path}: not a raster or vector file GDAL can read "
                           f"({' '.join(str(exc).split())})") from None
-    if not info["features"]:  # a scene without buildings: every label pixel is background
+    if not len(frame):  # a scene without buildings: every label pixel is background
         log.warning("%s: no footprints; labels will be all background", path)
         return Footprints(np.empty(0, dtype=object), dict.fromkeys(_COUNTS, 0))
-    file_crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
+    file_crs = CRS.from_user_input(frame.crs) if frame.crs else None
     if file_crs is None or crs is None:
         if file_crs != crs:
             log.warning("%s: CRS %s, scene CRS %s; using the coordinates as they are", path, file_crs, crs)
         scene_in_file = bounds
     else:
         scene_in_file = transform_bounds(crs, file_crs, *bounds, densify_pts=21)
-    if not _overlaps(info["total_bounds"], scene_in_file):
-        raise VectorError(f"{path}: footprints do not overlap the scene: footprints extent "
-                          f"{_fmt(info['total_bounds'])}, scene extent {_fmt(scene_in_file)} "
-                          f"(both in {file_crs or 'the same coordinates'})")
-    frame = pyogrio.read_dataframe(path, columns=[])
     geoms = np.asarray(frame.geometry.array, dtype=object)
+    total_bounds = shapely.total_bounds(geoms)
+    if not _overlaps(total_bounds, scene_in_file):
+        raise VectorError(f"{path}: footprints do not overlap the scene: footprints extent "
+                          f"{_fmt(total_bounds)}, scene extent {_fmt(scene_in_file)} "
+                          f"(both in {file_crs or 'the same coordinates'})")
     present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     near = present & _overlaps(shapely.bounds(geoms).T, scene_in_file)
     if file_crs is not None and crs is not None and file_crs != crs:
