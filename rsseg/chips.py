@@ -33,7 +33,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rsseg.errors import RasterError
-from rsseg.fileio import raster_env
+from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
 from rsseg.grid import Tile
 
 __all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
@@ -190,6 +190,19 @@ def _reusing_freed_memory() -> Iterator[None]:
             malloc_trim(0)
 
 
+def _cache_mb(src: rasterio.DatasetReader, strip: Window) -> int:
+    """A GDAL block cache that holds the blocks two successive strips share, with room to spare.
+
+    Those blocks are what the cache is for (each is then decoded once); the default (GDAL_CACHEMAX_MB)
+    would fill with blocks never read again, and memory would follow the scene's width up to it.
+    """
+    bx, by = src.block_shapes[0][1], src.block_shapes[0][0]
+    span = min(src.width, (-(-strip.width // bx) + 1) * bx)
+    rows = min(src.height, (-(-strip.height // by) + 1) * by)
+    need = 1.5 * span * rows * sum(np.dtype(d).itemsize for d in src.dtypes)  # half again: margin
+    return int(min(GDAL_CACHEMAX_MB, 8 + need / 2**20))
+
+
 def _read_strip(src: rasterio.DatasetReader, window: Window, job: ChipJob,
                 out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``window``, padding what lies beyond the raster; return (data, valid mask or None: all valid).
@@ -343,6 +356,7 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         stack.enter_context(_reusing_freed_memory())
         stack.enter_context(raster_env())
         src = stack.enter_context(rasterio.open(job.scene))
+        stack.enter_context(raster_env(cache_mb=_cache_mb(src, strip_window(strips[0]))))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
         base = dict(width=job.size, height=job.size, crs=src.crs, transform=src.transform)
         if job.compress:
