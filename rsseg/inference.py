@@ -35,6 +35,7 @@ from rsseg.blend import BandAccumulator
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
 from rsseg.grid import TileGrid
+from rsseg.malloc import retain_freed_memory
 from rsseg.models import Segmenter, model_from_checkpoint
 from rsseg.rle import TIANCHI_SHAPE, encode
 from rsseg.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
@@ -74,6 +75,7 @@ def prob_path(dst: PathLike) -> Path:
 def _load_model(checkpoint_or_model: ModelLike, device: torch.device
                 ) -> tuple[nn.Module, int | None, dict[str, Any], str]:
     """``(model, in_channels or None, checkpoint meta, sha256)`` from a checkpoint path, dict or module."""
+    retain_freed_memory()  # batches of activations reuse memory instead of page-faulting it in again
     if isinstance(checkpoint_or_model, nn.Module):
         model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
     else:

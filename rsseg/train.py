@@ -35,6 +35,7 @@ import yaml
 from rsseg.augment import TrainTransform
 from rsseg.datasets import ChipDataset, TianchiDataset
 from rsseg.errors import ConfigError, DatasetError, PipelineError, RssegError
+from rsseg.malloc import retain_freed_memory
 from rsseg.train_config import TrainConfig, load_config
 from rsseg.trainer import Rank, Trainer, WarmupCosine, data_source
 
@@ -113,6 +114,7 @@ def fit(cfg: TrainConfig) -> Path:
         FileExistsError: ``run.out_dir`` holds a run and neither ``run.resume`` nor ``run.overwrite`` is set.
     """
     env = Rank.from_env()
+    retain_freed_memory()  # each step reuses the memory of the last instead of page-faulting it in again
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device, env.local_rank, env.world)

@@ -1,0 +1,47 @@
+"""glibc allocator settings for tensor work on the CPU.
+
+A forward pass on the CPU allocates and frees activations of tens to hundreds of megabytes per batch. glibc
+serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on free, so
+each batch pays page faults to zero the same memory again; Dask workers make it worse by trimming the heap
+above 64 KiB (their ``MALLOC_TRIM_THRESHOLD_=65536``). Measured on the 2-core development machine with the
+demo's MobileNetV2 U-Net: a batch of 8 tiles of 512x512 in bf16 took 0.69 s instead of 1.17 s on one thread
+(0.38 s instead of 0.69 s on two), and a training step under Dask's setting 0.49 s instead of 0.89 s.
+:func:`retain_freed_memory` has glibc keep freed memory in the process for reuse instead, which is what
+jemalloc or tcmalloc (recommended by PyTorch's CPU tuning guide) would do, without a preloaded library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import sys
+
+__all__ = ["retain_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Make glibc reuse freed memory: no ``mmap`` per large block, no trimming of the heap. Idempotent.
+
+    The process keeps the memory of its largest working set until it exits, so call it in processes that
+    run models (training, prediction), not in long-lived servers with rare peaks.
+
+    Returns:
+        True where applied (Linux with glibc); False elsewhere, where nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    log.debug("glibc keeps freed memory for reuse: %s", applied)
+    return applied
