@@ -351,3 +351,16 @@ def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path, client:
             assert chip.read(1, window=Window(0, 0, 16, 16)).shape == (16, 16)
             mosaic[r : r + 16, c : c + 16] = chip.read(1)
     np.testing.assert_array_equal(mosaic, data[0])  # the chips reassemble the whole scene
+
+
+@pytest.mark.parametrize(("width", "threads"), [(150, 1), (150, 2), (20000, 2), (600, 8)])
+def test_tasks_are_column_bands_covering_each_window_once(width: int, threads: int) -> None:
+    grid = TileGrid(width, 700, 32 if width < 1000 else 512, 6 if width < 1000 else 64)
+    tasks = tiling._tasks(grid, threads)
+    tiles = [tile for task in tasks for strip in task for tile in strip]
+    assert sorted(tiles, key=lambda t: (t.row_off, t.col_off)) == list(grid)
+    assert len(tasks) >= min(grid.n_cols, tiling.BANDS_PER_THREAD * threads)  # enough to balance the workers
+    for task in tasks:
+        assert len(task) == grid.n_rows  # full height: no block row decoded by two tasks
+        assert all(strip[-1].col_off + grid.size - strip[0].col_off <= max(tiling.STRIP_MAX_PX, grid.size)
+                   for strip in task)
