@@ -63,7 +63,7 @@ def encode(mask: np.ndarray) -> str:
         raise ValueError(f"encode expects a 2-D mask, got an array of shape {mask.shape}")
     if mask.size == 0:
         return ""
-    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+    if mask.dtype.kind not in "biu":  # packbits takes booleans and integers
         mask = mask != 0
     height, width = mask.shape
     bounds = _change_points(mask)
@@ -83,32 +83,30 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
     """Sorted 0-based column-major indices where the pixel sequence changes value (starting from 0).
 
     Works on the mask packed to bits along its rows (an eighth of the bytes), each row padded to a power of
-    two of at least 8 bytes: XOR of each row with the row above marks the changes inside columns, found
-    64-bit word, then byte, then bit; the top of each column is compared with the bottom of the previous one.
+    two of at least 8 bytes. Above row 0 goes a row holding, for each column, the pixel that precedes its
+    top in column-major order (the bottom of the previous column; 0 for the first). XOR of each row with
+    the one above marks every change, found 64-bit word, then byte, then bit; rows come out increasing
+    within each column, so a stable sort by column (radix on 16-bit keys) gives the column-major order.
     """
     height, width = mask.shape
     packed = np.packbits(mask, axis=1)  # any non-zero value packs as 1
     row_bytes = max(8, 1 << (packed.shape[1] - 1).bit_length())
-    if packed.shape[1] != row_bytes:
-        packed = np.pad(packed, ((0, 0), (0, row_bytes - packed.shape[1])))
-    words = np.ascontiguousarray(packed[1:] ^ packed[:-1]).view(np.uint64).reshape(-1)
+    before = np.zeros(width, dtype=bool)
+    before[1:] = mask[-1, :-1]
+    diff = np.zeros((height, row_bytes), dtype=np.uint8)
+    np.bitwise_xor(packed[1:], packed[:-1], out=diff[1:, : packed.shape[1]])
+    np.bitwise_xor(np.packbits(before), packed[0], out=diff[0, : packed.shape[1]])
+    words = diff.view(np.uint64).reshape(-1)
     hot_words = np.flatnonzero(words != 0)
     hot = words[hot_words].view(np.uint8)
     nonzero = np.flatnonzero(hot != 0)
-    hot_bytes = (hot_words[nonzero >> 3] << 3) | (nonzero & 7)  # byte indices into the XOR
+    hot_bytes = (hot_words[nonzero >> 3] << 3) | (nonzero & 7)  # byte indices into diff
     bits = np.flatnonzero(np.unpackbits(hot[nonzero]).view(bool))
-    flat = (hot_bytes[bits >> 3] << 3) | (bits & 7)  # bit indices into the XOR (packed rows 1..)
-    shift = row_bytes.bit_length() + 2  # log2 of the bits per packed row
-    before = np.empty(width, dtype=bool)  # the pixel preceding the top of each column in column-major order
-    before[0] = False
-    before[1:] = mask[-1, :-1] != 0
-    cols = np.concatenate([np.flatnonzero((mask[0] != 0) != before), flat & ((1 << shift) - 1)])
-    rows = np.zeros(cols.size, dtype=np.int64)
-    rows[cols.size - flat.size:] = (flat >> shift) + 1
-    # Rows are increasing within each column already: a stable sort by column (radix on 16-bit keys)
-    # gives the column-major order.
-    order = np.argsort(cols.astype(np.uint16) if width <= 1 << 16 else cols, kind="stable")
-    return cols[order] * height + rows[order]
+    flat = (hot_bytes[bits >> 3] << 3) | (bits & 7)  # bit indices into diff
+    shift = row_bytes.bit_length() + 2  # log2 of the bits per row of diff
+    cols = flat & ((1 << shift) - 1)
+    keys = cols * height + (flat >> shift)
+    return keys[np.argsort(cols.astype(np.uint16) if width <= 1 << 16 else cols, kind="stable")]
 
 
 def _parse(rle: str) -> np.ndarray:
@@ -142,19 +140,19 @@ def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> n
         return np.zeros(shape, dtype=np.uint8, order="F")
     if not isinstance(rle, str):
         raise RLEError(f"expected an RLE string, got {type(rle).__name__} {rle!r}")
-    bounds = _parse(rle)  # start, length, start, length... -> 0-based start, end, start, end...
-    if bounds.size % 2:
-        raise RLEError(f"odd number of RLE tokens ({bounds.size}); expected start/length pairs")
-    bounds[0::2] -= 1
-    bounds[1::2] += bounds[0::2]
+    values = _parse(rle)
+    if values.size % 2:
+        raise RLEError(f"odd number of RLE tokens ({values.size}); expected start/length pairs")
+    starts, lengths = values[0::2], values[1::2]  # starts 1-based
     # The image as alternating background/building segments: gap, run, gap, run, ..., gap. The runs are
     # valid (sorted, disjoint, inside the image) exactly when no gap is negative and no run is empty.
-    segments = np.empty(bounds.size + 1, dtype=np.int64)
-    segments[0] = bounds[0]
-    np.subtract(bounds[1:], bounds[:-1], out=segments[1:-1])
-    segments[-1] = size - bounds[-1]
-    if segments.min() < 0 or segments[1::2].min() < 1:
-        _raise_bad_run(bounds[0::2], segments[1::2], bounds[1::2], size, shape)
+    segments = np.empty(values.size + 1, dtype=np.int64)
+    segments[1::2] = lengths
+    np.subtract(np.diff(starts), lengths[:-1], out=segments[2:-1:2])
+    segments[0] = starts[0] - 1
+    segments[-1] = size - (starts[-1] - 1 + lengths[-1])
+    if lengths.min() < 1 or segments.min() < 0:
+        _raise_bad_run(starts - 1, lengths, starts - 1 + lengths, size, shape)
     return np.repeat(_alternating(segments.size), segments).reshape(shape, order="F")
 
 

@@ -15,8 +15,8 @@ import logging
 import mmap
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
+class _Row(NamedTuple):
     line: int  # 1-based line number in the file
     start: int  # byte offset of the RLE field
     end: int  # byte offset just past the RLE field
@@ -70,36 +69,42 @@ class MaskTable(Mapping[str, str]):
 
     def _index(self, strict: bool) -> None:
         buf = np.frombuffer(self._data, dtype=np.uint8)
-        newlines = np.flatnonzero(buf == 10)
+        marks = np.flatnonzero(buf <= 10)  # one pass for tabs and newlines (other control bytes are bad RLE)
+        kinds = buf[marks]
+        newlines, tabs = marks[kinds == 10], marks[kinds == 9]
         starts = np.concatenate(([0], newlines + 1))
         ends = np.concatenate((newlines, [buf.size]))
         if starts.size and starts[-1] == buf.size:  # the file ends with a newline
             starts, ends = starts[:-1], ends[:-1]
         ends = ends - ((ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13))  # CRLF
-        tabs = np.flatnonzero(buf == 9)
         first_tab = np.searchsorted(tabs, starts)
         n_tabs = np.searchsorted(tabs, ends) - first_tab
         tab_pos = np.where(n_tabs > 0, tabs[np.minimum(first_tab, tabs.size - 1)], ends) if tabs.size else ends
         data = self._data
-        for i, (start, tab, end, count) in enumerate(zip(starts.tolist(), tab_pos.tolist(), ends.tolist(),
-                                                         n_tabs.tolist(), strict=True)):
-            line = i + 1
-            if start == end:
-                self._problem(f"{self.path.name} line {line}: blank line; expected name<TAB>rle", strict)
-                continue
-            if count > 1:
-                self._problem(f"{self.path.name} line {line}: {count} tabs; expected one (name<TAB>rle)", strict)
-                continue
-            name = bytes(data[start:tab]).decode("utf-8", errors="replace")
-            if not name or any(ch.isspace() for ch in name):
-                self._problem(f"{self.path.name} line {line}: image name {name!r} is empty or contains spaces; "
-                              "expected name<TAB>rle", strict)
-                continue
-            if name in self._rows:
-                self._problem(f"{self.path.name} line {line}: {name} duplicates line {self._rows[name].line}",
-                              strict)
-                continue
-            self._rows[name] = _Row(line, min(tab + 1, end), end)
+        rows = [_Row(line, min(tab + 1, end), end) for line, tab, end in
+                zip(range(1, starts.size + 1), tab_pos.tolist(), ends.tolist(), strict=True)]
+        names = [bytes(data[start:tab]).decode("utf-8", errors="replace")
+                 for start, tab in zip(starts.tolist(), tab_pos.tolist(), strict=True)]
+        self._rows = dict(zip(names, rows, strict=True))
+        clean = (len(self._rows) == len(names) and not (n_tabs > 1).any()
+                 and all(len(name.split()) == 1 for name in names))  # no blank, empty or spaced name
+        if not clean:  # find the problems line by line, in order
+            self._rows = {}
+            for row, name, count in zip(rows, names, n_tabs.tolist(), strict=True):
+                self._add(row, name, count, strict)
+
+    def _add(self, row: _Row, name: str, tabs: int, strict: bool) -> None:
+        where = f"{self.path.name} line {row.line}"
+        if not name and row.start == row.end:
+            self._problem(f"{where}: blank line; expected name<TAB>rle", strict)
+        elif tabs > 1:
+            self._problem(f"{where}: {tabs} tabs; expected one (name<TAB>rle)", strict)
+        elif len(name.split()) != 1:
+            self._problem(f"{where}: image name {name!r} is empty or contains spaces; expected name<TAB>rle", strict)
+        elif name in self._rows:
+            self._problem(f"{where}: {name} duplicates line {self._rows[name].line}", strict)
+        else:
+            self._rows[name] = row
 
     def _problem(self, message: str, strict: bool) -> None:
         if strict:
