@@ -39,6 +39,7 @@ from torch import nn
 
 from rsseg.grid import TileGrid
 from rsseg.inference import predict_raster
+from rsseg.malloc import retain_freed_memory
 from rsseg.models import RGB_MEAN, RGB_STD, Segmenter, create_model, model_from_checkpoint
 from rsseg.streams import read_batches
 from rsseg.synth import make_scene
@@ -229,6 +230,7 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.mem_sizes = 2048, [1024, 2048]
+    retain_freed_memory()  # as predict_raster does: the bare forward passes get the same allocator
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     parts = set(args.parts.split(","))

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from rsseg.augment import TrainTransform
 from rsseg.datasets import TianchiDataset
 from rsseg.losses import DiceBCELoss
+from rsseg.malloc import retain_freed_memory
 from rsseg.models import create_model
 from rsseg.synth import make_tianchi
 from rsseg.train import resolve_device
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for the loader figure")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
+    retain_freed_memory()  # as `rsseg train` does
     device = resolve_device(args.device)
     recipe = yaml.safe_load(RECIPE.read_text())["model"]
     recipe_kwargs = {"arch": recipe["arch"], "encoder": recipe["encoder"], **recipe.get("kwargs", {})}
