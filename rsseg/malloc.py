@@ -30,8 +30,8 @@ _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
 def retain_freed_memory() -> bool:
     """Make glibc reuse freed memory: no ``mmap`` per large block, no trimming of the heap. Idempotent.
 
-    The process keeps the memory of its largest working set until it exits, so call it in processes that
-    run models (training, prediction), not in long-lived servers with rare peaks.
+    The process keeps the memory of its largest working set until it exits: call it where large blocks are
+    allocated again and again (model batches, raster strips in tiling tasks), where that set is bounded.
 
     Returns:
         True where applied (Linux with glibc); False elsewhere, where nothing changes.
