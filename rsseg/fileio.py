@@ -89,6 +89,9 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 
 def raster_env(cache_mb: int = GDAL_CACHEMAX_MB, **options: object) -> rasterio.Env:
-    """A :class:`rasterio.Env` with a small GDAL block cache (memory independent of scene size)."""
+    """A :class:`rasterio.Env` with a small GDAL block cache (memory independent of scene size).
+
+    ``options`` are further GDAL settings; they may override ``GDAL_NUM_THREADS`` (default ``ALL_CPUS``).
+    """
     # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes.
-    return rasterio.Env(GDAL_CACHEMAX=cache_mb << 20, GDAL_NUM_THREADS="ALL_CPUS", **options)
+    return rasterio.Env(GDAL_CACHEMAX=cache_mb << 20, **{"GDAL_NUM_THREADS": "ALL_CPUS", **options})
