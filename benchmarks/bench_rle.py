@@ -85,6 +85,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_mask_csv(((f"{i:010d}.jpg", codes[i % len(codes)] if i % 7 else "") for i in range(args.rows)),
                              Path(tmp) / "train_mask.csv")
+        with open(csv, "rb") as fh:  # a file at rest, as a downloaded train_mask.csv is: not being written back
+            os.fsync(fh.fileno())
         start = time.perf_counter()
         n = sum(1 for _ in iter_masks(csv))
         t_csv = time.perf_counter() - start

@@ -29,6 +29,9 @@ TIANCHI_SHAPE = (512, 512)
 # Bytes allowed in an RLE string (ASCII digits and whitespace): deleting them must leave nothing.
 _VALID_BYTES = b"0123456789 \t\n\r\x0b\x0c"
 
+# Labels of the segments of a decoded mask (background, building, background...), enough for 512x512.
+_ALTERNATING = np.arange(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1] + 1, dtype=np.uint8) & 1
+
 # Formatting by table lookup is used up to this many pixels (the table costs 8 bytes per number).
 _TABLE_LIMIT = 1 << 20
 
@@ -148,24 +151,16 @@ def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> n
     # valid (sorted, disjoint, inside the image) exactly when no gap is negative and no run is empty.
     segments = np.empty(values.size + 1, dtype=np.int64)
     segments[1::2] = lengths
-    np.subtract(np.diff(starts), lengths[:-1], out=segments[2:-1:2])
+    gaps = segments[2:-1:2]
+    np.subtract(starts[1:], starts[:-1], out=gaps)
+    gaps -= lengths[:-1]
     segments[0] = starts[0] - 1
     segments[-1] = size - (starts[-1] - 1 + lengths[-1])
-    if lengths.min() < 1 or segments.min() < 0:
+    if np.minimum.reduce(lengths) < 1 or np.minimum.reduce(segments) < 0:
         _raise_bad_run(starts - 1, lengths, starts - 1 + lengths, size, shape)
-    return np.repeat(_alternating(segments.size), segments).reshape(shape, order="F")
-
-
-@lru_cache(maxsize=1)
-def _alternating_cache() -> np.ndarray:
-    """0, 1, 0, 1, ... as uint8, long enough for any 512x512 mask."""
-    return np.arange(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1] + 1, dtype=np.uint8) & 1
-
-
-def _alternating(n: int) -> np.ndarray:
-    """The labels of ``n`` alternating segments, background first."""
-    cache = _alternating_cache()
-    return cache[:n] if n <= cache.size else np.arange(n, dtype=np.uint8) & 1
+    n = segments.size
+    labels = _ALTERNATING[:n] if n <= _ALTERNATING.size else np.arange(n, dtype=np.uint8) & 1  # wraps evenly
+    return np.repeat(labels, segments).reshape(shape, order="F")
 
 
 def _raise_bad_run(starts: np.ndarray, lengths: np.ndarray, ends: np.ndarray, size: int,
