@@ -302,7 +302,7 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
         gdf = vectorize(mask, min_area=p.min_area, simplify=p.simplify, prob=prob if prob.exists() else None,
                         regularize=p.regularize, block=p.block, scheduler=ctx.client)
         for fmt in p.formats:
-            write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}")
+            write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}", client=ctx.client)  # GeoJSON: on workers
         counts[mask.stem] = len(gdf)
     if p.merged:
         fmt = "gpkg" if "gpkg" in p.formats else p.formats[0]
