@@ -26,7 +26,8 @@ from rsseg.inference import predict_raster
 from rsseg.models import create_model, model_config, save_checkpoint
 from rsseg.pipeline import load_pipeline, run
 from rsseg.synth import make_scene
-from rsseg.vectorize import vectorize, write_vectors
+from rsseg.vector_files import write_vectors
+from rsseg.vectorize import vectorize
 
 
 def main() -> None:

@@ -293,7 +293,8 @@ class VectorizeParams(Params):
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.report import scene_quicklook
-    from rsseg.vectorize import vectorize, write_vectors
+    from rsseg.vector_files import write_vectors
+    from rsseg.vectorize import vectorize
 
     masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
     counts: dict[str, int] = {}

@@ -8,7 +8,8 @@ raster's CRS, computes its ground area, drops it if smaller than ``min_area``, s
 regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
 window borders come back in pixel coordinates; the client joins them exactly and finishes them the same
 way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the window size. GeoJSON features are formatted by GDAL on the workers too, in chunks.
+bounded by the window size. :mod:`rsseg.vector_files` writes the result (GeoJSON features formatted on
+the workers too).
 
 Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.cleaning`).
 """
@@ -16,8 +17,6 @@ Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.cleaning`).
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +25,9 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
-import pyogrio
 import rasterio
 import shapely
 from distributed import Client, as_completed
-from pyproj import CRS
 from rasterio import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
@@ -40,25 +36,14 @@ from tqdm.auto import tqdm
 
 from rsseg.cleaning import Buildings, Cleaning, finish, make_cleaning
 from rsseg.cluster import dask_client
-from rsseg.errors import ConfigError, RasterError, VectorError
-from rsseg.fileio import atomic_path, raster_env
+from rsseg.errors import ConfigError, RasterError
+from rsseg.fileio import raster_env
 from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
+from rsseg.vector_files import output_driver, write_vectors
 
-__all__ = ["FORMATS", "vectorize", "vectorize_to_file", "write_vectors"]
+__all__ = ["vectorize", "vectorize_to_file"]
 
 log = logging.getLogger(__name__)
-
-#: Output drivers by file extension. GeoJSON is written in EPSG:4326 (RFC 7946), the others in the mask's CRS.
-FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
-#: OGR layer geometry types by shapely type id.
-_TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
-               6: "MultiPolygon"}
-#: Features per GeoJSON chunk formatted by one Dask task (rounded so every worker gets as many chunks).
-_GEOJSON_CHUNK = 10_000
-#: How GDAL's GeoJSON writer opens the feature list, and how it closes the file.
-_GEOJSON_FEATURES = b'"features": [\n'
-_GEOJSON_END = b"\n]\n}\n"
-
 
 @dataclass(frozen=True, slots=True)
 class _Block:
@@ -291,93 +276,6 @@ def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dic
     return gdf
 
 
-def _driver(path: Path) -> str:
-    try:
-        return FORMATS[path.suffix.lower()]
-    except KeyError:
-        raise VectorError(f"{path}: unsupported output format {path.suffix or '(no extension)'!r}; "
-                          f"supported: {', '.join(FORMATS)}") from None
-
-
-def _geojson_text(wkb: np.ndarray, attributes: pd.DataFrame, crs: CRS, options: dict) -> bytes:
-    """Features as a GeoJSON FeatureCollection, formatted by GDAL (a Dask task of :func:`write_vectors`)."""
-    buffer = io.BytesIO()
-    pyogrio.write_dataframe(gpd.GeoDataFrame(attributes, geometry=shapely.from_wkb(wkb), crs=crs), buffer,
-                            driver="GeoJSON", **options)
-    return buffer.getvalue()
-
-
-def _write_geojson_on(client: Client, threads: int, gdf: gpd.GeoDataFrame, tmp: Path, options: dict) -> None:
-    """Write GeoJSON with GDAL formatting the features on the workers, in chunks spliced in order.
-
-    GDAL writes a FeatureCollection as a header ending in ``"features": [``, one feature per line with
-    ``,`` line ends, then ``]`` and ``}`` lines; every chunk is written with the same options, so its
-    header and footer are the same and its feature lines are those the whole layer would have: the
-    file is byte for byte what one ``write_dataframe`` call writes.
-    """
-    n_chunks = threads * -(-len(gdf) // (threads * _GEOJSON_CHUNK))
-    bounds = np.linspace(0, len(gdf), n_chunks + 1).astype(int)
-    wkb = shapely.to_wkb(gdf.geometry.array.to_numpy())
-    attributes = pd.DataFrame(gdf.drop(columns=gdf.geometry.name))
-    futures = [client.submit(_geojson_text, wkb[a:b], attributes.iloc[a:b], gdf.crs, options, pure=False)
-               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    head = b""
-    with tmp.open("wb") as out:
-        while futures:
-            text = futures.pop(0).result()  # dropping the future frees the chunk on its worker
-            start = text.find(_GEOJSON_FEATURES) + len(_GEOJSON_FEATURES)
-            if not head:
-                head = text[:start]
-                out.write(head)
-            else:
-                out.write(b",\n")
-            if start < len(_GEOJSON_FEATURES) or text[:start] != head or not text.endswith(_GEOJSON_END):
-                raise VectorError(f"{tmp}: GDAL {pyogrio.__gdal_version_string__} laid GeoJSON out "
-                                  "unexpectedly; write it in one process (scheduler='sync')")
-            out.write(text[start:-len(_GEOJSON_END)])
-        out.write(_GEOJSON_END)
-
-
-def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = True,
-                  client: Client | None = None) -> Path:
-    """Write polygons atomically, in the format the extension names.
-
-    GeoJSON (``.geojson``/``.json``) follows RFC 7946: EPSG:4326, longitude before latitude, exterior
-    rings counter-clockwise and holes clockwise (GDAL's ``RFC7946`` option orients the rings);
-    GeoPackage (``.gpkg``) and FlatGeobuf (``.fgb``) keep the data's CRS. ``gdf.attrs["provenance"]``
-    goes into the layer metadata (``rsseg_*`` items) or, for GeoJSON, into an ``rsseg`` member of the
-    FeatureCollection. Given a Dask ``client`` with two or more worker threads, GeoJSON features are
-    formatted on the workers in chunks (the same bytes as formatting them here).
-
-    Raises:
-        VectorError: an unsupported extension, or polygons without a CRS.
-    """
-    path = Path(path)
-    driver = _driver(path)
-    if gdf.crs is None:
-        raise VectorError(f"{path}: the polygons have no CRS; set one (GeoDataFrame.set_crs) before writing")
-    provenance = gdf.attrs.get("provenance", {})
-    options: dict = {"layer": path.stem}
-    if driver == "GeoJSON":
-        if not gdf.crs.equals(CRS.from_epsg(4326)):
-            gdf = gdf.to_crs(4326)
-        options["layer_options"] = {"RFC7946": "YES"}
-        if provenance:
-            options["layer_options"]["FOREIGN_MEMBERS_COLLECTION"] = json.dumps({"rsseg": provenance})
-    else:
-        options["layer_metadata"] = {f"rsseg_{key}": value for key, value in provenance.items()}
-    kinds = {_TYPE_NAMES.get(k, "Unknown") for k in np.unique(shapely.get_type_id(gdf.geometry.array.to_numpy()))
-             if k >= 0}
-    options["geometry_type"] = kinds.pop() if len(kinds) == 1 else ("Polygon" if not kinds else "Unknown")
-    threads = sum(client.nthreads().values()) if client is not None and driver == "GeoJSON" else 1
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        if 1 < threads <= len(gdf):
-            _write_geojson_on(client, threads, gdf, tmp, options)
-        else:
-            pyogrio.write_dataframe(gdf, tmp, driver=driver, **options)
-    return path
-
-
 def vectorize_to_file(mask: str | Path, out: str | Path, min_area: float = 0.0, simplify: float = 0.0,
                       prob: str | Path | None = None, regularize: bool = False, band: int = 1,
                       block: int = 2048, scheduler: object = None) -> int:
@@ -387,7 +285,7 @@ def vectorize_to_file(mask: str | Path, out: str | Path, min_area: float = 0.0, 
     features are formatted on the Dask workers that ran the blocks, if there are several.
     """
     out = Path(out)
-    crs = "EPSG:4326" if _driver(out) == "GeoJSON" else None
+    crs = "EPSG:4326" if output_driver(out) == "GeoJSON" else None
     blocks, provenance = _plan(Path(mask), min_area, simplify, prob, regularize, band, block, crs)
     with _workers(scheduler, len(blocks)) as client:
         gdf = _assemble(blocks, _run(blocks, client), provenance)

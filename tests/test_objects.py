@@ -10,7 +10,7 @@ import shapely
 
 from rsseg.cli import main
 from rsseg.objects import evaluate_vectors, match_buildings
-from rsseg.vectorize import write_vectors
+from rsseg.vector_files import write_vectors
 
 UTM = "EPSG:32650"
 X0, Y0 = 500_000.0, 4_000_000.0

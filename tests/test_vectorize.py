@@ -19,11 +19,12 @@ from pyproj import CRS, Geod, Transformer
 from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
-from rsseg import vectorize as vectorize_module
+from rsseg import vector_files
 from rsseg.cli import main
 from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 from rsseg.regularize import regularize_polygons
-from rsseg.vectorize import vectorize, vectorize_to_file, write_vectors
+from rsseg.vector_files import write_vectors
+from rsseg.vectorize import vectorize, vectorize_to_file
 
 UTM = "EPSG:32650"
 
@@ -298,7 +299,7 @@ def test_geojson_is_rfc7946_with_provenance(tmp_path):
 
 
 def test_geojson_formatted_on_workers_is_byte_identical(tmp_path, client, monkeypatch):
-    monkeypatch.setattr(vectorize_module, "_GEOJSON_CHUNK", 2)  # several chunks per worker
+    monkeypatch.setattr(vector_files, "_GEOJSON_CHUNK", 2)  # several chunks per worker
     path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"rsseg:threshold": "0.5"})
     here, there = tmp_path / "here" / "b.geojson", tmp_path / "there" / "b.geojson"  # same layer name
     here.parent.mkdir(), there.parent.mkdir()
