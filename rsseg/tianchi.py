@@ -69,7 +69,7 @@ class MaskTable(Mapping[str, str]):
 
     def _index(self, strict: bool) -> None:
         buf = np.frombuffer(self._data, dtype=np.uint8)
-        marks = np.flatnonzero(buf <= 10)  # one pass for tabs and newlines (other control bytes are bad RLE)
+        marks = _control_bytes(buf)  # one pass for tabs and newlines (other control bytes are bad RLE)
         kinds = buf[marks]
         newlines, tabs = marks[kinds == 10], marks[kinds == 9]
         starts = np.concatenate(([0], newlines + 1))
@@ -140,6 +140,17 @@ class MaskTable(Mapping[str, str]):
         self._rows = state["rows"]  # type: ignore[assignment]
         self.problems = []
         self._data = self._map()
+
+
+def _control_bytes(buf: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """Offsets of the bytes <= 10 (tab, newline...), found chunk by chunk: no file-sized temporary array."""
+    below = np.empty(min(chunk, buf.size), dtype=bool)
+    parts = []
+    for start in range(0, buf.size, chunk):
+        part = buf[start : start + chunk]
+        np.less_equal(part, 10, out=below[: part.size])
+        parts.append(np.flatnonzero(below[: part.size]) + start)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)
 
 
 def read_masks_csv(path: PathLike) -> MaskTable:

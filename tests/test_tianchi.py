@@ -151,3 +151,12 @@ def test_cli_bad_input_is_one_line_exit_2(truth, tmp_path: Path) -> None:
     done = _rsseg("score", sub, truth[0])
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("rsseg: error: sub.csv lacks 2")
+
+
+def test_rows_are_found_across_scan_chunks() -> None:
+    from rsseg.tianchi import _control_bytes
+
+    buf = np.frombuffer(b"a\tb\n" * 7 + b"x\ty 1 2\r\nlast\t", dtype=np.uint8)
+    for chunk in (1, 3, 5, 64, 1 << 22):
+        assert np.array_equal(_control_bytes(buf, chunk), np.flatnonzero(buf <= 10))
+    assert _control_bytes(np.empty(0, dtype=np.uint8)).size == 0
