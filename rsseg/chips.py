@@ -44,7 +44,6 @@ _Loaded = tuple[Window, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 _TIEPOINT = struct.Struct("<6d")  # ModelTiepointTag: pixel (I, J, K) -> (X, Y, Z), little-endian doubles
 
 
-
 @dataclass(frozen=True, slots=True)
 class ChipJob:
     """What every task needs besides its windows (pickled to the workers)."""
