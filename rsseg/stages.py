@@ -177,8 +177,7 @@ class TrainParams(Params):
         return self
 
 
-# What Dask's nanny sets for its workers: one thread per library, and a heap trimmed above 64 KiB.
-_WORKER_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+_THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _die_with_parent() -> None:
@@ -193,9 +192,10 @@ def _die_with_parent() -> None:
 def train_subprocess(config_path: Path, nproc: int) -> str:
     """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
-    # The trainer is a process of its own: it uses every core (run.threads in the config still sets it
-    # explicitly) and glibc's default heap (a 64 KiB trim threshold made CPU training 1.8x slower).
-    env = {k: v for k, v in os.environ.items() if k not in _WORKER_ENV}
+    # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
+    # process of its own and uses every core (run.threads in the config still sets it explicitly). Dask's
+    # 64 KiB heap trim, which it inherits too, is overridden by fit() (rsseg.malloc).
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
