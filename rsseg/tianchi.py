@@ -87,7 +87,7 @@ class MaskTable(Mapping[str, str]):
                  for start, tab in zip(starts.tolist(), tab_pos.tolist(), strict=True)]
         self._rows = dict(zip(names, rows, strict=True))
         clean = (len(self._rows) == len(names) and not (n_tabs > 1).any()
-                 and all(len(name.split()) == 1 for name in names))  # no blank, empty or spaced name
+                 and all(name.split() == [name] for name in names))  # no blank, empty or spaced name
         if not clean:  # find the problems line by line, in order
             self._rows = {}
             for row, name, count in zip(rows, names, n_tabs.tolist(), strict=True):
@@ -99,7 +99,7 @@ class MaskTable(Mapping[str, str]):
             self._problem(f"{where}: blank line; expected name<TAB>rle", strict)
         elif tabs > 1:
             self._problem(f"{where}: {tabs} tabs; expected one (name<TAB>rle)", strict)
-        elif len(name.split()) != 1:
+        elif name.split() != [name]:
             self._problem(f"{where}: image name {name!r} is empty or contains spaces; expected name<TAB>rle", strict)
         elif name in self._rows:
             self._problem(f"{where}: {name} duplicates line {self._rows[name].line}", strict)

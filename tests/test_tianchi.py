@@ -160,3 +160,11 @@ def test_rows_are_found_across_scan_chunks() -> None:
     for chunk in (1, 3, 5, 64, 1 << 22):
         assert np.array_equal(_control_bytes(buf, chunk), np.flatnonzero(buf <= 10))
     assert _control_bytes(np.empty(0, dtype=np.uint8)).size == 0
+
+
+@pytest.mark.parametrize("name", [" lead.jpg", "trail.jpg ", "in side.jpg", ""])
+def test_names_with_spaces_are_named_problems(tmp_path, name) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text(f"ok.jpg\t1 2\n{name}\t3 4\n")
+    with pytest.raises(SubmissionError, match=r"line 2: image name .* is empty or contains spaces"):
+        read_masks_csv(path)
