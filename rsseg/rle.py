@@ -16,6 +16,7 @@ raises :class:`~rsseg.errors.RLEError` naming the problem.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -29,8 +30,17 @@ TIANCHI_SHAPE = (512, 512)
 # Bytes allowed in an RLE string (ASCII digits and whitespace): deleting them must leave nothing.
 _VALID_BYTES = b"0123456789 \t\n\r\x0b\x0c"
 
-# Labels of the segments of a decoded mask (background, building, background...), enough for 512x512.
-_ALTERNATING = np.arange(TIANCHI_SHAPE[0] * TIANCHI_SHAPE[1] + 1, dtype=np.uint8) & 1
+# numpy >= 2.3 raises ValueError for text that fromstring cannot parse; older versions warn and return what
+# they read, so there the text is checked for stray bytes first.
+_FROMSTRING_RAISES = np.lib.NumpyVersion(np.__version__) >= "2.3.0"
+
+# Decoding fills little-endian 64-bit words of 8 pixels, so byte k of word w is pixel 8w + k on any machine.
+_WORD = np.dtype("<u8")
+_ONES = 0x0101010101010101
+# _BELOW[k]: a word whose bytes below byte k are 1 (the pixels of a word that come before byte k).
+_BELOW = np.array([_ONES & ((1 << 8 * k) - 1) for k in range(8)], dtype=_WORD)
+# Word labels of alternating background/building segments (0, all ones, 0, ...), enough for 16,383 runs.
+_ALTERNATING = ((np.arange(1 << 15) & 1) * _ONES).astype(_WORD)
 
 # Formatting by table lookup is used up to this many pixels (the table costs 8 bytes per number).
 _TABLE_LIMIT = 1 << 20
@@ -114,11 +124,23 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
 
 def _parse(rle: str) -> np.ndarray:
     """The integer tokens of ``rle``, or :class:`RLEError` naming the first bad token."""
-    if not rle.isascii() or rle.encode("ascii").translate(None, _VALID_BYTES):
-        tokens = rle.split()
-        bad = next(i for i, tok in enumerate(tokens) if not (tok.isascii() and tok.isdigit()))
+    if _FROMSTRING_RAISES and "+" not in rle:  # fromstring would read "+5" as 5
+        try:
+            return np.fromstring(rle, dtype=np.int64, sep=" ")
+        except ValueError:
+            pass
+    elif rle.isascii() and not rle.encode("ascii").translate(None, _VALID_BYTES):
+        return np.fromstring(rle, dtype=np.int64, sep=" ")
+    _check_tokens(rle)
+    raise AssertionError("unreachable: a token failed to parse but every token is a non-negative integer")
+
+
+def _check_tokens(rle: str) -> None:
+    """Raise :class:`RLEError` for the first token of ``rle`` that is not a non-negative integer."""
+    tokens = re.split(r"[ \t\n\r\v\f]+", rle.strip(" \t\n\r\v\f"))  # the separators fromstring takes
+    bad = next((i for i, tok in enumerate(tokens) if not (tok.isascii() and tok.isdigit())), None)
+    if bad is not None:
         raise RLEError(f"token {bad + 1} ({tokens[bad]!r}) is not a non-negative integer")
-    return np.fromstring(rle, dtype=np.int64, sep=" ")
 
 
 def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> np.ndarray:
@@ -144,40 +166,59 @@ def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> n
     if not isinstance(rle, str):
         raise RLEError(f"expected an RLE string, got {type(rle).__name__} {rle!r}")
     values = _parse(rle)
-    if values.size % 2:
-        raise RLEError(f"odd number of RLE tokens ({values.size}); expected start/length pairs")
-    starts, lengths = values[0::2], values[1::2]  # starts 1-based
-    # The image as alternating background/building segments: gap, run, gap, run, ..., gap. The runs are
-    # valid (sorted, disjoint, inside the image) exactly when no gap is negative and no run is empty.
-    segments = np.empty(values.size + 1, dtype=np.int64)
-    segments[1::2] = lengths
-    gaps = segments[2:-1:2]
-    np.subtract(starts[1:], starts[:-1], out=gaps)
-    gaps -= lengths[:-1]
-    segments[0] = starts[0] - 1
-    segments[-1] = size - (starts[-1] - 1 + lengths[-1])
-    if np.minimum.reduce(lengths) < 1 or np.minimum.reduce(segments) < 0:
-        _raise_bad_run(starts - 1, lengths, starts - 1 + lengths, size, shape)
-    n = segments.size
-    labels = _ALTERNATING[:n] if n <= _ALTERNATING.size else np.arange(n, dtype=np.uint8) & 1  # wraps evenly
-    return np.repeat(labels, segments).reshape(shape, order="F")
+    n = values.size
+    if n % 2:
+        raise RLEError(f"odd number of RLE tokens ({n}); expected start/length pairs")
+    bounds = values - 1  # 0-based: run i covers pixels bounds[2i] <= p < bounds[2i + 1]
+    # Valid (sorted, disjoint, non-empty runs inside the image) exactly when every token is in [1, size]
+    # (one unsigned maximum: a token < 1 wraps around; it also rules out overflow below), no gap between
+    # runs is negative and the last run ends inside.
+    if np.maximum.reduce(bounds.view(np.uint64)) >= size:
+        _check_tokens(rle)
+        _raise_bad_run(values[0::2], values[1::2], size, shape)
+    bounds[1::2] += values[0::2]
+    if bounds[-1] > size or np.minimum.reduce(bounds[2::2] - bounds[1:-1:2], initial=0) < 0:
+        _raise_bad_run(values[0::2], values[1::2], size, shape)
+    return _fill(bounds, size).reshape(shape, order="F")
 
 
-def _raise_bad_run(starts: np.ndarray, lengths: np.ndarray, ends: np.ndarray, size: int,
-                   shape: tuple[int, int]) -> None:
-    """Raise :class:`RLEError` for the first run that breaks the convention (all checks vectorised)."""
-    if (bad := np.flatnonzero(starts < 0)).size:
+def _fill(bounds: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` pixels (uint8, 0/1) that alternate background/building at the sorted ``bounds``.
+
+    Eight pixels at a time: ``np.repeat`` sets each 64-bit word to the state after its last pixel (the
+    parity of the boundaries up to its end), then each boundary at byte k of a word corrects the bytes
+    below k: a run's end adds 1 to them (they were still inside the run), a run's start subtracts 1.
+    Every byte's sum is 0 or 1, so the word arithmetic never carries between bytes in the result.
+    """
+    n = bounds.size
+    word_of = bounds >> 3
+    counts = np.empty(n + 1, dtype=np.int64)  # words per segment; one spare word for a boundary at the end
+    counts[0] = word_of[0]
+    np.subtract(word_of[1:], word_of[:-1], out=counts[1:-1])
+    counts[-1] = size // 8 + 1 - word_of[-1]
+    labels = _ALTERNATING[: n + 1] if n < _ALTERNATING.size else ((np.arange(n + 1) & 1) * _ONES).astype(_WORD)
+    words = np.repeat(labels, counts)
+    below = _BELOW[bounds & 7]
+    np.negative(below[0::2], out=below[0::2])  # starts subtract
+    np.add.at(words, word_of, below)
+    return words.view(np.uint8)[:size]
+
+
+def _raise_bad_run(starts: np.ndarray, lengths: np.ndarray, size: int, shape: tuple[int, int]) -> None:
+    """Raise :class:`RLEError` for the first run that breaks the convention (1-based ``starts``)."""
+    if (bad := np.flatnonzero(starts < 1)).size:
         i = bad[0]
-        raise RLEError(f"run {i + 1}: start {starts[i] + 1} < 1; starts are 1-based")
+        raise RLEError(f"run {i + 1}: start {starts[i]} < 1; starts are 1-based")
     if (bad := np.flatnonzero(lengths < 1)).size:
         i = bad[0]
         raise RLEError(f"run {i + 1}: length {lengths[i]} < 1")
-    if (bad := np.flatnonzero(ends > size)).size:
+    if (bad := np.flatnonzero(lengths > size + 1 - starts)).size:  # no overflow, unlike starts + lengths
         i = bad[0]
-        raise RLEError(f"run {i + 1} ({starts[i] + 1} {lengths[i]}) ends at pixel {ends[i]}, past the "
-                       f"end of a {shape[0]}x{shape[1]} image ({size} pixels)")
-    if (bad := np.flatnonzero(starts[1:] < ends[:-1])).size:
+        raise RLEError(f"run {i + 1} ({starts[i]} {lengths[i]}) ends at pixel {int(starts[i]) - 1 + int(lengths[i])}, "
+                       f"past the end of a {shape[0]}x{shape[1]} image ({size} pixels)")
+    ends = starts - 1 + lengths
+    if (bad := np.flatnonzero(starts[1:] <= ends[:-1])).size:
         i = bad[0] + 1
         what = "out of order" if starts[i] < starts[i - 1] else "overlapping"
-        raise RLEError(f"runs {i} and {i + 1} are {what}: run {i + 1} starts at {starts[i] + 1}, before "
+        raise RLEError(f"runs {i} and {i + 1} are {what}: run {i + 1} starts at {starts[i]}, before "
                        f"run {i} ends at {ends[i - 1]}; runs must be sorted and disjoint")
