@@ -62,16 +62,21 @@ class ChipJob:
 def window_transform(transform: Affine, window: Window) -> Affine:
     """The transform of ``window``: its pixel (0, 0) maps to the window's corner.
 
-    Same as :meth:`rasterio.io.DatasetReader.window_transform`, which still uses affine's deprecated ``*``.
+    Same values as ``transform @ Affine.translation(col_off, row_off)`` (and rasterio's
+    ``window_transform``), computed directly: tiling calls it for every chip.
     """
-    return transform @ Affine.translation(window.col_off, window.row_off)
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    col, row = window.col_off, window.row_off
+    return Affine(a, b, a * col + b * row + c, d, e, d * col + e * row + f)
 
 
 def window_bounds(transform: Affine, window: Window) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of ``window`` (like :func:`rasterio.windows.bounds`, without ``*``)."""
-    cols = (window.col_off, window.col_off + window.width)
-    rows = (window.row_off, window.row_off + window.height)
-    xs, ys = zip(*(transform @ (c, r) for c in cols for r in rows), strict=True)
+    """(minx, miny, maxx, maxy) of ``window`` (like :func:`rasterio.windows.bounds`, any rotation)."""
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    corners = [(col, row) for col in (window.col_off, window.col_off + window.width)
+               for row in (window.row_off, window.row_off + window.height)]
+    xs = [a * col + b * row + c for col, row in corners]
+    ys = [d * col + e * row + f for col, row in corners]
     return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -103,6 +108,13 @@ class ChipWriter:
         self._parts: tuple[bytes, bytes, bytes] | None = None
         if not profile.get("compress"):
             self._prepare_template()
+
+    def copy(self) -> ChipWriter:
+        """A writer sharing this one's checked template, with its own pixel buffer (one per thread)."""
+        twin = object.__new__(ChipWriter)
+        twin.profile, twin.dtype, twin._parts = self.profile, self.dtype, self._parts
+        twin._pixels = np.empty_like(self._pixels)
+        return twin
 
     @property
     def uses_template(self) -> bool:
@@ -225,30 +237,27 @@ class _Burner:
     def __init__(self, shapes: str, bounds: np.ndarray) -> None:
         self.shapes = json.loads(shapes)
         self.bounds = bounds
-        self._buffer: np.ndarray | None = None
 
-    def labels(self, window: Window, transform: Affine) -> np.ndarray:
-        """Label strip: 1 where a pixel centre lies in a footprint that overlaps ``window``, else 0.
-
-        The array is reused by the next call (fresh pages cost page faults; a task's strips share a shape).
-        """
-        shape = (window.height, window.width)
-        if self._buffer is None or self._buffer.shape != shape:
-            self._buffer = np.empty(shape, np.uint8)
-        labels = self._buffer
-        labels.fill(0)
+    def labels(self, window: Window, transform: Affine, out: np.ndarray) -> np.ndarray:
+        """Burn the label strip into ``out``: 1 where a pixel centre lies in a footprint, else 0."""
+        out.fill(0)
         minx, miny, maxx, maxy = window_bounds(transform, window)
         b = self.bounds
         index = np.flatnonzero((b[:, 0] <= maxx) & (b[:, 2] >= minx) & (b[:, 1] <= maxy) & (b[:, 3] >= miny))
         if len(index):
-            rasterize([self.shapes[i] for i in index], out_shape=labels.shape, fill=0, default_value=1,
-                      transform=window_transform(transform, window), out=labels)
-        return labels
+            rasterize([self.shapes[i] for i in index], out_shape=out.shape, fill=0, default_value=1,
+                      transform=window_transform(transform, window), out=out)
+        return out
 
 
 def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.DatasetReader | None,
-                tiles: tuple[Tile, ...], out: np.ndarray | None) -> _Loaded:
-    """Read one strip of windows with one windowed read (into ``out`` when it fits)."""
+                burner: _Burner | None, tiles: tuple[Tile, ...], out: np.ndarray | None,
+                label_out: np.ndarray | None) -> _Loaded:
+    """Read one strip of windows with one windowed read (into ``out`` when it fits) and make its labels.
+
+    Labels (burned footprints into ``label_out``, or read from the label raster) are 255 where the image
+    has no data.
+    """
     window = strip_window(tiles)
     try:
         data, valid = _read_strip(src, window, job, out)
@@ -256,21 +265,23 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
     except rasterio.errors.RasterioError as exc:
         problem = " ".join(str(exc).split())
     else:
+        if burner is not None:
+            shape = (window.height, window.width)
+            labels = burner.labels(window, src.transform,
+                                   label_out if label_out is not None and label_out.shape == shape
+                                   else np.empty(shape, np.uint8))
+        if labels is not None and valid is not None:
+            labels[~valid] = 255
         return window, data, valid, labels
     # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
     raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
 
 
-def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, ...],
-                 loaded: _Loaded, burner: _Burner | None,
+def _write_strip(job: ChipJob, transform: Affine, tiles: tuple[Tile, ...], loaded: _Loaded,
                  writers: tuple[ChipWriter, ChipWriter], counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Write the chips (and label chips) of one loaded strip; return their index rows."""
+    """Write the chips (and label chips) of ``tiles`` from their loaded strip; return their index rows."""
     out = Path(job.out_dir)
     strip, data, valid, labels = loaded
-    if burner is not None:
-        labels = burner.labels(strip, src.transform)
-    if labels is not None and valid is not None:
-        labels[~valid] = 255
     building = labels == 1 if labels is not None else None
     area = job.size * job.size
     rows = []
@@ -285,7 +296,7 @@ def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, .
             counts["skipped_max_nodata"] += 1
             continue
         win = tile.window()
-        chip_transform = window_transform(src.transform, win)
+        chip_transform = window_transform(transform, win)
         image = f"images/{tile.name}.tif"
         writers[0].write(out / image, data[:, :, cols], chip_transform)
         label, building_frac = "", ""
@@ -294,7 +305,7 @@ def _write_strip(job: ChipJob, src: rasterio.DatasetReader, tiles: tuple[Tile, .
             label = f"labels/{tile.name}.tif"
             writers[1].write(out / label, chip_labels[None], chip_transform)
             building_frac = round(int(np.count_nonzero(building[:, cols])) / n_valid, 6)
-        minx, miny, maxx, maxy = window_bounds(src.transform, win)
+        minx, miny, maxx, maxy = window_bounds(transform, win)
         rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
                          width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
                          building_frac=building_frac, nodata_frac=round(nodata_frac, 6)))
@@ -305,10 +316,10 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
                footprints: tuple[str, np.ndarray] | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Dask task: write the chips of consecutive strips through one dataset handle.
 
-    A reader thread reads (decodes) the next strip while this thread writes the current strip's chips;
-    GDAL releases the GIL while it decodes. The two alternate between two strip buffers, so at most two
-    strips are in memory and their pages are reused. Module level, so that it
-    pickles by reference to worker processes.
+    A reader thread reads (decodes) the next strip and makes its labels while this thread writes the
+    current strip's chips; GDAL releases the GIL while it decodes. The two alternate between two pairs of
+    strip buffers, so at most two strips are in memory and their pages are reused. Module level, so that
+    it pickles by reference to worker processes.
 
     Args:
         job: the settings shared by every task.
@@ -322,7 +333,7 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
     # Dask's workers trim the heap above 64 KiB, which makes every decoded block and strip buffer a fresh
     # mmap (page faults, zeroing): 1.8 ms of system time per MB of chips instead of 0.85 on one task.
     retain_freed_memory()
-    counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
+    counts = [{"skipped_all_nodata": 0, "skipped_max_nodata": 0} for _ in range(2)]
     burner = _Burner(*footprints) if footprints is not None else None
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -330,19 +341,28 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         src = stack.enter_context(rasterio.open(job.scene))
         stack.enter_context(raster_env(cache_mb=_cache_mb(src, strip_window(strips[0]))))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
-        base = dict(width=job.size, height=job.size, crs=src.crs, transform=src.transform)
+        transform, dtype = src.transform, src.dtypes[job.bands[0] - 1]
+        base = dict(width=job.size, height=job.size, crs=src.crs, transform=transform)
         if job.compress:
             base["compress"] = job.compress
-        writers = (ChipWriter(dict(base, count=len(job.bands), dtype=src.dtypes[job.bands[0] - 1], nodata=job.nodata)),
-                   ChipWriter(dict(base, count=1, dtype="uint8", nodata=255)))
+        image_writer = ChipWriter(dict(base, count=len(job.bands), dtype=dtype, nodata=job.nodata))
+        label_writer = ChipWriter(dict(base, count=1, dtype="uint8", nodata=255))
+        writers = [(image_writer, label_writer), (image_writer.copy(), label_writer.copy())]
         reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-strip-reader"))
+        helper = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-chip-writer"))
         first = strip_window(strips[0])
-        dtype = src.dtypes[job.bands[0] - 1]
         buffers = [np.empty((len(job.bands), first.height, first.width), dtype) for _ in range(2)]
-        pending = reader.submit(_load_strip, job, src, label_src, strips[0], buffers[0])
+        label_buffers = [np.empty((first.height, first.width), np.uint8) if burner else None for _ in range(2)]
+        pending = reader.submit(_load_strip, job, src, label_src, burner, strips[0], buffers[0], label_buffers[0])
         for i, tiles in enumerate(strips):
             loaded = pending.result()
-            if i + 1 < len(strips):  # the other buffer: its strip's chips are written by now
-                pending = reader.submit(_load_strip, job, src, label_src, strips[i + 1], buffers[(i + 1) % 2])
-            rows.extend(_write_strip(job, src, tiles, loaded, burner, writers, counts))
+            if i + 1 < len(strips):  # the other buffers: their strip's chips are written by now
+                pending = reader.submit(_load_strip, job, src, label_src, burner, strips[i + 1],
+                                        buffers[(i + 1) % 2], label_buffers[(i + 1) % 2])
+            # Writing (copies and system calls, without the GIL) is the longest part: two threads share it.
+            half = (len(tiles) + 1) // 2
+            other = helper.submit(_write_strip, job, transform, tiles[half:], loaded, writers[1], counts[1])
+            rows.extend(_write_strip(job, transform, tiles[:half], loaded, writers[0], counts[0]))
+            rows.extend(other.result())
+    return rows, {key: counts[0][key] + counts[1][key] for key in counts[0]}
     return rows, counts
