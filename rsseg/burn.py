@@ -209,21 +209,24 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
     xlo, xhi = np.where(up, xa, xb), np.where(up, xb, xa)
     # Rows r with ylo <= r + 0.5 < yhi, inside the window (y - 0.5 is exact for these magnitudes).
     first = np.maximum(np.ceil(ylo - 0.5), 0).astype(np.int64)
-    last = np.minimum(np.ceil(yhi - 0.5), height).astype(np.int64)
-    counts = np.maximum(last - first, 0)
-    edge = np.repeat(np.arange(len(counts)), counts)
+    counts = np.maximum(np.minimum(np.ceil(yhi - 0.5), height).astype(np.int64) - first, 0)
     row = _ranges(first, counts)
-    x = (row + 0.5 - ylo[edge]) * (xhi - xlo)[edge] / (yhi - ylo)[edge] + xlo[edge]
+    # GDAL's expression, evaluated in the same order for every (edge, row) crossing.
+    x = (row + 0.5 - np.repeat(ylo, counts)) * np.repeat(xhi - xlo, counts) / np.repeat(yhi - ylo, counts)
+    x += np.repeat(xlo, counts)
     # Columns clipped to [0, width]: the order and the clipped [a, b) ranges stay the same.
-    col = np.clip(np.floor(x + 0.5), 0, width).astype(np.int64)
-    pid = polygon[edge]
-    if len(pid) and (int(pid.max()) + 1) * height * (width + 1) >= 2**62:
+    col = np.clip(np.floor(x + 0.5, out=x), 0, width, out=x).astype(np.int64)
+    # Sort key (polygon, row, column) packed in bit fields. Crossings come edge by edge, rows ascending,
+    # polygons ascending: a few sorted runs per polygon, which the stable sort (timsort) merges cheaply.
+    col_bits, row_bits = int(width).bit_length(), int(height - 1).bit_length()
+    pid = np.repeat(polygon, counts)
+    if len(pid) and int(pid.max()) >= 2 ** (62 - col_bits - row_bits):
         pid = np.unique(pid, return_inverse=True)[1]
-    key = np.sort((pid * height + row) * (width + 1) + col)
+    key = np.sort((((pid << row_bits) | row) << col_bits) | col, kind="stable")
     a, b = key[0::2], key[1::2]
-    row_a, col_a = np.divmod(a, width + 1)
-    base = (row_a % height) * width
-    starts, ends = base + col_a, base + b % (width + 1)
+    base = ((a >> col_bits) & ((1 << row_bits) - 1)) * width
+    col_mask = (1 << col_bits) - 1
+    starts, ends = base + (a & col_mask), base + (b & col_mask)
 
     # GDAL's bottom horizontal edges: exactly on a scan line, running right to left.
     r = ya - 0.5
@@ -238,26 +241,24 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
 
 
 def _fill(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int) -> None:
-    """Set ``flat[s:e] = value`` for every range; ``flat`` is uint8 whose length is a multiple of 8."""
+    """Set ``flat[s:e] = value`` for every non-empty range; ``flat`` is uint8, its length a multiple of 8."""
     words = flat.view(_WORD)
     fill = np.uint64(0x0101010101010101 * value)
     first, last = (starts + 7) >> 3, ends >> 3  # the whole words of each range: [first, last)
-    counts = np.maximum(last - first, 0)
-    words[_ranges(first, counts)] = fill
-    # Partial words: the head word (bytes from starts & 7) and the tail word (bytes below ends & 7).
-    head = (starts & 7) != 0
-    head_word = starts[head] >> 3
-    head_hi = np.minimum(ends[head] - (head_word << 3), 8)
-    tail = ((ends & 7) != 0) & (last >= first)
-    which = np.concatenate([head_word, last[tail]])
-    if len(which) == 0:
-        return
-    mask = np.concatenate([_BELOW[head_hi] & ~_BELOW[starts[head] & 7], _BELOW[ends[tail] & 7]])
-    order = np.argsort(which, kind="stable")
-    which, mask = which[order], mask[order]
-    cut = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
-    which, mask = which[cut], np.bitwise_or.reduceat(mask, cut)
-    words[which] = (words[which] & ~mask) | (fill & mask)
+    words[_ranges(first, np.maximum(last - first, 0))] = fill
+    # The first and last word of each range get its bytes [max(s - 8w, 0), min(e - 8w, 8)).
+    which = np.concatenate([starts >> 3, (ends - 1) >> 3])
+    base = which << 3
+    low = np.clip(np.concatenate([starts, starts]) - base, 0, 8)
+    high = np.clip(np.concatenate([ends, ends]) - base, 0, 8)
+    mask = _BELOW[high] & ~_BELOW[low]
+    bits = fill & mask
+    # Read-modify-write; where several ranges share a word only the last write lands, so the others
+    # (checked afterwards) go again, reading what landed: at most as many rounds as ranges share a word.
+    while len(which):
+        words[which] = (words[which] & ~mask) | bits
+        again = (words[which] & mask) != bits
+        which, mask, bits = which[again], mask[again], bits[again]
 
 
 def burn(edges: Edges, out: np.ndarray, row_off: int = 0, col_off: int = 0, value: int = 1) -> np.ndarray:
