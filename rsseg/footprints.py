@@ -17,8 +17,10 @@ import pyogrio
 import rasterio
 import shapely
 from rasterio.crs import CRS
+from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 
+from rsseg.burn import Edges, polygon_edges
 from rsseg.errors import RasterError, VectorError
 
 __all__ = ["Footprints", "check_label_raster", "load_footprints"]
@@ -42,25 +44,21 @@ class Footprints:
     geoms: np.ndarray
     counts: dict[str, int]
     tree: shapely.STRtree = field(init=False, repr=False, compare=False)
-    _geojson: np.ndarray = field(init=False, repr=False, compare=False)
-    _bounds: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", shapely.STRtree(self.geoms))
-        object.__setattr__(self, "_geojson", np.asarray(shapely.to_geojson(self.geoms), dtype=object))
-        object.__setattr__(self, "_bounds", shapely.bounds(self.geoms).reshape(-1, 4))
 
     def query(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
         """Indexes (ascending) of the footprints that intersect the rectangle (minx, miny, maxx, maxy)."""
         return np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
 
-    def geojson(self, bounds: tuple[float, float, float, float]) -> tuple[str, np.ndarray]:
-        """The footprints that intersect ``bounds`` as a GeoJSON array of geometries, and their bounds (n, 4).
+    def edges(self, bounds: tuple[float, float, float, float], transform: Affine) -> Edges:
+        """The edges of the footprints that intersect ``bounds``, in the pixel space of ``transform``.
 
-        The compact form a Dask task gets: one string and one array pickle far faster than shapely objects.
+        The compact form a Dask task gets: a few arrays pickle far faster than shapely objects, and
+        :func:`rsseg.burn.burn` fills label windows from them.
         """
-        index = self.query(bounds)
-        return "[" + ",".join(self._geojson[index]) + "]", self._bounds[index]
+        return polygon_edges(self.geoms[self.query(bounds)], transform)
 
 
 _COUNTS = ("geometries_read", "geometries_empty", "geometries_outside", "geometries_repaired",

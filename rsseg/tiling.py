@@ -193,8 +193,8 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       label_raster=label_raster, compress=compress)
         with dask_client(scheduler, n_workers) as client:
             tasks = _tasks(grid, sum(client.nthreads().values()) or 1)
-            futures = [client.submit(chip_block, job, t, footprints.geojson(_bounds(t, info)) if footprints
-                                     else None, pure=False) for t in tasks]
+            futures = [client.submit(chip_block, job, t, footprints.edges(_bounds(t, info), info["transform"])
+                                     if footprints else None, pure=False) for t in tasks]
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc=f"tiling {scene.name}",
                                    unit="task", disable=None):
