@@ -1,8 +1,9 @@
 """The worker side of tiling: read strips of windows, burn labels, write chip GeoTIFFs fast.
 
 A Dask task (:func:`chip_block`) covers a band of grid columns: its strips (runs of windows along one grid
-row), top to bottom. It opens its own dataset handles, reads each strip with one windowed read in a reader
-thread while the task's thread writes the previous strip's chips, and returns the chips' index rows.
+row), top to bottom. It opens its own dataset handles; a reader thread reads each strip with one windowed
+read and burns its labels (:mod:`rsseg.burn`) while the task's thread and one helper thread write the
+previous strip's chips, half each; it returns the chips' index rows.
 
 Chips are written by :class:`ChipWriter`: GDAL writes one template chip in memory, and every chip file is
 that template's bytes with its pixels and its two tie-point coordinates put in, which costs a third of a
