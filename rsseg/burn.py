@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 _POLYGON, _MULTIPOLYGON = 3, 6
 # Pixels are filled as little-endian 64-bit words, so byte k of word w is flat pixel 8w + k on any machine.
 _WORD = np.dtype("<u8")
-# _BELOW[k]: a word whose bytes below byte k are 0xFF.
-_BELOW = np.tril(np.full((9, 8), 0xFF, np.uint8), -1).view(_WORD).ravel()
+# _BYTES[9 * lo + hi]: a word whose bytes lo .. hi - 1 are 0xFF (0 <= lo, hi <= 8).
+_LOW, _HIGH = np.divmod(np.arange(81), 9)
+_BYTES = ((np.arange(8) >= _LOW[:, None]) & (np.arange(8) < _HIGH[:, None])).astype(np.uint8)
+_BYTES = (_BYTES * np.uint8(0xFF)).view(_WORD).ravel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,7 @@ class Edges:
         x1: x of each edge's end.
         y1: y of each edge's end.
         polygon: int64, the polygon each edge belongs to; the rings of one polygon fill together (even-odd).
-        geo: (n, 4) float64 georeferenced ``X0, Y0, X1, Y1`` of each edge, or None. When given,
+        geo: (4, n) float64 georeferenced ``X0, Y0, X1, Y1`` of each edge, or None. When given,
             :func:`burn` maps them through the window's own geotransform, bit for bit as GDAL does;
             without them it shifts ``x0..y1`` by the window offset (identical except when a crossing
             falls within rounding error of a pixel centre).
@@ -83,7 +85,7 @@ class Edges:
     def take(self, index: np.ndarray) -> Edges:
         """The edges at ``index`` (integer positions or a boolean mask), in their order."""
         return Edges(self.x0[index], self.y0[index], self.x1[index], self.y1[index], self.polygon[index],
-                     None if self.geo is None else self.geo[index], self.transform)
+                     None if self.geo is None else self.geo[:, index], self.transform)
 
     def select(self, row_start: int, row_stop: int) -> Edges:
         """The edges that can cross the pixel-centre lines of rows ``row_start .. row_stop - 1``.
@@ -172,6 +174,8 @@ def polygon_edges(geoms: np.ndarray | Sequence[shapely.Geometry], transform: Aff
     parts = shapely.get_parts(geoms[types >= 0])
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     coords, ring = shapely.get_coordinates(rings, return_index=True)
+    if not np.isfinite(coords).all():
+        raise ValueError("geometries with NaN or infinite coordinates cannot be burned")
     start = np.flatnonzero(ring[1:] == ring[:-1])
     gx0, gy0, gx1, gy1 = coords[start, 0], coords[start, 1], coords[start + 1, 0], coords[start + 1, 1]
     # GDAL burns every ring (holes too) clockwise: turn the others round (edges swap their ends).
@@ -181,7 +185,7 @@ def polygon_edges(geoms: np.ndarray | Sequence[shapely.Geometry], transform: Aff
     x0, y0 = _to_pixels(transform, gx0, gy0)
     x1, y1 = _to_pixels(transform, gx1, gy1)
     return Edges(x0, y0, x1, y1, ring_part[ring[start]].astype(np.int64),
-                 np.stack([gx0, gy0, gx1, gy1], axis=1), transform)
+                 np.stack([gx0, gy0, gx1, gy1]), transform)
 
 
 def _window_coords(edges: Edges, row_off: int, col_off: int) -> tuple[np.ndarray, ...]:
@@ -189,17 +193,17 @@ def _window_coords(edges: Edges, row_off: int, col_off: int) -> tuple[np.ndarray
     if edges.geo is None or edges.transform is None:
         return edges.x0 - col_off, edges.y0 - row_off, edges.x1 - col_off, edges.y1 - row_off
     window = edges.transform @ Affine.translation(col_off, row_off)
-    geo = edges.geo
-    x0, y0 = _to_pixels(window, geo[:, 0], geo[:, 1])
-    x1, y1 = _to_pixels(window, geo[:, 2], geo[:, 3])
+    x0, y0 = _to_pixels(window, edges.geo[0], edges.geo[1])
+    x1, y1 = _to_pixels(window, edges.geo[2], edges.geo[3])
     return x0, y0, x1, y1
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenated ``arange(s, s + n)`` for each start s and count n (counts >= 0)."""
     total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total)
+    out = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    out += np.arange(total)
+    return out
 
 
 def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +212,8 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
     ylo, yhi = np.where(up, ya, yb), np.where(up, yb, ya)
     xlo, xhi = np.where(up, xa, xb), np.where(up, xb, xa)
     # Rows r with ylo <= r + 0.5 < yhi, inside the window (y - 0.5 is exact for these magnitudes).
-    first = np.maximum(np.ceil(ylo - 0.5), 0).astype(np.int64)
-    counts = np.maximum(np.minimum(np.ceil(yhi - 0.5), height).astype(np.int64) - first, 0)
+    first = np.clip(np.ceil(ylo - 0.5), 0, height).astype(np.int64)
+    counts = np.maximum(np.clip(np.ceil(yhi - 0.5), 0, height).astype(np.int64) - first, 0)
     row = _ranges(first, counts)
     # GDAL's expression, evaluated in the same order for every (edge, row) crossing.
     x = (row + 0.5 - np.repeat(ylo, counts)) * np.repeat(xhi - xlo, counts) / np.repeat(yhi - ylo, counts)
@@ -223,10 +227,15 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
     if len(pid) and int(pid.max()) >= 2 ** (62 - col_bits - row_bits):
         pid = np.unique(pid, return_inverse=True)[1]
     key = np.sort((((pid << row_bits) | row) << col_bits) | col, kind="stable")
-    a, b = key[0::2], key[1::2]
-    base = ((a >> col_bits) & ((1 << row_bits) - 1)) * width
-    col_mask = (1 << col_bits) - 1
-    starts, ends = base + (a & col_mask), base + (b & col_mask)
+    if len(key) % 2:
+        raise ValueError("an odd number of edges cross a row of one polygon: its rings are not closed")
+    pairs = key.reshape(-1, 2)
+    group = pairs >> col_bits
+    if not np.array_equal(group[:, 0], group[:, 1]):
+        raise ValueError("an odd number of edges cross a row of one polygon: its rings are not closed")
+    cols = pairs & ((1 << col_bits) - 1)
+    base = (group[:, 0] & ((1 << row_bits) - 1)) * width
+    starts, ends = base + cols[:, 0], base + cols[:, 1]
 
     # GDAL's bottom horizontal edges: exactly on a scan line, running right to left.
     r = ya - 0.5
@@ -237,7 +246,7 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
         h1 = np.clip(np.floor(xa[flat] + 0.5), 0, width).astype(np.int64)
         starts, ends = np.concatenate([starts, hbase + h0]), np.concatenate([ends, hbase + h1])
     keep = starts < ends
-    return starts[keep], ends[keep]
+    return (starts, ends) if keep.all() else (starts[keep], ends[keep])
 
 
 def _fill(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int) -> None:
@@ -246,18 +255,18 @@ def _fill(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int) ->
     fill = np.uint64(0x0101010101010101 * value)
     first, last = (starts + 7) >> 3, ends >> 3  # the whole words of each range: [first, last)
     words[_ranges(first, np.maximum(last - first, 0))] = fill
-    # The first and last word of each range get its bytes [max(s - 8w, 0), min(e - 8w, 8)).
-    which = np.concatenate([starts >> 3, (ends - 1) >> 3])
-    base = which << 3
-    low = np.clip(np.concatenate([starts, starts]) - base, 0, 8)
-    high = np.clip(np.concatenate([ends, ends]) - base, 0, 8)
-    mask = _BELOW[high] & ~_BELOW[low]
-    bits = fill & mask
+    # The first and the last word w of each range get its bytes [max(s - 8w, 0), min(e - 8w, 8)).
+    head, tail = starts >> 3, (ends - 1) >> 3
+    which = np.concatenate([head, tail])
+    code = np.concatenate([9 * (starts & 7) + np.minimum(ends - (head << 3), 8),
+                           9 * np.maximum(starts - (tail << 3), 0) + ((ends - 1) & 7) + 1])
+    mask = _BYTES[code]
+    bits = (_BYTES & fill)[code]
     # Read-modify-write; where several ranges share a word only the last write lands, so the others
     # (checked afterwards) go again, reading what landed: at most as many rounds as ranges share a word.
     while len(which):
         words[which] = (words[which] & ~mask) | bits
-        again = (words[which] & mask) != bits
+        again = np.flatnonzero((words[which] & mask) != bits)
         which, mask, bits = which[again], mask[again], bits[again]
 
 

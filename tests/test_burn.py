@@ -187,6 +187,17 @@ def test_bad_geometry_type(geom, kind) -> None:
         polygon_edges(np.array([shapely.box(0, 0, 1, 1), geom], dtype=object), UTM)
 
 
+def test_unclosed_rings_and_bad_coordinates() -> None:
+    # One edge of a square: a ring that does not close leaves an odd crossing on its rows.
+    edges = Edges(*(np.array([v], float) for v in (2.0, 1.0, 2.0, 9.0)), np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="not closed"):
+        burn(edges, np.zeros((12, 12), np.uint8))
+    with np.errstate(invalid="ignore"):  # shapely warns while building a ring with a NaN: that is the point
+        bad = shapely.from_wkt("POLYGON ((0 0, 1 NaN, 1 1, 0 0))")
+    with pytest.raises(ValueError, match="NaN"):
+        polygon_edges([bad], UTM)
+
+
 def test_bad_out() -> None:
     edges = polygon_edges([shapely.box(0, 0, 1, 1)], UTM)
     with pytest.raises(ValueError, match="uint8"):
