@@ -26,6 +26,11 @@ random polygons, many with vertices on pixel corners and centres).
 
 A MultiPolygon is burned part by part (rasterio splits it), so overlapping parts form a union. Pixels are
 only ever set to ``value``: overlapping polygons form a union and the rest of ``out`` is left as it was.
+
+How: the (edge, row) crossings of the window's rows are generated with ``np.repeat``, their columns
+computed, sorted by (polygon, row, column) in one stable sort and paired into spans; the spans are written
+as 64-bit words (whole words by one scatter, the partial words at their ends by read-modify-write).
+``benchmarks/bench_burn.py`` compares it with rasterio on 512 x 5000 strips of ~150 buildings.
 """
 
 from __future__ import annotations
@@ -55,8 +60,11 @@ _BYTES = (_BYTES * np.uint8(0xFF)).view(_WORD).ravel()
 class Edges:
     """Polygon edges in a raster's pixel space, one array entry per edge.
 
-    Pixel ``(r, c)`` spans ``[c, c + 1) x [r, r + 1)``: x is the column, y the row. Edges keep the rings'
-    vertex order (GDAL's rule for horizontal edges depends on it).
+    Pixel ``(r, c)`` spans ``[c, c + 1) x [r, r + 1)``: x is the column, y the row. From
+    :func:`polygon_edges`, every ring runs clockwise in georeferenced coordinates, as GDAL burns it (its
+    rule for horizontal edges depends on the direction), and each polygon's edges are contiguous with
+    ascending ids: :func:`burn` is correct for any order, and fastest for that one. Plain arrays: pickles
+    small and fast (about 72 bytes per edge with ``geo``).
 
     Attributes:
         x0: x of each edge's start (float64).
@@ -111,9 +119,15 @@ def _inverse(transform: Affine) -> tuple[float, float, float, float, float, floa
 
 
 def _to_pixels(transform: Affine, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates of georeferenced points, as GDAL's geotransform transformer computes them."""
+    """Pixel coordinates of georeferenced points, as GDAL's geotransform transformer computes them.
+
+    ``inv[0] + X * inv[1] + Y * inv[2]`` (and likewise for rows); a zero term only adds a signed zero,
+    which changes no finite value, so north-up transforms skip it.
+    """
     c, a, b, f, d, e = _inverse(transform)
-    return c + xs * a + ys * b, f + xs * d + ys * e
+    col = c + xs * a if b == 0.0 else c + xs * a + ys * b
+    row = f + ys * e if d == 0.0 else f + xs * d + ys * e
+    return col, row
 
 
 def _clockwise(coords: np.ndarray, ring: np.ndarray, n_rings: int) -> np.ndarray:
@@ -192,7 +206,7 @@ def _window_coords(edges: Edges, row_off: int, col_off: int) -> tuple[np.ndarray
     """Edge end points in the window's pixel space (GDAL's arithmetic when georeferenced points are known)."""
     if edges.geo is None or edges.transform is None:
         return edges.x0 - col_off, edges.y0 - row_off, edges.x1 - col_off, edges.y1 - row_off
-    window = edges.transform @ Affine.translation(col_off, row_off)
+    window = edges.transform @ Affine.translation(col_off, row_off)  # same floats as chips.window_transform
     x0, y0 = _to_pixels(window, edges.geo[0], edges.geo[1])
     x1, y1 = _to_pixels(window, edges.geo[2], edges.geo[3])
     return x0, y0, x1, y1
