@@ -102,13 +102,15 @@ def geometries(draw):
     return geoms
 
 
-# Transforms: north-up UTM, exact, south-up, and one whose window origins are not exact in binary (where
-# shifting full-raster pixel coordinates by the window offset would round differently from GDAL).
+# Transforms: north-up UTM, exact, south-up, one whose window origins are not exact in binary (where
+# shifting full-raster pixel coordinates by the window offset would round differently from GDAL), and
+# geographic (0.3 m in degrees, as rsseg.synth places scenes in EPSG:4326).
 TRANSFORMS = [UTM, EXACT, Affine(0.3, 0, 500000, 0, 0.3, 4000000),
-              Affine(0.2985, 0, 256789.123456, 0, -0.2985, 3385012.7)]
+              Affine(0.2985, 0, 256789.123456, 0, -0.2985, 3385012.7),
+              Affine(2.6949458523585647e-06, 0, 114.3, 0, -2.6949458523585647e-06, 30.59)]
 
 
-@settings(max_examples=400)
+@settings(max_examples=1500)
 @given(geoms=geometries(), transform=st.sampled_from(TRANSFORMS), far=st.booleans())
 def test_burn_equals_rasterio(geoms, transform, far) -> None:
     """Far: the same shapes and window moved to row 17418, column 20019 of the raster."""
