@@ -228,19 +228,23 @@ def _spans(xa, ya, xb, yb, polygon: np.ndarray, height: int, width: int) -> tupl
     # Rows r with ylo <= r + 0.5 < yhi, inside the window (y - 0.5 is exact for these magnitudes).
     first = np.clip(np.ceil(ylo - 0.5), 0, height).astype(np.int64)
     counts = np.maximum(np.clip(np.ceil(yhi - 0.5), 0, height).astype(np.int64) - first, 0)
-    row = _ranges(first, counts)
-    # GDAL's expression, evaluated in the same order for every (edge, row) crossing.
-    x = (row + 0.5 - np.repeat(ylo, counts)) * np.repeat(xhi - xlo, counts) / np.repeat(yhi - ylo, counts)
+    # The (polygon, row) of each crossing as one integer (a run per edge), the key's high bits below.
+    col_bits, row_bits = int(width).bit_length(), int(height - 1).bit_length()
+    if len(polygon) and (polygon.min() < 0 or polygon.max() >= 2 ** (62 - col_bits - row_bits)):
+        polygon = np.unique(polygon, return_inverse=True)[1]
+    group = _ranges((polygon << row_bits) + first, counts)
+    # GDAL's expression, in its order, for every (edge, row) crossing.
+    x = (group & ((1 << row_bits) - 1)) + 0.5
+    x -= np.repeat(ylo, counts)
+    x *= np.repeat(xhi - xlo, counts)
+    x /= np.repeat(yhi - ylo, counts)
     x += np.repeat(xlo, counts)
     # Columns clipped to [0, width]: the order and the clipped [a, b) ranges stay the same.
-    col = np.clip(np.floor(x + 0.5, out=x), 0, width, out=x).astype(np.int64)
-    # Sort key (polygon, row, column) packed in bit fields. Crossings come edge by edge, rows ascending,
-    # polygons ascending: a few sorted runs per polygon, which the stable sort (timsort) merges cheaply.
-    col_bits, row_bits = int(width).bit_length(), int(height - 1).bit_length()
-    pid = np.repeat(polygon, counts)
-    if len(pid) and int(pid.max()) >= 2 ** (62 - col_bits - row_bits):
-        pid = np.unique(pid, return_inverse=True)[1]
-    key = np.sort((((pid << row_bits) | row) << col_bits) | col, kind="stable")
+    x += 0.5
+    col = np.clip(np.floor(x, out=x), 0, width, out=x).astype(np.int64)
+    # Sorted by (polygon, row, column). Crossings come edge by edge, rows ascending, polygons ascending: a
+    # few sorted runs per polygon, which the stable sort (timsort) merges cheaply.
+    key = np.sort((group << col_bits) | col, kind="stable")
     if len(key) % 2:
         raise ValueError("an odd number of edges cross a row of one polygon: its rings are not closed")
     pairs = key.reshape(-1, 2)
