@@ -304,7 +304,8 @@ def burn(edges: Edges, out: np.ndarray, row_off: int = 0, col_off: int = 0, valu
         ``out``.
 
     Raises:
-        ValueError: ``out`` is not a 2-D uint8 array, or ``value`` does not fit in uint8.
+        ValueError: ``out`` is not a 2-D uint8 array, ``value`` does not fit in uint8, or edges built by
+            hand leave a polygon's rings open (an odd number of crossings on a row).
     """
     if out.ndim != 2 or out.dtype != np.uint8:
         raise ValueError(f"out must be a 2-D uint8 array, got {out.ndim}-D {out.dtype}")
