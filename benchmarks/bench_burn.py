@@ -6,7 +6,7 @@ methods burn every strip the way tiling does (zero the strip, pick the footprint
 rasterio gets GeoJSON dicts, as tiling passes them today. Outputs are checked equal. Best of ``--repeat``
 passes. Prints one JSON line.
 
-    python benchmarks/bench_burn.py [--strips 20] [--per-strip 150] [--repeat 5]
+    python benchmarks/bench_burn.py [--strips 20] [--per-strip 150] [--repeat 5] [--segment PIXELS]
 """
 
 from __future__ import annotations
@@ -61,10 +61,14 @@ def main() -> None:
     parser.add_argument("--strips", type=int, default=20)
     parser.add_argument("--per-strip", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--segment", type=float, default=0.0,
+                        help="densify outlines to segments of at most this many pixels (detailed footprints)")
     args = parser.parse_args()
     retain_freed_memory()  # as tiling tasks do (rsseg.chips.chip_block): no page faults for temporaries
 
     geoms = buildings(args.strips * args.per_strip, args.strips * HEIGHT)
+    if args.segment > 0:
+        geoms = shapely.segmentize(geoms, args.segment * TRANSFORM.a)
     shapes = [shapely.geometry.mapping(g) for g in geoms]
     shapes = json.loads(json.dumps(shapes))  # plain dicts and lists, as tiling loads them
     bounds = shapely.bounds(geoms)
@@ -100,6 +104,7 @@ def main() -> None:
         "strip": [HEIGHT, WIDTH],
         "strips": args.strips,
         "polygons_per_strip": args.per_strip,
+        "vertices_per_polygon": round(float(shapely.get_num_coordinates(geoms).mean()), 1),
         "edges": len(edges),
         "burned_fraction": round(burned / (args.strips * HEIGHT * WIDTH), 4),
         "polygon_edges_us_per_polygon": round(edges_s / len(geoms) * 1e6, 2),
