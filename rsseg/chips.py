@@ -38,8 +38,9 @@ __all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds
            "window_transform"]
 
 
-#: A loaded strip: its window, pixels (bands, rows, cols), valid mask (None: all valid), raster labels or None.
-_Loaded = tuple[Window, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+#: A loaded strip: its window, pixels (bands, rows, cols), labels or None, and the cumulative counts by column
+#: of valid pixels (None: all valid) and of building pixels (None: no labels); see _column_counts.
+_Loaded = tuple[Window, np.ndarray, "np.ndarray | None", "np.ndarray | None", "np.ndarray | None"]
 
 _TIEPOINT = struct.Struct("<6d")  # ModelTiepointTag: pixel (I, J, K) -> (X, Y, Z), little-endian doubles
 
@@ -263,22 +264,30 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
                                    else np.empty(shape, np.uint8))
         if labels is not None and valid is not None:
             labels[~valid] = 255
-        return window, data, valid, labels
+        return (window, data, labels, None if valid is None else _column_counts(valid),
+                None if labels is None else _column_counts(labels == 1))
     # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
     raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
+
+
+def _column_counts(mask: np.ndarray) -> np.ndarray:
+    """Cumulative True pixels by column: ``counts[c1] - counts[c0]`` is the count in columns ``c0:c1``."""
+    counts = np.zeros(mask.shape[1] + 1, np.int64)
+    np.cumsum(np.count_nonzero(mask, axis=0), out=counts[1:])
+    return counts
 
 
 def _write_strip(job: ChipJob, transform: Affine, tiles: tuple[Tile, ...], loaded: _Loaded,
                  writers: tuple[ChipWriter, ChipWriter], counts: dict[str, int]) -> list[dict[str, Any]]:
     """Write the chips (and label chips) of ``tiles`` from their loaded strip; return their index rows."""
     out = Path(job.out_dir)
-    strip, data, valid, labels = loaded
-    building = labels == 1 if labels is not None else None
+    strip, data, labels, valid_counts, building_counts = loaded
     area = job.size * job.size
     rows = []
     for tile in tiles:
-        cols = slice(tile.col_off - strip.col_off, tile.col_off - strip.col_off + job.size)
-        n_valid = area if valid is None else int(np.count_nonzero(valid[:, cols]))
+        c0 = tile.col_off - strip.col_off
+        cols = slice(c0, c0 + job.size)
+        n_valid = area if valid_counts is None else int(valid_counts[c0 + job.size] - valid_counts[c0])
         nodata_frac = 1.0 - n_valid / area
         if n_valid == 0:
             counts["skipped_all_nodata"] += 1
@@ -295,7 +304,7 @@ def _write_strip(job: ChipJob, transform: Affine, tiles: tuple[Tile, ...], loade
             chip_labels = labels[:, cols]
             label = f"labels/{tile.name}.tif"
             writers[1].write(out / label, chip_labels[None], chip_transform)
-            building_frac = round(int(np.count_nonzero(building[:, cols])) / n_valid, 6)
+            building_frac = round(int(building_counts[c0 + job.size] - building_counts[c0]) / n_valid, 6)
         minx, miny, maxx, maxy = window_bounds(transform, win)
         rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
                          width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
