@@ -132,7 +132,7 @@ def _parse(rle: str) -> np.ndarray:
     elif rle.isascii() and not rle.encode("ascii").translate(None, _VALID_BYTES):
         return np.fromstring(rle, dtype=np.int64, sep=" ")
     _check_tokens(rle)
-    raise AssertionError("unreachable: a token failed to parse but every token is a non-negative integer")
+    raise RLEError(f"cannot read {rle[:40]!r}... as whitespace-separated integers")
 
 
 def _check_tokens(rle: str) -> None:
