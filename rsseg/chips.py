@@ -226,30 +226,13 @@ def _raster_labels(label_src: rasterio.DatasetReader, window: Window) -> np.ndar
     return labels
 
 
-class _Burner:
-    """Burns footprints into label strips.
-
-    Args:
-        edges: the footprints' edges in the scene's pixel space (:meth:`rsseg.footprints.Footprints.edges`).
-    """
-
-    def __init__(self, edges: Edges) -> None:
-        self.edges = edges
-
-    def labels(self, window: Window, out: np.ndarray) -> np.ndarray:
-        """Burn the label strip into ``out``: 1 where a pixel centre lies in a footprint, else 0."""
-        out.fill(0)
-        rows = self.edges.select(window.row_off, window.row_off + window.height)
-        return burn(rows, out, window.row_off, window.col_off)
-
-
 def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.DatasetReader | None,
-                burner: _Burner | None, tiles: tuple[Tile, ...], out: np.ndarray | None,
+                edges: Edges | None, tiles: tuple[Tile, ...], out: np.ndarray | None,
                 label_out: np.ndarray | None) -> _Loaded:
     """Read one strip of windows with one windowed read (into ``out`` when it fits) and make its labels.
 
-    Labels (burned footprints into ``label_out``, or read from the label raster) are 255 where the image
-    has no data.
+    Labels are footprint ``edges`` burned into ``label_out`` (1 where a pixel centre lies in a footprint,
+    else 0) or read from the label raster, and 255 where the image has no data.
     """
     window = strip_window(tiles)
     try:
@@ -258,10 +241,12 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
     except rasterio.errors.RasterioError as exc:
         problem = " ".join(str(exc).split())
     else:
-        if burner is not None:
+        if edges is not None:
             shape = (window.height, window.width)
-            labels = burner.labels(window, label_out if label_out is not None and label_out.shape == shape
-                                   else np.empty(shape, np.uint8))
+            labels = label_out if label_out is not None and label_out.shape == shape else np.empty(shape, np.uint8)
+            labels.fill(0)
+            burn(edges.select(window.row_off, window.row_off + window.height), labels, window.row_off,
+                 window.col_off)
         if labels is not None and valid is not None:
             labels[~valid] = 255
         return (window, data, labels, None if valid is None else _column_counts(valid),
@@ -334,7 +319,6 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
     # mmap (page faults, zeroing): 1.8 ms of system time per MB of chips instead of 0.85 on one task.
     retain_freed_memory()
     counts = [{"skipped_all_nodata": 0, "skipped_max_nodata": 0} for _ in range(2)]
-    burner = _Burner(footprints) if footprints is not None else None
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(raster_env())
@@ -352,12 +336,12 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         helper = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-chip-writer"))
         first = strip_window(strips[0])
         buffers = [np.empty((len(job.bands), first.height, first.width), dtype) for _ in range(2)]
-        label_buffers = [np.empty((first.height, first.width), np.uint8) if burner else None for _ in range(2)]
-        pending = reader.submit(_load_strip, job, src, label_src, burner, strips[0], buffers[0], label_buffers[0])
+        label_buffers = [np.empty((first.height, first.width), np.uint8) if footprints is not None else None for _ in range(2)]
+        pending = reader.submit(_load_strip, job, src, label_src, footprints, strips[0], buffers[0], label_buffers[0])
         for i, tiles in enumerate(strips):
             loaded = pending.result()
             if i + 1 < len(strips):  # the other buffers: their strip's chips are written by now
-                pending = reader.submit(_load_strip, job, src, label_src, burner, strips[i + 1],
+                pending = reader.submit(_load_strip, job, src, label_src, footprints, strips[i + 1],
                                         buffers[(i + 1) % 2], label_buffers[(i + 1) % 2])
             # Writing (copies and system calls, without the GIL) is the longest part: two threads share it.
             half = (len(tiles) + 1) // 2
