@@ -336,7 +336,8 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         helper = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-chip-writer"))
         first = strip_window(strips[0])
         buffers = [np.empty((len(job.bands), first.height, first.width), dtype) for _ in range(2)]
-        label_buffers = [np.empty((first.height, first.width), np.uint8) if footprints is not None else None for _ in range(2)]
+        label_buffers = [np.empty((first.height, first.width), np.uint8) if footprints is not None else None
+                         for _ in range(2)]
         pending = reader.submit(_load_strip, job, src, label_src, footprints, strips[0], buffers[0], label_buffers[0])
         for i, tiles in enumerate(strips):
             loaded = pending.result()
