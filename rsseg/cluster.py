@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-from distributed import Client, LocalCluster, default_client
+from distributed import Client, LocalCluster, default_client, get_worker
+from distributed.comm import get_address_host
 
-__all__ = ["dask_client"]
+__all__ = ["dask_client", "task_threads", "threads_by_host"]
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +51,28 @@ def dask_client(scheduler: str | Client | None = None, n_workers: int | None = N
     ):
         log.info("started a LocalCluster of %d workers (dashboard %s)", workers, client.dashboard_link)
         yield client
+
+
+def threads_by_host(client: Client) -> dict[str, int]:
+    """Worker threads the cluster runs on each host (by the host of each worker's address)."""
+    counts: dict[str, int] = {}
+    for address, nthreads in client.nthreads().items():
+        host = get_address_host(address)
+        counts[host] = counts.get(host, 0) + nthreads
+    return counts
+
+
+def task_threads(threads_on: Mapping[str, int]) -> int:
+    """Threads a task may use for its own parallel work (GDAL decoding): this machine's cores shared out.
+
+    In a Dask worker, the cores this process may run on divided by the worker threads on its host
+    (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses all cores,
+    a worker per core uses one each instead of every worker starting a thread per core. Outside a worker,
+    all the cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        host = get_address_host(get_worker().address)
+    except ValueError:  # not running in a Dask worker
+        return cores
+    return max(1, cores // threads_on.get(host, 1))

@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from rsseg.chips import ChipJob, chip_block, strip_window, window_bounds
-from rsseg.cluster import dask_client
+from rsseg.cluster import dask_client, threads_by_host
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir, raster_env
 from rsseg.footprints import Footprints, check_label_raster, load_footprints
@@ -188,11 +188,12 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         (tmp / "images").mkdir()
         if label_meta:
             (tmp / "labels").mkdir()
-        job = ChipJob(scene=str(scene.resolve()), out_dir=str(tmp.resolve()), size=size, bands=info["bands"],
-                      nodata=info["nodata"], mask_band=info["mask_band"], max_nodata=max_nodata,
-                      label_raster=label_raster, compress=compress)
         with dask_client(scheduler, n_workers) as client:
-            tasks = _tasks(grid, sum(client.nthreads().values()) or 1)
+            threads = threads_by_host(client)
+            job = ChipJob(scene=str(scene.resolve()), out_dir=str(tmp.resolve()), size=size, bands=info["bands"],
+                          nodata=info["nodata"], mask_band=info["mask_band"], max_nodata=max_nodata,
+                          label_raster=label_raster, compress=compress, threads_by_host=threads)
+            tasks = _tasks(grid, sum(threads.values()) or 1)
             futures = [client.submit(chip_block, job, t, footprints.edges(_bounds(t, info), info["transform"])
                                      if footprints else None, pure=False) for t in tasks]
             try:

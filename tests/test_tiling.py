@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from rasterio.windows import Window
 from rsseg import tiling
 from rsseg.chips import ChipWriter
 from rsseg.cli import main
+from rsseg.cluster import task_threads, threads_by_host
 from rsseg.grid import TileGrid
 from rsseg.tiling import INDEX_COLUMNS, write_chips
 
@@ -364,3 +366,13 @@ def test_tasks_are_column_bands_covering_each_window_once(width: int, threads: i
         assert len(task) == grid.n_rows  # full height: no block row decoded by two tasks
         assert all(strip[-1].col_off + grid.size - strip[0].col_off <= max(tiling.STRIP_MAX_PX, grid.size)
                    for strip in task)
+
+
+def test_decode_threads_share_the_host_among_worker_threads(client: Client) -> None:
+    cores = len(os.sched_getaffinity(0))
+    threads = threads_by_host(client)
+    assert threads == {"127.0.0.1": 2}
+    in_tasks = client.gather([client.submit(task_threads, threads, workers=[address], pure=False)
+                              for address in client.nthreads()])
+    assert in_tasks == [max(1, cores // 2)] * 2
+    assert task_threads(threads) == cores  # outside a worker: every core
