@@ -251,17 +251,24 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
                  window.col_off)
         if labels is not None and valid is not None:
             labels[~valid] = 255
+        # Burned labels of an image without nodata hold only 0 and 1: they count as they are.
+        building = labels if label_src is None and valid is None else labels == 1 if labels is not None else None
         return (window, data, labels, None if valid is None else _column_counts(valid),
-                None if labels is None else _column_counts(labels == 1))
+                None if building is None else _column_counts(building))
     # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
     raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
 
 
 def _column_counts(mask: np.ndarray) -> np.ndarray:
-    """Cumulative True pixels by column: ``counts[c1] - counts[c0]`` is the count in columns ``c0:c1``."""
+    """Cumulative 1s by column of a bool or 0/1 uint8 array (``counts[c1] - counts[c0]``: columns c0:c1).
+
+    Summed as uint8, 255 rows at a time (no overflow, no cast of every pixel to a wider integer).
+    """
     counts = np.zeros(mask.shape[1] + 1, np.int64)
-    np.cumsum(np.count_nonzero(mask, axis=0), out=counts[1:])
-    return counts
+    cells = mask.view(np.uint8)
+    for start in range(0, mask.shape[0], 255):
+        counts[1:] += np.add.reduce(cells[start : start + 255], axis=0, dtype=np.uint8)
+    return np.cumsum(counts, out=counts)
 
 
 def _write_strip(job: ChipJob, transform: Affine, tiles: tuple[Tile, ...], loaded: _Loaded,
