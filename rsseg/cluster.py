@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
+from rsseg.cores import usable_cores
+
 __all__ = ["dask_client", "task_threads", "threads_by_host"]
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def task_threads(threads_on: Mapping[str, int]) -> int:
     a worker per core uses one each instead of every worker starting a thread per core. Outside a worker,
     all the cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     try:
         host = get_address_host(get_worker().address)
     except ValueError:  # not running in a Dask worker

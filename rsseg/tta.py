@@ -16,12 +16,12 @@ with ``non_blocking`` copies and are normalised on the GPU by :class:`~rsseg.mod
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
 
 from rsseg.augment import d4_apply, d4_invert
+from rsseg.cores import usable_cores
 from rsseg.errors import ConfigError
 
 __all__ = ["PRECISIONS", "TTA_MODES", "Predictor", "configure_cpu_threads", "resolve_device", "tta_views"]
@@ -67,7 +67,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def configure_cpu_threads() -> int:
     """Give torch one intra-op thread per CPU core this process may run on; returns that number."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     return cores
