@@ -251,10 +251,10 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
                  window.col_off)
         if labels is not None and valid is not None:
             labels[~valid] = 255
-        # Burned labels of an image without nodata hold only 0 and 1: they count as they are.
-        building = labels if label_src is None and valid is None else labels == 1 if labels is not None else None
-        return (window, data, labels, None if valid is None else _column_counts(valid),
-                None if building is None else _column_counts(building))
+        building_counts = None
+        if labels is not None:  # burned labels of an image without nodata hold only 0 and 1: count them as is
+            building_counts = _column_counts(labels if label_src is None and valid is None else labels == 1)
+        return window, data, labels, None if valid is None else _column_counts(valid), building_counts
     # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
     raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
 
