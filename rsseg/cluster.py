@@ -64,17 +64,25 @@ def threads_by_host(client: Client) -> dict[str, int]:
     return counts
 
 
-def task_threads(threads_on: Mapping[str, int]) -> int:
-    """Threads a task may use for its own parallel work (GDAL decoding): this machine's cores shared out.
+def task_threads(threads_on: Mapping[str, int], tasks: int | None = None) -> int:
+    """Threads a task may use for its own parallel work (GDAL decoding, torch): this machine's cores shared out.
 
     In a Dask worker, the cores this process may run on divided by the worker threads on its host
     (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses all cores,
     a worker per core uses one each instead of every worker starting a thread per core. Outside a worker,
     all the cores.
+
+    Args:
+        threads_on: worker threads per host.
+        tasks: how many such tasks the cluster runs at once, when that may be fewer than its threads (they
+            then share a host's cores among fewer); None: at least one per thread.
     """
     cores = usable_cores()
     try:
         host = get_address_host(get_worker().address)
     except ValueError:  # not running in a Dask worker
         return cores
-    return max(1, cores // threads_on.get(host, 1))
+    sharing = threads_on.get(host, 1)
+    if tasks is not None:  # the host's part of the tasks, spread like the threads
+        sharing = min(sharing, max(1, -(-tasks * sharing // (sum(threads_on.values()) or 1))))
+    return max(1, cores // sharing)

@@ -146,7 +146,7 @@ def _profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: str) -
 def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike, tile: int = 512,
                    overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str | torch.device = "auto",
                    precision: str = "fp32", threshold: float | None = None, output: str = "mask",
-                   prob_dtype: str = "uint8", overwrite: bool = False) -> Path:
+                   prob_dtype: str = "uint8", overwrite: bool = False, cpu_threads: int | None = None) -> Path:
     """Predict buildings over a GeoTIFF scene of any size, streaming windows in and rows out.
 
     Outputs are single-band, tiled (512 x 512), DEFLATE-compressed (level 1) GeoTIFFs with the source's CRS and
@@ -180,6 +180,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         output: ``mask``, ``prob`` or ``both``.
         prob_dtype: ``uint8`` or ``float32``.
         overwrite: replace existing outputs; otherwise they raise :class:`FileExistsError`.
+        cpu_threads: torch's threads on CPU (default: every core; a Dask task gets its share of the host,
+            :func:`rsseg.cluster.task_threads`).
 
     Returns:
         ``dst``.
@@ -210,7 +212,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         grid = TileGrid(info["width"], info["height"], tile, overlap)
     except ValueError as exc:
         raise ConfigError(f"{src}: {exc}") from None
-    predictor = Predictor(model, dev, tta, precision)
+    predictor = Predictor(model, dev, tta, precision, cpu_threads)
     tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": tta, "source": str(src.resolve()),
             "tile": str(tile), "overlap": str(overlap), "output": output}
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import yaml
 from distributed import Client, Future
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rsseg.cluster import task_threads, threads_by_host
 from rsseg.errors import ConfigError, PipelineError
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
@@ -267,14 +268,21 @@ class PredictScenesParams(Params):
     prob_dtype: Literal["uint8", "float32"] = "uint8"
 
 
-def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]:
+def _predict_scene(threads_on: dict[str, int], tasks: int, *args: Any, **kwargs: Any) -> Path:
+    """Dask task: :func:`~rsseg.inference.predict_raster` with torch's CPU threads this task's share of its host."""
     from rsseg.inference import predict_raster
 
+    return predict_raster(*args, cpu_threads=task_threads(threads_on, tasks), **kwargs)
+
+
+def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]:
     scenes = expand_inputs(p.scenes)
-    futures = [ctx.submit(predict_raster, p.checkpoint, scene, ctx.out_dir / f"{scene.stem}.tif", tile=p.tile,
-                          overlap=p.overlap, tta=p.tta, batch_size=p.batch_size, device=p.device,
-                          precision=p.precision, threshold=p.threshold, output="both", prob_dtype=p.prob_dtype,
-                          gpu=_device_is_gpu(p.device), label=scene.stem) for scene in scenes]
+    threads_on = threads_by_host(ctx.client)
+    futures = [ctx.submit(_predict_scene, threads_on, len(scenes), p.checkpoint, scene,
+                          ctx.out_dir / f"{scene.stem}.tif", tile=p.tile, overlap=p.overlap, tta=p.tta,
+                          batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
+                          output="both", prob_dtype=p.prob_dtype, gpu=_device_is_gpu(p.device), label=scene.stem)
+               for scene in scenes]
     ctx.gather(futures)
     return {"scenes": len(scenes)}
 

@@ -65,12 +65,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def configure_cpu_threads() -> int:
-    """Give torch one intra-op thread per CPU core this process may run on; returns that number."""
-    cores = usable_cores()
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
-    return cores
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Give torch ``threads`` intra-op threads (default: one per CPU core this process may run on).
+
+    Returns the number set.
+    """
+    threads = threads or usable_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 class Predictor:
@@ -83,9 +86,11 @@ class Predictor:
         device: where the model runs.
         tta: ``none``, ``flip`` or ``d4``.
         precision: ``fp32``, or ``bf16`` (autocast; on CPU this uses AVX512-BF16/AMX where present).
+        cpu_threads: torch's intra-op threads on CPU (default: every core this process may run on).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, tta: str = "d4", precision: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, device: torch.device, tta: str = "d4", precision: str = "fp32",
+                 cpu_threads: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.views = tta_views(tta)
@@ -94,7 +99,7 @@ class Predictor:
         self.precision = precision
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         if device.type == "cpu":
-            configure_cpu_threads()
+            configure_cpu_threads(cpu_threads)
 
     def stack_views(self, batch: torch.Tensor) -> torch.Tensor:
         """The model input for ``batch`` (N, C, H, W, any device): its views, view-major, on the device."""

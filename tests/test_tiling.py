@@ -368,11 +368,14 @@ def test_tasks_are_column_bands_covering_each_window_once(width: int, threads: i
                    for strip in task)
 
 
-def test_decode_threads_share_the_host_among_worker_threads(client: Client) -> None:
+def test_task_threads_share_the_host_among_worker_threads(client: Client) -> None:
     cores = len(os.sched_getaffinity(0))
     threads = threads_by_host(client)
     assert threads == {"127.0.0.1": 2}
     in_tasks = client.gather([client.submit(task_threads, threads, workers=[address], pure=False)
                               for address in client.nthreads()])
     assert in_tasks == [max(1, cores // 2)] * 2
+    # One task on the cluster (one scene to predict) has the host to itself; two share it.
+    assert client.submit(task_threads, threads, 1, pure=False).result() == cores
+    assert client.submit(task_threads, threads, 2, pure=False).result() == max(1, cores // 2)
     assert task_threads(threads) == cores  # outside a worker: every core

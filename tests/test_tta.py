@@ -1,5 +1,7 @@
 """Test-time augmentation (rsseg.tta) and the blending weights (rsseg.blend)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from rsseg.blend import axis_weights, edge_margin, window_weights
 from rsseg.errors import ConfigError
 from rsseg.grid import TileGrid, grid_offsets
 from rsseg.models import Segmenter
-from rsseg.tta import TTA_MODES, Predictor, resolve_device, tta_views
+from rsseg.tta import TTA_MODES, Predictor, configure_cpu_threads, resolve_device, tta_views
 
 # Each D4 element written out by hand, independently of rsseg.augment: (forward, inverse) on HW arrays.
 HAND_D4 = {
@@ -156,3 +158,13 @@ def test_total_weight_is_positive_over_a_grid(width, height, size, data):
         total[tile.row_off : tile.row_off + size, tile.col_off : tile.col_off + size] += window_weights(grid, tile)
     assert (total[:height, :width] > 0).all()
     assert all(0 <= window_weights(grid, t).min() and window_weights(grid, t).max() <= 1 for t in grid)
+
+
+def test_configure_cpu_threads_sets_a_share_or_every_core() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        cores = len(os.sched_getaffinity(0))
+        assert configure_cpu_threads() == cores and torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
