@@ -16,6 +16,10 @@ Figures (issue 5):
   4096x4096 scene (target <= 1.3), with a tiny two-layer conv stand-in model (the network's own
   activations do not depend on the scene size), sampled every 20 ms with psutil.
 * CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
+* cluster (``--parts cluster``): two 1536x1536 scenes predicted at once on a LocalCluster of two
+  single-threaded workers, torch on every core in each task (what a task did before) against the task's
+  share of the host (``rsseg.cluster.task_threads``, what the ``predict_scenes`` stage does); light U-Net,
+  flip TTA, bf16, best of 2.
 
 Usage: ``.venv/bin/python benchmarks/bench_inference.py [--workdir DIR] [--quick]``. Scenes are generated
 once with :func:`rsseg.synth.make_scene` and kept in ``--workdir`` (default: a folder in the temp dir).
@@ -211,6 +215,30 @@ def gpu_windows_per_s(batch_size: int = 32, steps: int = 20) -> dict:
             "gpu_windows_per_s_tta_none": round(batch_size * steps / seconds, 1)}
 
 
+def cluster_share(workdir: Path) -> dict:
+    """Two scenes on two single-threaded workers: every core per task vs the task's share of the host."""
+    from distributed import Client, LocalCluster
+
+    from rsseg.cluster import task_threads, threads_by_host
+
+    scenes, model = [scene(workdir, 1536), scene(workdir, 1537)], light_unet()
+    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+          Client(cluster) as client):
+        share = client.submit(task_threads, threads_by_host(client), len(scenes), pure=False).result()
+        model = client.scatter(model, broadcast=True)  # once, not pickled into every task
+        best = {}
+        for _ in range(2):
+            for name, threads in (("every_core", os.cpu_count()), ("share", share)):
+                start = time.perf_counter()
+                client.gather([client.submit(predict_raster, model, src, workdir / f"cluster_{i}.tif", tta="flip",
+                                             precision="bf16", overwrite=True, cpu_threads=threads, pure=False)
+                               for i, src in enumerate(scenes)])
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return {"cluster_two_scenes_every_core_s": round(best["every_core"], 2),
+            "cluster_two_scenes_share_s": round(best["share"], 2), "cluster_share_threads": share,
+            "cluster_speedup": round(best["every_core"] / best["share"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rsseg-bench-inference")
@@ -243,6 +271,8 @@ def main() -> None:
         result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
     if "memory" in parts:
         result.update(memory(args.workdir, args.mem_sizes))
+    if "cluster" in parts:
+        result.update(cluster_share(args.workdir))
     if device.type == "cuda":
         result.update(gpu_windows_per_s())
     else:
