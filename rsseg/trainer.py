@@ -191,7 +191,15 @@ class Trainer:
                                   "run.overwrite=true to start afresh")
         self.module.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        schedule = self.scheduler.lr_lambdas[0]
+        wanted = dict(vars(schedule))  # this config's: LambdaLR's state would bring back the old run's length
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if vars(schedule) != wanted:  # e.g. run.epochs raised: anneal over the new total from this step on
+            log.info("learning-rate schedule %s -> %s from step %d", vars(schedule), wanted,
+                     self.scheduler.last_epoch)
+            vars(schedule).update(wanted)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * schedule(self.scheduler.last_epoch)
         state = ckpt["train_state"]
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_dice, self.best_epoch = float(state["best_dice"]), int(state["best_epoch"])

@@ -209,3 +209,19 @@ def test_example_configs_are_valid(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.data.augment.crop == 256 and cfg.run.precision == "bf16"
+
+
+def test_resume_with_more_epochs_anneals_over_the_new_total(tianchi, tmp_path):
+    out = tmp_path / "extended"
+    fit(load_config(tiny_config(tianchi, out, stop_after=1)))  # epoch 1 of 2
+    config = load_config(tiny_config(tianchi, out, resume=True, epochs=4))
+    fit(config)
+    ckpt = load_checkpoint(out / "last.pt")
+    steps = ckpt["train_state"]["step"]
+    assert ckpt["scheduler"]["lr_lambdas"][0]["total"] == steps and steps % 4 == 0
+    schedule = WarmupCosine(steps, round(config.optim.warmup_fraction * steps), config.optim.min_lr_ratio)
+    history = ckpt["train_state"]["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    # After epoch 3 the old two-epoch schedule would be at its floor; the new one is still annealing.
+    assert history[2]["lr"] == pytest.approx(config.optim.lr * schedule(3 * steps // 4))
+    assert history[2]["lr"] > config.optim.lr * config.optim.min_lr_ratio * 1.5
