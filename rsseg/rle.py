@@ -102,7 +102,10 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
     within each column, so a stable sort by column (radix on 16-bit keys) gives the column-major order.
     """
     height, width = mask.shape
-    packed = np.packbits(mask, axis=1)  # any non-zero value packs as 1
+    if width % 8 == 0 and mask.flags.c_contiguous:  # rows end on byte boundaries: one flat pass packs them
+        packed = np.packbits(mask.reshape(-1)).reshape(height, width // 8)  # any non-zero value packs as 1
+    else:
+        packed = np.packbits(mask, axis=1)
     row_bytes = max(8, 1 << (packed.shape[1] - 1).bit_length())
     before = np.zeros(width, dtype=bool)
     before[1:] = mask[-1, :-1]
