@@ -126,14 +126,17 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
 
 
 def _parse(rle: str) -> np.ndarray:
-    """The integer tokens of ``rle``, or :class:`RLEError` naming the first bad token."""
-    if _FROMSTRING_RAISES and "+" not in rle:  # fromstring would read "+5" as 5
+    """The tokens of ``rle`` as uint64, or :class:`RLEError` naming the first one that is not all digits.
+
+    Parsing as unsigned is faster than as int64 and takes digits only: no sign, which int64 would accept.
+    """
+    if _FROMSTRING_RAISES:
         try:
-            return np.fromstring(rle, dtype=np.int64, sep=" ")
+            return np.fromstring(rle, dtype=np.uint64, sep=" ")
         except ValueError:
             pass
     elif rle.isascii() and not rle.encode("ascii").translate(None, _VALID_BYTES):
-        return np.fromstring(rle, dtype=np.int64, sep=" ")
+        return np.fromstring(rle, dtype=np.uint64, sep=" ")
     _check_tokens(rle)
     raise RLEError(f"cannot read {rle[:40]!r}... as whitespace-separated integers")
 
@@ -168,20 +171,20 @@ def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> n
         return np.zeros(shape, dtype=np.uint8, order="F")
     if not isinstance(rle, str):
         raise RLEError(f"expected an RLE string, got {type(rle).__name__} {rle!r}")
-    values = _parse(rle)
-    n = values.size
+    tokens = _parse(rle)
+    n = tokens.size
     if n % 2:
         raise RLEError(f"odd number of RLE tokens ({n}); expected start/length pairs")
-    bounds = values - 1  # 0-based: run i covers pixels bounds[2i] <= p < bounds[2i + 1]
+    bounds = tokens - 1  # 0-based: run i covers pixels bounds[2i] <= p < bounds[2i + 1]
     # Valid (sorted, disjoint, non-empty runs inside the image) exactly when every token is in [1, size]
-    # (one unsigned maximum: a token < 1 wraps around; it also rules out overflow below), no gap between
+    # (one unsigned maximum: a token 0 wraps around; it also rules out overflow below), no gap between
     # runs is negative and the last run ends inside.
-    if np.maximum.reduce(bounds.view(np.uint64)) >= size:
-        _check_tokens(rle)
-        _raise_bad_run(values[0::2], values[1::2], size, shape)
-    bounds[1::2] += values[0::2]
+    if np.maximum.reduce(bounds) >= size:
+        _raise_bad_run(rle, size, shape)
+    bounds = bounds.view(np.int64)
+    bounds[1::2] += tokens[0::2].view(np.int64)
     if bounds[-1] > size or np.minimum.reduce(bounds[2::2] - bounds[1:-1:2], initial=0) < 0:
-        _raise_bad_run(values[0::2], values[1::2], size, shape)
+        _raise_bad_run(rle, size, shape)
     return _fill(bounds, size).reshape(shape, order="F")
 
 
@@ -207,19 +210,21 @@ def _fill(bounds: np.ndarray, size: int) -> np.ndarray:
     return words.view(np.uint8)[:size]
 
 
-def _raise_bad_run(starts: np.ndarray, lengths: np.ndarray, size: int, shape: tuple[int, int]) -> None:
-    """Raise :class:`RLEError` for the first run that breaks the convention (1-based ``starts``)."""
+def _raise_bad_run(rle: str, size: int, shape: tuple[int, int]) -> None:
+    """Raise :class:`RLEError` for the first run of ``rle`` (digit tokens, even count) that breaks the convention."""
+    numbers = np.array([int(token) for token in rle.split()], dtype=object)  # exact, however large
+    starts, lengths = numbers[0::2], numbers[1::2]
     if (bad := np.flatnonzero(starts < 1)).size:
         i = bad[0]
         raise RLEError(f"run {i + 1}: start {starts[i]} < 1; starts are 1-based")
     if (bad := np.flatnonzero(lengths < 1)).size:
         i = bad[0]
         raise RLEError(f"run {i + 1}: length {lengths[i]} < 1")
-    if (bad := np.flatnonzero(lengths > size + 1 - starts)).size:  # no overflow, unlike starts + lengths
-        i = bad[0]
-        raise RLEError(f"run {i + 1} ({starts[i]} {lengths[i]}) ends at pixel {int(starts[i]) - 1 + int(lengths[i])}, "
-                       f"past the end of a {shape[0]}x{shape[1]} image ({size} pixels)")
     ends = starts - 1 + lengths
+    if (bad := np.flatnonzero(ends > size)).size:
+        i = bad[0]
+        raise RLEError(f"run {i + 1} ({starts[i]} {lengths[i]}) ends at pixel {ends[i]}, "
+                       f"past the end of a {shape[0]}x{shape[1]} image ({size} pixels)")
     if (bad := np.flatnonzero(starts[1:] <= ends[:-1])).size:
         i = bad[0] + 1
         what = "out of order" if starts[i] < starts[i - 1] else "overlapping"
