@@ -362,4 +362,3 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
             rows.extend(_write_strip(job, transform, tiles[:half], loaded, writers[0], counts[0]))
             rows.extend(other.result())
     return rows, {key: counts[0][key] + counts[1][key] for key in counts[0]}
-    return rows, counts
