@@ -9,6 +9,11 @@ against both are reported (the targets are against the plain loop). ``write_chip
 footprints) runs on a LocalCluster of 1 and then 2 single-threaded workers started beforehand, so
 start-up is not timed; each figure is the best of ``--repeat`` runs.
 
+The floor (``floor_2w_mb_s``) is what any tiling on 2 workers must do at least, with nothing else: two
+processes (started beforehand, allocator as rsseg's tasks set it) each read half the windows (by grid rows)
+and write every window's bytes and a label-sized buffer to files under ``--out``. No labels, chip assembly,
+TIFF headers, scheduler or footprint reading: the headroom a 2-worker target leaves for those.
+
 Chips are written to ``--out`` (default: a folder on the RAM file system /dev/shm where there is one):
 the baseline reads the scene from the page cache, so the chips go to memory too, and the figure measures
 the code rather than the disk. On this shared machine's ext4 (no journal) creating a file costs 0.06 to
@@ -28,17 +33,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import psutil
 import rasterio
 from distributed import Client, LocalCluster
+from rasterio.windows import Window
 
 from rsseg.grid import TileGrid
 from rsseg.malloc import retain_freed_memory
@@ -82,6 +90,40 @@ def read_loop(scene: Path, env: rasterio.Env) -> float:
         for tile in grid:
             src.read(window=tile.window())
         return time.perf_counter() - start
+
+
+def _floor_share(scene: Path, windows: list[tuple[int, int, int, int]], folder: Path) -> float:
+    """One process's part of the floor: read its windows and write each one's bytes (and a label's) to files."""
+    retain_freed_memory()  # as rsseg's tasks run: no page faults for each fresh window array
+    folder.mkdir(parents=True, exist_ok=True)
+    label = bytes(TILE * TILE)
+    with rasterio.Env(), rasterio.open(scene) as src:
+        start = time.perf_counter()
+        for i, (col, row, width, height) in enumerate(windows):
+            data = src.read(window=Window(col, row, width, height))
+            for name, buffer in ((f"{i}.img", data.data), (f"{i}.lab", label)):
+                fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, buffer)
+                os.close(fd)
+        return time.perf_counter() - start
+
+
+def floor_time(scene: Path, out: Path, pool: ProcessPoolExecutor, parts: int = 2) -> float:
+    """Seconds for the windows' reads and chip-sized writes alone, split by grid rows over ``parts`` processes.
+
+    What any tiling on ``parts`` workers must do at least (decode every window, write as many bytes),
+    with nothing else: no labels, no chip assembly, no TIFF headers, no scheduler, no footprint reading.
+    """
+    with rasterio.open(scene) as src:
+        grid = TileGrid(src.width, src.height, TILE, OVERLAP)
+    windows = [(t.col_off, t.row_off, t.width, t.height) for t in grid]
+    shares = [windows[len(windows) * k // parts : len(windows) * (k + 1) // parts] for k in range(parts)]
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    list(pool.map(_floor_share, [scene] * parts, shares, [out / str(k) for k in range(parts)]))
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
 
 
 def tiling_time(scene: Path, out: Path, client: Client) -> float:
@@ -151,6 +193,11 @@ def main() -> None:
     retain_freed_memory()
     retained = min(read_loop(big, rasterio.Env()) for _ in range(args.repeat))
     result["baseline_retained_mb_s"] = round(mb / retained, 1)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(time.sleep, [0.5, 0.5]))  # both processes started and warm before timing
+        floor = min(floor_time(big, out, pool) for _ in range(args.repeat))
+    result["floor_2w_mb_s"] = round(mb / floor, 1)
+    result["ratio_floor_vs_plain"] = round(plain / floor, 3)
     for workers in (1, 2):
         with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
               Client(cluster) as client):
