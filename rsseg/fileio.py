@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,8 +76,25 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except BaseException:
+        # Moved aside first: writers still running elsewhere (Dask tasks) then fail to create files in it,
+        # instead of refilling the folder while it is being removed.
+        trash = _temporary_sibling(final)
+        with contextlib.suppress(OSError):
+            os.replace(tmp, trash)
+            tmp = trash
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
+
+
+def _remove_tree(path: Path, passes: int = 3) -> None:
+    """Remove a folder; passes a moment apart catch a file whose creation was under way when it was moved."""
+    for _ in range(passes):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
