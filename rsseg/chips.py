@@ -3,7 +3,9 @@
 A Dask task (:func:`chip_block`) covers a band of grid columns: its strips (runs of windows along one grid
 row), top to bottom. It opens its own dataset handles; a reader thread reads each strip with one windowed
 read and burns its labels (:mod:`rsseg.burn`) while the task's thread and one helper thread write the
-previous strip's chips, half each; it returns the chips' index rows.
+previous strip's chips, half each; it returns the chips' index rows. For a scene without nodata, footprint
+labels depend on nothing the image holds: :func:`label_block` tasks burn and write them apart, so the image
+tasks need not wait for the footprints to be read.
 
 Chips are written by :class:`ChipWriter`: GDAL writes one template chip in memory, and every chip file is
 that template's bytes with its pixels and its two tie-point coordinates put in, which costs a third of a
@@ -35,7 +37,7 @@ from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
 from rsseg.grid import Tile
 from rsseg.malloc import retain_freed_memory
 
-__all__ = ["ChipJob", "ChipWriter", "chip_block", "strip_window", "window_bounds",
+__all__ = ["ChipJob", "ChipWriter", "chip_block", "label_block", "strip_window", "window_bounds",
            "window_transform"]
 
 
@@ -244,11 +246,7 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
         problem = " ".join(str(exc).split())
     else:
         if edges is not None:
-            shape = (window.height, window.width)
-            labels = label_out if label_out is not None and label_out.shape == shape else np.empty(shape, np.uint8)
-            labels.fill(0)
-            burn(edges.select(window.row_off, window.row_off + window.height), labels, window.row_off,
-                 window.col_off)
+            labels = _burn_strip(edges, window, label_out)
         if labels is not None and valid is not None:
             labels[~valid] = 255
         building_counts = None
@@ -257,6 +255,15 @@ def _load_strip(job: ChipJob, src: rasterio.DatasetReader, label_src: rasterio.D
         return window, data, labels, None if valid is None else _column_counts(valid), building_counts
     # Raised outside the handler: GDAL's chained errors do not unpickle, and Dask sends this to the client.
     raise RasterError(f"{job.scene}: cannot read {window!r} (a damaged file?): {problem}")
+
+
+def _burn_strip(edges: Edges, window: Window, out: np.ndarray | None) -> np.ndarray:
+    """Labels of ``window``: 1 where a pixel centre lies in a footprint, else 0 (into ``out`` when it fits)."""
+    shape = (window.height, window.width)
+    labels = out if out is not None and out.shape == shape else np.empty(shape, np.uint8)
+    labels.fill(0)
+    burn(edges.select(window.row_off, window.row_off + window.height), labels, window.row_off, window.col_off)
+    return labels
 
 
 def _column_counts(mask: np.ndarray) -> np.ndarray:
@@ -306,6 +313,17 @@ def _write_strip(job: ChipJob, transform: Affine, tiles: tuple[Tile, ...], loade
     return rows
 
 
+_LABEL_PROFILE = dict(count=1, dtype="uint8", nodata=255)
+
+
+def _chip_profile(job: ChipJob, src: rasterio.DatasetReader) -> dict[str, Any]:
+    """What every chip of the scene shares: size, CRS, pixel size (the scene's transform), compression."""
+    base = dict(width=job.size, height=job.size, crs=src.crs, transform=src.transform)
+    if job.compress:
+        base["compress"] = job.compress
+    return base
+
+
 def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
                footprints: Edges | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Dask task: write the chips of consecutive strips through one dataset handle.
@@ -338,11 +356,9 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         stack.enter_context(raster_env(cache_mb=_cache_mb(src, strip_window(strips[0])), GDAL_NUM_THREADS=threads))
         label_src = stack.enter_context(rasterio.open(job.label_raster)) if job.label_raster else None
         transform, dtype = src.transform, src.dtypes[job.bands[0] - 1]
-        base = dict(width=job.size, height=job.size, crs=src.crs, transform=transform)
-        if job.compress:
-            base["compress"] = job.compress
+        base = _chip_profile(job, src)
         image_writer = ChipWriter(dict(base, count=len(job.bands), dtype=dtype, nodata=job.nodata))
-        label_writer = ChipWriter(dict(base, count=1, dtype="uint8", nodata=255))
+        label_writer = ChipWriter(dict(base, **_LABEL_PROFILE))
         writers = [(image_writer, label_writer), (image_writer.copy(), label_writer.copy())]
         reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-strip-reader"))
         helper = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rsseg-chip-writer"))
@@ -362,3 +378,45 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
             rows.extend(_write_strip(job, transform, tiles[:half], loaded, writers[0], counts[0]))
             rows.extend(other.result())
     return rows, {key: counts[0][key] + counts[1][key] for key in counts[0]}
+
+
+def label_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...], footprints: Edges) -> list[dict[str, Any]]:
+    """Dask task: burn footprints into the label chips of strips of a scene that has no nodata.
+
+    The labels of such a scene depend on the footprints alone (every pixel is valid, no chip is skipped),
+    so they can be written apart from the image chips: :func:`rsseg.tiling.write_chips` starts the image
+    tasks first and reads the footprints while those run. The strips are shared among the task's share of
+    the host's cores (threads: burning and writing release the GIL for most of their time).
+
+    Returns:
+        One row per chip: ``row_off``, ``col_off``, ``label`` (its path under the output folder) and
+        ``building_frac``.
+    """
+    retain_freed_memory()  # the strip buffers and each chip's copy are reused, not mapped afresh
+    with raster_env(GDAL_NUM_THREADS="1"), rasterio.open(job.scene) as src:
+        transform, writer = src.transform, ChipWriter(dict(_chip_profile(job, src), **_LABEL_PROFILE))
+    threads = min(len(strips), task_threads(job.threads_by_host))
+    writers = [writer, *(writer.copy() for _ in range(threads - 1))]
+    with ThreadPoolExecutor(threads, thread_name_prefix="rsseg-label-writer") as pool:
+        parts = pool.map(_write_labels, [job] * threads, [transform] * threads,
+                         [strips[k::threads] for k in range(threads)], [footprints] * threads, writers)
+        return [row for part in parts for row in part]
+
+
+def _write_labels(job: ChipJob, transform: Affine, strips: tuple[tuple[Tile, ...], ...], footprints: Edges,
+                  writer: ChipWriter) -> list[dict[str, Any]]:
+    """Burn and write the label chips of ``strips``; return their rows (see :func:`label_block`)."""
+    out, area = Path(job.out_dir), job.size * job.size
+    rows: list[dict[str, Any]] = []
+    labels = None
+    for tiles in strips:
+        window = strip_window(tiles)
+        labels = _burn_strip(footprints, window, labels)
+        counts = _column_counts(labels)
+        for tile in tiles:
+            c0 = tile.col_off - window.col_off
+            label = f"labels/{tile.name}.tif"
+            writer.write(out / label, labels[None, :, c0 : c0 + job.size], window_transform(transform, tile.window()))
+            rows.append(dict(row_off=tile.row_off, col_off=tile.col_off, label=label,
+                             building_frac=round(int(counts[c0 + job.size] - counts[c0]) / area, 6)))
+    return rows

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from rsseg.chips import ChipJob, chip_block, strip_window, window_bounds
+from rsseg.burn import Edges
+from rsseg.chips import ChipJob, chip_block, label_block, strip_window, window_bounds
 from rsseg.cluster import dask_client, threads_by_host
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir, raster_env
@@ -122,18 +123,23 @@ def _tasks(grid: TileGrid, threads: int) -> list[tuple[tuple[Tile, ...], ...]]:
             for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
 
 
-def _label_source(labels: Path | None, info: dict[str, Any]) -> tuple[dict | None, Footprints | None]:
+def _label_source(labels: Path | None, info: dict[str, Any]) -> dict | None:
+    """``path`` and ``kind`` of the labels: a label raster (checked against the scene's grid) or footprints."""
     if labels is None:
-        return None, None
+        return None
     try:
         with _quiet_gdal():
             lab_cm = rasterio.open(labels)
-    except rasterio.errors.RasterioIOError:  # not a raster: footprints
-        return {"path": str(Path(labels).resolve()), "kind": "vector"}, load_footprints(labels, info["crs"],
-                                                                                       info["bounds"])
+    except rasterio.errors.RasterioIOError:  # not a raster: footprints (read by load_footprints)
+        return {"path": str(Path(labels).resolve()), "kind": "vector"}
     with lab_cm as lab_src:
         check_label_raster(lab_src, info)
-    return {"path": str(Path(labels).resolve()), "kind": "raster"}, None
+    return {"path": str(Path(labels).resolve()), "kind": "raster"}
+
+
+def _all_valid(info: dict[str, Any], grid: TileGrid) -> bool:
+    """Whether every pixel of every window is valid: no nodata value, no mask, no padding."""
+    return info["nodata"] is None and not info["mask_band"] and min(info["width"], info["height"]) >= grid.size
 
 
 def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], size: int = 512,
@@ -180,9 +186,15 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             grid = TileGrid(info["width"], info["height"], size, overlap)
         except ValueError as exc:
             raise ConfigError(f"{scene}: {exc}") from None
-        label_meta, footprints = _label_source(Path(labels) if labels else None, info)
+        label_meta = _label_source(Path(labels) if labels else None, info)
     label_raster = label_meta["path"] if label_meta and label_meta["kind"] == "raster" else None
+    vector = label_meta is not None and label_meta["kind"] == "vector"
+    # Labels apart (a scene without nodata): the image tasks start first and the footprints are read while
+    # they run. Otherwise the footprints are read before anything starts and burned by the image tasks.
+    apart = vector and _all_valid(info, grid)
+    footprints = load_footprints(labels, info["crs"], info["bounds"]) if vector and not apart else None
     rows: list[dict[str, Any]] = []
+    label_rows: list[dict[str, Any]] = []
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
@@ -194,11 +206,20 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                           nodata=info["nodata"], mask_band=info["mask_band"], max_nodata=max_nodata,
                           label_raster=label_raster, compress=compress, threads_by_host=threads)
             tasks = _tasks(grid, sum(threads.values()) or 1)
-            futures = [client.submit(chip_block, job, t, footprints.edges(_bounds(t, info), info["transform"])
-                                     if footprints else None, pure=False) for t in tasks]
+            futures: list[Future] = []
+            label_futures: set[Future] = set()
             try:
+                futures += [client.submit(chip_block, job, t, _edges(footprints, t, info), pure=False) for t in tasks]
+                if apart:
+                    footprints = load_footprints(labels, info["crs"], info["bounds"])
+                    label_futures = {client.submit(label_block, job, t, _edges(footprints, t, info), pure=False)
+                                     for t in tasks}
+                    futures += label_futures
                 for future in tqdm(as_completed(futures), total=len(futures), desc=f"tiling {scene.name}",
                                    unit="task", disable=None):
+                    if future in label_futures:
+                        label_rows.extend(future.result())
+                        continue
                     task_rows, task_counts = future.result()
                     rows.extend(task_rows)
                     for key, value in task_counts.items():
@@ -206,6 +227,11 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             except BaseException:
                 client.cancel(futures)  # stop writing into the temporary folder before it is removed
                 raise
+        if apart:
+            by_window = {(r["row_off"], r["col_off"]): r for r in label_rows}
+            for row in rows:
+                found = by_window[row["row_off"], row["col_off"]]
+                row["label"], row["building_frac"] = found["label"], found["building_frac"]
         rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
         counts["chips"] = len(rows)
         if footprints is not None:
@@ -213,6 +239,11 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         _write_index(tmp, rows, info, job, label_meta, counts, grid)
     log.info("%s: %d chips from %d windows under %s (%s)", scene, len(rows), len(grid), out_dir, counts)
     return out_dir / "index.csv"
+
+
+def _edges(footprints: Footprints | None, strips: tuple[tuple[Tile, ...], ...], info: dict[str, Any]) -> Edges | None:
+    """The edges of the footprints that intersect a task's windows (None without footprints)."""
+    return None if footprints is None else footprints.edges(_bounds(strips, info), info["transform"])
 
 
 def _bounds(strips: tuple[tuple[Tile, ...], ...], info: dict[str, Any]) -> tuple[float, float, float, float]:

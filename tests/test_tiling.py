@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,6 +25,7 @@ from rsseg import tiling
 from rsseg.chips import ChipWriter
 from rsseg.cli import main
 from rsseg.cluster import task_threads, threads_by_host
+from rsseg.footprints import load_footprints
 from rsseg.grid import TileGrid
 from rsseg.tiling import INDEX_COLUMNS, write_chips
 
@@ -326,6 +328,33 @@ def test_damaged_scene_fails_in_a_worker_without_output(tmp_path: Path, client: 
               client.scheduler.address])
     last = capsys.readouterr().err.splitlines()[-1]  # earlier lines: the CLI's INFO log of the Dask connection
     assert exc.value.code == 2 and last.startswith("rsseg: error: ") and "cannot read Window(" in last
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_footprints_elsewhere_stop_running_image_tasks_without_output(
+        tmp_path: Path, client: Client, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scene without nodata: its image tasks start before the footprints are read, and are stopped.
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 2048, 2048)  # 16,384 chips of 16x16: tasks still writing when the error is raised
+    far = tmp_path / "far.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(10, 10, 11, 11)], crs="EPSG:4326").to_file(far)
+    written = []
+
+    def slow_footprints(*args: object) -> None:  # a large footprint file: the image tasks are writing meanwhile
+        time.sleep(0.5)
+        written.append(len(list(tmp_path.glob(".out.tmp-*/images/*.tif"))))
+        return load_footprints(*args)
+
+    monkeypatch.setattr(tiling, "load_footprints", slow_footprints)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["tile", str(scene), str(out), "--size", "16", "--overlap", "0", "--labels", str(far),
+              "--scheduler", client.scheduler.address])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert exc.value.code == 2 and last.startswith("rsseg: error: ") and "do not overlap the scene" in last
+    assert written[0] > 0  # chips were being written when the error came
+    time.sleep(1.0)  # what the stopped tasks would still write lands here
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
