@@ -342,8 +342,10 @@ def test_footprints_elsewhere_stop_running_image_tasks_without_output(
     written = []
 
     def slow_footprints(*args: object) -> None:  # a large footprint file: the image tasks are writing meanwhile
-        time.sleep(0.5)
-        written.append(len(list(tmp_path.glob(".out.tmp-*/images/*.tif"))))
+        deadline = time.monotonic() + 30
+        while not (chips := list(tmp_path.glob(".out.tmp-*/images/*.tif"))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        written.append(len(chips))
         return load_footprints(*args)
 
     monkeypatch.setattr(tiling, "load_footprints", slow_footprints)
