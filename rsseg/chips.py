@@ -337,7 +337,7 @@ def chip_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...],
         job: the settings shared by every task.
         strips: runs of windows, one per grid row, top to bottom.
         footprints: the edges (scene pixel space) of the footprints that intersect the block, or None
-            without vector labels.
+            without vector labels or when :func:`label_block` tasks write them.
 
     Returns:
         The index rows of the chips written, and the counts of windows skipped for nodata.
