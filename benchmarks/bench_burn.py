@@ -1,4 +1,4 @@
-"""Benchmark: burning building footprints into label strips, rsseg.burn against rasterio.features.rasterize.
+"""Benchmark: burning building footprints into label strips, rsseg.tiling.burn against rasterio.features.rasterize.
 
 A scene of ``--strips`` strips of 512 x 5000 pixels (0.3 m UTM pixels) with about ``--per-strip`` building
 footprints per strip: rotated rectangles and L-shapes of 15-90 pixels, some crossing strip borders. Both
@@ -21,8 +21,8 @@ import rasterio.features
 import shapely
 from affine import Affine
 
-from rsseg.burn import burn, polygon_edges
-from rsseg.malloc import retain_freed_memory
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.tiling.burn import burn, polygon_edges
 
 HEIGHT, WIDTH = 512, 5000
 TRANSFORM = Affine(0.3, 0, 500000, 0, -0.3, 4000000)
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--segment", type=float, default=0.0,
                         help="densify outlines to segments of at most this many pixels (detailed footprints)")
     args = parser.parse_args()
-    retain_freed_memory()  # as tiling tasks do (rsseg.chips.chip_block): no page faults for temporaries
+    retain_freed_memory()  # as tiling tasks do (rsseg.tiling.chips.chip_block): no page faults for temporaries
 
     geoms = buildings(args.strips * args.per_strip, args.strips * HEIGHT)
     if args.segment > 0:

@@ -1,4 +1,4 @@
-"""Benchmark of streamed sliding-window inference (rsseg.inference): prints one JSON line.
+"""Benchmark of streamed sliding-window inference (rsseg.inference.predict): prints one JSON line.
 
 Figures (issue 5):
 
@@ -18,11 +18,11 @@ Figures (issue 5):
 * CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
 * cluster (``--parts cluster``): two 1536x1536 scenes predicted at once on a LocalCluster of two
   single-threaded workers, torch on every core in each task (what a task did before) against the task's
-  share of the host (``rsseg.cluster.task_threads``, what the ``predict_scenes`` stage does); light U-Net,
+  share of the host (``rsseg.pipeline.cluster.task_threads``, what the ``predict_scenes`` stage does); light U-Net,
   flip TTA, bf16, best of 2.
 
 Usage: ``.venv/bin/python benchmarks/bench_inference.py [--workdir DIR] [--quick]``. Scenes are generated
-once with :func:`rsseg.synth.make_scene` and kept in ``--workdir`` (default: a folder in the temp dir).
+once with :func:`rsseg.synth.generate.make_scene` and kept in ``--workdir`` (default: a folder in the temp dir).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ import rasterio
 import torch
 from torch import nn
 
-from rsseg.grid import TileGrid
-from rsseg.inference import predict_raster
-from rsseg.malloc import retain_freed_memory
+from rsseg.inference.predict import predict_raster
+from rsseg.inference.streams import read_batches
+from rsseg.inference.tta import Predictor, resolve_device
 from rsseg.models import RGB_MEAN, RGB_STD, Segmenter, create_model, model_from_checkpoint
-from rsseg.streams import read_batches
-from rsseg.synth import make_scene
-from rsseg.tta import Predictor, resolve_device
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.synth.generate import make_scene
+from rsseg.tiling.grid import TileGrid
 
 TILE, OVERLAP = 512, 128
 SMALL = 1024  # scene size of the d4 and bf16 runs
@@ -219,7 +219,7 @@ def cluster_share(workdir: Path) -> dict:
     """Two scenes on two single-threaded workers: every core per task vs the task's share of the host."""
     from distributed import Client, LocalCluster
 
-    from rsseg.cluster import task_threads, threads_by_host
+    from rsseg.pipeline.cluster import task_threads, threads_by_host
 
     scenes, model = [scene(workdir, 1536), scene(workdir, 1537)], light_unet()
     with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,

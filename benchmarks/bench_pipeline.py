@@ -1,6 +1,6 @@
 """Benchmark: Dask scheduling overhead of the scene pipeline (predict -> vectorize) against direct calls.
 
-The same stage work is done on the same generated scenes by ``rsseg.pipeline.run`` on a LocalCluster of
+The same stage work is done on the same generated scenes by ``rsseg.pipeline.runner.run`` on a LocalCluster of
 one single-threaded worker (started beforehand; its start-up is reported separately), and by calling the
 library functions directly in this process, one after the other. Both processes are warmed by one untimed
 prediction first (model load, kernel selection); the direct calls run before and after the pipeline and
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from distributed import Client, LocalCluster
 
-from rsseg.inference import predict_raster
+from rsseg.inference.predict import predict_raster
 from rsseg.models import create_model, model_config, save_checkpoint
-from rsseg.pipeline import load_pipeline, run
-from rsseg.synth import make_scene
-from rsseg.vector_files import write_vectors
-from rsseg.vectorize import vectorize
+from rsseg.pipeline.runner import load_pipeline, run
+from rsseg.synth.generate import make_scene
+from rsseg.vector.blockwise import vectorize
+from rsseg.vector.files import write_vectors
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             startup = time.perf_counter() - start
-            client.run(lambda: __import__("rsseg.stages"))
+            client.run(lambda: __import__("rsseg.pipeline.stages"))
             client.submit(predict_raster, str(ckpt), root / "scenes" / "scene_0.tif", root / "warm_worker.tif",
                           pure=False, **predict).result()  # the same warm-up as this process had
             start = time.perf_counter()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsseg.rle import decode, encode
-from rsseg.tianchi import iter_masks, write_mask_csv
+from rsseg.tianchi.files import iter_masks, write_mask_csv
+from rsseg.tianchi.rle import decode, encode
 
 
 def reference_encode(im: np.ndarray) -> str:

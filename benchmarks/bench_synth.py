@@ -1,4 +1,4 @@
-"""Benchmark: generated scenes (rsseg.synth.make_scene): time, throughput and peak memory by scene size.
+"""Benchmark: generated scenes (rsseg.synth.generate.make_scene): time, throughput and peak memory by scene size.
 
 Each scene is made in a fresh process (so peak resident memory is its own). Rendering uses one core;
 GDAL may compress blocks on a second one (rsseg.fileio.raster_env), so ``cpu_s`` is reported too. The
@@ -19,7 +19,7 @@ import tempfile
 
 CHILD = """
 import json, os, resource, sys, time
-from rsseg.synth import make_scene
+from rsseg.synth.generate import make_scene
 size, compress, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 wall, cpu = time.perf_counter(), time.process_time()
 footprints = make_scene(out, size=size, seed=0, compress=compress, progress=False)

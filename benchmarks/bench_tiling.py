@@ -48,10 +48,10 @@ import rasterio
 from distributed import Client, LocalCluster
 from rasterio.windows import Window
 
-from rsseg.grid import TileGrid
-from rsseg.malloc import retain_freed_memory
-from rsseg.synth import footprints_path, make_scene
-from rsseg.tiling import write_chips
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.synth.generate import footprints_path, make_scene
+from rsseg.tiling.grid import TileGrid
+from rsseg.tiling.tiler import write_chips
 
 TILE, OVERLAP = 512, 64
 

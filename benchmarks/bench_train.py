@@ -24,13 +24,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from rsseg.augment import TrainTransform
-from rsseg.datasets import TianchiDataset
-from rsseg.losses import DiceBCELoss
-from rsseg.malloc import retain_freed_memory
 from rsseg.models import create_model
-from rsseg.synth import make_tianchi
-from rsseg.train import resolve_device
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.synth.generate import make_tianchi
+from rsseg.training.augment import TrainTransform
+from rsseg.training.datasets import TianchiDataset
+from rsseg.training.launch import resolve_device
+from rsseg.training.losses import DiceBCELoss
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "train_tianchi.yaml"
 

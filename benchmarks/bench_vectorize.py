@@ -37,7 +37,7 @@ from rasterio.features import shapes
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsseg.vectorize import vectorize_to_file
+from rsseg.vector.blockwise import vectorize_to_file
 
 CACHE = Path("/tmp/rsseg-bench-vectorize")
 PIXEL_PER_BUILDING = 5000
@@ -122,12 +122,12 @@ def cpu_split(client: Client, mask: Path, out: Path) -> tuple[float, float]:
 def warm(client: Client, mask: Path, out: Path) -> None:
     """One untimed run, so that every worker has imported rsseg and opened the mask before timing."""
     vectorize_to_file(mask, out, block=2048, scheduler=client)
-    assert all(client.run(lambda: "rsseg.vectorize" in sys.modules).values())
+    assert all(client.run(lambda: "rsseg.vector.blockwise" in sys.modules).values())
 
 
 def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
     """Peak RSS (MB) of a fresh process tree vectorising ``mask`` to GeoJSON, and its wall time."""
-    code = ("import sys; from rsseg.vectorize import vectorize_to_file; "
+    code = ("import sys; from rsseg.vector.blockwise import vectorize_to_file; "
             "vectorize_to_file(sys.argv[1], sys.argv[2], scheduler=None)")
     start = time.perf_counter()
     proc = psutil.Popen([sys.executable, "-c", code, str(mask), str(out)])

@@ -62,7 +62,7 @@ def synth() -> None:
 @click.option("--seed", default=0, show_default=True)
 def synth_tianchi(out_dir: Path, n_train: int, n_test: int, seed: int) -> None:
     """Write a dataset in the Tianchi competition layout to OUT_DIR."""
-    from rsseg.synth import make_tianchi
+    from rsseg.synth.generate import make_tianchi
 
     info = make_tianchi(out_dir, n_train=n_train, n_test=n_test, seed=seed)
     click.echo(json.dumps(info, default=str))
@@ -77,7 +77,7 @@ def synth_tianchi(out_dir: Path, n_train: int, n_test: int, seed: int) -> None:
 @click.option("--nodata-border", is_flag=True, help="Surround the scene with an irregular nodata (0) collar.")
 def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float, nodata_border: bool) -> None:
     """Write a georeferenced RGB scene OUT.tif and its footprints OUT.buildings.geojson."""
-    from rsseg.synth import make_scene
+    from rsseg.synth.generate import make_scene
 
     footprints = make_scene(out, size=size, crs=crs, seed=seed, gsd=gsd, nodata_border=nodata_border)
     click.echo(json.dumps({"scene": str(out), "buildings": len(footprints)}))
@@ -89,7 +89,7 @@ def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float, nodata_bo
 @click.argument("truth", type=_EXISTING)
 def score(submission: Path, truth: Path) -> None:
     """Mean per-image Dice of SUBMISSION against TRUTH (the competition's metric)."""
-    from rsseg.tianchi import score as score_files
+    from rsseg.tianchi.files import score as score_files
 
     result = score_files(submission, truth)
     click.echo(json.dumps(result))
@@ -100,7 +100,7 @@ def score(submission: Path, truth: Path) -> None:
 @click.argument("sample", type=_EXISTING)
 def validate(submission: Path, sample: Path) -> None:
     """Check SUBMISSION against the SAMPLE submission; list every problem with its line."""
-    from rsseg.tianchi import validate_submission
+    from rsseg.tianchi.files import validate_submission
 
     problems = validate_submission(submission, sample)
     for problem in problems:
@@ -127,7 +127,7 @@ def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | Non
          max_nodata: float, allow_no_crs: bool, scheduler: str | None, overwrite: bool,
          compress: str | None) -> None:
     """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
-    from rsseg.tiling import write_chips
+    from rsseg.tiling.tiler import write_chips
 
     try:
         band_list = [int(b) for b in bands.split(",")] if bands else None
@@ -146,7 +146,7 @@ def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | Non
 @click.option("--set", "sets", multiple=True, help="Override a config value: key=value (dotted keys).")
 def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
     """Train a model from CONFIG.yaml."""
-    from rsseg.train import launch
+    from rsseg.training.launch import launch
 
     best = launch(config, nproc=nproc, overrides=_parse_sets(sets))
     click.echo(str(best))
@@ -178,7 +178,7 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
             batch_size: int, device: str, precision: str, threshold: float | None, output_kind: str,
             prob_dtype: str, sample: Path | None, min_pixels: int | None, overwrite: bool) -> None:
     """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG tiles (to a submission CSV)."""
-    from rsseg.inference import predict_path
+    from rsseg.inference.predict import predict_path
 
     result = predict_path(checkpoint, input_path, output, tile=tile_size, overlap=overlap, tta=tta,
                           batch_size=batch_size, device=device, precision=precision, threshold=threshold,
@@ -201,7 +201,7 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
 def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Path | None, regularize: bool,
               band: int, block: int, scheduler: str | None) -> None:
     """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
-    from rsseg.vectorize import vectorize_to_file
+    from rsseg.vector.blockwise import vectorize_to_file
 
     n = vectorize_to_file(mask, out, min_area=min_area, simplify=simplify, prob=prob, regularize=regularize,
                           band=band, block=block, scheduler=scheduler)
@@ -214,7 +214,7 @@ def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Pat
 @click.option("--iou", "iou_threshold", default=0.5, show_default=True)
 def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
     """Object-level precision/recall/F1 (SpaceNet rule) and pixel IoU of PRED against TRUTH vectors."""
-    from rsseg.objects import evaluate_vectors
+    from rsseg.vector.evaluate import evaluate_vectors
 
     click.echo(json.dumps(evaluate_vectors(pred, truth, iou_threshold=iou_threshold)))
 
@@ -229,8 +229,8 @@ def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
 def run(pipeline_file: Path, scheduler: str | None, workdir: Path | None, sets: tuple[str, ...],
         no_resume: bool) -> None:
     """Run a pipeline definition (YAML) on Dask."""
-    from rsseg.pipeline import load_pipeline
-    from rsseg.pipeline import run as run_pipeline
+    from rsseg.pipeline.runner import load_pipeline
+    from rsseg.pipeline.runner import run as run_pipeline
 
     pipe = load_pipeline(pipeline_file, overrides=_parse_sets(sets), workdir=workdir)
     summary = run_pipeline(pipe, scheduler=scheduler, resume=not no_resume)
@@ -242,7 +242,7 @@ def run(pipeline_file: Path, scheduler: str | None, workdir: Path | None, sets: 
 @click.option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
 def demo(workdir: Path, scheduler: str | None) -> None:
     """Run the whole pipeline end to end on generated data."""
-    from rsseg.pipeline import run_demo
+    from rsseg.pipeline.runner import run_demo
 
     summary = run_demo(workdir, scheduler=scheduler)
     click.echo(json.dumps(summary, default=str, indent=2))

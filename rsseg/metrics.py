@@ -2,30 +2,14 @@
 
 :func:`dice` is the Tianchi competition's per-image score and :func:`mean_image_dice` its metric: the
 mean over images of ``2|X∩Y| / (|X| + |Y|)``, where an image with both masks empty scores 1. Object-level
-scores (SpaceNet F1 on footprints) live in :mod:`rsseg.objects` and are re-exported here.
+scores (SpaceNet F1 on footprints) live in :mod:`rsseg.vector.evaluate`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from rsseg.objects import evaluate_vectors, match_buildings
-
-__all__ = ["dice", "evaluate_vectors", "iou", "match_buildings", "mean_image_dice"]
-
-_OBJECT_LEVEL = ("evaluate_vectors", "match_buildings")
-
-
-def __getattr__(name: str) -> object:
-    """Object-level scores from :mod:`rsseg.objects`, imported on first use (it needs geopandas)."""
-    if name in _OBJECT_LEVEL:
-        from rsseg import objects
-
-        return getattr(objects, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["dice", "iou", "mean_image_dice"]
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None) -> tuple[int, int, int]:

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rsseg.augment import (
+from rsseg.training.augment import (
     D4_NAMES,
     TrainTransform,
     colour_matrix,

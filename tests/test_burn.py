@@ -8,7 +8,7 @@ from affine import Affine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsseg.burn import Edges, burn, polygon_edges
+from rsseg.tiling.burn import Edges, burn, polygon_edges
 
 # A real UTM transform (0.3 m pixels): pixel coordinates do not map exactly to metres, so ties at pixel
 # centres are decided by GDAL's own floating-point arithmetic, which burn() must reproduce.
@@ -104,7 +104,7 @@ def geometries(draw):
 
 # Transforms: north-up UTM, exact, south-up, one whose window origins are not exact in binary (where
 # shifting full-raster pixel coordinates by the window offset would round differently from GDAL), and
-# geographic (0.3 m in degrees, as rsseg.synth places scenes in EPSG:4326).
+# geographic (0.3 m in degrees, as rsseg.synth.generate places scenes in EPSG:4326).
 TRANSFORMS = [UTM, EXACT, Affine(0.3, 0, 500000, 0, 0.3, 4000000),
               Affine(0.2985, 0, 256789.123456, 0, -0.2985, 3385012.7),
               Affine(2.6949458523585647e-06, 0, 114.3, 0, -2.6949458523585647e-06, 30.59)]

@@ -7,11 +7,11 @@ import torch
 from affine import Affine
 from PIL import Image
 
-from rsseg import rle
-from rsseg.augment import TrainTransform
-from rsseg.datasets import ChipDataset, TianchiDataset, split_indices
 from rsseg.errors import DatasetError
-from rsseg.tianchi import write_mask_csv
+from rsseg.tianchi import rle
+from rsseg.tianchi.files import write_mask_csv
+from rsseg.training.augment import TrainTransform
+from rsseg.training.datasets import ChipDataset, TianchiDataset, split_indices
 
 SIZE = 64
 
@@ -90,7 +90,7 @@ def test_tianchi_bad_input(tmp_path):
 
 
 def make_chips(out, n=4, size=16, bands=4, dtype="uint16"):
-    """A chip folder in the layout of rsseg.tiling.write_chips (index.csv + index.json + GeoTIFFs)."""
+    """A chip folder in the layout of rsseg.tiling.tiler.write_chips (index.csv + index.json + GeoTIFFs)."""
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     rows = ["image,label,col_off,row_off,width,height,minx,miny,maxx,maxy,building_frac,nodata_frac"]

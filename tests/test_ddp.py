@@ -8,10 +8,10 @@ import torch.multiprocessing as mp
 
 from rsseg.errors import DatasetError
 from rsseg.models import load_checkpoint
-from rsseg.synth import make_tianchi
-from rsseg.train import build_datasets, fit, launch
-from rsseg.train_config import load_config
-from rsseg.trainer import Rank, Trainer
+from rsseg.synth.generate import make_tianchi
+from rsseg.training.config import load_config
+from rsseg.training.launch import build_datasets, fit, launch
+from rsseg.training.trainer import Rank, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.windows import Window
 
-from rsseg.grid import Tile, TileGrid, grid_offsets
+from rsseg.tiling.grid import Tile, TileGrid, grid_offsets
 
 
 @st.composite

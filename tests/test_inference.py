@@ -1,4 +1,4 @@
-"""Sliding-window inference: seams, georeferencing, nodata, submissions and bad input (rsseg.inference)."""
+"""Sliding-window inference: seams, georeferencing, nodata, submissions and bad input (rsseg.inference.predict)."""
 
 import json
 
@@ -13,9 +13,9 @@ from torch import nn
 from rsseg.cli import main
 from rsseg.errors import CheckpointError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
-from rsseg.inference import predict_images, predict_raster, prob_path, read_tags
+from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
-from rsseg.tianchi import read_masks_csv, validate_submission
+from rsseg.tianchi.files import read_masks_csv, validate_submission
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
@@ -211,7 +211,7 @@ def test_band_count_must_match_the_model(tmp_path, checkpoint):
 
 # ------------------------------------------------------------------------------------------- Tianchi
 def test_submission_from_generated_tianchi_data_validates_and_scores(tmp_path, checkpoint, capsys):
-    from rsseg.synth import make_tianchi
+    from rsseg.synth.generate import make_tianchi
 
     info = make_tianchi(tmp_path / "tc", n_train=1, n_test=3, seed=0)
     sub = tmp_path / "submission.csv"

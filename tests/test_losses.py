@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsseg.losses import DiceBCELoss, soft_dice
+from rsseg.training.losses import DiceBCELoss, soft_dice
 
 BIG = 30.0  # sigmoid(+-30) is 0/1 to float precision
 

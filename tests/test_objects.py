@@ -1,4 +1,4 @@
-"""Tests of rsseg.objects: SpaceNet-rule matching, object F1 and area IoU on hand-made buildings."""
+"""Tests of rsseg.vector.evaluate: SpaceNet-rule matching, object F1 and area IoU on hand-made buildings."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import shapely
 
 from rsseg.cli import main
-from rsseg.objects import evaluate_vectors, match_buildings
-from rsseg.vector_files import write_vectors
+from rsseg.vector.evaluate import evaluate_vectors, match_buildings
+from rsseg.vector.files import write_vectors
 
 UTM = "EPSG:32650"
 X0, Y0 = 500_000.0, 4_000_000.0

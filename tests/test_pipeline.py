@@ -17,8 +17,8 @@ import yaml
 
 from rsseg.errors import ConfigError
 from rsseg.models import create_model, model_config, save_checkpoint
-from rsseg.pipeline import load_pipeline
-from rsseg.synth import make_tianchi
+from rsseg.pipeline.runner import load_pipeline
+from rsseg.synth.generate import make_tianchi
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from rsseg.errors import RLEError
-from rsseg.rle import decode, encode
+from rsseg.tianchi.rle import decode, encode
 
 
 def _single(row: int, col: int) -> np.ndarray:

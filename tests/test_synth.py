@@ -1,4 +1,4 @@
-"""Tests of the generated data (rsseg.synth): scenes and the Tianchi-layout dataset."""
+"""Tests of the generated data (rsseg.synth.generate): scenes and the Tianchi-layout dataset."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from rasterio.features import rasterize
 
-from rsseg import rle
 from rsseg.cli import cli
 from rsseg.errors import ConfigError
 from rsseg.fileio import file_sha256
-from rsseg.synth import footprints_path, make_scene, make_tianchi
-from rsseg.synth_layout import place, random_style
-from rsseg.synth_render import Renderer
+from rsseg.synth.generate import footprints_path, make_scene, make_tianchi
+from rsseg.synth.layout import place, random_style
+from rsseg.synth.render import Renderer
+from rsseg.tianchi import rle
 
 
 @pytest.fixture(scope="module")

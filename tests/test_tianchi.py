@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from rsseg.errors import SubmissionError
-from rsseg.rle import encode
-from rsseg.tianchi import (
+from rsseg.tianchi.files import (
     iter_masks,
     read_masks_csv,
     score,
@@ -15,6 +14,7 @@ from rsseg.tianchi import (
     write_mask_csv,
     write_submission,
 )
+from rsseg.tianchi.rle import encode
 
 
 def _rect(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -154,7 +154,7 @@ def test_cli_bad_input_is_one_line_exit_2(truth, tmp_path: Path) -> None:
 
 
 def test_rows_are_found_across_scan_chunks() -> None:
-    from rsseg.tianchi import _control_bytes
+    from rsseg.tianchi.files import _control_bytes
 
     buf = np.frombuffer(b"a\tb\n" * 7 + b"x\ty 1 2\r\nlast\t", dtype=np.uint8)
     for chunk in (1, 3, 5, 64, 1 << 22):

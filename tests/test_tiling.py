@@ -21,13 +21,13 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from rsseg import tiling
-from rsseg.chips import ChipWriter
 from rsseg.cli import main
-from rsseg.cluster import task_threads, threads_by_host
-from rsseg.footprints import load_footprints
-from rsseg.grid import TileGrid
-from rsseg.tiling import INDEX_COLUMNS, write_chips
+from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.tiling import tiler as tiling
+from rsseg.tiling.chips import ChipWriter
+from rsseg.tiling.footprints import load_footprints
+from rsseg.tiling.grid import TileGrid
+from rsseg.tiling.tiler import INDEX_COLUMNS, write_chips
 
 CRS = "EPSG:32650"
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_000_000.0)

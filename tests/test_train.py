@@ -13,10 +13,10 @@ from rsseg.cli import main
 from rsseg.errors import ConfigError
 from rsseg.metrics import mean_image_dice
 from rsseg.models import load_checkpoint, model_from_checkpoint
-from rsseg.synth import make_tianchi
-from rsseg.train import WarmupCosine, fit
-from rsseg.train_config import load_config
-from rsseg.train_report import ThresholdDice
+from rsseg.synth.generate import make_tianchi
+from rsseg.training.config import load_config
+from rsseg.training.launch import WarmupCosine, fit
+from rsseg.training.report import ThresholdDice
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Test-time augmentation (rsseg.tta) and the blending weights (rsseg.blend)."""
+"""Test-time augmentation (rsseg.inference.tta) and the blending weights (rsseg.inference.blend)."""
 
 import os
 
@@ -9,13 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from rsseg.blend import axis_weights, edge_margin, window_weights
 from rsseg.errors import ConfigError
-from rsseg.grid import TileGrid, grid_offsets
+from rsseg.inference.blend import axis_weights, edge_margin, window_weights
+from rsseg.inference.tta import TTA_MODES, Predictor, configure_cpu_threads, resolve_device, tta_views
 from rsseg.models import Segmenter
-from rsseg.tta import TTA_MODES, Predictor, configure_cpu_threads, resolve_device, tta_views
+from rsseg.tiling.grid import TileGrid, grid_offsets
 
-# Each D4 element written out by hand, independently of rsseg.augment: (forward, inverse) on HW arrays.
+# Each D4 element written out by hand, independently of rsseg.training.augment: (forward, inverse) on HW arrays.
 HAND_D4 = {
     0: (lambda a: a, lambda a: a),
     1: (lambda a: np.rot90(a, 1), lambda a: np.rot90(a, -1)),
@@ -48,7 +48,7 @@ def reference_tta(model: nn.Module, image: np.ndarray, views: tuple[int, ...]) -
 
 
 def test_hand_table_matches_the_d4_definition():
-    from rsseg.augment import d4_apply
+    from rsseg.training.augment import d4_apply
 
     probe = np.arange(12).reshape(3, 4)
     for k, (forward, inverse) in HAND_D4.items():
@@ -83,7 +83,7 @@ def test_views_differ_so_the_tta_test_can_catch_a_wrong_inverse():
 
 def test_flip_views_are_the_four_flips():
     probe = np.arange(6).reshape(2, 3)
-    from rsseg.augment import d4_apply
+    from rsseg.training.augment import d4_apply
 
     got = {d4_apply(probe, k).tobytes() for k in tta_views("flip")}
     want = {a.tobytes() for a in (probe, probe[:, ::-1], probe[::-1], probe[::-1, ::-1])}

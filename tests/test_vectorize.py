@@ -1,4 +1,4 @@
-"""Tests of rsseg.vectorize, rsseg.polygonize and rsseg.regularize on tiny real GeoTIFFs."""
+"""Tests of rsseg.vector.blockwise, rsseg.vector.polygonize and rsseg.vector.regularize on tiny real GeoTIFFs."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from pyproj import CRS, Geod, Transformer
 from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
-from rsseg import vector_files
 from rsseg.cli import main
-from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
-from rsseg.regularize import regularize_polygons
-from rsseg.vector_files import write_vectors
-from rsseg.vectorize import vectorize, vectorize_to_file
+from rsseg.vector import files as vector_files
+from rsseg.vector.blockwise import vectorize, vectorize_to_file
+from rsseg.vector.files import write_vectors
+from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
+from rsseg.vector.regularize import regularize_polygons
 
 UTM = "EPSG:32650"
 
@@ -131,7 +131,7 @@ def test_holes_kept_both_conventions_nodata_ignored(tmp_path, building, nodata):
 
 
 def test_synth_scene_footprints_round_trip(tmp_path, client):
-    from rsseg.synth import make_scene
+    from rsseg.synth.generate import make_scene
 
     footprints = make_scene(tmp_path / "scene.tif", size=1024, crs=UTM, seed=3)
     with rasterio.open(tmp_path / "scene.tif") as src:

@@ -2,7 +2,7 @@
 
 Layout of ``train_mask.csv``, the truth files and submissions: one row per image, ``name<TAB>rle``, no
 header, no index; an empty RLE field (or no field) means "no building". RLE strings follow
-:mod:`rsseg.rle` (column-major, 1-based starts). A submission has one row per test image, in the order
+:mod:`rsseg.tianchi.rle` (column-major, 1-based starts). A submission has one row per test image, in the order
 of the sample submission (``test_a_samplesubmit.csv``).
 
 :class:`MaskTable` reads such a file lazily: it memory-maps it and indexes the rows with numpy, so a
@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rsseg import rle as rle_codec
 from rsseg.errors import RLEError, SubmissionError
 from rsseg.fileio import atomic_path
 from rsseg.metrics import dice
+from rsseg.tianchi import rle as rle_codec
 
 __all__ = [
     "MaskTable",
@@ -178,7 +178,7 @@ def write_submission(predictions: Mapping[str, str | np.ndarray], path: PathLike
     """Write a submission: one row per image of the ``sample`` submission, in its order.
 
     Args:
-        predictions: image name -> RLE string or mask array (encoded with :func:`rsseg.rle.encode`).
+        predictions: image name -> RLE string or mask array (encoded with :func:`rsseg.tianchi.rle.encode`).
         path: the submission CSV to write (atomically).
         sample: the sample submission whose names and order the submission must follow.
 

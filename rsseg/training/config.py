@@ -41,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    """Random training transforms (see :class:`rsseg.augment.TrainTransform`)."""
+    """Random training transforms (see :class:`rsseg.training.augment.TrainTransform`)."""
 
     d4: bool = True
     crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole tiles)")
@@ -94,7 +94,7 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Arguments of :class:`rsseg.losses.DiceBCELoss`."""
+    """Arguments of :class:`rsseg.training.losses.DiceBCELoss`."""
 
     dice_weight: float = Field(0.5, ge=0)
     bce_weight: float = Field(0.5, ge=0)

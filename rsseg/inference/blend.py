@@ -31,7 +31,7 @@ import functools
 import numpy as np
 import torch
 
-from rsseg.grid import Tile, TileGrid
+from rsseg.tiling.grid import Tile, TileGrid
 
 __all__ = ["BandAccumulator", "axis_weights", "edge_margin", "window_weights"]
 

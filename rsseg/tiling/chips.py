@@ -2,7 +2,7 @@
 
 A Dask task (:func:`chip_block`) covers a band of grid columns: its strips (runs of windows along one grid
 row), top to bottom. It opens its own dataset handles; a reader thread reads each strip with one windowed
-read and burns its labels (:mod:`rsseg.burn`) while the task's thread and one helper thread write the
+read and burns its labels (:mod:`rsseg.tiling.burn`) while the task's thread and one helper thread write the
 previous strip's chips, half each; it returns the chips' index rows. For a scene without nodata, footprint
 labels depend on nothing the image holds: :func:`label_block` tasks burn and write them apart, so the image
 tasks need not wait for the footprints to be read.
@@ -30,12 +30,12 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from rsseg.burn import Edges, burn
-from rsseg.cluster import task_threads
 from rsseg.errors import RasterError
 from rsseg.fileio import GDAL_CACHEMAX_MB, raster_env
-from rsseg.grid import Tile
-from rsseg.malloc import retain_freed_memory
+from rsseg.pipeline.cluster import task_threads
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.tiling.burn import Edges, burn
+from rsseg.tiling.grid import Tile
 
 __all__ = ["ChipJob", "ChipWriter", "chip_block", "label_block", "strip_window", "window_bounds",
            "window_transform"]
@@ -384,7 +384,7 @@ def label_block(job: ChipJob, strips: tuple[tuple[Tile, ...], ...], footprints: 
     """Dask task: burn footprints into the label chips of strips of a scene that has no nodata.
 
     The labels of such a scene depend on the footprints alone (every pixel is valid, no chip is skipped),
-    so they can be written apart from the image chips: :func:`rsseg.tiling.write_chips` starts the image
+    so they can be written apart from the image chips: :func:`rsseg.tiling.tiler.write_chips` starts the image
     tasks first and reads the footprints while those run. The strips are shared among the task's share of
     the host's cores (threads: burning and writing release the GIL for most of their time).
 

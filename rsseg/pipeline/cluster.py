@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
-from rsseg.cores import usable_cores
+from rsseg.pipeline.process import usable_cores
 
 __all__ = ["dask_client", "task_threads", "threads_by_host"]
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from rasterio.enums import Resampling
 
 from rsseg.fileio import atomic_path, raster_env
-from rsseg.tianchi import read_masks_csv
+from rsseg.tianchi.files import read_masks_csv
 
 __all__ = ["scene_quicklook", "tiles_quicklook", "write_report"]
 

@@ -1,6 +1,6 @@
 """Pipelines: stages declared in YAML, run on Dask, resumable.
 
-A pipeline file names its stages, each with a kind from :data:`rsseg.stages.STAGES` and its parameters::
+A pipeline file names its stages, each with a kind from :data:`rsseg.pipeline.stages.STAGES` and its parameters::
 
     name: scenes_to_buildings
     workdir: runs/buildings
@@ -42,10 +42,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from rsseg.cluster import dask_client
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.fileio import file_sha256
-from rsseg.stages import STAGES, Params, StageContext
+from rsseg.pipeline.cluster import dask_client
+from rsseg.pipeline.stages import STAGES, Params, StageContext
 
 __all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
 
@@ -349,7 +349,7 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
                                    "seconds": results[s.name].get("seconds"), **results[s.name]["summary"]}
                           for s in pipe.stages}}
     if report:
-        from rsseg.report import write_report
+        from rsseg.pipeline.report import write_report
 
         summary["report"] = str(write_report(pipe.workdir, pipe.name, [results[s.name] for s in pipe.stages]))
     return summary

@@ -1,6 +1,6 @@
 """One process's share of a training run: model, optimizer, schedule, loaders, epochs and checkpoints.
 
-:class:`Trainer` is what :func:`rsseg.train.fit` drives, in a single process or as one DDP rank (its
+:class:`Trainer` is what :func:`rsseg.training.launch.fit` drives, in a single process or as one DDP rank (its
 :class:`Rank`). Rank 0 alone validates and writes; every rank's RNG state goes into ``last.pt`` so that a
 resumed run continues exactly where it stopped.
 """
@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
-from rsseg.losses import DiceBCELoss
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, save_checkpoint
-from rsseg.train_config import TrainConfig
-from rsseg.train_report import ThresholdDice, write_curves, write_metrics
+from rsseg.training.config import TrainConfig
+from rsseg.training.losses import DiceBCELoss
+from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 
 __all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 

@@ -1,6 +1,6 @@
 """Test-time augmentation and the device-side forward pass of inference.
 
-A TTA mode is a set of D4 elements (see :mod:`rsseg.augment`): every window is transformed by each
+A TTA mode is a set of D4 elements (see :mod:`rsseg.training.augment`): every window is transformed by each
 element, all the views go through the model as one batch, each prediction is mapped back with the
 inverse element, and the probabilities (after the sigmoid) are averaged:
 
@@ -20,9 +20,9 @@ import logging
 import torch
 from torch import nn
 
-from rsseg.augment import d4_apply, d4_invert
-from rsseg.cores import usable_cores
 from rsseg.errors import ConfigError
+from rsseg.pipeline.process import usable_cores
+from rsseg.training.augment import d4_apply, d4_invert
 
 __all__ = ["PRECISIONS", "TTA_MODES", "Predictor", "configure_cpu_threads", "resolve_device", "tta_views"]
 

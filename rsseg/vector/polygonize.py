@@ -7,7 +7,7 @@ that touch an inner block border can have such neighbours, and :func:`merge_piec
 a border segment of positive length (4-connected pixels across the border), so the result equals
 polygonising the whole raster at once: the same polygons, with the same holes. Pieces that meet only at a
 corner stay apart, as they do under 4-connectivity. Everything here works on arrays already in memory;
-reading windows and running blocks on Dask is :mod:`rsseg.vectorize`'s job.
+reading windows and running blocks on Dask is :mod:`rsseg.vector.blockwise`'s job.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 
-from rsseg.burn import Edges, polygon_edges
 from rsseg.errors import RasterError, VectorError
+from rsseg.tiling.burn import Edges, polygon_edges
 
 __all__ = ["Footprints", "check_label_raster", "load_footprints"]
 
@@ -56,7 +56,7 @@ class Footprints:
         """The edges of the footprints that intersect ``bounds``, in the pixel space of ``transform``.
 
         The compact form a Dask task gets: a few arrays pickle far faster than shapely objects, and
-        :func:`rsseg.burn.burn` fills label windows from them.
+        :func:`rsseg.tiling.burn.burn` fills label windows from them.
         """
         return polygon_edges(self.geoms[self.query(bounds)], transform)
 

@@ -1,4 +1,4 @@
-"""glibc allocator settings for tensor work on the CPU.
+"""Process settings for entry points: glibc's allocator for tensor work on the CPU, and the usable cores.
 
 A forward pass on the CPU allocates and frees activations of tens to hundreds of megabytes per batch. glibc
 serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on free, so
@@ -15,9 +15,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import sys
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,8 @@ def retain_freed_memory() -> bool:
     applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     log.debug("glibc keeps freed memory for reuse: %s", applied)
     return applied
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one, else all; at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -2,16 +2,16 @@
 
 The mask GeoTIFF is read in windows (``block`` x ``block`` pixels), one Dask task per window. A task
 checks the window's values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
-coordinates (:mod:`rsseg.polygonize`), sums the probability raster under each polygon, and finishes
-every building that does not touch an inner window border (:mod:`rsseg.cleaning`): it maps it to the
+coordinates (:mod:`rsseg.vector.polygonize`), sums the probability raster under each polygon, and finishes
+every building that does not touch an inner window border (:mod:`rsseg.vector.cleaning`): it maps it to the
 raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies and
 regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
 window borders come back in pixel coordinates; the client joins them exactly and finishes them the same
 way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the window size. :mod:`rsseg.vector_files` writes the result (GeoJSON features formatted on
+bounded by the window size. :mod:`rsseg.vector.files` writes the result (GeoJSON features formatted on
 the workers too).
 
-Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.cleaning`).
+Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.vector.cleaning`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from rsseg.cleaning import Buildings, Cleaning, finish, make_cleaning
-from rsseg.cluster import dask_client
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import raster_env
-from rsseg.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
-from rsseg.vector_files import output_driver, write_vectors
+from rsseg.pipeline.cluster import dask_client
+from rsseg.vector.cleaning import Buildings, Cleaning, finish, make_cleaning
+from rsseg.vector.files import output_driver, write_vectors
+from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 
 __all__ = ["vectorize", "vectorize_to_file"]
 
@@ -121,7 +121,7 @@ def _workers(scheduler: object, n_blocks: int) -> Iterator[Client | None]:
     """The Dask client to run ``n_blocks`` block tasks on, or None to run them in this process.
 
     None for ``scheduler="sync"``, and for a single window when no scheduler is named; else
-    :func:`rsseg.cluster.dask_client`.
+    :func:`rsseg.pipeline.cluster.dask_client`.
     """
     if scheduler == "sync" or (scheduler is None and n_blocks == 1):
         yield None
@@ -215,7 +215,7 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
         simplify: topology-preserving simplification tolerance in metres (0: keep pixel outlines).
         prob: a probability raster on the same grid (uint8 0-255 or float 0-1); adds ``mean_prob``.
         regularize: square up outlines along each building's dominant orientation
-            (:mod:`rsseg.regularize`); areas stay within 10% or the outline is left as is.
+            (:mod:`rsseg.vector.regularize`); areas stay within 10% or the outline is left as is.
         band: the band of ``mask_raster`` holding the mask.
         block: window size in pixels; each window is one Dask task.
         scheduler: a :class:`distributed.Client`, a scheduler address, None for the current client or a

@@ -1,9 +1,9 @@
 """Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi tiles to a submission.
 
-:func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.grid.TileGrid` are read
-in batches ahead of the model by a background thread (:mod:`rsseg.streams`), predicted with test-time
-augmentation (:mod:`rsseg.tta`), blended without seams in a band of rows on the model's device
-(:mod:`rsseg.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
+:func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
+in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
+augmentation (:mod:`rsseg.inference.tta`), blended without seams in a band of rows on the model's device
+(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
 measured, about 13 KB per column of scene width (the band's sums and weights, and rows queued and staged
 for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
@@ -31,15 +31,15 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from rsseg.blend import BandAccumulator
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
-from rsseg.grid import TileGrid
-from rsseg.malloc import retain_freed_memory
+from rsseg.inference.blend import BandAccumulator
+from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
+from rsseg.inference.tta import Predictor, resolve_device, tta_views
 from rsseg.models import Segmenter, model_from_checkpoint
-from rsseg.rle import TIANCHI_SHAPE, encode
-from rsseg.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
-from rsseg.tta import Predictor, resolve_device, tta_views
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
+from rsseg.tiling.grid import TileGrid
 
 __all__ = ["OUTPUTS", "PROB_DTYPES", "predict_images", "predict_path", "predict_raster", "prob_path", "read_tags"]
 
@@ -162,7 +162,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
       0-1 with NaN (the declared nodata) where the source is nodata.
 
     Source nodata is GDAL's dataset mask (nodata value, mask band or alpha band). Every window goes
-    through the model; predictions are blended with :func:`rsseg.blend.window_weights`.
+    through the model; predictions are blended with :func:`rsseg.inference.blend.window_weights`.
 
     Args:
         checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
@@ -171,7 +171,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         dst: the output GeoTIFF.
         tile: window size in pixels.
         overlap: pixels shared by neighbouring windows.
-        tta: ``none``, ``flip`` or ``d4`` (see :mod:`rsseg.tta`).
+        tta: ``none``, ``flip`` or ``d4`` (see :mod:`rsseg.inference.tta`).
         batch_size: windows per forward pass (each with its TTA views: ``batch_size x views`` images).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32`` or ``bf16`` (autocast).
@@ -181,7 +181,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         prob_dtype: ``uint8`` or ``float32``.
         overwrite: replace existing outputs; otherwise they raise :class:`FileExistsError`.
         cpu_threads: torch's threads on CPU (default: every core; a Dask task gets its share of the host,
-            :func:`rsseg.cluster.task_threads`).
+            :func:`rsseg.pipeline.cluster.task_threads`).
 
     Returns:
         ``dst``.
@@ -255,7 +255,7 @@ def _image_names(image_dir: Path, sample: Path | None) -> list[str]:
         raise DatasetError(f"{image_dir}: no JPG files (*.jpg) to predict")
     if sample is None:
         return found
-    from rsseg.tianchi import read_masks_csv
+    from rsseg.tianchi.files import read_masks_csv
 
     names = list(read_masks_csv(sample))
     missing = sorted(set(names) - set(found))
@@ -291,9 +291,9 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
     Rows follow the ``sample`` submission's order (its images must all be in the folder; JPGs it does
     not list are left out with a warning); without a sample, every JPG in name order. Masks are
     ``probability > threshold`` after TTA, emptied when they hold fewer than ``min_pixels`` building pixels
-    (a tile without buildings scores 0 for a single false pixel), RLE-encoded by :func:`rsseg.rle.encode`,
+    (a tile without buildings scores 0 for a single false pixel), RLE-encoded by :func:`rsseg.tianchi.rle.encode`,
     written by
-    :func:`rsseg.tianchi.write_submission` and checked by :func:`rsseg.tianchi.validate_submission`
+    :func:`rsseg.tianchi.files.write_submission` and checked by :func:`rsseg.tianchi.files.validate_submission`
     before the file takes its final name.
 
     Args:
@@ -318,7 +318,7 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         SubmissionError: the written submission fails validation. CheckpointError, ConfigError,
         FileExistsError: as for :func:`predict_raster`.
     """
-    from rsseg.tianchi import validate_submission, write_submission
+    from rsseg.tianchi.files import validate_submission, write_submission
 
     image_dir, output_csv = Path(image_dir), Path(output_csv)
     sample = Path(sample) if sample is not None else None

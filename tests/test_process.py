@@ -1,4 +1,4 @@
-"""glibc keeps freed memory for reuse once rsseg.malloc says so (checked in a fresh process)."""
+"""glibc keeps freed memory for reuse once rsseg.pipeline.process says so (checked in a fresh process)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 PROBE = """
 import ctypes, resource
-from rsseg.malloc import retain_freed_memory
+from rsseg.pipeline.process import retain_freed_memory
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

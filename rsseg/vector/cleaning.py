@@ -3,7 +3,7 @@
 A :class:`Cleaning` says how the pixel polygons of one mask become output polygons; it is small and
 picklable, so every Dask task gets a copy. :func:`finish` applies it: the raster's affine transform,
 then, in a metric *work* frame, the ground area, the ``min_area`` filter, a topology-preserving
-simplification and optional regularisation (:mod:`rsseg.regularize`), then the output CRS and a
+simplification and optional regularisation (:mod:`rsseg.vector.regularize`), then the output CRS and a
 validity repair.
 
 Areas and tolerances are in metres whatever the CRS. In a projected CRS the work frame is the CRS
@@ -25,7 +25,7 @@ import shapely
 from pyproj import CRS, Proj, Transformer
 from rasterio import Affine
 
-from rsseg.regularize import regularize_polygons
+from rsseg.vector.regularize import regularize_polygons
 
 __all__ = ["Buildings", "Cleaning", "finish", "ground_area", "make_cleaning", "reproject"]
 

@@ -3,7 +3,7 @@
 The scene is never read whole. The grid's columns are split into a few bands (:data:`BANDS_PER_THREAD` per
 Dask worker thread, each at most :data:`STRIP_MAX_PX` pixels wide); a band is one task, which opens its own
 dataset handle and reads its strips (runs of windows along one grid row) one at a time, top to bottom
-(:mod:`rsseg.chips`). Memory therefore depends on the window size, not on the scene size. This module
+(:mod:`rsseg.tiling.chips`). Memory therefore depends on the window size, not on the scene size. This module
 validates the inputs, prepares the labels, runs the tasks on Dask and writes the index.
 
 Output layout (``OUT_DIR``, written atomically)::
@@ -37,19 +37,19 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from rsseg.burn import Edges
-from rsseg.chips import ChipJob, chip_block, label_block, strip_window, window_bounds
-from rsseg.cluster import dask_client, threads_by_host
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir, raster_env
-from rsseg.footprints import Footprints, check_label_raster, load_footprints
-from rsseg.grid import Tile, TileGrid, grid_offsets
+from rsseg.pipeline.cluster import dask_client, threads_by_host
+from rsseg.tiling.burn import Edges
+from rsseg.tiling.chips import ChipJob, chip_block, label_block, strip_window, window_bounds
+from rsseg.tiling.footprints import Footprints, check_label_raster, load_footprints
+from rsseg.tiling.grid import Tile, TileGrid, grid_offsets
 
 __all__ = ["INDEX_COLUMNS", "BANDS_PER_THREAD", "STRIP_MAX_PX", "Tile", "TileGrid", "grid_offsets", "write_chips"]
 
 log = logging.getLogger(__name__)
 
-#: Columns of ``index.csv`` (pinned: :class:`rsseg.datasets.ChipDataset` reads them).
+#: Columns of ``index.csv`` (pinned: :class:`rsseg.training.datasets.ChipDataset` reads them).
 INDEX_COLUMNS = ("image", "label", "col_off", "row_off", "width", "height",
                  "minx", "miny", "maxx", "maxy", "building_frac", "nodata_frac")
 

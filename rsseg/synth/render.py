@@ -1,4 +1,4 @@
-"""Render a window of a generated scene from its vector :class:`~rsseg.synth_layout.Layout`.
+"""Render a window of a generated scene from its vector :class:`~rsseg.synth.layout.Layout`.
 
 Every pixel value is a function of the global pixel position, the layout and the style only: noise is
 hashed from global lattice coordinates and features are rasterised from the same global geometries, so
@@ -19,7 +19,7 @@ import shapely
 from affine import Affine
 from rasterio.features import rasterize
 
-from rsseg.synth_layout import TREE_CELL, TREE_RADIUS_M, Layout, Style, Trees, cell_trees, hash01, smoothstep
+from rsseg.synth.layout import TREE_CELL, TREE_RADIUS_M, Layout, Style, Trees, cell_trees, hash01, smoothstep
 
 __all__ = ["Rendered", "Renderer", "value_noise"]
 

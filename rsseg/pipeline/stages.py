@@ -24,8 +24,8 @@ import yaml
 from distributed import Client, Future
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rsseg.cluster import task_threads, threads_by_host
 from rsseg.errors import ConfigError, PipelineError
+from rsseg.pipeline.cluster import task_threads, threads_by_host
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
 
@@ -108,7 +108,7 @@ class SynthTianchiParams(Params):
 
 
 def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.synth import make_tianchi
+    from rsseg.synth.generate import make_tianchi
 
     # The tiles are rendered in chunks on the workers; this process writes the CSV files.
     info = make_tianchi(ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed, progress=False,
@@ -126,7 +126,7 @@ class SynthSceneParams(Params):
 
 
 def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.synth import make_scene
+    from rsseg.synth.generate import make_scene
 
     futures = []
     for i in range(p.count):
@@ -148,7 +148,7 @@ class TileParams(Params):
 
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.tiling import write_chips
+    from rsseg.tiling.tiler import write_chips
 
     chips = 0
     for scene in expand_inputs(p.scenes):
@@ -166,8 +166,8 @@ class TrainParams(Params):
     nproc: int = Field(1, ge=1)
 
     def train_config(self, out_dir: Path) -> Any:
-        """The validated :class:`rsseg.train_config.TrainConfig`, writing into ``out_dir``."""
-        from rsseg.train_config import load_config
+        """The validated :class:`rsseg.training.config.TrainConfig`, writing into ``out_dir``."""
+        from rsseg.training.config import load_config
 
         overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.set.items()}
         return load_config(self.config, {**overrides, "run.out_dir": str(out_dir), "run.progress": "false"})
@@ -195,7 +195,7 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
     # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
     # process of its own and uses every core (run.threads in the config still sets it explicitly). Dask's
-    # 64 KiB heap trim, which it inherits too, is overridden by fit() (rsseg.malloc).
+    # 64 KiB heap trim, which it inherits too, is overridden by fit() (rsseg.pipeline.process).
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if done.returncode:
@@ -230,8 +230,8 @@ class PredictTianchiParams(Params):
 
 
 def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.inference import predict_images
-    from rsseg.report import tiles_quicklook
+    from rsseg.inference.predict import predict_images
+    from rsseg.pipeline.report import tiles_quicklook
 
     out = ctx.out_dir / "submission.csv"
     fut = ctx.submit(predict_images, p.checkpoint, p.images, out, sample=p.sample, tta=p.tta,
@@ -248,7 +248,7 @@ class ScoreParams(Params):
 
 
 def _score(p: ScoreParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.tianchi import score
+    from rsseg.tianchi.files import score
 
     result = score(p.submission, p.truth)
     (ctx.out_dir / "score.json").write_text(json.dumps(result, indent=2))
@@ -269,8 +269,8 @@ class PredictScenesParams(Params):
 
 
 def _predict_scene(threads_on: dict[str, int], tasks: int, *args: Any, **kwargs: Any) -> Path:
-    """Dask task: :func:`~rsseg.inference.predict_raster` with torch's CPU threads this task's share of its host."""
-    from rsseg.inference import predict_raster
+    """Dask task: :func:`~rsseg.inference.predict_raster`, torch's CPU threads this task's share of its host."""
+    from rsseg.inference.predict import predict_raster
 
     return predict_raster(*args, cpu_threads=task_threads(threads_on, tasks), **kwargs)
 
@@ -300,9 +300,9 @@ class VectorizeParams(Params):
 
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.report import scene_quicklook
-    from rsseg.vector_files import write_vectors
-    from rsseg.vectorize import vectorize
+    from rsseg.pipeline.report import scene_quicklook
+    from rsseg.vector.blockwise import vectorize
+    from rsseg.vector.files import write_vectors
 
     masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
     counts: dict[str, int] = {}
@@ -352,7 +352,7 @@ class EvaluateParams(Params):
 
 
 def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.metrics import evaluate_vectors
+    from rsseg.vector import evaluate_vectors
 
     stems = [s.stem for s in expand_inputs(p.scenes)] if p.scenes else [""]
     results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem),

@@ -1,10 +1,10 @@
 """The training loop: one process on a CPU or GPU, or one DDP rank of several under torchrun.
 
-:func:`fit` trains from a :class:`~rsseg.train_config.TrainConfig`. Under ``torchrun`` (``RANK`` and
+:func:`fit` trains from a :class:`~rsseg.training.config.TrainConfig`. Under ``torchrun`` (``RANK`` and
 ``WORLD_SIZE`` set) it joins a process group (NCCL on CUDA, gloo on CPU), shards the batches with a
 :class:`~torch.utils.data.DistributedSampler` and averages gradients with DDP; ``data.batch_size`` is the
 global batch, so one process and N processes take the same steps. Rank 0 alone logs, validates and
-writes (see :mod:`rsseg.trainer`). :func:`launch` starts ``torch.distributed.run`` itself for ``nproc > 1``.
+writes (see :mod:`rsseg.training.trainer`). :func:`launch` starts ``torch.distributed.run`` itself for ``nproc > 1``.
 
 Each epoch writes to ``run.out_dir`` (all atomically): ``last.pt``; ``best.pt`` when the validation mean
 per-image Dice improves; ``metrics.csv``; ``curves.png``; and ``config.yaml`` (the resolved config) at the
@@ -32,12 +32,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from rsseg.augment import TrainTransform
-from rsseg.datasets import ChipDataset, TianchiDataset
 from rsseg.errors import ConfigError, DatasetError, PipelineError, RssegError
-from rsseg.malloc import retain_freed_memory
-from rsseg.train_config import TrainConfig, load_config
-from rsseg.trainer import Rank, Trainer, WarmupCosine, data_source
+from rsseg.pipeline.process import retain_freed_memory
+from rsseg.training.augment import TrainTransform
+from rsseg.training.config import TrainConfig, load_config
+from rsseg.training.datasets import ChipDataset, TianchiDataset
+from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
 __all__ = ["TrainConfig", "WarmupCosine", "build_datasets", "fit", "launch", "load_config", "main", "resolve_device"]
 
@@ -149,7 +149,7 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
 
     With ``nproc > 1`` the config, device and data are checked here first (so bad input fails with one
     message before any worker starts), then ``python -m torch.distributed.run --nproc_per_node N -m
-    rsseg.train CONFIG`` runs on a free local port and this call waits for it.
+    rsseg.training.launch CONFIG`` runs on a free local port and this call waits for it.
 
     Returns:
         The path of ``best.pt``.
@@ -176,7 +176,8 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rsseg.train", str(resolved)]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "rsseg.training.launch", str(resolved)]
         log.info("starting %d training processes: %s", nproc, " ".join(cmd))
         result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
@@ -186,8 +187,8 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of one training process: ``python -m rsseg.train CONFIG [--set key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m rsseg.train", description=main.__doc__)
+    """Entry point of one training process: ``python -m rsseg.training.launch CONFIG [--set key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m rsseg.training.launch", description=main.__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@
 * :func:`make_tianchi` writes a dataset in the layout of the Tianchi building-segmentation competition
   (512x512 JPG tiles and run-length masks), each tile a patch of a small scene with its own look.
 
-Layout and rendering live in :mod:`rsseg.synth_layout` and :mod:`rsseg.synth_render`.
+Layout and rendering live in :mod:`rsseg.synth.layout` and :mod:`rsseg.synth.render`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from pyproj.exceptions import CRSError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from rsseg import rle, tianchi
 from rsseg.errors import ConfigError
 from rsseg.fileio import atomic_dir, atomic_path, raster_env
-from rsseg.synth_layout import Style, place, random_style, value_noise_at
-from rsseg.synth_render import Renderer
+from rsseg.synth.layout import Style, place, random_style, value_noise_at
+from rsseg.synth.render import Renderer
+from rsseg.tianchi import files as tianchi
+from rsseg.tianchi import rle
 
 __all__ = ["footprints_path", "make_scene", "make_tianchi", "render_tile", "scene_transform"]
 

@@ -24,7 +24,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from rsseg.fileio import raster_env
-from rsseg.grid import Tile, TileGrid
+from rsseg.tiling.grid import Tile, TileGrid
 
 __all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
 

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from rsseg.augment import TrainTransform
 from rsseg.errors import DatasetError
-from rsseg.tianchi import read_masks_csv
+from rsseg.tianchi.files import read_masks_csv
+from rsseg.training.augment import TrainTransform
 
 __all__ = ["ChipDataset", "TianchiDataset", "split_indices"]
 
@@ -161,7 +161,7 @@ class TianchiDataset(_MaskDataset):
 
 
 class ChipDataset(_MaskDataset):
-    """Image and label chips listed in one or several ``index.csv`` files written by :mod:`rsseg.tiling`.
+    """Image and label chips listed in one or several ``index.csv`` files written by :mod:`rsseg.tiling.tiler`.
 
     Each chip is read whole (chips are small). Label chips are uint8: 0 background, 1 building, 255 ignore.
     Folders may come from different scenes but must agree on band count and chip size.
