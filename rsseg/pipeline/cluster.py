@@ -6,13 +6,14 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
 from rsseg.pipeline.process import usable_cores
 
-__all__ = ["dask_client", "task_threads", "threads_by_host"]
+__all__ = ["dask_client", "dask_executor", "task_threads", "threads_by_host"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,21 @@ def dask_client(scheduler: str | Client | None = None, n_workers: int | None = N
     ):
         log.info("started a LocalCluster of %d workers (dashboard %s)", workers, client.dashboard_link)
         yield client
+
+
+@contextlib.contextmanager
+def dask_executor(scheduler: str | Client | None = None, n_workers: int | None = None) -> Iterator[Executor | None]:
+    """The executor a stage's blocks run on from the CLI: None (in this process) for ``"sync"``, else a Dask client's.
+
+    Args:
+        scheduler: ``"sync"``, or what :func:`dask_client` takes (a client, an address, None for a LocalCluster).
+        n_workers: workers of a new LocalCluster.
+    """
+    if scheduler == "sync":
+        yield None
+        return
+    with dask_client(scheduler, n_workers) as client:
+        yield client.get_executor()
 
 
 def threads_by_host(client: Client) -> dict[str, int]:
