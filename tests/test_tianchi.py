@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rsseg.errors import SubmissionError
+from rsseg.errors import RLEError, SubmissionError
 from rsseg.tianchi.files import (
     iter_masks,
     read_masks_csv,
@@ -153,13 +153,45 @@ def test_cli_bad_input_is_one_line_exit_2(truth, tmp_path: Path) -> None:
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("rsseg: error: sub.csv lacks 2")
 
 
-def test_rows_are_found_across_scan_chunks() -> None:
-    from rsseg.tianchi.files import _control_bytes
+def test_rows_are_found_with_mixed_line_ends(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"".join(b"%d.jpg\t%d 1\n" % (i, i + 1) for i in range(7))
+                     + b"x.jpg\ty 1 2\r\nlast.jpg\t")
+    table = read_masks_csv(path)
+    assert list(table) == [f"{i}.jpg" for i in range(7)] + ["x.jpg", "last.jpg"]
+    assert [table[f"{i}.jpg"] for i in range(7)] == [f"{i + 1} 1" for i in range(7)]
+    assert table["x.jpg"] == "y 1 2" and table["last.jpg"] == "" and table.line("last.jpg") == 9
+    assert len(read_masks_csv(write_mask_csv([], tmp_path / "empty.csv"))) == 0
 
-    buf = np.frombuffer(b"a\tb\n" * 7 + b"x\ty 1 2\r\nlast\t", dtype=np.uint8)
-    for chunk in (1, 3, 5, 64, 1 << 22):
-        assert np.array_equal(_control_bytes(buf, chunk), np.flatnonzero(buf <= 10))
-    assert _control_bytes(np.empty(0, dtype=np.uint8)).size == 0
+
+def test_mask_table_holds_no_open_file(truth) -> None:
+    import gc
+    import pickle
+    import warnings
+
+    truth_csv, _, masks = truth
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # an unclosed file would be reported at collection
+        table = read_masks_csv(truth_csv)
+        assert table["CCCCCCCCCC.jpg"] == encode(masks["CCCCCCCCCC.jpg"])
+        with table:
+            assert np.array_equal(table.mask("AAAAAAAAAA.jpg"), masks["AAAAAAAAAA.jpg"])
+            copy = pickle.loads(pickle.dumps(table))  # e.g. a DataLoader worker's copy
+        assert table._file is None and copy._file is None
+        assert np.array_equal(copy.mask("CCCCCCCCCC.jpg"), masks["CCCCCCCCCC.jpg"])
+        assert copy.line("CCCCCCCCCC.jpg") == 3 and "ZZZ.jpg" not in copy
+        with pytest.raises(KeyError):
+            copy["ZZZ.jpg"]
+        del table, copy
+        gc.collect()
+
+
+def test_bad_rle_keeps_the_codec_error_as_cause(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("A.jpg\t1 2 3\n")
+    with pytest.raises(RLEError, match=r"m.csv line 1 \(A.jpg\): odd number") as info:
+        read_masks_csv(path).mask("A.jpg")
+    assert isinstance(info.value.__cause__, RLEError)
 
 
 @pytest.mark.parametrize("name", [" lead.jpg", "trail.jpg ", "in side.jpg", ""])
