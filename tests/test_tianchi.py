@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from rsseg.cli import main
 from rsseg.errors import RLEError, SubmissionError
 from rsseg.tianchi.files import (
     iter_masks,
@@ -129,28 +131,53 @@ def test_score_refuses_submission_missing_images(truth, tmp_path: Path) -> None:
         score(sub, truth[0])
 
 
-def _rsseg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rsseg.cli", *map(str, args)], capture_output=True, text=True)
+def _rsseg(*args: object) -> tuple[int, str, str]:
+    """``rsseg ARGS`` in this process through the console script's ``main``: (exit code, stdout, stderr)."""
+    code = 0
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def test_cli_score_and_validate(truth, tmp_path: Path) -> None:
     truth_csv, sample, _ = truth
-    done = _rsseg("score", truth_csv, truth_csv)
-    assert done.returncode == 0, done.stderr
-    assert '"mean_dice": 1.0' in done.stdout
-    assert _rsseg("validate", truth_csv, sample).returncode == 0
+    code, stdout, stderr = _rsseg("score", truth_csv, truth_csv)
+    assert code == 0, stderr
+    assert '"mean_dice": 1.0' in stdout
+    assert _rsseg("validate", truth_csv, sample)[0] == 0
     bad = tmp_path / "bad.csv"
     bad.write_text("AAAAAAAAAA.jpg\t1 2 3\n")
-    done = _rsseg("validate", bad, sample)
-    assert done.returncode == 1
-    assert "odd number of RLE tokens" in done.stderr and "missing BBBBBBBBBB.jpg" in done.stderr
+    code, _, stderr = _rsseg("validate", bad, sample)
+    assert code == 1
+    assert "odd number of RLE tokens" in stderr and "missing BBBBBBBBBB.jpg" in stderr
 
 
 def test_cli_bad_input_is_one_line_exit_2(truth, tmp_path: Path) -> None:
     sub = write_mask_csv([("AAAAAAAAAA.jpg", "")], tmp_path / "sub.csv")
-    done = _rsseg("score", sub, truth[0])
+    code, _, stderr = _rsseg("score", sub, truth[0])
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and stderr.startswith("rsseg: error: sub.csv lacks 2")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("AAAAAAAAAA.jpg\t1 x\nBBBBBBBBBB.jpg\t\nCCCCCCCCCC.jpg\t\n")
+    code, _, stderr = _rsseg("score", bad, truth[0])
+    assert code == 2 and stderr.strip() == "rsseg: error: bad.csv line 1 (AAAAAAAAAA.jpg): token 2 ('x') is not " \
+        "a non-negative integer; expected space-separated 'start length' pairs of digits"
+
+
+@pytest.mark.slow
+def test_console_script_smoke(truth) -> None:
+    """The real ``python -m rsseg.cli`` process: output, exit status 0 and the one-line error with exit 2."""
+    truth_csv, sample, _ = truth
+    done = subprocess.run([sys.executable, "-m", "rsseg.cli", "score", truth_csv, truth_csv],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"mean_dice": 1.0' in done.stdout
+    done = subprocess.run([sys.executable, "-m", "rsseg.cli", "score", sample, truth_csv, "--bogus"],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("rsseg: error: sub.csv lacks 2")
 
 
 def test_rows_are_found_with_mixed_line_ends(tmp_path: Path) -> None:
