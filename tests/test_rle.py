@@ -94,6 +94,13 @@ def test_rle_error_is_value_error() -> None:
 def test_encode_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         encode(np.zeros((2, 2, 2)))
+    with pytest.raises(RLEError, match=r"shape \(4,\)"):
+        encode(np.ones(4))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
+def test_encode_empty_shapes(shape: tuple[int, int]) -> None:
+    assert encode(np.zeros(shape, np.uint8)) == ""
 
 
 @settings(max_examples=200, deadline=None)

@@ -57,6 +57,8 @@ def encode(mask: np.ndarray) -> str:
     if mask.ndim != 2:
         raise RLEError(f"encode expects a 2-D mask (height, width), got an array of shape {mask.shape}; "
                        "pass one band, e.g. mask[0] or mask[..., 0]")
+    if mask.size == 0:
+        return ""
     bounds = _change_points(mask != 0)
     bounds[1::2] -= bounds[::2]  # ends -> lengths
     bounds[::2] += 1  # 0-based -> 1-based starts
@@ -78,7 +80,7 @@ def _change_points(mask: np.ndarray) -> np.ndarray:
     changes[0, :1] = mask[0, :1]
     flat = np.flatnonzero(changes)  # row-major
     keys = np.sort(flat % width * height + flat // width)  # column-major
-    return np.append(keys, mask.size) if mask.size and mask[-1, -1] else keys
+    return np.append(keys, mask.size) if mask[-1, -1] else keys
 
 
 def decode(rle: str | float | None, shape: tuple[int, int] = TIANCHI_SHAPE) -> np.ndarray:
