@@ -12,10 +12,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from rsseg.errors import RssegError
+from rsseg.options import click_options, options_from_click
+from rsseg.synth.options import SceneOptions, TianchiOptions
 
 __all__ = ["main"]
 
@@ -57,29 +60,23 @@ def synth() -> None:
 
 @synth.command("tianchi")
 @click.argument("out_dir", type=_PATH)
-@click.option("--n-train", default=400, show_default=True, help="Number of training tiles.")
-@click.option("--n-test", default=100, show_default=True, help="Number of test_a tiles.")
-@click.option("--seed", default=0, show_default=True)
-def synth_tianchi(out_dir: Path, n_train: int, n_test: int, seed: int) -> None:
+@click_options(TianchiOptions)
+def synth_tianchi(out_dir: Path, **params: Any) -> None:
     """Write a dataset in the Tianchi competition layout to OUT_DIR."""
     from rsseg.synth.generate import make_tianchi
 
-    info = make_tianchi(out_dir, n_train=n_train, n_test=n_test, seed=seed)
+    info = make_tianchi(out_dir, options_from_click(TianchiOptions, params))
     click.echo(json.dumps(info, default=str))
 
 
 @synth.command("scene")
 @click.argument("out", type=_PATH)
-@click.option("--size", default=4096, show_default=True, help="Width and height in pixels.")
-@click.option("--crs", default="EPSG:32650", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--gsd", default=0.3, show_default=True, help="Pixel size in metres (degrees scaled for EPSG:4326).")
-@click.option("--nodata-border", is_flag=True, help="Surround the scene with an irregular nodata (0) collar.")
-def synth_scene(out: Path, size: int, crs: str, seed: int, gsd: float, nodata_border: bool) -> None:
+@click_options(SceneOptions)
+def synth_scene(out: Path, **params: Any) -> None:
     """Write a georeferenced RGB scene OUT.tif and its footprints OUT.buildings.geojson."""
     from rsseg.synth.generate import make_scene
 
-    footprints = make_scene(out, size=size, crs=crs, seed=seed, gsd=gsd, nodata_border=nodata_border)
+    footprints = make_scene(out, options_from_click(SceneOptions, params))
     click.echo(json.dumps({"scene": str(out), "buildings": len(footprints)}))
 
 

@@ -94,6 +94,13 @@ def test_rle_error_is_value_error() -> None:
 def test_encode_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         encode(np.zeros((2, 2, 2)))
+    with pytest.raises(RLEError, match=r"shape \(4,\)"):
+        encode(np.ones(4))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
+def test_encode_empty_shapes(shape: tuple[int, int]) -> None:
+    assert encode(np.zeros(shape, np.uint8)) == ""
 
 
 @settings(max_examples=200, deadline=None)
@@ -137,3 +144,41 @@ def test_encode_any_layout_matches_the_definition(height: int, width: int, densi
                "float32": mask.astype(np.float32) * 0.5, "fortran": np.asfortranarray(mask),
                "strided": np.repeat(mask, 2, axis=1)[:, ::2]}[kind]
     assert encode(variant) == _runs_by_definition(mask)
+
+
+def _decode_by_definition(pairs: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray | None:
+    """The convention spelled out, one pixel at a time; None where the runs break it."""
+    flat = np.zeros(shape[0] * shape[1], np.uint8)
+    previous_end = 0
+    for start, length in pairs:
+        if start < 1 or length < 1 or start <= previous_end or start - 1 + length > flat.size:
+            return None
+        for pixel in range(start - 1, start - 1 + length):
+            flat[pixel] = 1
+        previous_end = start - 1 + length
+    return flat.reshape(shape, order="F")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 45), st.integers(0, 12)), max_size=12),
+       st.sampled_from([(5, 6), (1, 30), (6, 1), (4, 4)]))
+def test_decode_matches_the_definition_and_rejects_every_bad_run(pairs: list[tuple[int, int]],
+                                                                 shape: tuple[int, int]) -> None:
+    rle = " ".join(f"{s} {n}" for s, n in pairs)
+    expected = _decode_by_definition(pairs, shape)
+    if expected is None:
+        with pytest.raises(RLEError, match="run"):
+            decode(rle, shape=shape)
+    else:
+        decoded = decode(rle, shape=shape)
+        assert decoded.dtype == np.uint8 and np.array_equal(decoded, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="0123456789 x-+.\t\u00a0", max_size=30))
+def test_decode_gives_a_mask_or_an_rle_error(rle: str) -> None:
+    try:
+        out = decode(rle, shape=(8, 8))
+    except RLEError:
+        return
+    assert out.shape == (8, 8) and set(np.unique(out).tolist()) <= {0, 1}

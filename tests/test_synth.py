@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -19,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from rasterio.features import rasterize
 
-from rsseg.cli import cli
+from rsseg.cli import cli, main
 from rsseg.errors import ConfigError
 from rsseg.fileio import file_sha256
 from rsseg.synth.generate import footprints_path, make_scene, make_tianchi
@@ -90,12 +88,12 @@ def test_footprints_geojson_in_wgs84(scene):
 
 def test_scene_deterministic_and_seamless(tmp_path):
     a, b, c = (tmp_path / name / "s.tif" for name in "abc")
-    make_scene(a, size=1100, seed=7, block=512, progress=False)
-    make_scene(b, size=1100, seed=7, block=1024, progress=False)
-    make_scene(c, size=1100, seed=8, block=1024, progress=False)
+    make_scene(a, size=1100, seed=7, window=512, progress=False)
+    make_scene(b, size=1100, seed=7, window=1024, progress=False)
+    make_scene(c, size=1100, seed=8, window=1024, progress=False)
     with rasterio.open(a) as sa, rasterio.open(b) as sb, rasterio.open(c) as sc:
         pa, pb, pc = sa.read(), sb.read(), sc.read()
-    np.testing.assert_array_equal(pa, pb)  # two block sizes, identical pixels
+    np.testing.assert_array_equal(pa, pb)  # two window sizes, identical pixels
     assert (pa != pc).mean() > 0.5
     assert file_sha256(footprints_path(a)) == file_sha256(footprints_path(b))
     assert file_sha256(footprints_path(a)) != file_sha256(footprints_path(c))
@@ -152,7 +150,7 @@ def test_scene_geographic_crs(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"size": 0}, "size=0"), ({"crs": "EPSG:999999"}, "EPSG:999999"), ({"gsd": -1.0}, "gsd=-1.0"),
-     ({"block": 300}, "block=300"), ({"compress": "jpeg"}, "compress='jpeg'")],
+     ({"window": 300}, "window=300"), ({"compress": "jpeg"}, "compress='jpeg'")],
 )
 def test_scene_bad_input(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -160,14 +158,27 @@ def test_scene_bad_input(tmp_path, kwargs, match):
     assert not list(tmp_path.iterdir())
 
 
+def _rsseg(*args: object) -> tuple[int, str, str]:
+    """``rsseg ARGS`` in this process through the console script's ``main``: (exit code, stdout, stderr)."""
+    code = 0
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue().decode(), err.getvalue().decode()
+
+
 def test_cli_scene_bad_input(tmp_path):
     out = tmp_path / "x.tif"
-    for args in (["--size", "0"], ["--crs", "EPSG:999999"]):
-        proc = subprocess.run([sys.executable, "-m", "rsseg.cli", "synth", "scene", str(out), *args],
-                              capture_output=True, text=True, check=False)
-        assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("rsseg: error:"), proc.stderr
+    for args, match in ((["--size", "0"], "size=0"), (["--crs", "EPSG:999999"], "EPSG:999999"),
+                        (["--window", "300"], "window=300")):
+        code, _, stderr = _rsseg("synth", "scene", out, *args)
+        assert code == 2
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rsseg: error:"), stderr
+        assert match in lines[0]
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------- tianchi
@@ -200,7 +211,7 @@ def test_tianchi_layout(tianchi_dir):
         rows = _rows(out / truth)
         assert [name for name, _ in rows] == files and len(files) == n
         assert all(NAME.match(name) for name in files)
-        assert sum(code == "" for _, code in rows) >= 1  # some tiles have no building
+        assert sum(code == "" for _, code in rows) >= 1  # some images have no building
         assert sum(code != "" for _, code in rows) >= n - 3
         for name, code in rows:
             mask = rle.decode(code)
@@ -251,11 +262,12 @@ def test_tianchi_refuses_non_empty_dir(tianchi_dir, tmp_path):
     info = make_tianchi(empty, n_train=2, n_test=0, seed=1, progress=False)
     assert info["n_test"] == 0 and (empty / "test_a_samplesubmit.csv").read_text() == ""
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    proc = subprocess.run([sys.executable, "-m", "rsseg.cli", "synth", "tianchi", str(out)],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"rsseg: error: {out} exists and is not empty; "
-                                                "remove it or choose another output folder"]
+    code, _, stderr = _rsseg("synth", "tianchi", out)
+    assert code == 2
+    assert stderr.strip().splitlines() == [f"rsseg: error: {out} exists and is not empty; "
+                                           "remove it or choose another output folder"]
+    code, _, stderr = _rsseg("synth", "tianchi", tmp_path / "none", "--n-test", "-1")
+    assert code == 2 and "n_test=-1: expected 0 or more test images" in stderr
 
 
 def test_cli_synth_commands(tmp_path):
@@ -269,3 +281,22 @@ def test_cli_synth_commands(tmp_path):
     with rasterio.open(tmp_path / "s.tif") as src:
         assert src.nodata == 0
     assert json.loads(result.output)["buildings"] == len(pyogrio.read_dataframe(tmp_path / "s.buildings.geojson"))
+
+
+def test_options_are_defined_once(tmp_path):
+    from rsseg.pipeline.stages import SynthSceneParams, SynthTianchiParams
+    from rsseg.synth.options import SceneOptions, TianchiOptions
+
+    assert SynthTianchiParams().model_dump() == TianchiOptions().model_dump()
+    assert SynthSceneParams().model_dump(exclude={"count"}) == SceneOptions().model_dump()
+    for command, model in (("scene", SceneOptions), ("tianchi", TianchiOptions)):
+        text = CliRunner().invoke(cli, ["synth", command, "--help"]).output
+        assert all(f"--{name.replace('_', '-')}" in text for name in model.model_fields), text
+    with pytest.raises(ValueError, match="n_train=0: expected at least 1"):
+        SynthTianchiParams(n_train=0)
+    options = SceneOptions(size=64, seed=1, crs="EPSG:4326")
+    a = make_scene(tmp_path / "a.tif", options, progress=False)
+    b = make_scene(tmp_path / "b.tif", options, seed=2, progress=False)  # keywords override the options
+    with rasterio.open(tmp_path / "a.tif") as sa, rasterio.open(tmp_path / "b.tif") as sb:
+        assert sa.crs.to_epsg() == sb.crs.to_epsg() == 4326 and (sa.read() != sb.read()).any()
+    assert list(a.columns) == list(b.columns)

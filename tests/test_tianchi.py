@@ -4,8 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from rsseg.errors import SubmissionError
+from rsseg.cli import main
+from rsseg.errors import RLEError, SubmissionError
 from rsseg.tianchi.files import (
     iter_masks,
     read_masks_csv,
@@ -129,37 +131,94 @@ def test_score_refuses_submission_missing_images(truth, tmp_path: Path) -> None:
         score(sub, truth[0])
 
 
-def _rsseg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rsseg.cli", *map(str, args)], capture_output=True, text=True)
+def _rsseg(*args: object) -> tuple[int, str, str]:
+    """``rsseg ARGS`` in this process through the console script's ``main``: (exit code, stdout, stderr)."""
+    code = 0
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def test_cli_score_and_validate(truth, tmp_path: Path) -> None:
     truth_csv, sample, _ = truth
-    done = _rsseg("score", truth_csv, truth_csv)
-    assert done.returncode == 0, done.stderr
-    assert '"mean_dice": 1.0' in done.stdout
-    assert _rsseg("validate", truth_csv, sample).returncode == 0
+    code, stdout, stderr = _rsseg("score", truth_csv, truth_csv)
+    assert code == 0, stderr
+    assert '"mean_dice": 1.0' in stdout
+    assert _rsseg("validate", truth_csv, sample)[0] == 0
     bad = tmp_path / "bad.csv"
     bad.write_text("AAAAAAAAAA.jpg\t1 2 3\n")
-    done = _rsseg("validate", bad, sample)
-    assert done.returncode == 1
-    assert "odd number of RLE tokens" in done.stderr and "missing BBBBBBBBBB.jpg" in done.stderr
+    code, _, stderr = _rsseg("validate", bad, sample)
+    assert code == 1
+    assert "odd number of RLE tokens" in stderr and "missing BBBBBBBBBB.jpg" in stderr
 
 
 def test_cli_bad_input_is_one_line_exit_2(truth, tmp_path: Path) -> None:
     sub = write_mask_csv([("AAAAAAAAAA.jpg", "")], tmp_path / "sub.csv")
-    done = _rsseg("score", sub, truth[0])
+    code, _, stderr = _rsseg("score", sub, truth[0])
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and stderr.startswith("rsseg: error: sub.csv lacks 2")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("AAAAAAAAAA.jpg\t1 x\nBBBBBBBBBB.jpg\t\nCCCCCCCCCC.jpg\t\n")
+    code, _, stderr = _rsseg("score", bad, truth[0])
+    assert code == 2 and stderr.strip() == "rsseg: error: bad.csv line 1 (AAAAAAAAAA.jpg): token 2 ('x') is not " \
+        "a non-negative integer; expected space-separated 'start length' pairs of digits"
+
+
+@pytest.mark.slow
+def test_console_script_smoke(truth) -> None:
+    """The real ``python -m rsseg.cli`` process: output, exit status 0 and the one-line error with exit 2."""
+    truth_csv, sample, _ = truth
+    done = subprocess.run([sys.executable, "-m", "rsseg.cli", "score", truth_csv, truth_csv],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"mean_dice": 1.0' in done.stdout
+    done = subprocess.run([sys.executable, "-m", "rsseg.cli", "score", sample, truth_csv, "--bogus"],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("rsseg: error: sub.csv lacks 2")
 
 
-def test_rows_are_found_across_scan_chunks() -> None:
-    from rsseg.tianchi.files import _control_bytes
+def test_rows_are_found_with_mixed_line_ends(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"".join(b"%d.jpg\t%d 1\n" % (i, i + 1) for i in range(7))
+                     + b"x.jpg\ty 1 2\r\nlast.jpg\t")
+    table = read_masks_csv(path)
+    assert list(table) == [f"{i}.jpg" for i in range(7)] + ["x.jpg", "last.jpg"]
+    assert [table[f"{i}.jpg"] for i in range(7)] == [f"{i + 1} 1" for i in range(7)]
+    assert table["x.jpg"] == "y 1 2" and table["last.jpg"] == "" and table.line("last.jpg") == 9
+    assert len(read_masks_csv(write_mask_csv([], tmp_path / "empty.csv"))) == 0
 
-    buf = np.frombuffer(b"a\tb\n" * 7 + b"x\ty 1 2\r\nlast\t", dtype=np.uint8)
-    for chunk in (1, 3, 5, 64, 1 << 22):
-        assert np.array_equal(_control_bytes(buf, chunk), np.flatnonzero(buf <= 10))
-    assert _control_bytes(np.empty(0, dtype=np.uint8)).size == 0
+
+def test_mask_table_holds_no_open_file(truth) -> None:
+    import gc
+    import pickle
+    import warnings
+
+    truth_csv, _, masks = truth
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # an unclosed file would be reported at collection
+        table = read_masks_csv(truth_csv)
+        assert table["CCCCCCCCCC.jpg"] == encode(masks["CCCCCCCCCC.jpg"])
+        with table:
+            assert np.array_equal(table.mask("AAAAAAAAAA.jpg"), masks["AAAAAAAAAA.jpg"])
+            copy = pickle.loads(pickle.dumps(table))  # e.g. a DataLoader worker's copy
+        assert table._file is None and copy._file is None
+        assert np.array_equal(copy.mask("CCCCCCCCCC.jpg"), masks["CCCCCCCCCC.jpg"])
+        assert copy.line("CCCCCCCCCC.jpg") == 3 and "ZZZ.jpg" not in copy
+        with pytest.raises(KeyError):
+            copy["ZZZ.jpg"]
+        del table, copy
+        gc.collect()
+
+
+def test_bad_rle_keeps_the_codec_error_as_cause(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("A.jpg\t1 2 3\n")
+    with pytest.raises(RLEError, match=r"m.csv line 1 \(A.jpg\): odd number") as info:
+        read_masks_csv(path).mask("A.jpg")
+    assert isinstance(info.value.__cause__, RLEError)
 
 
 @pytest.mark.parametrize("name", [" lead.jpg", "trail.jpg ", "in side.jpg", ""])

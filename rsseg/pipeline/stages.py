@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.synth.options import SceneOptions, TianchiOptions
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
 
@@ -101,28 +102,23 @@ def _device_is_gpu(device: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ generated data
-class SynthTianchiParams(Params):
-    n_train: int = Field(400, ge=1)
-    n_test: int = Field(100, ge=0)
-    seed: int = 0
+class SynthTianchiParams(TianchiOptions):
+    """``synth_tianchi``: the options of :func:`rsseg.synth.make_tianchi` (``rsseg synth tianchi``)."""
 
 
 def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.synth.generate import make_tianchi
 
-    # The tiles are rendered in chunks on the workers; this process writes the CSV files.
-    info = make_tianchi(ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed, progress=False,
+    # The images are rendered in blocks on the workers; this process writes the CSV files.
+    info = make_tianchi(ctx.out_dir / "tianchi", p, progress=False,
                         executor=ctx.client.get_executor(retries=ctx.retries, pure=False))
     return {k: v for k, v in info.items() if k.startswith("n_")}
 
 
-class SynthSceneParams(Params):
-    size: int = Field(4096, ge=64)
-    count: int = Field(1, ge=1)
-    crs: str = "EPSG:32650"
-    gsd: float = Field(0.3, gt=0)
-    seed: int = 0
-    nodata_border: bool = False
+class SynthSceneParams(SceneOptions):
+    """``synth_scene``: ``count`` scenes (seeds ``seed``, ``seed + 1``, ...), options as ``rsseg synth scene``."""
+
+    count: int = Field(1, ge=1, description="Number of scenes, one task each.")
 
 
 def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
@@ -131,8 +127,8 @@ def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
     futures = []
     for i in range(p.count):
         path = ctx.out_dir / ("scene.tif" if p.count == 1 else f"scene_{i:03d}.tif")
-        futures.append(ctx.submit(make_scene, path, size=p.size, crs=p.crs, seed=p.seed + i, gsd=p.gsd,
-                                  nodata_border=p.nodata_border, progress=False, label=f"scene{i}"))
+        options = SceneOptions(**p.model_dump(exclude={"count"}) | {"seed": p.seed + i})
+        futures.append(ctx.submit(make_scene, path, options, progress=False, label=f"scene{i}"))
     counts = [len(gdf) for gdf in ctx.gather(futures)]
     return {"scenes": p.count, "buildings": sum(counts)}
 

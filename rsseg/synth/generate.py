@@ -2,11 +2,13 @@
 
 * :func:`make_scene` writes a large georeferenced RGB GeoTIFF of an aerial-looking area (textured ground,
   roads, trees, shadows, rectangle and L-shaped buildings) and its true building footprints. Features are
-  placed once as vectors; pixels are rendered block by block, so memory does not grow with the scene.
+  placed once as vectors; pixels are rendered window by window, so memory does not grow with the scene.
 * :func:`make_tianchi` writes a dataset in the layout of the Tianchi building-segmentation competition
-  (512x512 JPG tiles and run-length masks), each tile a patch of a small scene with its own look.
+  (512x512 JPG images and run-length masks), each image a patch of a small scene with its own look; blocks
+  of images can be rendered on any executor.
 
-Layout and rendering live in :mod:`rsseg.synth.layout` and :mod:`rsseg.synth.render`.
+Options are defined in :mod:`rsseg.synth.options`; layout and rendering live in :mod:`rsseg.synth.layout`
+and :mod:`rsseg.synth.render`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ import shapely
 from affine import Affine
 from PIL import Image
 from pyproj import CRS, Transformer
-from pyproj.exceptions import CRSError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from rsseg.errors import ConfigError
 from rsseg.fileio import atomic_dir, atomic_path, raster_env
-from rsseg.synth.layout import Style, place, random_style, value_noise_at
+from rsseg.options import resolve
+from rsseg.synth.layout import Layout, Style, place, random_style, value_noise_at
+from rsseg.synth.options import COMPRESSION, GTIFF_TILE, SceneOptions, TianchiOptions, parse_crs
 from rsseg.synth.render import Renderer
 from rsseg.tianchi import files as tianchi
 from rsseg.tianchi import rle
 
-__all__ = ["footprints_path", "make_scene", "make_tianchi", "render_tile", "scene_transform"]
+__all__ = ["footprints_path", "make_scene", "make_tianchi", "render_image", "scene_transform"]
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +48,16 @@ log = logging.getLogger(__name__)
 ANCHOR_LONLAT = (114.30, 30.59)
 #: Metres per degree of latitude, used to express the pixel size in degrees for geographic CRSs.
 METRES_PER_DEGREE = 111_320.0
-#: Raster block (tile) size of the written GeoTIFFs.
-TILE = 512
-#: Tianchi tiles: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
+#: Tianchi images: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
 TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.10, 90
-_CHUNK = 20  # tiles per rendering task when an executor is given
+_BLOCK = 20  # images per rendering task when an executor is given
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
-#: GeoTIFF compression presets (benchmarks/bench_synth.py compares them; data_cards/synthetic.md).
-COMPRESSION = {
-    "deflate": {"compress": "deflate", "predictor": 2, "zlevel": 6},
-    "zstd": {"compress": "zstd", "predictor": 2, "zstd_level": 9},
-    "lzw": {"compress": "lzw", "predictor": 2},
-}
 
 
 def footprints_path(scene: str | os.PathLike[str]) -> Path:
     """The footprints file written beside a scene: ``OUT.tif`` -> ``OUT.buildings.geojson``."""
     scene = Path(scene)
     return scene.with_name(f"{scene.stem}.buildings.geojson")
-
-
-def _crs(crs: str | int) -> CRS:
-    try:
-        return CRS.from_user_input(crs)
-    except CRSError as exc:
-        raise ConfigError(
-            f"crs={crs!r}: unknown coordinate reference system ({exc}); use e.g. 'EPSG:32650' or 'EPSG:4326'"
-        ) from None
 
 
 def scene_transform(crs: str | int, size: int, gsd: float) -> tuple[CRS, Affine]:
@@ -81,7 +67,7 @@ def scene_transform(crs: str | int, size: int, gsd: float) -> tuple[CRS, Affine]
     centre of that area. In a geographic CRS the pixel size is ``gsd / 111320`` degrees; in a projected
     CRS it is ``gsd`` metres converted to the CRS's axis unit.
     """
-    crs_obj = _crs(crs)
+    crs_obj = parse_crs(crs)
     lon, lat = ANCHOR_LONLAT
     area = crs_obj.area_of_use
     if area is not None and not (area.west <= lon <= area.east and area.south <= lat <= area.north):
@@ -93,21 +79,10 @@ def scene_transform(crs: str | int, size: int, gsd: float) -> tuple[CRS, Affine]
         x, y = Transformer.from_crs("EPSG:4326", crs_obj, always_xy=True).transform(lon, lat)
     else:
         raise ConfigError(f"crs={crs!r}: neither geographic nor projected; use e.g. 'EPSG:32650'")
-    snap = 10.0 ** np.floor(np.log10(step * TILE))  # a round number: 100 m, 0.001 degree, ...
+    snap = 10.0 ** np.floor(np.log10(step * GTIFF_TILE))  # a round number: 100 m, 0.001 degree, ...
     x0 = round(float(np.floor((x - size * step / 2) / snap) * snap), 9)
     y0 = round(float(np.ceil((y + size * step / 2) / snap) * snap), 9)
     return crs_obj, Affine(step, 0.0, x0, 0.0, -step, y0)
-
-
-def _check(size: int, gsd: float, block: int, compress: str) -> None:
-    if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ConfigError(f"size={size!r}: expected a positive number of pixels, e.g. 4096")
-    if not gsd > 0:
-        raise ConfigError(f"gsd={gsd!r}: expected a positive pixel size in metres, e.g. 0.3")
-    if block < 1 or block % TILE:
-        raise ConfigError(f"block={block!r}: expected a positive multiple of the {TILE}-pixel tile size")
-    if compress not in COMPRESSION:
-        raise ConfigError(f"compress={compress!r}: expected one of {sorted(COMPRESSION)}")
 
 
 def _collar(size: int, seed: int) -> shapely.Polygon:
@@ -146,66 +121,64 @@ def _footprints_frame(layout, transform: Affine, crs: CRS, gsd: float) -> gpd.Ge
 
 
 def make_scene(
-    path: str | os.PathLike[str],
-    size: int = 4096,
-    crs: str | int = "EPSG:32650",
-    seed: int = 0,
-    gsd: float = 0.3,
-    nodata_border: bool = False,
-    *,
-    block: int = 1024,
-    compress: str = "deflate",
-    progress: bool | None = None,
+    path: str | os.PathLike[str], options: SceneOptions | None = None, *, progress: bool | None = None, **values: Any
 ) -> gpd.GeoDataFrame:
     """Write a generated RGB scene GeoTIFF and its footprints; return the footprints in the scene CRS.
 
-    The GeoTIFF is uint8 RGB, tiled in 512x512 blocks, compressed (DEFLATE by default) with predictor 2,
-    north-up with ``gsd`` metre pixels. Beside it, ``OUT.buildings.geojson`` (RFC 7946, EPSG:4326) holds
+    The GeoTIFF is uint8 RGB, tiled in 512x512 internal tiles, compressed (DEFLATE by default) with predictor
+    2, north-up with ``gsd`` metre pixels. Beside it, ``OUT.buildings.geojson`` (RFC 7946, EPSG:4326) holds
     the true footprints with attributes ``id``, ``kind`` (``rect`` or ``L``), ``area_m2`` and ``height_m``.
     Both are written atomically. Memory stays bounded: features are vectors; pixels are rendered and
-    written one ``block`` x ``block`` window at a time.
+    written one ``window`` x ``window`` window at a time.
 
     Args:
         path: the GeoTIFF to write (replaced if it exists).
-        size: width and height in pixels.
-        crs: any CRS pyproj understands (EPSG code, WKT, ...).
-        seed: the random seed; the same seed gives the same pixels and footprints.
-        gsd: ground sampling distance in metres per pixel.
-        nodata_border: surround the scene with an irregular nodata collar (0 in all bands, declared as
-            the dataset's nodata), like the edge of an orthophoto; buildings lie inside the valid area.
-        block: render window size in pixels, a multiple of 512; the output does not depend on it.
-        compress: GeoTIFF compression, a key of :data:`COMPRESSION` (all with the horizontal predictor).
+        options: a :class:`~rsseg.synth.options.SceneOptions` (``size``, ``crs``, ``seed``, ``gsd``,
+            ``nodata_border``, ``window``, ``compress``); None for the defaults.
         progress: show a progress bar (None: only on a terminal).
+        **values: fields of the options to override, e.g. ``make_scene(path, size=1024, seed=3)``.
 
     Raises:
-        ConfigError: for a non-positive size or gsd, an unknown CRS, a bad block size or compression.
+        ConfigError: for a non-positive size or gsd, an unknown CRS, a bad window size or compression.
     """
-    _check(size, gsd, block, compress)
-    crs_obj, transform = scene_transform(crs, size, gsd)
-    rng = np.random.default_rng(seed)
-    style: Style = random_style(rng, urban_scale_px=600 / gsd, roads=True)
-    extent = shapely.box(0, 0, size, size)
-    valid = _collar(size, seed) if nodata_border else None
-    layout = place(style, (0, 0, size, size), gsd, rng, keep_within=extent if valid is None else valid, valid=valid)
+    opts = resolve(SceneOptions, options, values)
+    crs_obj, transform = scene_transform(opts.crs, opts.size, opts.gsd)
+    layout, style = _scene_layout(opts)
     renderer = Renderer(layout, style)
-    profile = {
-        "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
-        "crs": rasterio.crs.CRS.from_wkt(crs_obj.to_wkt()), "transform": transform, "tiled": True,
-        "blockxsize": TILE, "blockysize": TILE, "photometric": "RGB", "interleave": "pixel",
-        "bigtiff": "IF_SAFER", "nodata": 0 if nodata_border else None, **COMPRESSION[compress],
-    }
-    windows = [(r, c) for r in range(0, size, block) for c in range(0, size, block)]
+    size, step = opts.size, opts.window
+    windows = [Window(c, r, min(step, size - c), min(step, size - r))
+               for r in range(0, size, step) for c in range(0, size, step)]
     path = Path(path)
     with raster_env(), atomic_path(path) as tmp, atomic_path(footprints_path(path)) as tmp_vec:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for row0, col0 in tqdm(windows, desc=f"synth {path.name}", unit="block", disable=_quiet(progress)):
-                h, w = min(block, size - row0), min(block, size - col0)
-                dst.write(renderer.render(row0, col0, h, w).rgb, window=Window(col0, row0, w, h))
-        footprints = _footprints_frame(layout, transform, crs_obj, gsd)
+        with rasterio.open(tmp, "w", **_scene_profile(opts, crs_obj, transform)) as dst:
+            for window in tqdm(windows, desc=f"synth {path.name}", unit="window", disable=_quiet(progress)):
+                rendered = renderer.render(window.row_off, window.col_off, window.height, window.width)
+                dst.write(rendered.rgb, window=window)
+        footprints = _footprints_frame(layout, transform, crs_obj, opts.gsd)
         pyogrio.write_dataframe(footprints.to_crs("EPSG:4326"), tmp_vec, layer=path.stem, driver="GeoJSON",
                                 layer_options={"RFC7946": "YES"})
     log.info("wrote %s (%d x %d px, %d buildings)", path, size, size, len(footprints))
     return footprints
+
+
+def _scene_layout(opts: SceneOptions) -> tuple[Layout, Style]:
+    """The scene's style and its roads and buildings (inside the nodata collar when there is one)."""
+    rng = np.random.default_rng(opts.seed)
+    style: Style = random_style(rng, urban_scale_px=600 / opts.gsd, roads=True)
+    valid = _collar(opts.size, opts.seed) if opts.nodata_border else None
+    keep_within = shapely.box(0, 0, opts.size, opts.size) if valid is None else valid
+    layout = place(style, (0, 0, opts.size, opts.size), opts.gsd, rng, keep_within=keep_within, valid=valid)
+    return layout, style
+
+
+def _scene_profile(opts: SceneOptions, crs: CRS, transform: Affine) -> dict[str, Any]:
+    """The GeoTIFF creation profile of a scene: tiled RGB, compressed, nodata 0 with a collar."""
+    return {
+        "driver": "GTiff", "width": opts.size, "height": opts.size, "count": 3, "dtype": "uint8",
+        "crs": rasterio.crs.CRS.from_wkt(crs.to_wkt()), "transform": transform, "tiled": True,
+        "blockxsize": GTIFF_TILE, "blockysize": GTIFF_TILE, "photometric": "RGB", "interleave": "pixel",
+        "bigtiff": "IF_SAFER", "nodata": 0 if opts.nodata_border else None, **COMPRESSION[opts.compress],
+    }
 
 
 def _quiet(progress: bool | None) -> bool | None:
@@ -213,11 +186,11 @@ def _quiet(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def render_tile(seed: int | np.random.SeedSequence, *, empty: bool = False, size: int = TIANCHI_SIZE):
-    """One Tianchi-style tile: a ``size`` x ``size`` patch of a small scene with a look of its own.
+def render_image(seed: int | np.random.SeedSequence, *, empty: bool = False, size: int = TIANCHI_SIZE):
+    """One Tianchi-style image: a ``size`` x ``size`` patch of a small scene with a look of its own.
 
-    Ground, colours, densities, sun and pixel size (0.27-0.36 m) vary per tile. Buildings may be cut by
-    the tile edge but show at least half their area (and 40 m2). ``empty`` draws no building.
+    Ground, colours, densities, sun and pixel size (0.27-0.36 m) vary per image. Buildings may be cut by
+    the image edge but show at least half their area (and 40 m2). ``empty`` draws no building.
 
     Returns:
         (rgb, mask): ``(size, size, 3)`` uint8 and ``(size, size)`` uint8 (1 = building).
@@ -239,38 +212,38 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     return sorted(names)
 
 
-def _render_chunk(folder: Path, names: list[str], seqs: list[np.random.SeedSequence],
+def _render_block(folder: Path, names: list[str], seqs: list[np.random.SeedSequence],
                   empty: list[bool]) -> list[str]:
-    """Render tiles into ``folder`` as JPG files; returns their masks as RLE strings."""
+    """Render a block of images into ``folder`` as JPG files; returns their masks as RLE strings."""
     codes = []
     for name, seq, is_empty in zip(names, seqs, empty, strict=True):
-        rgb, mask = render_tile(seq, empty=is_empty)
+        rgb, mask = render_image(seq, empty=is_empty)
         Image.fromarray(rgb).save(folder / name, quality=TIANCHI_QUALITY)
         codes.append(rle.encode(mask))
     return codes
 
 
 def make_tianchi(
-    out_dir: str | os.PathLike[str], n_train: int = 400, n_test: int = 100, seed: int = 0, *,
-    progress: bool | None = None, executor: Executor | None = None,
+    out_dir: str | os.PathLike[str], options: TianchiOptions | None = None, *,
+    progress: bool | None = None, executor: Executor | None = None, **values: Any,
 ) -> dict[str, object]:
     """Write a generated dataset in the Tianchi building-segmentation layout, atomically.
 
     ``OUT_DIR/train/*.jpg`` and ``OUT_DIR/test_a/*.jpg`` (512x512 RGB, JPEG quality 90, names of 10
     characters of [0-9A-Z]), ``train_mask.csv`` and ``test_a_mask.csv`` (the truth) with ``name<TAB>rle``
     rows (column-major, 1-based runs; empty for no building), and ``test_a_samplesubmit.csv`` listing
-    the test images with empty masks. Rows follow the sorted file names. About 10% of the tiles of each
+    the test images with empty masks. Rows follow the sorted file names. About 10% of the images of each
     split have no building.
 
     Args:
         out_dir: the folder to create; it must not exist, or be empty.
-        n_train: number of training tiles (at least 1).
-        n_test: number of test tiles (at least 0).
-        seed: the random seed; the same seed gives the same files, byte for byte.
+        options: a :class:`~rsseg.synth.options.TianchiOptions` (``n_train``, ``n_test``, ``seed``); None
+            for the defaults.
         progress: show a progress bar (None: only on a terminal).
-        executor: render chunks of tiles on it (e.g. a Dask client's ``get_executor()`` or a process
+        executor: render blocks of images on it (e.g. a Dask client's ``get_executor()`` or a process
             pool; its workers must see ``out_dir``); default: one after the other in this process. Every
-            tile has its own seed, so the files are the same either way.
+            image has its own seed, so the files are the same either way.
+        **values: fields of the options to override, e.g. ``make_tianchi(out, n_train=20, seed=3)``.
 
     Returns:
         The paths written (``root``, ``train_dir``, ``test_dir``, ``train_mask``, ``test_mask``,
@@ -280,50 +253,61 @@ def make_tianchi(
         FileExistsError: ``out_dir`` exists and is not an empty folder.
         ConfigError: negative counts.
     """
+    opts = resolve(TianchiOptions, options, values)
     out_dir = Path(out_dir)
-    if not isinstance(n_train, (int, np.integer)) or n_train < 1:
-        raise ConfigError(f"n_train={n_train!r}: expected at least 1 training tile")
-    if not isinstance(n_test, (int, np.integer)) or n_test < 0:
-        raise ConfigError(f"n_test={n_test!r}: expected 0 or more test tiles")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
-    root = np.random.SeedSequence(seed)
-    name_seq, *tile_seqs = root.spawn(1 + n_train + n_test)
+    name_seq, *image_seqs = np.random.SeedSequence(opts.seed).spawn(1 + opts.n_train + opts.n_test)
     rng = np.random.default_rng(name_seq)
-    names = _names(rng, n_train + n_test)
-    splits = {"train": (names[:n_train], tile_seqs[:n_train]), "test_a": (names[n_train:], tile_seqs[n_train:])}
+    names = _names(rng, opts.n_train + opts.n_test)
+    splits = {"train": (names[: opts.n_train], image_seqs[: opts.n_train]),
+              "test_a": (names[opts.n_train :], image_seqs[opts.n_train :])}
     info: dict[str, object] = {"root": out_dir}
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        jobs: dict[str, list[Any]] = {}
-        for split, (split_names, seqs) in splits.items():
-            (tmp / split).mkdir()
-            n_empty = int(round(TIANCHI_EMPTY * len(split_names)))
-            empty = set(rng.choice(len(split_names), n_empty, replace=False).tolist())
-            flags = [i in empty for i in range(len(split_names))]
-            chunks = [(tmp / split, split_names[i : i + _CHUNK], seqs[i : i + _CHUNK], flags[i : i + _CHUNK])
-                      for i in range(0, len(split_names), _CHUNK)]
-            jobs[split] = [executor.submit(_render_chunk, *c) for c in chunks] if executor else chunks
-        bar = tqdm(total=n_train + n_test, desc=f"synth {out_dir.name}", unit="tile", disable=_quiet(progress))
-        for split, (split_names, _) in splits.items():
-            codes: list[str] = []
-            for job in jobs[split]:
-                try:
-                    chunk = job.result() if executor else _render_chunk(*job)
-                except BaseException:
-                    if executor:  # nothing more is written into the folder about to be removed
-                        for pending in (j for js in jobs.values() for j in js):
-                            pending.cancel()
-                    raise
-                codes += chunk
-                bar.update(len(chunk))
-            rows = list(zip(split_names, codes, strict=True))
-            truth = "train_mask.csv" if split == "train" else "test_a_mask.csv"
-            tianchi.write_mask_csv(rows, tmp / truth)
-            key = "train" if split == "train" else "test"
-            info |= {f"{key}_dir": out_dir / split, f"{key}_mask": out_dir / truth, f"n_{key}": len(rows),
-                     f"n_{key}_empty": sum(not code for _, code in rows)}
+        blocks = {split: _image_blocks(tmp / split, *splits[split], rng) for split in splits}
+        jobs = {split: [executor.submit(_render_block, *b) for b in bl] if executor else bl
+                for split, bl in blocks.items()}
+        with tqdm(total=len(names), desc=f"synth {out_dir.name}", unit="image", disable=_quiet(progress)) as bar:
+            for split, (split_names, _) in splits.items():
+                codes = _gather(jobs, split, executor, bar)
+                key, truth = ("train", "train_mask.csv") if split == "train" else ("test", "test_a_mask.csv")
+                tianchi.write_mask_csv(zip(split_names, codes, strict=True), tmp / truth)
+                info |= {f"{key}_dir": out_dir / split, f"{key}_mask": out_dir / truth, f"n_{key}": len(codes),
+                         f"n_{key}_empty": sum(not code for code in codes)}
         tianchi.write_mask_csv(((name, "") for name in splits["test_a"][0]), tmp / "test_a_samplesubmit.csv")
         info["sample_submission"] = out_dir / "test_a_samplesubmit.csv"
-        bar.close()
-    log.info("wrote %s (%d train, %d test tiles)", out_dir, n_train, n_test)
+    log.info("wrote %s (%d train, %d test images)", out_dir, opts.n_train, opts.n_test)
     return info
+
+
+def _image_blocks(folder: Path, names: list[str], seqs: list[np.random.SeedSequence],
+                  rng: np.random.Generator) -> list[tuple[Any, ...]]:
+    """Create ``folder`` and split its images into blocks of :func:`_render_block` arguments.
+
+    About :data:`TIANCHI_EMPTY` of the images, drawn with ``rng``, get no building.
+    """
+    folder.mkdir()
+    empty = set(rng.choice(len(names), int(round(TIANCHI_EMPTY * len(names))), replace=False).tolist())
+    flags = [i in empty for i in range(len(names))]
+    return [(folder, names[i : i + _BLOCK], seqs[i : i + _BLOCK], flags[i : i + _BLOCK])
+            for i in range(0, len(names), _BLOCK)]
+
+
+def _gather(jobs: dict[str, list[Any]], split: str, executor: Executor | None, bar: tqdm) -> list[str]:
+    """The RLE strings of ``split``'s images in order, rendering its blocks here when there is no executor.
+
+    On a failure the blocks not yet started are cancelled: nothing more is written into the folder about
+    to be removed.
+    """
+    codes: list[str] = []
+    for job in jobs[split]:
+        try:
+            block = job.result() if executor else _render_block(*job)
+        except BaseException:
+            if executor:
+                for pending in (j for js in jobs.values() for j in js):
+                    pending.cancel()
+            raise
+        codes += block
+        bar.update(len(block))
+    return codes

@@ -317,7 +317,13 @@ def place(
         urban = value_noise_at(centre[:, 0], centre[:, 1], style.urban_scale_px, style.seed + 3)
         centre = centre[rng.random(n) < np.clip(2.2 * urban - 0.5, 0.03, 1.0)]
     cand = _candidates(centre, style, gsd, rng)
-    footprints = cand["footprints"]
+    idx = _kept(cand["footprints"], roads, gsd, keep_within, min_visible)
+    return _layout(cand, idx, style, roads, gsd, valid)
+
+
+def _kept(footprints: np.ndarray, roads: np.ndarray, gsd: float, keep_within: shapely.Geometry | None,
+          min_visible: shapely.Geometry | None) -> np.ndarray:
+    """Indexes of the candidate ``footprints`` kept: inside the area, off the roads, apart from each other."""
     keep = np.ones(len(footprints), dtype=bool)
     if keep_within is not None:
         keep &= shapely.contains_properly(keep_within, footprints)
@@ -327,7 +333,12 @@ def place(
     if len(roads):
         keep[shapely.STRtree(roads).query(footprints, predicate="dwithin", distance=1.5 / gsd)[0]] = False
     idx = np.flatnonzero(keep)
-    idx = idx[_non_overlapping(footprints[idx], 2.0 / gsd)]
+    return idx[_non_overlapping(footprints[idx], 2.0 / gsd)]
+
+
+def _layout(cand: dict[str, np.ndarray], idx: np.ndarray, style: Style, roads: np.ndarray, gsd: float,
+            valid: shapely.Polygon | None) -> Layout:
+    """The :class:`Layout` of the candidates ``idx``: their roof parts (two per L) and shadows derived."""
     is_l = cand["is_l"][idx]
     part_corners = np.concatenate([cand["part_a"][idx], cand["part_b"][idx][is_l]])
     part_building = np.concatenate([np.arange(len(idx)), np.flatnonzero(is_l)])
@@ -336,9 +347,8 @@ def place(
     centre, axis, half = _part_frame(part_corners)
     offset = (cand["height_m"][idx][part_building] * style.shadow_ratio / gsd)[:, None, None] * style.shadow_dir
     shadows = shapely.convex_hull(shapely.multipoints(np.concatenate([part_corners, part_corners + offset], axis=1)))
-    buildings = footprints[idx]
     return Layout(
-        buildings=buildings,
+        buildings=cand["footprints"][idx],
         kind=np.where(is_l, "L", "rect"),
         height_m=cand["height_m"][idx],
         roof_rgb=(ROOFS[cand["roof"][idx]] * cand["roof_gain"][idx][:, None]).astype(np.float32),

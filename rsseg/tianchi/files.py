@@ -5,18 +5,17 @@ header, no index; an empty RLE field (or no field) means "no building". RLE stri
 :mod:`rsseg.tianchi.rle` (column-major, 1-based starts). A submission has one row per test image, in the order
 of the sample submission (``test_a_samplesubmit.csv``).
 
-:class:`MaskTable` reads such a file lazily: it memory-maps it and indexes the rows with numpy, so a
-30,000-row file costs a few arrays of offsets, and a mask is decoded only when asked for.
+:class:`MaskTable` reads such a file lazily: it indexes the rows once (name -> line and byte range) and
+reads and decodes a mask only when asked for.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -47,64 +46,46 @@ class _Row(NamedTuple):
 
 
 class MaskTable(Mapping[str, str]):
-    """A ``name -> rle`` mapping over a Tianchi mask file, read lazily.
+    """A ``name -> rle`` mapping over a Tianchi mask file; an RLE string is read from the file when asked for.
 
-    Rows are indexed once (vectorised); RLE strings are sliced out of the memory-mapped file on access.
-    Duplicated names and malformed lines are collected in :attr:`problems` (line-numbered messages);
-    with ``strict=True`` (the default) the first one raises :class:`SubmissionError`.
+    Opening reads the file once, line by line, and keeps each name's line number and the byte range of its
+    RLE field (a 30,000-row file costs one small dict). A name missing from the file raises ``KeyError``;
+    a row without building maps to ``""``. Duplicated names and malformed lines are collected in
+    :attr:`problems` (line-numbered messages); with ``strict=True`` (the default) the first one raises
+    :class:`SubmissionError`.
+
+    Each lookup opens the file for itself, so a table holds no open file and pickles as its index. Used as a
+    context manager (``with read_masks_csv(path) as table:``) it keeps one file handle open for the block,
+    for many lookups in a row; :meth:`close` closes it.
     """
 
     def __init__(self, path: PathLike, strict: bool = True) -> None:
         self.path = Path(path)
         self.problems: list[str] = []
-        self._data = self._map()
         self._rows: dict[str, _Row] = {}
-        self._index(strict)
-
-    def _map(self) -> bytes | mmap.mmap:
+        self._file: BinaryIO | None = None
         with open(self.path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                return b""
-            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            offset = 0
+            for number, raw in enumerate(fh, 1):
+                self._add(raw, number, offset, strict)
+                offset += len(raw)
 
-    def _index(self, strict: bool) -> None:
-        buf = np.frombuffer(self._data, dtype=np.uint8)
-        marks = _control_bytes(buf)  # one pass for tabs and newlines (other control bytes are bad RLE)
-        kinds = buf[marks]
-        newlines, tabs = marks[kinds == 10], marks[kinds == 9]
-        starts = np.concatenate(([0], newlines + 1))
-        ends = np.concatenate((newlines, [buf.size]))
-        if starts.size and starts[-1] == buf.size:  # the file ends with a newline
-            starts, ends = starts[:-1], ends[:-1]
-        ends = ends - ((ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13))  # CRLF
-        first_tab = np.searchsorted(tabs, starts)
-        n_tabs = np.searchsorted(tabs, ends) - first_tab
-        tab_pos = np.where(n_tabs > 0, tabs[np.minimum(first_tab, tabs.size - 1)], ends) if tabs.size else ends
-        data = self._data
-        rows = [_Row(line, min(tab + 1, end), end) for line, tab, end in
-                zip(range(1, starts.size + 1), tab_pos.tolist(), ends.tolist(), strict=True)]
-        names = [bytes(data[start:tab]).decode("utf-8", errors="replace")
-                 for start, tab in zip(starts.tolist(), tab_pos.tolist(), strict=True)]
-        self._rows = dict(zip(names, rows, strict=True))
-        clean = (len(self._rows) == len(names) and not (n_tabs > 1).any()
-                 and all(name.split() == [name] for name in names))  # no blank, empty or spaced name
-        if not clean:  # find the problems line by line, in order
-            self._rows = {}
-            for row, name, count in zip(rows, names, n_tabs.tolist(), strict=True):
-                self._add(row, name, count, strict)
-
-    def _add(self, row: _Row, name: str, tabs: int, strict: bool) -> None:
-        where = f"{self.path.name} line {row.line}"
-        if not name and row.start == row.end:
+    def _add(self, raw: bytes, number: int, offset: int, strict: bool) -> None:
+        line = raw[:-1] if raw.endswith(b"\n") else raw
+        line = line[:-1] if line.endswith(b"\r") else line
+        field, tab, rle = line.partition(b"\t")
+        name = field.decode("utf-8", errors="replace")
+        where = f"{self.path.name} line {number}"
+        if not field and not rle:
             self._problem(f"{where}: blank line; expected name<TAB>rle", strict)
-        elif tabs > 1:
+        elif (tabs := line.count(b"\t")) > 1:
             self._problem(f"{where}: {tabs} tabs; expected one (name<TAB>rle)", strict)
         elif name.split() != [name]:
             self._problem(f"{where}: image name {name!r} is empty or contains spaces; expected name<TAB>rle", strict)
         elif name in self._rows:
             self._problem(f"{where}: {name} duplicates line {self._rows[name].line}", strict)
         else:
-            self._rows[name] = row
+            self._rows[name] = _Row(number, offset + len(field) + len(tab), offset + len(line))
 
     def _problem(self, message: str, strict: bool) -> None:
         if strict:
@@ -113,13 +94,32 @@ class MaskTable(Mapping[str, str]):
 
     def __getitem__(self, name: str) -> str:
         row = self._rows[name]
-        return bytes(self._data[row.start : row.end]).decode("ascii", errors="replace")
+        if row.start == row.end:
+            return ""
+        if self._file is not None:
+            return _read(self._file, row)
+        with open(self.path, "rb") as fh:
+            return _read(fh, row)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rows)
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def __enter__(self) -> MaskTable:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed by __exit__ / close()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file handle a ``with`` block opened (lookups after it open the file each time)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def line(self, name: str) -> int:
         """The 1-based line number of ``name``'s row."""
@@ -130,27 +130,21 @@ class MaskTable(Mapping[str, str]):
         try:
             return rle_codec.decode(self[name], shape)
         except RLEError as exc:
-            raise RLEError(f"{self.path.name} line {self.line(name)} ({name}): {exc}") from None
+            raise RLEError(f"{self.path.name} line {self.line(name)} ({name}): {exc}") from exc
 
     def __getstate__(self) -> dict[str, object]:
-        return {"path": self.path, "rows": self._rows}
+        return {"path": self.path, "rows": self._rows, "problems": self.problems}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.path = state["path"]  # type: ignore[assignment]
         self._rows = state["rows"]  # type: ignore[assignment]
-        self.problems = []
-        self._data = self._map()
+        self.problems = state["problems"]  # type: ignore[assignment]
+        self._file = None
 
 
-def _control_bytes(buf: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
-    """Offsets of the bytes <= 10 (tab, newline...), found chunk by chunk: no file-sized temporary array."""
-    below = np.empty(min(chunk, buf.size), dtype=bool)
-    parts = []
-    for start in range(0, buf.size, chunk):
-        part = buf[start : start + chunk]
-        np.less_equal(part, 10, out=below[: part.size])
-        parts.append(np.flatnonzero(below[: part.size]) + start)
-    return np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)
+def _read(fh: BinaryIO, row: _Row) -> str:
+    fh.seek(row.start)
+    return fh.read(row.end - row.start).decode("ascii", errors="replace")
 
 
 def read_masks_csv(path: PathLike) -> MaskTable:
@@ -160,9 +154,9 @@ def read_masks_csv(path: PathLike) -> MaskTable:
 
 def iter_masks(path: PathLike, shape: tuple[int, int] = rle_codec.TIANCHI_SHAPE) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, mask)`` for each row of a mask file, decoding one mask at a time."""
-    table = read_masks_csv(path)
-    for name in table:
-        yield name, table.mask(name, shape)
+    with read_masks_csv(path) as table:
+        for name in table:
+            yield name, table.mask(name, shape)
 
 
 def write_mask_csv(rows: Iterable[tuple[str, str]], path: PathLike) -> Path:
@@ -223,11 +217,12 @@ def validate_submission(path: PathLike, sample: PathLike,
         first = next(a for a, b in zip(common, expected, strict=True) if a != b)
         problems.append(f"{name} line {sub.line(first)}: rows are not in the sample submission's order "
                         f"({first} is at line {ref.line(first)} there)")
-    for image in sub:
-        try:
-            sub.mask(image, shape)
-        except RLEError as exc:
-            problems.append(str(exc))
+    with sub:
+        for image in sub:
+            try:
+                sub.mask(image, shape)
+            except RLEError as exc:
+                problems.append(str(exc))
     return problems
 
 
@@ -246,6 +241,7 @@ def score(submission: PathLike, truth: PathLike) -> dict[str, float | int]:
                               f"{Path(truth).name}, e.g. {missing[:3]}")
     if not len(ref):
         raise SubmissionError(f"{Path(truth).name} has no rows to score against")
-    scores = np.array([dice(sub.mask(n), ref.mask(n)) for n in ref])
-    return {"mean_dice": float(scores.mean()), "images": int(scores.size),
-            "empty_truth": int(sum(rle_codec.is_missing(ref[n]) for n in ref))}
+    with sub, ref:
+        scores = np.array([dice(sub.mask(n), ref.mask(n)) for n in ref])
+        empty_truth = sum(rle_codec.is_missing(ref[n]) for n in ref)
+    return {"mean_dice": float(scores.mean()), "images": int(scores.size), "empty_truth": int(empty_truth)}
