@@ -1,5 +1,8 @@
-"""The Tianchi building data: the RLE codec, ``train_mask.csv`` and submissions, validation, the score,
-the description of a mask file (every bad row, a per-image table, figures) and stratified folds."""
+"""The Tianchi building data: codec, mask files and submissions, mask reports, stratified folds.
+
+The RLE codec, ``train_mask.csv`` and submissions, validation, the competition score, the description of a
+mask file (every bad row, a per-image table, figures) and stratified K-fold splits.
+"""
 
 from rsseg.tianchi.files import (
     MaskTable,
