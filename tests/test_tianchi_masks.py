@@ -85,7 +85,7 @@ def test_generated_masks_describe_cleanly(tianchi) -> None:
     assert summary["images"] == 12 and summary["empty_images"] == tianchi["n_train_empty"]
     assert summary["empty_share"] == pytest.approx(tianchi["n_train_empty"] / 12)
     assert sum(summary["histogram"]["counts"]) == 12 - tianchi["n_train_empty"]
-    assert len(summary["histogram"]["edges"]) == 11 and summary["bad_rows"] == 0
+    assert len(summary["histogram"]["edges"]) == 21 and summary["bad_rows"] == 0
     report.raise_if_bad()  # nothing bad: no error
 
 

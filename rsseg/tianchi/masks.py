@@ -52,7 +52,7 @@ class MaskOptions(Options):
 
     chunk_rows: int = Field(1000, ge=1, description="Rows of the mask file per block of parallel work.")
     image_size: list[int] = Field(list(TIANCHI_SHAPE), description="Height,width every image and mask must have.")
-    histogram_bins: int = Field(10, ge=1, description="Equal bins over 0-1 of the building-fraction histogram.")
+    histogram_bins: int = Field(20, ge=1, description="Equal bins over 0-1 of the building-fraction histogram.")
     mosaic_images: int = Field(12, ge=0, description="Images (with their masks outlined) in the quick-look mosaic.")
 
     @field_validator("image_size")
@@ -79,9 +79,9 @@ class BadRow:
 
 @dataclass(frozen=True, slots=True)
 class _Block:
-    """The rows one task checks: ``(line, name, rle)`` triples, read from the file by the main process."""
+    """The rows one task checks: a :class:`MaskTable` indexing only them; the task reads their RLE itself."""
 
-    rows: tuple[tuple[int, str, str], ...]
+    rows: MaskTable
     images_dir: Path | None
     shape: tuple[int, int]
 
@@ -194,7 +194,9 @@ def describe_masks(
         raise DatasetError(f"{images} is not a folder; expected the folder of the images {mask_csv.name} names")
     index = _IndexedTable(mask_csv)
     shape = (opts.image_size[0], opts.image_size[1])
-    blocks = [_Block(rows, images, shape) for rows in _chunks(index, opts.chunk_rows)]
+    names = list(index)
+    blocks = [_Block(_subtable(index, names[i : i + opts.chunk_rows]), images, shape)
+              for i in range(0, len(names), opts.chunk_rows)]
     good: list[tuple[Any, ...]] = []
     bad = list(index.bad_rows)
     for _, (block_good, block_bad) in map_blocks(_check_block, blocks, executor, desc="tianchi masks"):
@@ -208,37 +210,45 @@ def describe_masks(
                       tuple(unlisted))
 
 
-def _chunks(table: MaskTable, chunk_rows: int) -> list[tuple[tuple[int, str, str], ...]]:
-    """The table's rows as ``(line, name, rle)``, ``chunk_rows`` at a time (one file handle for the pass)."""
-    chunks, rows = [], []
-    with table:
-        for name in table:
-            rows.append((table.line(name), name, table[name]))
-            if len(rows) == chunk_rows:
-                chunks.append(tuple(rows))
-                rows = []
-    return [*chunks, tuple(rows)] if rows else chunks
+def _subtable(table: MaskTable, names: list[str]) -> MaskTable:
+    """A :class:`MaskTable` of ``names`` only, built through the table's pickle state.
+
+    A block then ships its rows' line numbers and byte ranges (~40 bytes a row), not the RLE text (kilobytes
+    a row), and reads the text where it runs.
+    """
+    state = table.__getstate__()
+    rows = state["rows"]
+    sub = MaskTable.__new__(MaskTable)
+    sub.__setstate__({**state, "rows": {name: rows[name] for name in names}, "problems": []})  # type: ignore[index]
+    return sub
 
 
 def _check_block(block: _Block) -> tuple[list[tuple[Any, ...]], list[BadRow]]:
     """One task: decode and check the block's rows; good rows as table rows, every problem as a BadRow."""
     good, bad = [], []
-    for line, name, rle in block.rows:
-        problems = []
-        try:
-            mask = decode(rle, block.shape)
-        except RLEError as exc:
-            mask = None
-            kind = "run_past_end" if "past the end" in str(exc) else "rle"
-            problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
-        if block.images_dir is not None:
-            problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
-        if problems or mask is None:
-            bad.extend(problems)
-            continue
-        pixels = int(np.count_nonzero(mask))
-        good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
+    with block.rows as table:
+        for name in table:
+            _check_row(table, name, block, good, bad)
     return good, bad
+
+
+def _check_row(table: MaskTable, name: str, block: _Block, good: list[tuple[Any, ...]], bad: list[BadRow]) -> None:
+    """Check one row: append its table row to ``good``, or each of its problems to ``bad``."""
+    line = table.line(name)
+    problems = []
+    try:
+        mask = decode(table[name], block.shape)
+    except RLEError as exc:
+        mask = None
+        kind = "run_past_end" if "past the end" in str(exc) else "rle"
+        problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
+    if block.images_dir is not None:
+        problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
+    if problems or mask is None:
+        bad.extend(problems)
+        return
+    pixels = int(np.count_nonzero(mask))
+    good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
 
 
 def _check_image(path: Path, line: int, name: str, shape: tuple[int, int]) -> list[BadRow]:
