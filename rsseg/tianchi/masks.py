@@ -87,7 +87,11 @@ class _Block:
 
 
 class _IndexedTable(MaskTable):
-    """A :class:`MaskTable` that keeps its format problems as :class:`BadRow` records (line and name)."""
+    """A :class:`MaskTable` that keeps its format problems as :class:`BadRow` records (line and name).
+
+    It hooks the table's per-line ``_add`` (the one pass that indexes the file); were ``MaskTable.problems``
+    structured (line, name, message), this subclass could go.
+    """
 
     def __init__(self, path: PathLike) -> None:
         self.bad_rows: list[BadRow] = []
