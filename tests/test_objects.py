@@ -7,8 +7,9 @@ import json
 import geopandas as gpd
 import pytest
 import shapely
+from click.testing import CliRunner
 
-from rsseg.cli import main
+from rsseg.cli import cli, main
 from rsseg.vector.evaluate import evaluate_vectors, match_buildings
 from rsseg.vector.files import write_vectors
 
@@ -77,11 +78,13 @@ def test_files_in_different_crs_and_empty_cases(tmp_path):
     assert (missed["f1"], missed["fn"], missed["area_iou"]) == (0.0, 5, 0.0)
 
 
-def test_cli_evaluate(tmp_path, capsys):
+def test_cli_evaluate(tmp_path):
     write_vectors(PRED, tmp_path / "pred.geojson")
     write_vectors(TRUTH, tmp_path / "truth.gpkg")
-    main(["evaluate", str(tmp_path / "pred.geojson"), str(tmp_path / "truth.gpkg"), "--iou", "0.24"])
-    result = json.loads(capsys.readouterr().out)
+    run = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "pred.geojson"), str(tmp_path / "truth.gpkg"),
+                                   "--iou", "0.24"], catch_exceptions=False)
+    assert run.exit_code == 0
+    result = json.loads(run.stdout)
     assert (result["tp"], result["iou_threshold"]) == (4, 0.24)  # the 6 m shift (IoU 0.25) counts
 
 

@@ -42,7 +42,7 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray,
         The indexes into ``pred`` and into ``truth`` of the matched pairs, and their IoUs.
     """
     if not 0 < iou_threshold <= 1:
-        raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
+        raise ConfigError(f"IoU threshold {iou_threshold}: expected a value in (0, 1], e.g. 0.5")
     p, t = shapely.STRtree(truth).query(pred, predicate="intersects")
     overlap = shapely.area(shapely.intersection(pred[p], truth[t]))
     iou = overlap / (shapely.area(pred[p]) + shapely.area(truth[t]) - overlap)
@@ -70,7 +70,8 @@ def _read(source: str | Path | gpd.GeoDataFrame, role: str) -> gpd.GeoDataFrame:
         try:
             gdf = pyogrio.read_dataframe(path)
         except pyogrio.errors.DataSourceError as exc:
-            raise VectorError(f"{path}: not a vector file GDAL can read ({exc})") from None
+            raise VectorError(f"{path}: not a vector file GDAL can read ({exc}); expected GeoJSON, "
+                              "GeoPackage, FlatGeobuf or another OGR format") from exc
     if gdf.crs is None:
         raise VectorError(f"{name} ({role}): no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX) to compare maps")
     gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
