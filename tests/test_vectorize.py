@@ -14,12 +14,12 @@ import rasterio
 import shapely
 import shapely.affinity
 import shapely.geometry
+from click.testing import CliRunner
 from distributed import Client, LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyproj import CRS, Geod, Transformer
 from rasterio.features import rasterize, shapes
-from click.testing import CliRunner
 from rasterio.transform import Affine
 
 from rsseg.cli import cli, main

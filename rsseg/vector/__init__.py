@@ -25,7 +25,10 @@ _HOMES = {
     "VectorizeOptions": "options",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "FORMATS", "VectorizeOptions", "block_count", "evaluate_vectors", "match_buildings", "merge_vectors",
+    "vectorize", "vectorize_to_file", "write_vectors",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -164,11 +164,12 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
         mask_raster: a GeoTIFF whose ``band`` holds 0 for background and 1 (or 255) for buildings; pixels
             equal to its nodata value count as background.
         options: :class:`VectorizeOptions` (``min_area`` in m2, ``simplify`` in metres, ``regularize``,
-            ``band``, ``block`` in pixels); keyword ``values`` override them (``vectorize(m, min_area=20)``).
+            ``band``, ``block`` in pixels).
         prob: a probability raster on the same grid (uint8 0-255 or float 0-1); adds ``mean_prob``.
         crs: CRS of the output polygons (default: the mask's).
         executor: where the blocks run (a ``concurrent.futures.Executor``, e.g. a Dask client's
             ``get_executor()``); None runs them in this process.
+        **values: options by name, overriding ``options`` (``vectorize(m, min_area=20)``).
 
     Returns:
         One row per building, ordered by position (top to bottom, then left to right), with ``id``

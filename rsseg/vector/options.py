@@ -1,5 +1,7 @@
-"""The options of a vectorising run, defined once for :func:`rsseg.vector.vectorize`, ``rsseg vectorize``
-and the pipeline's ``vectorize`` stage (whose parameters subclass :class:`VectorizeOptions`).
+"""The options of a vectorising run, defined once.
+
+:func:`rsseg.vector.vectorize`, ``rsseg vectorize`` and the pipeline's ``vectorize`` stage (whose parameters
+subclass :class:`VectorizeOptions`) take the same options with the same defaults.
 
 This module imports nothing heavy, so that the command line can build its options from it quickly.
 """
