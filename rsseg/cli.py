@@ -18,7 +18,7 @@ import click
 
 from rsseg.errors import RssegError
 from rsseg.options import click_options, options_from_click
-from rsseg.vector.options import VectorizeOptions
+from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["main"]
 
@@ -213,12 +213,12 @@ def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, *
 @cli.command()
 @click.argument("pred", type=_EXISTING)
 @click.argument("truth", type=_EXISTING)
-@click.option("--iou", "iou_threshold", default=0.5, show_default=True)
-def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
-    """Object-level precision/recall/F1 (SpaceNet rule) and pixel IoU of PRED against TRUTH vectors."""
-    from rsseg.vector.evaluate import evaluate_vectors
+@click_options(EvaluateOptions)
+def evaluate(pred: Path, truth: Path, **params: Any) -> None:
+    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors."""
+    from rsseg.vector import evaluate_vectors
 
-    click.echo(json.dumps(evaluate_vectors(pred, truth, iou_threshold=iou_threshold)))
+    click.echo(json.dumps(evaluate_vectors(pred, truth, options_from_click(EvaluateOptions, params))))
 
 
 # ---------------------------------------------------------------------------------------- pipelines

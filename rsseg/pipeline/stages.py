@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
-from rsseg.vector.options import VectorizeOptions
+from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs"]
 
@@ -323,19 +323,21 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     return {"buildings": sum(counts.values()), "per_scene": counts}
 
 
-class EvaluateParams(Params):
+class EvaluateParams(Params, EvaluateOptions):
+    """The matching options (:class:`rsseg.vector.EvaluateOptions`), plus which files to compare."""
+
     pred: str = Field(description="A vector file, or a pattern with {stem}")
     truth: str = Field(description="A vector file, or a pattern with {stem}")
     scenes: str | None = Field(None, description="Scenes whose stems fill {stem} in pred and truth")
-    iou: float = 0.5
 
 
 def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.vector import evaluate_vectors
 
     stems = [s.stem for s in expand_inputs(p.scenes)] if p.scenes else [""]
-    results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem),
-                                               iou_threshold=p.iou) for stem in stems}
+    options = EvaluateOptions(**p.model_dump(include=set(EvaluateOptions.model_fields)))
+    results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem), options)
+               for stem in stems}
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
     return results
 

@@ -2,9 +2,9 @@
 
 ``vectorize`` / ``vectorize_to_file`` turn a mask GeoTIFF into polygons (:mod:`rsseg.vector.blockwise`),
 ``write_vectors`` / ``merge_vectors`` write them (:mod:`rsseg.vector.files`), ``evaluate_vectors`` scores
-them against truth polygons (:mod:`rsseg.vector.evaluate`), and :class:`VectorizeOptions` is what a run can
-be asked. The names are imported on first use, so that ``rsseg --help`` and ``rsseg.vector.options`` stay
-free of geopandas and GDAL.
+them against truth polygons (:mod:`rsseg.vector.evaluate`); :class:`VectorizeOptions` and
+:class:`EvaluateOptions` are what they can be asked. The names are imported on first use, so that
+``rsseg --help`` and ``rsseg.vector.options`` stay free of geopandas and GDAL.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ if TYPE_CHECKING:
     from rsseg.vector.blockwise import block_count, vectorize, vectorize_to_file
     from rsseg.vector.evaluate import evaluate_vectors, match_buildings
     from rsseg.vector.files import FORMATS, merge_vectors, write_vectors
-    from rsseg.vector.options import VectorizeOptions
+    from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 _HOMES = {
     "block_count": "blockwise", "vectorize": "blockwise", "vectorize_to_file": "blockwise",
     "evaluate_vectors": "evaluate", "match_buildings": "evaluate",
     "FORMATS": "files", "merge_vectors": "files", "write_vectors": "files",
-    "VectorizeOptions": "options",
+    "EvaluateOptions": "options", "VectorizeOptions": "options",
 }
 
 __all__ = [
-    "FORMATS", "VectorizeOptions", "block_count", "evaluate_vectors", "match_buildings", "merge_vectors",
-    "vectorize", "vectorize_to_file", "write_vectors",
+    "FORMATS", "EvaluateOptions", "VectorizeOptions", "block_count", "evaluate_vectors", "match_buildings",
+    "merge_vectors", "vectorize", "vectorize_to_file", "write_vectors",
 ]
 
 

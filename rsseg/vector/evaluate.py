@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -23,6 +24,8 @@ import shapely
 from pyproj import CRS
 
 from rsseg.errors import ConfigError, VectorError
+from rsseg.options import resolve
+from rsseg.vector.options import EvaluateOptions
 
 __all__ = ["evaluate_vectors", "match_buildings"]
 
@@ -96,13 +99,14 @@ def _metric_crs(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> CRS:
 
 
 def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gpd.GeoDataFrame,
-                     iou_threshold: float = 0.5) -> dict:
+                     options: EvaluateOptions | None = None, **values: Any) -> dict:
     """Score predicted building polygons against truth polygons (see the module docstring).
 
     Args:
         pred: predicted buildings: a vector file or a GeoDataFrame with a CRS.
         truth: truth buildings: the same.
-        iou_threshold: least IoU for a predicted building to count as found.
+        options: :class:`EvaluateOptions` (``iou``: least IoU for a predicted building to count as found).
+        **values: options by name, overriding ``options`` (``evaluate_vectors(p, t, iou=0.3)``).
 
     Returns:
         A JSON-able dict: ``n_pred``, ``n_truth``, ``tp``, ``fp``, ``fn``, ``precision``, ``recall``,
@@ -110,8 +114,10 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
         ``crs`` and ``iou_threshold`` used.
 
     Raises:
+        ConfigError: an unknown option, or an IoU outside (0, 1].
         VectorError: a file that is not a vector file, has no CRS, or holds other geometries than polygons.
     """
+    iou_threshold = resolve(EvaluateOptions, options, values).iou
     pred_gdf, truth_gdf = _read(pred, "prediction"), _read(truth, "truth")
     crs = _metric_crs(pred_gdf, truth_gdf)
     shapes_ = [shapely.make_valid(gdf.to_crs(crs).geometry.values.to_numpy(), method="structure")

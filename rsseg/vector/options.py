@@ -1,7 +1,8 @@
-"""The options of a vectorising run, defined once.
+"""The options of the vector stage, defined once.
 
 :func:`rsseg.vector.vectorize`, ``rsseg vectorize`` and the pipeline's ``vectorize`` stage (whose parameters
-subclass :class:`VectorizeOptions`) take the same options with the same defaults.
+subclass :class:`VectorizeOptions`) take the same options with the same defaults; so do
+:func:`rsseg.vector.evaluate_vectors`, ``rsseg evaluate`` and the ``evaluate`` stage (:class:`EvaluateOptions`).
 
 This module imports nothing heavy, so that the command line can build its options from it quickly.
 """
@@ -12,7 +13,7 @@ from pydantic import Field
 
 from rsseg.options import Options
 
-__all__ = ["VectorizeOptions"]
+__all__ = ["EvaluateOptions", "VectorizeOptions"]
 
 
 class VectorizeOptions(Options):
@@ -27,3 +28,10 @@ class VectorizeOptions(Options):
     block: int = Field(2048, ge=1, description="Block size in pixels: each block of the mask is one unit of "
                        "parallel work.")
     overwrite: bool = Field(False, description="Replace an existing output file.")
+
+
+class EvaluateOptions(Options):
+    """How predicted buildings are matched to truth buildings (:func:`rsseg.vector.evaluate_vectors`)."""
+
+    iou: float = Field(0.5, gt=0, le=1, description="Least IoU of a predicted and a truth building to count "
+                       "as a match (SpaceNet: 0.5).")
