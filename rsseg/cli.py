@@ -201,8 +201,10 @@ def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, *
     """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.vector import block_count, vectorize_to_file
+    from rsseg.vector.files import check_output
 
     options = options_from_click(VectorizeOptions, params)
+    check_output(out, options.overwrite)  # refuse before starting any cluster
     if scheduler is None and block_count(mask, options) == 1:
         scheduler = "sync"
     with dask_executor(scheduler) as executor:

@@ -392,7 +392,12 @@ def test_cli_vectorize_writes_and_reports(tmp_path):
     assert report["buildings"] == len(pyogrio.read_dataframe(tmp_path / "b.geojson")) == 4  # two 3 m2 dropped
 
 
-def test_cli_vectorize_refuses_existing_output_unless_overwrite(tmp_path, capsys):
+def test_cli_vectorize_refuses_existing_output_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import rsseg.pipeline.cluster
+
+    schedulers = []
+    real = rsseg.pipeline.cluster.dask_executor
+    monkeypatch.setattr(rsseg.pipeline.cluster, "dask_executor", lambda s: schedulers.append(s) or real(s))
     path = write_raster(tmp_path / "mask.tif", tricky_mask())
     out = tmp_path / "b.gpkg"
     out.write_text("earlier result\n")
@@ -400,7 +405,8 @@ def test_cli_vectorize_refuses_existing_output_unless_overwrite(tmp_path, capsys
     assert code == 2 and "exists" in captured.err and "--overwrite" in captured.err
     assert out.read_text() == "earlier result\n"  # untouched
     result = CliRunner().invoke(cli, ["vectorize", str(path), str(out), "--overwrite"], catch_exceptions=False)
-    assert result.exit_code == 0 and json.loads(result.stdout)["buildings"] == 6  # one block: in-process
+    assert result.exit_code == 0 and json.loads(result.stdout)["buildings"] == 6
+    assert schedulers == ["sync"]  # one block: in this process, no LocalCluster
     assert len(pyogrio.read_dataframe(out)) == 6
 
 

@@ -36,7 +36,7 @@ from rsseg.errors import RasterError
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.vector.cleaning import Buildings, Cleaning, finish, make_cleaning
-from rsseg.vector.files import output_driver, write_vectors
+from rsseg.vector.files import check_output, write_vectors
 from rsseg.vector.options import VectorizeOptions
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 
@@ -197,10 +197,7 @@ def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptio
         VectorError: ``out`` has an unsupported extension (checked before any work).
     """
     opts = resolve(VectorizeOptions, options, values)
-    out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    crs = "EPSG:4326" if output_driver(out) == "GeoJSON" else None
+    crs = "EPSG:4326" if check_output(out, opts.overwrite) == "GeoJSON" else None
     blocks, provenance = _plan(Path(mask), opts, prob, crs)
     gdf = _assemble(blocks, _run(blocks, executor), provenance)
     write_vectors(gdf, out, overwrite=opts.overwrite)

@@ -22,7 +22,7 @@ from pyproj import CRS
 from rsseg.errors import VectorError
 from rsseg.fileio import atomic_path
 
-__all__ = ["FORMATS", "merge_vectors", "output_driver", "write_vectors"]
+__all__ = ["FORMATS", "check_output", "merge_vectors", "output_driver", "write_vectors"]
 
 #: Output drivers by file extension. GeoJSON is written in EPSG:4326 (RFC 7946), the others in the mask's CRS.
 FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
@@ -39,6 +39,19 @@ def output_driver(path: Path) -> str:
     if driver is None:
         raise VectorError(f"{path}: unsupported output format {Path(path).suffix or '(no extension)'!r}; "
                           f"supported: {', '.join(FORMATS)}")
+    return driver
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> str:
+    """The driver for ``path``, after checking that it may be written (before any work is done).
+
+    Raises:
+        VectorError: an unsupported extension.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    driver = output_driver(Path(path))
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return driver
 
 
