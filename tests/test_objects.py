@@ -66,6 +66,8 @@ def test_one_to_one_in_prediction_order():
     with pytest.raises(ConfigError, match="iou"):
         evaluate_vectors(frame(), frame(), iou=1.5)
     assert evaluate_vectors(PRED, TRUTH, EvaluateOptions(iou=0.24))["tp"] == 4
+    with pytest.raises(OSError, match="missing.gpkg: no such file"):  # a VectorError
+        evaluate_vectors("missing.gpkg", TRUTH)
 
 
 def test_files_in_different_crs_and_empty_cases(tmp_path):

@@ -23,7 +23,7 @@ from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
 from rsseg.cli import cli, main
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, RasterError
 from rsseg.pipeline.cluster import dask_executor
 from rsseg.vector import VectorizeOptions, vectorize, vectorize_to_file, write_vectors
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
@@ -354,6 +354,8 @@ def test_options_are_validated_once(tmp_path):
     with pytest.raises(ConfigError, match="block"):
         vectorize(path, VectorizeOptions(), block=0)
     assert len(vectorize(path, VectorizeOptions(min_area=10), block=16)) == 4
+    with pytest.raises(RasterError, match="no such file"):  # an OSError too
+        vectorize(tmp_path / "missing.tif")
 
 
 def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):

@@ -117,7 +117,7 @@ def _run_block(block: _Block) -> _BlockResult:
 
 def _open(path: Path) -> rasterio.DatasetReader:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise RasterError(f"{path}: no such file; expected a building mask GeoTIFF")
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:

@@ -69,7 +69,7 @@ def _read(source: str | Path | gpd.GeoDataFrame, role: str) -> gpd.GeoDataFrame:
         path = Path(source)
         name = str(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise VectorError(f"{path}: no such file; expected {role} polygons in a vector file")
         try:
             gdf = pyogrio.read_dataframe(path)
         except pyogrio.errors.DataSourceError as exc:
