@@ -19,6 +19,7 @@ import click
 from rsseg.errors import RssegError
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["main"]
 
@@ -187,33 +188,34 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
 @cli.command()
 @click.argument("mask", type=_EXISTING)
 @click.argument("out", type=_PATH)
-@click.option("--min-area", default=0.0, show_default=True, help="Drop buildings smaller than this (m2).")
-@click.option("--simplify", default=0.0, show_default=True, help="Simplify tolerance in metres.")
 @click.option("--prob", type=_EXISTING, help="Probability raster for a mean-confidence attribute.")
-@click.option("--regularize", is_flag=True, help="Square up outlines along their dominant orientation.")
-@click.option("--band", default=1, show_default=True, help="Band of MASK holding the mask.")
-@click.option("--block", default=2048, show_default=True, help="Block size in pixels.")
+@click_options(VectorizeOptions)
 @click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
               "LocalCluster; a single block runs in this process).")
-def vectorize(mask: Path, out: Path, min_area: float, simplify: float, prob: Path | None, regularize: bool,
-              band: int, block: int, scheduler: str | None) -> None:
+def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, **params: Any) -> None:
     """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
-    from rsseg.vector.blockwise import vectorize_to_file
+    from rsseg.pipeline.cluster import dask_executor
+    from rsseg.vector import block_count, vectorize_to_file
+    from rsseg.vector.files import check_output
 
-    n = vectorize_to_file(mask, out, min_area=min_area, simplify=simplify, prob=prob, regularize=regularize,
-                          band=band, block=block, scheduler=scheduler)
+    options = options_from_click(VectorizeOptions, params)
+    check_output(out, options.overwrite)  # refuse before starting any cluster
+    if scheduler is None and block_count(mask, options) == 1:
+        scheduler = "sync"
+    with dask_executor(scheduler) as executor:
+        n = vectorize_to_file(mask, out, options, prob=prob, executor=executor)
     click.echo(json.dumps({"output": str(out), "buildings": n}))
 
 
 @cli.command()
 @click.argument("pred", type=_EXISTING)
 @click.argument("truth", type=_EXISTING)
-@click.option("--iou", "iou_threshold", default=0.5, show_default=True)
-def evaluate(pred: Path, truth: Path, iou_threshold: float) -> None:
-    """Object-level precision/recall/F1 (SpaceNet rule) and pixel IoU of PRED against TRUTH vectors."""
-    from rsseg.vector.evaluate import evaluate_vectors
+@click_options(EvaluateOptions)
+def evaluate(pred: Path, truth: Path, **params: Any) -> None:
+    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors."""
+    from rsseg.vector import evaluate_vectors
 
-    click.echo(json.dumps(evaluate_vectors(pred, truth, iou_threshold=iou_threshold)))
+    click.echo(json.dumps(evaluate_vectors(pred, truth, options_from_click(EvaluateOptions, params))))
 
 
 # ---------------------------------------------------------------------------------------- pipelines

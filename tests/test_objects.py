@@ -7,8 +7,11 @@ import json
 import geopandas as gpd
 import pytest
 import shapely
+from click.testing import CliRunner
 
-from rsseg.cli import main
+from rsseg.cli import cli, main
+from rsseg.errors import ConfigError
+from rsseg.vector import EvaluateOptions
 from rsseg.vector.evaluate import evaluate_vectors, match_buildings
 from rsseg.vector.files import write_vectors
 
@@ -60,6 +63,11 @@ def test_one_to_one_in_prediction_order():
     assert list(zip(p.tolist(), t.tolist(), strict=True)) == [(0, 0), (1, 1)]
     with pytest.raises(ValueError, match="IoU threshold"):
         match_buildings(pred, truth, iou_threshold=1.5)
+    with pytest.raises(ConfigError, match="iou"):
+        evaluate_vectors(frame(), frame(), iou=1.5)
+    assert evaluate_vectors(PRED, TRUTH, EvaluateOptions(iou=0.24))["tp"] == 4
+    with pytest.raises(OSError, match="missing.gpkg: no such file"):  # a VectorError
+        evaluate_vectors("missing.gpkg", TRUTH)
 
 
 def test_files_in_different_crs_and_empty_cases(tmp_path):
@@ -77,16 +85,18 @@ def test_files_in_different_crs_and_empty_cases(tmp_path):
     assert (missed["f1"], missed["fn"], missed["area_iou"]) == (0.0, 5, 0.0)
 
 
-def test_cli_evaluate(tmp_path, capsys):
+def test_cli_evaluate(tmp_path):
     write_vectors(PRED, tmp_path / "pred.geojson")
     write_vectors(TRUTH, tmp_path / "truth.gpkg")
-    main(["evaluate", str(tmp_path / "pred.geojson"), str(tmp_path / "truth.gpkg"), "--iou", "0.24"])
-    result = json.loads(capsys.readouterr().out)
+    run = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "pred.geojson"), str(tmp_path / "truth.gpkg"),
+                                   "--iou", "0.24"], catch_exceptions=False)
+    assert run.exit_code == 0
+    result = json.loads(run.stdout)
     assert (result["tp"], result["iou_threshold"]) == (4, 0.24)  # the 6 m shift (IoU 0.25) counts
 
 
 @pytest.mark.parametrize(("case", "message"), [("text", "not a vector file"), ("no_crs", "no CRS"),
-                                               ("points", "expected building polygons")])
+                                               ("points", "expected building polygons"), ("iou", "iou")])
 def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
     write_vectors(TRUTH, tmp_path / "truth.gpkg")
     pred = tmp_path / "pred.geojson"
@@ -96,10 +106,12 @@ def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
         with pytest.warns(UserWarning, match="'crs' was not provided"):  # pyogrio's, the point of the case
             frame(box(0, 0, 1, 1), crs=None).to_file(tmp_path / "pred.gpkg")
         pred = tmp_path / "pred.gpkg"
-    else:
+    elif case == "points":
         write_vectors(gpd.GeoDataFrame(geometry=[shapely.Point(X0, Y0)], crs=UTM), pred)
+    else:
+        write_vectors(PRED, pred)
     with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg")])
+        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg"), *(["--iou", "0"] if case == "iou" else [])])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]

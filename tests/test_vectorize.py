@@ -1,8 +1,10 @@
-"""Tests of rsseg.vector.blockwise, rsseg.vector.polygonize and rsseg.vector.regularize on tiny real GeoTIFFs."""
+"""Tests of rsseg.vector.blockwise, rsseg.vector.polygonize, rsseg.vector.regularize and rsseg.vector.files
+on tiny real GeoTIFFs."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import geopandas as gpd
 import numpy as np
@@ -12,6 +14,7 @@ import rasterio
 import shapely
 import shapely.affinity
 import shapely.geometry
+from click.testing import CliRunner
 from distributed import Client, LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,10 +22,10 @@ from pyproj import CRS, Geod, Transformer
 from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
-from rsseg.cli import main
-from rsseg.vector import files as vector_files
-from rsseg.vector.blockwise import vectorize, vectorize_to_file
-from rsseg.vector.files import write_vectors
+from rsseg.cli import cli, main
+from rsseg.errors import ConfigError, RasterError
+from rsseg.pipeline.cluster import dask_executor
+from rsseg.vector import VectorizeOptions, vectorize, vectorize_to_file, write_vectors
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 from rsseg.vector.regularize import regularize_polygons
 
@@ -43,12 +46,18 @@ def client():
         yield dask
 
 
+@pytest.fixture(scope="module")
+def executor(client):
+    """The blocks run on the Dask workers, as from the CLI and the pipeline."""
+    return client.get_executor()
+
+
 def write_raster(path, array, crs=UTM, transform=UTM_ORIGIN, nodata=None, tags=None):
     with rasterio.open(path, "w", driver="GTiff", width=array.shape[1], height=array.shape[0], count=1,
                        dtype=array.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
         dst.write(array, 1)
         if tags:
-            dst.update_tags(**tags)
+            dst.update_tags(ns="rsseg", **tags)  # the metadata domain inference writes
     return path
 
 
@@ -79,18 +88,23 @@ def tricky_mask():
     return mask
 
 
-def test_blockwise_equals_whole_raster_on_dask(tmp_path, client):
+# rasterio silences this warning of its in-memory datasets with warnings.catch_warnings(), which is not
+# thread-safe: with blocks on a thread pool, one thread's exit from it can let another's warning through.
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_blockwise_equals_whole_raster_on_dask(tmp_path, client, executor):
     mask = tricky_mask()
     path = write_raster(tmp_path / "mask.tif", mask)
-    found = vectorize(path, block=16, scheduler=client)
+    found = vectorize(path, block=16, executor=executor)
     expected = whole_raster_polygons(mask, UTM_ORIGIN)
     assert len(found) == 6
     assert_same_polygons(found.geometry.values, expected)
     assert shapely.is_valid(found.geometry.values).all()
     assert sorted(len(p.interiors) for p in found.geometry) == [0] * 4 + [1, 1]
-    # a scheduler address and a single in-process window give the same polygons
-    by_address = vectorize(path, block=7, scheduler=client.scheduler.address)
-    assert_same_polygons(by_address.geometry.values, expected)
+    # a scheduler address, any other executor and a single in-process block give the same polygons
+    with dask_executor(client.scheduler.address) as by_address:
+        assert_same_polygons(vectorize(path, block=7, executor=by_address).geometry.values, expected)
+    with ThreadPoolExecutor(2) as threads:
+        assert_same_polygons(vectorize(path, VectorizeOptions(block=5), executor=threads).geometry.values, expected)
     assert_same_polygons(vectorize(path, block=4096).geometry.values, expected)
     assert list(found["id"]) == list(range(1, 7))
 
@@ -123,14 +137,14 @@ def test_holes_kept_both_conventions_nodata_ignored(tmp_path, building, nodata):
     mask[15:25, 15:25] = 0  # courtyard across the 20 px block corner
     mask[0, :] = nodata  # ignored
     path = write_raster(tmp_path / "mask.tif", mask, nodata=nodata)
-    found = vectorize(path, block=20, scheduler="sync")
+    found = vectorize(path, block=20)
     assert len(found) == 1
     (building,) = found.geometry
     assert len(building.interiors) == 1
     assert building.area == pytest.approx((900 - 100) * 0.25)
 
 
-def test_synth_scene_footprints_round_trip(tmp_path, client):
+def test_synth_scene_footprints_round_trip(tmp_path, executor):
     from rsseg.synth.generate import make_scene
 
     footprints = make_scene(tmp_path / "scene.tif", size=1024, crs=UTM, seed=3)
@@ -138,7 +152,7 @@ def test_synth_scene_footprints_round_trip(tmp_path, client):
         fine = src.transform @ Affine.scale(1 / 4)  # 4x finer grid: 7.5 cm pixels
     mask = rasterize(footprints.geometry, out_shape=(4096, 4096), transform=fine, dtype="uint8")
     path = write_raster(tmp_path / "mask.tif", mask, transform=fine)
-    found = vectorize(path, block=1024, scheduler=client).geometry.values
+    found = vectorize(path, block=1024, executor=executor).geometry.values
     truth = footprints.geometry.values
     i, j = shapely.STRtree(found).query(truth, predicate="intersects")
     overlap = shapely.area(shapely.intersection(truth[i], found[j]))
@@ -165,7 +179,7 @@ def test_area_m2_is_ground_area(tmp_path, crs, transform):
     mask[4:60, 10:50] = 1
     mask[20:30, 20:30] = 0
     path = write_raster(tmp_path / "mask.tif", mask, crs=crs, transform=transform)
-    found = vectorize(path, scheduler="sync")
+    found = vectorize(path)
     area, true_area = found["area_m2"].iloc[0], geodesic_area(found.geometry.iloc[0], crs)
     assert area == pytest.approx(true_area, rel=0.01)
     if crs == UTM:
@@ -184,10 +198,10 @@ def test_min_area_and_simplify_in_metres(tmp_path, crs, transform, metres):
     disk = shapely.Point(centre).buffer(60 * step)  # a round building, stair-stepped outline
     mask |= rasterize([disk], out_shape=mask.shape, transform=transform, dtype="uint8")
     path = write_raster(tmp_path / "mask.tif", mask, crs=crs, transform=transform)
-    kept = vectorize(path, min_area=20, scheduler="sync")
-    assert len(vectorize(path, scheduler="sync")) == 2
+    kept = vectorize(path, min_area=20)
+    assert len(vectorize(path)) == 2
     assert len(kept) == 1 and kept["area_m2"].iloc[0] > 1000
-    simple = vectorize(path, min_area=20, simplify=1.0, scheduler="sync")
+    simple = vectorize(path, min_area=20, simplify=1.0)
     raw_geom, simple_geom = kept.geometry.iloc[0], simple.geometry.iloc[0]
     assert simple_geom.is_valid
     assert len(simple_geom.exterior.coords) < len(raw_geom.exterior.coords) / 4
@@ -213,8 +227,8 @@ def test_regularize_squares_rotated_buildings(tmp_path):
         buildings.append(shapely.affinity.translate(turned, x - turned.centroid.x, y - turned.centroid.y))
     mask = rasterize(buildings, out_shape=(200, 200), transform=UTM_ORIGIN, dtype="uint8")
     path = write_raster(tmp_path / "mask.tif", mask)
-    raw = vectorize(path, scheduler="sync")
-    square = vectorize(path, regularize=True, scheduler="sync")
+    raw = vectorize(path)
+    square = vectorize(path, regularize=True)
     assert len(raw) == len(square) == 2
     for before, after in zip(raw.geometry, square.geometry, strict=True):
         assert after.is_valid
@@ -258,7 +272,7 @@ def test_mean_probability_across_blocks(tmp_path, dtype):
     prob[5, 7] = 1 if dtype == "uint8" else np.nan  # nodata (1 is not in the uint8 gradient)
     mask_path = write_raster(tmp_path / "mask.tif", mask)
     prob_path = write_raster(tmp_path / "prob.tif", prob, nodata=1 if dtype == "uint8" else np.nan)
-    found = vectorize(mask_path, prob=prob_path, block=16, scheduler="sync")
+    found = vectorize(mask_path, prob=prob_path, block=16)
     values = prob.astype(float) / (255 if dtype == "uint8" else 1)
     valid = np.ones(prob.shape, bool)
     valid[5, 7] = False
@@ -274,10 +288,10 @@ def ring_area(ring):
 
 def test_geojson_is_rfc7946_with_provenance(tmp_path):
     mask = tricky_mask()
-    tags = {"rsseg:checkpoint_sha256": "ab12", "rsseg_threshold": "0.5"}
+    tags = {"checkpoint_sha256": "ab12", "threshold": "0.5"}
     path = write_raster(tmp_path / "mask.tif", mask, tags=tags)
     out = tmp_path / "buildings.geojson"
-    assert vectorize_to_file(path, out, block=16, scheduler="sync") == 6
+    assert vectorize_to_file(path, out, block=16) == 6
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection"
     assert doc.get("crs", {}).get("properties", {}).get("name", "CRS84").endswith("CRS84")
@@ -298,31 +312,55 @@ def test_geojson_is_rfc7946_with_provenance(tmp_path):
     assert holes == 2
 
 
-def test_geojson_formatted_on_workers_is_byte_identical(tmp_path, client, monkeypatch):
-    monkeypatch.setattr(vector_files, "_GEOJSON_CHUNK", 2)  # several chunks per worker
-    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"rsseg:threshold": "0.5"})
+def test_geojson_from_worker_blocks_is_byte_identical(tmp_path, executor):
+    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"threshold": "0.5"})
     here, there = tmp_path / "here" / "b.geojson", tmp_path / "there" / "b.geojson"  # same layer name
     here.parent.mkdir(), there.parent.mkdir()
-    assert vectorize_to_file(path, here, block=16, scheduler="sync") == 6
-    assert vectorize_to_file(path, there, block=16, scheduler=client) == 6
+    assert vectorize_to_file(path, here, block=16) == 6
+    assert vectorize_to_file(path, there, block=16, executor=executor) == 6
     assert there.read_bytes() == here.read_bytes()
-    # rings in the wrong orientation are written RFC 7946 oriented, here and on the workers
+    # rings in the wrong orientation are written RFC 7946 oriented
     clockwise = shapely.Polygon([(117, 36), (117, 36.01), (117.01, 36.01), (117.01, 36)],
                                 [[(117.002, 36.002), (117.008, 36.002), (117.008, 36.008), (117.002, 36.008)]])
     wrong = gpd.GeoDataFrame({"id": [1, 2, 3]}, geometry=[clockwise] * 3, crs="EPSG:4326")
-    for dask in (None, client):
-        write_vectors(wrong, tmp_path / "wrong.geojson", client=dask)
+    for overwrite in (False, True):
+        write_vectors(wrong, tmp_path / "wrong.geojson", overwrite=overwrite)
         for feature in json.loads((tmp_path / "wrong.geojson").read_text())["features"]:
             outer, hole = feature["geometry"]["coordinates"]
             assert ring_area(outer) > 0 > ring_area(hole)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_vectors(wrong, tmp_path / "wrong.geojson")
     empty = write_raster(tmp_path / "empty.tif", np.zeros((20, 20), np.uint8))
-    assert vectorize_to_file(empty, tmp_path / "empty.geojson", block=8, scheduler=client) == 0
+    assert vectorize_to_file(empty, tmp_path / "empty.geojson", block=8, executor=executor) == 0
     assert json.loads((tmp_path / "empty.geojson").read_text())["features"] == []
 
 
+def test_merge_vectors_appends_scenes_in_one_crs(tmp_path):
+    from rsseg.vector import merge_vectors
+
+    path = write_raster(tmp_path / "mask.tif", tricky_mask())
+    gdf = vectorize(path, block=16)
+    files = [write_vectors(gdf, tmp_path / "a.gpkg"), write_vectors(gdf, tmp_path / "b.geojson")]
+    merged = pyogrio.read_dataframe(merge_vectors(files, tmp_path / "all.gpkg"))
+    assert len(merged) == 12 and merged.crs == CRS(4326)  # the files' CRSs differ: EPSG:4326
+    assert sorted(set(merged["scene"])) == ["a", "b"]
+    assert merged.to_crs(UTM).area.sum() == pytest.approx(2 * gdf.area.sum(), rel=1e-3)  # GeoJSON: 7 decimals
+
+
+def test_options_are_validated_once(tmp_path):
+    path = write_raster(tmp_path / "mask.tif", tricky_mask())
+    with pytest.raises(ConfigError, match="min_aera"):
+        vectorize(path, min_aera=3)
+    with pytest.raises(ConfigError, match="block"):
+        vectorize(path, VectorizeOptions(), block=0)
+    assert len(vectorize(path, VectorizeOptions(min_area=10), block=16)) == 4
+    with pytest.raises(RasterError, match="no such file"):  # an OSError too
+        vectorize(tmp_path / "missing.tif")
+
+
 def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
-    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"rsseg:threshold": "0.4"})
-    gdf = vectorize(path, block=16, scheduler="sync")
+    path = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"threshold": "0.4"})
+    gdf = vectorize(path, block=16)
     for name in ("b.gpkg", "b.fgb"):
         write_vectors(gdf, tmp_path / name)
         back = pyogrio.read_dataframe(tmp_path / name)
@@ -336,7 +374,7 @@ def test_gpkg_and_fgb_keep_source_crs_and_metadata(tmp_path):
 def test_empty_mask_gives_empty_layers(tmp_path):
     path = write_raster(tmp_path / "mask.tif", np.zeros((20, 20), np.uint8))
     for name in ("b.geojson", "b.gpkg"):
-        assert vectorize_to_file(path, tmp_path / name, block=8, scheduler="sync") == 0
+        assert vectorize_to_file(path, tmp_path / name, block=8) == 0
         assert len(pyogrio.read_dataframe(tmp_path / name)) == 0
     assert json.loads((tmp_path / "b.geojson").read_text())["features"] == []
 
@@ -347,12 +385,31 @@ def run_cli(capsys, *args):
     return exit_info.value.code, capsys.readouterr()
 
 
-def test_cli_vectorize_writes_and_reports(tmp_path, capsys):
+def test_cli_vectorize_writes_and_reports(tmp_path):
     path = write_raster(tmp_path / "mask.tif", tricky_mask())
-    main(["vectorize", str(path), str(tmp_path / "b.geojson"), "--min-area", "10", "--block", "16",
-          "--scheduler", "sync"])
-    report = json.loads(capsys.readouterr().out)
+    result = CliRunner().invoke(cli, ["vectorize", str(path), str(tmp_path / "b.geojson"), "--min-area", "10",
+                                      "--block", "16", "--scheduler", "sync"], catch_exceptions=False)
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
     assert report["buildings"] == len(pyogrio.read_dataframe(tmp_path / "b.geojson")) == 4  # two 3 m2 dropped
+
+
+def test_cli_vectorize_refuses_existing_output_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import rsseg.pipeline.cluster
+
+    schedulers = []
+    real = rsseg.pipeline.cluster.dask_executor
+    monkeypatch.setattr(rsseg.pipeline.cluster, "dask_executor", lambda s: schedulers.append(s) or real(s))
+    path = write_raster(tmp_path / "mask.tif", tricky_mask())
+    out = tmp_path / "b.gpkg"
+    out.write_text("earlier result\n")
+    code, captured = run_cli(capsys, "vectorize", str(path), str(out), "--scheduler", "sync")
+    assert code == 2 and "exists" in captured.err and "--overwrite" in captured.err
+    assert out.read_text() == "earlier result\n"  # untouched
+    result = CliRunner().invoke(cli, ["vectorize", str(path), str(out), "--overwrite"], catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.stdout)["buildings"] == 6
+    assert schedulers == ["sync"]  # one block: in this process, no LocalCluster
+    assert len(pyogrio.read_dataframe(out)) == 6
 
 
 @pytest.mark.parametrize(("case", "message"), [

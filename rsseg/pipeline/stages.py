@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
-__all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
+__all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -284,34 +285,32 @@ def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------- vectorisation
-class VectorizeParams(Params):
+class VectorizeParams(Params, VectorizeOptions):
+    """The vectorising options (:class:`rsseg.vector.VectorizeOptions`), plus which masks and formats."""
+
     masks: str
     scenes: str | None = Field(None, description="The source scenes, for the quick-look")
-    min_area: float = 0.0
-    simplify: float = 0.0
-    regularize: bool = False
-    block: int = 2048
     formats: list[Literal["geojson", "gpkg", "fgb"]] = ["geojson", "gpkg"]
     merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings")
 
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.pipeline.report import scene_quicklook
-    from rsseg.vector.blockwise import vectorize
-    from rsseg.vector.files import write_vectors
+    from rsseg.vector import merge_vectors, vectorize, write_vectors
 
     masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
+    options = VectorizeOptions(**p.model_dump(include=set(VectorizeOptions.model_fields)))
     counts: dict[str, int] = {}
     for mask in masks:
         prob = mask.with_name(f"{mask.stem}.prob.tif")
-        gdf = vectorize(mask, min_area=p.min_area, simplify=p.simplify, prob=prob if prob.exists() else None,
-                        regularize=p.regularize, block=p.block, scheduler=ctx.client)
+        gdf = vectorize(mask, options, prob=prob if prob.exists() else None, executor=ctx.client.get_executor())
         for fmt in p.formats:
-            write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}", client=ctx.client)  # GeoJSON: on workers
+            write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}", overwrite=p.overwrite)
         counts[mask.stem] = len(gdf)
     if p.merged:
         fmt = "gpkg" if "gpkg" in p.formats else p.formats[0]
-        merge_vectors([ctx.out_dir / f"{m.stem}.{fmt}" for m in masks], ctx.out_dir / p.merged)
+        merge_vectors([ctx.out_dir / f"{m.stem}.{fmt}" for m in masks], ctx.out_dir / p.merged,
+                      overwrite=p.overwrite)
     if p.scenes:
         for scene in expand_inputs(p.scenes)[:4]:
             vectors = ctx.out_dir / f"{scene.stem}.{p.formats[0]}"
@@ -320,39 +319,21 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     return {"buildings": sum(counts.values()), "per_scene": counts}
 
 
-def merge_vectors(files: list[Path], out: Path) -> Path:
-    """Append every file's buildings to one layer (with a ``scene`` column), scene by scene.
+class EvaluateParams(Params, EvaluateOptions):
+    """The matching options (:class:`rsseg.vector.EvaluateOptions`), plus which files to compare."""
 
-    The merged layer keeps the files' CRS when they share one, else EPSG:4326. Memory holds one scene's
-    buildings at a time.
-    """
-    import pyogrio
-
-    from rsseg.fileio import atomic_path
-
-    crss = {pyogrio.read_info(f)["crs"] for f in files}
-    target = crss.pop() if len(crss) == 1 else "EPSG:4326"
-    with atomic_path(out) as tmp:
-        for i, path in enumerate(files):
-            gdf = pyogrio.read_dataframe(path).to_crs(target)
-            gdf.insert(0, "scene", path.stem)
-            pyogrio.write_dataframe(gdf, tmp, layer="buildings", append=i > 0)
-    return out
-
-
-class EvaluateParams(Params):
     pred: str = Field(description="A vector file, or a pattern with {stem}")
     truth: str = Field(description="A vector file, or a pattern with {stem}")
     scenes: str | None = Field(None, description="Scenes whose stems fill {stem} in pred and truth")
-    iou: float = 0.5
 
 
 def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.vector import evaluate_vectors
 
     stems = [s.stem for s in expand_inputs(p.scenes)] if p.scenes else [""]
-    results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem),
-                                               iou_threshold=p.iou) for stem in stems}
+    options = EvaluateOptions(**p.model_dump(include=set(EvaluateOptions.model_fields)))
+    results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem), options)
+               for stem in stems}
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
     return results
 

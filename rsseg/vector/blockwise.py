@@ -1,53 +1,53 @@
-"""Building masks to map polygons: blockwise on Dask, cleaned, attributed and written for GIS.
+"""Building masks to map polygons, block by block, cleaned, attributed and written for GIS.
 
-The mask GeoTIFF is read in windows (``block`` x ``block`` pixels), one Dask task per window. A task
-checks the window's values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
-coordinates (:mod:`rsseg.vector.polygonize`), sums the probability raster under each polygon, and finishes
-every building that does not touch an inner window border (:mod:`rsseg.vector.cleaning`): it maps it to the
-raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies and
-regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
-window borders come back in pixel coordinates; the client joins them exactly and finishes them the same
+The mask GeoTIFF is read in blocks of ``block`` x ``block`` pixels, each one unit of parallel work
+(:func:`rsseg.parallel.map_blocks`: in this process, or on any executor, a Dask client's included). A
+block checks its values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
+coordinates (:mod:`rsseg.vector.polygonize`), sums the probability raster under each polygon, and
+finishes every building that does not touch an inner block border (:mod:`rsseg.vector.cleaning`): it
+maps it to the raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies
+and regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
+block borders come back in pixel coordinates; the caller joins them exactly and finishes them the same
 way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the window size. :mod:`rsseg.vector.files` writes the result (GeoJSON features formatted on
-the workers too).
+bounded by the block size. :mod:`rsseg.vector.files` writes the result.
 
 Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.vector.cleaning`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import rasterio
 import shapely
-from distributed import Client, as_completed
 from rasterio import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
 from rasterio.windows import Window
-from tqdm.auto import tqdm
 
-from rsseg.errors import ConfigError, RasterError
-from rsseg.fileio import raster_env
-from rsseg.pipeline.cluster import dask_client
+from rsseg.errors import RasterError
+from rsseg.options import resolve
+from rsseg.parallel import map_blocks
 from rsseg.vector.cleaning import Buildings, Cleaning, finish, make_cleaning
-from rsseg.vector.files import output_driver, write_vectors
+from rsseg.vector.files import check_output, write_vectors
+from rsseg.vector.options import VectorizeOptions
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 
-__all__ = ["vectorize", "vectorize_to_file"]
+__all__ = ["block_count", "vectorize", "vectorize_to_file"]
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class _Block:
-    """One Dask task: a window of the mask (and of the probability raster, if any)."""
+    """One block: a window of the mask (and of the probability raster, if any)."""
 
     mask: str
     band: int
@@ -62,7 +62,7 @@ class _Block:
 class _BlockResult:
     values: frozenset[int]
     buildings: Buildings
-    pieces: np.ndarray  # pixel polygons touching an inner window border
+    pieces: np.ndarray  # pixel polygons touching an inner block border
     piece_sum: np.ndarray
     piece_count: np.ndarray
 
@@ -99,15 +99,14 @@ def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _run_block(block: _Block) -> _BlockResult:
-    """Polygonise one window and finish the buildings wholly inside it (a Dask task)."""
-    with raster_env(), rasterio.open(block.mask) as src:
+    """Polygonise one block and finish the buildings wholly inside it (the per-block function)."""
+    with rasterio.open(block.mask) as src:
         values = src.read(block.band, window=block.window)
         nodata = src.nodatavals[block.band - 1]
     building, present = building_pixels(values, nodata, block.window, block.mask)
     pixels = polygonize_pixels(building, block.window.col_off, block.window.row_off)
     if block.prob and len(pixels):
-        with raster_env():
-            prob_sum, prob_count = _prob_sums(block, pixels)
+        prob_sum, prob_count = _prob_sums(block, pixels)
     else:
         prob_sum = prob_count = np.zeros(len(pixels))
     edge = on_inner_border(pixels, block.window, block.width, block.height)
@@ -116,44 +115,13 @@ def _run_block(block: _Block) -> _BlockResult:
                         pixels[edge], prob_sum[edge], prob_count[edge])
 
 
-@contextlib.contextmanager
-def _workers(scheduler: object, n_blocks: int) -> Iterator[Client | None]:
-    """The Dask client to run ``n_blocks`` block tasks on, or None to run them in this process.
-
-    None for ``scheduler="sync"``, and for a single window when no scheduler is named; else
-    :func:`rsseg.pipeline.cluster.dask_client`.
-    """
-    if scheduler == "sync" or (scheduler is None and n_blocks == 1):
-        yield None
-        return
-    with dask_client(scheduler) as client:
-        yield client
-
-
-def _run(blocks: list[_Block], client: Client | None) -> list[_BlockResult]:
-    """Run the block tasks on ``client``, or in this process if it is None."""
-    progress = {"total": len(blocks), "desc": "vectorize", "unit": "block", "disable": None}
-    if client is None:
-        return [_run_block(block) for block in tqdm(blocks, **progress)]
-    futures = client.map(_run_block, blocks, pure=False)
-    order = {future.key: i for i, future in enumerate(futures)}
-    results: list = [None] * len(blocks)
-    try:
-        for future, result in tqdm(as_completed(futures, with_results=True), **progress):
-            results[order[future.key]] = result
-    except BaseException:
-        client.cancel(futures)
-        raise
-    return results
-
-
 def _open(path: Path) -> rasterio.DatasetReader:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise RasterError(f"{path}: no such file; expected a building mask GeoTIFF")
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
-        raise RasterError(f"{path}: not a raster GDAL can read ({exc})") from None
+        raise RasterError(f"{path}: not a raster GDAL can read ({exc}); expected a GeoTIFF mask") from exc
 
 
 def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path | None) -> None:
@@ -175,52 +143,33 @@ def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path
                               "float32 (0-1)")
 
 
-def _rsseg_tags(src: rasterio.DatasetReader, band: int) -> dict[str, str]:
-    """The mask's rsseg tags: the ``rsseg`` namespace, or ``rsseg_KEY`` / ``rsseg:KEY`` items.
-
-    GDAL reads an item named ``rsseg:KEY`` as ``rsseg=KEY=VALUE`` (``:`` separates names from values in
-    GDAL metadata), so that form is recognised too.
-    """
-    found = dict(src.tags(ns="rsseg"))
-    for tags in (src.tags(), src.tags(band)):
-        for key, value in tags.items():
-            if key == "rsseg" and "=" in value:
-                key, _, value = f"rsseg:{value}".partition("=")
-            if key.startswith(("rsseg:", "rsseg_")):
-                found[key[6:]] = value
-    return found
-
-
 def _provenance(src: rasterio.DatasetReader, path: Path, band: int, **options: object) -> dict[str, str]:
-    """Where the polygons come from: the mask, its CRS, its rsseg tags, and the options used.
+    """Where the polygons come from: the mask, its CRS, its ``rsseg`` tags, and the options used.
 
-    Inference tags its rasters with the checkpoint hash, threshold, TTA and source image.
+    Inference tags its rasters (GDAL metadata domain ``rsseg``) with the checkpoint hash, threshold, TTA
+    and source image.
     """
     info = {"mask": str(path.resolve()), "mask_crs": src.crs.to_string(), "band": str(band),
             "code_version": version("rsseg")}
-    info.update(_rsseg_tags(src, band))
+    info.update(src.tags(ns="rsseg"))
     info.update({key: str(value) for key, value in options.items() if value is not None})
     return info
 
 
-def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 0.0, *,
-              prob: str | Path | None = None, regularize: bool = False, band: int = 1, block: int = 2048,
-              scheduler: object = None, crs: str | None = None) -> gpd.GeoDataFrame:
+def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, *, prob: str | Path | None = None,
+              crs: str | None = None, executor: Executor | None = None, **values: Any) -> gpd.GeoDataFrame:
     """Polygons of the buildings in a mask GeoTIFF.
 
     Args:
         mask_raster: a GeoTIFF whose ``band`` holds 0 for background and 1 (or 255) for buildings; pixels
             equal to its nodata value count as background.
-        min_area: drop buildings smaller than this many square metres (measured on the ground).
-        simplify: topology-preserving simplification tolerance in metres (0: keep pixel outlines).
+        options: :class:`VectorizeOptions` (``min_area`` in m2, ``simplify`` in metres, ``regularize``,
+            ``band``, ``block`` in pixels).
         prob: a probability raster on the same grid (uint8 0-255 or float 0-1); adds ``mean_prob``.
-        regularize: square up outlines along each building's dominant orientation
-            (:mod:`rsseg.vector.regularize`); areas stay within 10% or the outline is left as is.
-        band: the band of ``mask_raster`` holding the mask.
-        block: window size in pixels; each window is one Dask task.
-        scheduler: a :class:`distributed.Client`, a scheduler address, None for the current client or a
-            LocalCluster (a single window runs in this process), or ``"sync"`` to run here, serially.
         crs: CRS of the output polygons (default: the mask's).
+        executor: where the blocks run (a ``concurrent.futures.Executor``, e.g. a Dask client's
+            ``get_executor()``); None runs them in this process.
+        **values: options by name, overriding ``options`` (``vectorize(m, min_area=20)``).
 
     Returns:
         One row per building, ordered by position (top to bottom, then left to right), with ``id``
@@ -228,38 +177,69 @@ def vectorize(mask_raster: str | Path, min_area: float = 0.0, simplify: float = 
         the mask, its CRS, its ``rsseg`` tags (checkpoint hash, threshold, ...) and the options.
 
     Raises:
+        ConfigError: an unknown option or a negative size.
         RasterError: the mask is not a raster, has no CRS, lacks ``band``, or holds values other than
             0/1 or 0/255; the probability raster is on another grid.
     """
-    blocks, provenance = _plan(Path(mask_raster), min_area, simplify, prob, regularize, band, block, crs)
-    with _workers(scheduler, len(blocks)) as client:
-        return _assemble(blocks, _run(blocks, client), provenance)
+    opts = resolve(VectorizeOptions, options, values)
+    blocks, provenance = _plan(Path(mask_raster), opts, prob, crs)
+    return _assemble(blocks, _run(blocks, executor), provenance)
 
 
-def _plan(path: Path, min_area: float, simplify: float, prob: str | Path | None, regularize: bool, band: int,
-          block: int, crs: str | None) -> tuple[list[_Block], dict[str, str]]:
-    """Check the inputs; the mask's block tasks and provenance (arguments as for :func:`vectorize`)."""
-    if min_area < 0 or simplify < 0 or block < 1:
-        raise ConfigError(f"min_area ({min_area} m2), simplify ({simplify} m) and block ({block} px) must "
-                          "not be negative (block at least 1)")
-    with raster_env(), _open(path) as src:
-        _check_inputs(src, path, band, Path(prob) if prob else None)
-        cleaning = make_cleaning(src.crs.to_string(), src.transform, src.width, src.height, crs, min_area,
-                                 simplify, regularize)
-        provenance = _provenance(src, path, band=band, min_area_m2=min_area, simplify_m=simplify,
-                                 regularize=regularize, prob=prob and str(Path(prob).resolve()))
-        blocks = [_Block(str(path), band, window, src.width, src.height, cleaning, prob and str(prob))
-                  for window in block_windows(src.width, src.height, block)]
+def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptions | None = None, *,
+                      prob: str | Path | None = None, executor: Executor | None = None, **values: Any) -> int:
+    """:func:`vectorize` ``mask`` and :func:`write_vectors` the result to ``out``; return the building count.
+
+    GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the blocks).
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
+        VectorError: ``out`` has an unsupported extension (checked before any work).
+    """
+    opts = resolve(VectorizeOptions, options, values)
+    crs = "EPSG:4326" if check_output(out, opts.overwrite) == "GeoJSON" else None
+    blocks, provenance = _plan(Path(mask), opts, prob, crs)
+    gdf = _assemble(blocks, _run(blocks, executor), provenance)
+    write_vectors(gdf, out, overwrite=opts.overwrite)
+    return len(gdf)
+
+
+def block_count(mask: str | Path, options: VectorizeOptions | None = None, **values: Any) -> int:
+    """How many blocks :func:`vectorize` splits ``mask`` into (1: nothing to gain from other processes)."""
+    opts = resolve(VectorizeOptions, options, values)
+    with _open(Path(mask)) as src:
+        return len(block_windows(src.width, src.height, opts.block))
+
+
+def _run(blocks: list[_Block], executor: Executor | None) -> list[_BlockResult]:
+    """The blocks' results, in block order (run here when ``executor`` is None)."""
+    results: list[Any] = [None] * len(blocks)
+    for i, result in map_blocks(_run_block, blocks, executor, desc="vectorize"):
+        results[i] = result
+    return results
+
+
+def _plan(path: Path, opts: VectorizeOptions, prob: str | Path | None, crs: str | None
+          ) -> tuple[list[_Block], dict[str, str]]:
+    """Check the inputs; the mask's blocks and provenance (arguments as for :func:`vectorize`)."""
+    with _open(path) as src:
+        _check_inputs(src, path, opts.band, Path(prob) if prob else None)
+        cleaning = make_cleaning(src.crs.to_string(), src.transform, src.width, src.height, crs, opts.min_area,
+                                 opts.simplify, opts.regularize)
+        provenance = _provenance(src, path, band=opts.band, min_area_m2=opts.min_area, simplify_m=opts.simplify,
+                                 regularize=opts.regularize, prob=prob and str(Path(prob).resolve()))
+        blocks = [_Block(str(path), opts.band, window, src.width, src.height, cleaning, prob and str(prob))
+                  for window in block_windows(src.width, src.height, opts.block)]
     return blocks, provenance
 
 
 def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dict[str, str]
               ) -> gpd.GeoDataFrame:
-    """Join the pieces cut by window borders, finish them, and order all buildings into a GeoDataFrame."""
+    """Join the pieces cut by block borders, finish them, and order all buildings into a GeoDataFrame."""
     path, cleaning = blocks[0].mask, blocks[0].cleaning
     present = frozenset().union(*(r.values for r in results))
     if {1, 255} <= present:
-        raise RasterError(f"{path}: some windows mark buildings with 1, others with 255; a building mask "
+        raise RasterError(f"{path}: some blocks mark buildings with 1, others with 255; a building mask "
                           "uses one convention, 0/1 or 0/255")
     log.info("%s: mask convention 0/%d", path, 255 if 255 in present else 1)
     merged, group = merge_pieces(np.concatenate([r.pieces for r in results]))
@@ -272,22 +252,5 @@ def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dic
         columns["mean_prob"] = found.mean_prob[order]
     gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=cleaning.out_crs)
     gdf.attrs["provenance"] = provenance
-    log.info("%s: %d buildings (%d of them cut by window borders)", path, len(gdf), len(merged))
+    log.info("%s: %d buildings (%d of them cut by block borders)", path, len(gdf), len(merged))
     return gdf
-
-
-def vectorize_to_file(mask: str | Path, out: str | Path, min_area: float = 0.0, simplify: float = 0.0,
-                      prob: str | Path | None = None, regularize: bool = False, band: int = 1,
-                      block: int = 2048, scheduler: object = None) -> int:
-    """:func:`vectorize` ``mask`` and :func:`write_vectors` the result to ``out``; return the building count.
-
-    GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the block tasks), and its
-    features are formatted on the Dask workers that ran the blocks, if there are several.
-    """
-    out = Path(out)
-    crs = "EPSG:4326" if output_driver(out) == "GeoJSON" else None
-    blocks, provenance = _plan(Path(mask), min_area, simplify, prob, regularize, band, block, crs)
-    with _workers(scheduler, len(blocks)) as client:
-        gdf = _assemble(blocks, _run(blocks, client), provenance)
-        write_vectors(gdf, out, client=client)
-    return len(gdf)

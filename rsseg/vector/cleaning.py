@@ -1,7 +1,7 @@
 """From pixel polygons to map buildings: CRS frames, ground areas in square metres, cleaning.
 
 A :class:`Cleaning` says how the pixel polygons of one mask become output polygons; it is small and
-picklable, so every Dask task gets a copy. :func:`finish` applies it: the raster's affine transform,
+picklable, so every block gets a copy. :func:`finish` applies it: the raster's affine transform,
 then, in a metric *work* frame, the ground area, the ``min_area`` filter, a topology-preserving
 simplification and optional regularisation (:mod:`rsseg.vector.regularize`), then the output CRS and a
 validity repair.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -23,6 +24,8 @@ import shapely
 from pyproj import CRS
 
 from rsseg.errors import ConfigError, VectorError
+from rsseg.options import resolve
+from rsseg.vector.options import EvaluateOptions
 
 __all__ = ["evaluate_vectors", "match_buildings"]
 
@@ -42,7 +45,7 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray,
         The indexes into ``pred`` and into ``truth`` of the matched pairs, and their IoUs.
     """
     if not 0 < iou_threshold <= 1:
-        raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
+        raise ConfigError(f"IoU threshold {iou_threshold}: expected a value in (0, 1], e.g. 0.5")
     p, t = shapely.STRtree(truth).query(pred, predicate="intersects")
     overlap = shapely.area(shapely.intersection(pred[p], truth[t]))
     iou = overlap / (shapely.area(pred[p]) + shapely.area(truth[t]) - overlap)
@@ -66,11 +69,12 @@ def _read(source: str | Path | gpd.GeoDataFrame, role: str) -> gpd.GeoDataFrame:
         path = Path(source)
         name = str(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise VectorError(f"{path}: no such file; expected {role} polygons in a vector file")
         try:
             gdf = pyogrio.read_dataframe(path)
         except pyogrio.errors.DataSourceError as exc:
-            raise VectorError(f"{path}: not a vector file GDAL can read ({exc})") from None
+            raise VectorError(f"{path}: not a vector file GDAL can read ({exc}); expected GeoJSON, "
+                              "GeoPackage, FlatGeobuf or another OGR format") from exc
     if gdf.crs is None:
         raise VectorError(f"{name} ({role}): no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX) to compare maps")
     gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
@@ -95,13 +99,14 @@ def _metric_crs(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> CRS:
 
 
 def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gpd.GeoDataFrame,
-                     iou_threshold: float = 0.5) -> dict:
+                     options: EvaluateOptions | None = None, **values: Any) -> dict:
     """Score predicted building polygons against truth polygons (see the module docstring).
 
     Args:
         pred: predicted buildings: a vector file or a GeoDataFrame with a CRS.
         truth: truth buildings: the same.
-        iou_threshold: least IoU for a predicted building to count as found.
+        options: :class:`EvaluateOptions` (``iou``: least IoU for a predicted building to count as found).
+        **values: options by name, overriding ``options`` (``evaluate_vectors(p, t, iou=0.3)``).
 
     Returns:
         A JSON-able dict: ``n_pred``, ``n_truth``, ``tp``, ``fp``, ``fn``, ``precision``, ``recall``,
@@ -109,8 +114,10 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
         ``crs`` and ``iou_threshold`` used.
 
     Raises:
+        ConfigError: an unknown option, or an IoU outside (0, 1].
         VectorError: a file that is not a vector file, has no CRS, or holds other geometries than polygons.
     """
+    iou_threshold = resolve(EvaluateOptions, options, values).iou
     pred_gdf, truth_gdf = _read(pred, "prediction"), _read(truth, "truth")
     crs = _metric_crs(pred_gdf, truth_gdf)
     shapes_ = [shapely.make_valid(gdf.to_crs(crs).geometry.values.to_numpy(), method="structure")

@@ -7,7 +7,7 @@ that touch an inner block border can have such neighbours, and :func:`merge_piec
 a border segment of positive length (4-connected pixels across the border), so the result equals
 polygonising the whole raster at once: the same polygons, with the same holes. Pieces that meet only at a
 corner stay apart, as they do under 4-connectivity. Everything here works on arrays already in memory;
-reading windows and running blocks on Dask is :mod:`rsseg.vector.blockwise`'s job.
+reading blocks of a raster and running them in parallel is :mod:`rsseg.vector.blockwise`'s job.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rasterio import Affine
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from rsseg.errors import RasterError
+from rsseg.errors import ConfigError, RasterError
 
 __all__ = ["block_windows", "building_pixels", "merge_pieces", "on_inner_border", "polygonize_pixels"]
 
@@ -33,7 +33,7 @@ def block_windows(width: int, height: int, block: int) -> list[Window]:
     windows are narrower where ``block`` does not divide the size, so every pixel is in exactly one window.
     """
     if block < 1:
-        raise ValueError(f"block size must be a positive number of pixels, got {block}")
+        raise ConfigError(f"block size {block}: expected a positive number of pixels (e.g. 2048)")
     return [Window(col, row, min(block, width - col), min(block, height - row))
             for row in range(0, height, block) for col in range(0, width, block)]
 
