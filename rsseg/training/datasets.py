@@ -56,7 +56,7 @@ def split_indices(n: int, split: str, val_fraction: float = 0.1, seed: int = 0, 
     if split == "all":
         return np.arange(n)
     if split not in ("train", "val"):
-        raise ValueError(f"split {split!r}: expected 'train', 'val' or 'all'")
+        raise DatasetError(f"split {split!r}: expected 'train', 'val' or 'all'")
     order = np.random.default_rng(seed).permutation(n)
     if folds is not None:
         if not 0 <= fold < folds or folds < 2:
@@ -220,7 +220,7 @@ class ChipDataset(_MaskDataset):
             meta = json.loads(meta_path.read_text())
             return {"bands": list(meta["bands"]), "size": int(meta["size"]), "dtype": str(meta["dtype"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from None
+            raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from exc
 
     def __len__(self) -> int:
         return len(self.items)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsseg.errors import ConfigError
+
 __all__ = ["DiceBCELoss", "soft_dice"]
 
 
@@ -60,7 +62,7 @@ class DiceBCELoss(nn.Module):
                  smooth: float = 1.0) -> None:
         super().__init__()
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
-            raise ValueError(f"dice_weight={dice_weight}, bce_weight={bce_weight}: expected non-negative "
+            raise ConfigError(f"dice_weight={dice_weight}, bce_weight={bce_weight}: expected non-negative "
                              "weights, not both zero")
         self.dice_weight, self.bce_weight = float(dice_weight), float(bce_weight)
         self.per_image, self.smooth = per_image, float(smooth)
