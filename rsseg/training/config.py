@@ -23,10 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsseg.errors import ConfigError
+from rsseg.options import Options
 
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "LaunchOptions",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -149,6 +151,12 @@ class TrainConfig(_Strict):
     run: RunConfig
 
 
+class LaunchOptions(Options):
+    """How a run is started (the options of ``rsseg train`` and of a pipeline's train stage)."""
+
+    nproc: int = Field(1, ge=1, description="Processes (one per GPU); >1 starts torchrun.")
+
+
 def _keys(model: type[BaseModel]) -> list[str]:
     return sorted(model.model_fields)
 
@@ -203,7 +211,7 @@ def _apply_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}={raw!r}: not a YAML value ({exc})") from None
+        raise ConfigError(f"--set {dotted}={raw!r}: not a YAML value ({exc})") from exc
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
@@ -224,10 +232,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         origin = str(path)
         try:
             tree = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: expected a mapping with sections {', '.join(_keys(TrainConfig))}")
     for key, value in (overrides or {}).items():
@@ -235,4 +243,4 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_message(exc, origin)) from None
+        raise ConfigError(_message(exc, origin)) from exc
