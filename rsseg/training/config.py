@@ -46,7 +46,7 @@ class AugmentConfig(_Strict):
     """Random training transforms (see :class:`rsseg.training.augment.TrainTransform`)."""
 
     d4: bool = True
-    crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole tiles)")
+    crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole images)")
     brightness: float = Field(0.1, ge=0, lt=1)
     contrast: float = Field(0.1, ge=0, lt=1)
     saturation: float = Field(0.1, ge=0, lt=1)
@@ -54,7 +54,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the tiles come from and how they are split and batched."""
+    """Where the images come from and how they are split and batched."""
 
     source: Literal["tianchi", "chips"]
     root: Path | None = Field(None, description="Tianchi folder (train/ and train_mask.csv)")
@@ -85,7 +85,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """Arguments of :func:`rsseg.models.create_model`."""
 
-    arch: str = "unet"
+    arch: str = Field("unet", description="an smp architecture, or a network of your own as 'module:Class'")
     encoder: str = "resnet34"
     encoder_weights: str | None = None
     init: str | None = Field(None, description=(
@@ -123,10 +123,11 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     channels_last: bool = True
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per process")
+    threads: int | None = Field(None, gt=0, description=(
+        "torch CPU threads per process, set by `rsseg train` at start (fit() itself leaves threads alone)"))
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
     min_pixels: list[int] = Field(default_factory=lambda: [0, 16, 64, 256], description=(
-        "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty tile"))
+        "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty image"))
     seed: int = 0
     resume: bool = Field(False, description="continue from out_dir/last.pt if it exists")
     overwrite: bool = Field(False, description="start afresh even if out_dir holds a run")

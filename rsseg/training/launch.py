@@ -63,7 +63,7 @@ def resolve_device(name: str, local_rank: int = 0, nproc: int = 1) -> torch.devi
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, TianchiDataset | ChipDataset]:
-    """The training (augmented) and validation (whole tiles) datasets of ``cfg.data``."""
+    """The training (augmented) and validation (whole images) datasets of ``cfg.data``."""
     data = cfg.data
     common: dict[str, Any] = dict(val_fraction=data.val_fraction, seed=data.seed, folds=data.folds, fold=data.fold)
     if data.source == "tianchi":
@@ -81,7 +81,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
         raise DatasetError(f"the validation split of {data_source(cfg)['path']} is empty: raise data.val_fraction "
                            "or use data.folds")
     if aug.crop is not None and aug.crop > val.size:
-        raise ConfigError(f"data.augment.crop={aug.crop} is larger than the {val.size}-pixel tiles")
+        raise ConfigError(f"data.augment.crop={aug.crop} is larger than the {val.size}-pixel images")
     return train, val
 
 

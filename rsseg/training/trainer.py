@@ -278,7 +278,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Validation loss and mean per-image Dice per threshold on whole tiles (rank 0, unwrapped model)."""
+        """Validation loss and mean per-image Dice per threshold on whole images (rank 0, unwrapped model)."""
         self.module.eval()
         run = self.cfg.run
         scores = ThresholdDice([*run.thresholds, 0.5], [*run.min_pixels, 0], self.device)
