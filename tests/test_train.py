@@ -234,3 +234,18 @@ def test_resume_with_more_epochs_anneals_over_the_new_total(tianchi, tmp_path):
     # After epoch 3 the old two-epoch schedule would be at its floor; the new one is still annealing.
     assert history[2]["lr"] == pytest.approx(config.optim.lr * schedule(3 * steps // 4))
     assert history[2]["lr"] > config.optim.lr * config.optim.min_lr_ratio * 1.5
+
+
+def test_rsseg_train_sets_the_process_settings_fit_leaves_alone(tianchi, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import rsseg.pipeline.process
+    from rsseg.cli import cli
+
+    calls = []
+    monkeypatch.setattr(rsseg.pipeline.process, "configure_process", lambda **kw: calls.append(kw))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tianchi, tmp_path / "out", threads=1)))
+    result = CliRunner().invoke(cli, ["train", str(path), "--set", "data.batch_size=64"])
+    assert "fewer than one batch" in str(result.exception)  # fails in fit, after the entry point's settings
+    assert calls == [{"threads": 1}]
