@@ -102,7 +102,7 @@ class Trainer:
         env: this process's rank (``Rank()`` for a single process; the process group must be up for more).
         device: where the model runs.
         train_ds: the training dataset (with ``set_epoch``); ``bands`` gives the model's input channels.
-        val_ds: the validation dataset (whole tiles); ``size`` is recorded as the checkpoint's tile size.
+        val_ds: the validation dataset (whole images); ``size`` is recorded as the checkpoint's ``tile_size``.
         per_rank: this rank's batch size (the global batch divided by the number of processes).
     """
 
@@ -231,7 +231,8 @@ class Trainer:
             else:
                 rngs = [dict(self.rng)]
             if self.env.main:
-                record.update(self.validate())
+                with self.session():  # cuDNN autotuning for validation too; it draws no random numbers
+                    record.update(self.validate())
                 self._save(record, rngs)
             if self.env.world > 1:
                 dist.barrier()
