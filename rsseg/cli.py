@@ -159,7 +159,7 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
     rank = Rank.from_env().rank
     if rank:  # a torchrun process other than rank 0: warnings only, rank 0 reports
         logging.getLogger("rsseg").setLevel(logging.WARNING)
-    best = launch(cfg, nproc=opts.nproc)
+    best = launch(cfg, opts)
     if not rank:
         click.echo(str(best))
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from stand_ins import TINY_ARCH
 
-from rsseg.errors import DatasetError
+from rsseg.errors import ConfigError, DatasetError
 from rsseg.models import load_checkpoint
 from rsseg.synth.generate import make_tianchi
 from rsseg.training.config import load_config
@@ -96,4 +96,7 @@ def test_launch_checks_input_before_starting_workers(tianchi, tmp_path):
         launch(config(tianchi, tmp_path / "out"), nproc=2, overrides={"data.batch_size": "8"})
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         launch(config(tianchi, tmp_path / "out"), nproc=3)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="nproc: Input should be greater than or equal to 1"):
+        launch(config(tianchi, tmp_path / "out"), nproc=0)
     assert not (tmp_path / "out").exists()

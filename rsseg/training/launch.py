@@ -33,7 +33,8 @@ import yaml
 
 from rsseg.errors import ConfigError, DatasetError, PipelineError
 from rsseg.training.augment import TrainTransform
-from rsseg.training.config import TrainConfig, load_config
+from rsseg.options import resolve
+from rsseg.training.config import LaunchOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
@@ -145,9 +146,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, nproc: int = 1,
-           overrides: Mapping[str, str] | None = None) -> Path:
+def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, options: LaunchOptions | None = None,
+           *, overrides: Mapping[str, str] | None = None, **values: Any) -> Path:
     """Train from a config file, mapping or :class:`TrainConfig`; ``nproc > 1`` runs DDP via torchrun.
+
+    ``options`` (or keywords such as ``nproc=2``) are :class:`LaunchOptions`; ``overrides`` are dotted
+    config keys with YAML values, as ``--set`` takes them.
 
     With ``nproc > 1`` the config, device and data are checked here first (so bad input fails with one
     message before any worker starts), then ``python -m torch.distributed.run --nproc_per_node N -m
@@ -163,8 +167,7 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
         cfg = load_config(config.model_dump(mode="json"), overrides) if overrides else config
     else:
         cfg = load_config(config, overrides)
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc}: expected 1 or more processes")
+    nproc = resolve(LaunchOptions, options, values).nproc
     if nproc == 1:
         return fit(cfg)
     device = resolve_device(cfg.run.device, 0, nproc)
