@@ -32,8 +32,8 @@ import torch.distributed as dist
 import yaml
 
 from rsseg.errors import ConfigError, DatasetError, PipelineError
-from rsseg.training.augment import TrainTransform
 from rsseg.options import resolve
+from rsseg.training.augment import TrainTransform
 from rsseg.training.config import LaunchOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
