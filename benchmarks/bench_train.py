@@ -25,7 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from rsseg.models import create_model
-from rsseg.pipeline.process import retain_freed_memory
+from rsseg.pipeline.process import configure_process
 from rsseg.synth.generate import make_tianchi
 from rsseg.training.augment import TrainTransform
 from rsseg.training.datasets import TianchiDataset
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for the loader figure")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    retain_freed_memory()  # as `rsseg train` does
+    configure_process()  # the process settings `rsseg train` starts with
     device = resolve_device(args.device)
     recipe = yaml.safe_load(RECIPE.read_text())["model"]
     recipe_kwargs = {"arch": recipe["arch"], "encoder": recipe["encoder"], **recipe.get("kwargs", {})}

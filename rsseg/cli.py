@@ -19,6 +19,7 @@ import click
 from rsseg.errors import RssegError
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["main"]
@@ -140,14 +141,24 @@ def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | Non
 
 @cli.command()
 @click.argument("config", type=_EXISTING)
-@click.option("--nproc", default=1, show_default=True, help="Processes (one per GPU); >1 starts torchrun.")
+@click_options(LaunchOptions)
 @click.option("--set", "sets", multiple=True, help="Override a config value: key=value (dotted keys).")
-def train(config: Path, nproc: int, sets: tuple[str, ...]) -> None:
-    """Train a model from CONFIG.yaml."""
+def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
+    """Train a model from CONFIG.yaml (also what torchrun runs in each process of a multi-process run)."""
+    from rsseg.pipeline.process import configure_process
+    from rsseg.training.config import load_config
     from rsseg.training.launch import launch
+    from rsseg.training.trainer import Rank
 
-    best = launch(config, nproc=nproc, overrides=_parse_sets(sets))
-    click.echo(str(best))
+    opts = options_from_click(LaunchOptions, params)
+    cfg = load_config(config, _parse_sets(sets))
+    configure_process(threads=cfg.run.threads)
+    rank = Rank.from_env().rank
+    if rank:  # a torchrun process other than rank 0: warnings only, rank 0 reports
+        logging.getLogger("rsseg").setLevel(logging.WARNING)
+    best = launch(cfg, opts)
+    if not rank:
+        click.echo(str(best))
 
 
 @cli.command()

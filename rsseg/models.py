@@ -3,6 +3,7 @@
 :func:`create_model` builds a segmentation-models-pytorch network inside a :class:`Segmenter`, which
 holds the input normalisation as buffers: it takes raw pixel values (uint8 or float, any device) and
 returns logits, so callers never normalise by hand and checkpoints carry their own normalisation.
+Besides smp's architectures, ``arch`` may name a network class of your own as ``"package.module:Class"``.
 
 A checkpoint is a plain dict of tensors and JSON-able values (loadable with ``weights_only=True``)::
 
@@ -12,6 +13,7 @@ A checkpoint is a plain dict of tensors and JSON-able values (loadable with ``we
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -26,12 +28,12 @@ from rsseg.fileio import atomic_path
 __all__ = [
     "ARCHS",
     "Segmenter",
-    "TinyNet",
     "create_model",
     "load_checkpoint",
     "load_weights",
     "model_config",
     "model_from_checkpoint",
+    "model_name",
     "save_checkpoint",
 ]
 
@@ -39,9 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rsseg-checkpoint"
 VERSION = 1
-SMP_ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "deeplabv3plus", "manet", "pspnet")
-#: ``tiny`` is :class:`TinyNet`, a few convolutions for smoke tests and plumbing (it ignores ``encoder``).
-ARCHS = (*SMP_ARCHS, "tiny")
+#: segmentation-models-pytorch architectures by name; any other network is an importable ``"module:Class"``.
+ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "deeplabv3plus", "manet", "pspnet")
 #: ImageNet statistics in 0-255 units, the default normalisation of RGB uint8 input.
 RGB_MEAN = (123.675, 116.28, 103.53)
 RGB_STD = (58.395, 57.12, 57.375)
@@ -62,35 +63,18 @@ class Segmenter(nn.Module):
         return self.net(x)
 
 
-class TinyNet(nn.Module):
-    """A two-level encoder-decoder of a few convolutions without normalisation layers.
-
-    For tests and smoke runs: it trains in seconds on a CPU, and having no batch statistics, a batch split
-    across DDP ranks gives exactly the gradients of the whole batch in one process.
-    """
-
-    def __init__(self, in_channels: int = 3, classes: int = 1, width: int = 8) -> None:
-        super().__init__()
-        self.enc1 = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())
-        self.enc2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-                                  nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.dec = nn.Sequential(nn.Conv2d(3 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, classes, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, classes, H, W)`` of a normalised ``(N, C, H, W)`` input (H, W even)."""
-        skip = self.enc1(x)
-        return self.dec(torch.cat([skip, self.up(self.enc2(skip))], dim=1))
-
-
 def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights: str | os.PathLike[str] | None = None,
                  in_channels: int = 3, classes: int = 1, mean: tuple[float, ...] | None = None,
                  std: tuple[float, ...] | None = None, **arch_kwargs: Any) -> Segmenter:
     """Build a segmentation model.
 
     Args:
-        arch: a segmentation-models-pytorch architecture (``unet``, ``fpn``, ...).
-        encoder: an smp encoder name (``resnet34``, ``resnet18``, ``efficientnet-b0``, ...).
+        arch: a segmentation-models-pytorch architecture (``unet``, ``fpn``, ...), or a network of your own
+            as ``"package.module:Class"``: an ``nn.Module`` subclass, importable wherever the model is built
+            (training processes, prediction workers), called as ``Class(in_channels=..., classes=...,
+            **arch_kwargs)`` and returning logits ``(N, classes, H, W)`` of a normalised input.
+        encoder: an smp encoder name (``resnet34``, ``resnet18``, ``efficientnet-b0``, ...); ignored by
+            ``"module:Class"`` networks.
         encoder_weights: None (random init), ``"imagenet"`` (needs smp's download cache: this project
             runs offline), or the path of a local encoder state dict (``torch.save(encoder.state_dict())``).
         in_channels: input bands.
@@ -98,12 +82,14 @@ def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights:
         mean: per-band mean in raw pixel units (default ImageNet RGB in 0-255 units for 3 bands, else 0).
         std: per-band standard deviation in raw pixel units (default ImageNet RGB for 3 bands, else 255).
         **arch_kwargs: further arguments of the architecture, e.g. ``encoder_depth=4,
-            decoder_channels=[128, 64, 32, 16]`` for a lighter U-Net, or ``width`` for ``tiny``.
+            decoder_channels=[128, 64, 32, 16]`` for a lighter U-Net.
     """
-    if arch.lower() not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    if arch.lower() == "tiny":
-        net = _build(TinyNet, f"arch {arch!r}", in_channels=in_channels, classes=classes, **arch_kwargs)
+    if ":" in arch:
+        net = _build(_network_class(arch), f"arch {arch!r}", in_channels=in_channels, classes=classes,
+                     **arch_kwargs)
+    elif arch.lower() not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}, or a network of your own "
+                          "as 'package.module:Class'")
     else:
         import segmentation_models_pytorch as smp
 
@@ -121,14 +107,36 @@ def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights:
     return Segmenter(net, tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
+def _network_class(arch: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass named by ``"package.module:Class"``."""
+    module_name, _, class_name = arch.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as exc:
+        raise ConfigError(f"arch {arch!r}: cannot import module {module_name!r} ({exc}); is it on the Python "
+                          "path (PYTHONPATH) of every process that builds the model?") from exc
+    except AttributeError as exc:
+        raise ConfigError(f"arch {arch!r}: module {module_name!r} has no {class_name!r}") from exc
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConfigError(f"arch {arch!r} is a {type(found).__name__}; expected a torch.nn.Module subclass")
+    return found
+
+
+def model_name(model_cfg: dict[str, Any]) -> str:
+    """A model's short name from its ``create_model`` arguments: ``unet/resnet34``, or ``module:Class``."""
+    arch = str(model_cfg.get("arch"))
+    encoder = model_cfg.get("encoder")
+    return arch if ":" in arch or not encoder else f"{arch}/{encoder}"
+
+
 def _build(factory: Any, name: str, **kwargs: Any) -> nn.Module:
     """Call a network factory, turning its complaints about names and arguments into a ConfigError."""
     try:
         return factory(**kwargs)
     except KeyError as exc:
-        raise ConfigError(f"unknown encoder for {name}: {exc}") from None
+        raise ConfigError(f"unknown encoder for {name}: {exc}") from exc
     except (TypeError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"cannot build {name} with {kwargs}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"cannot build {name} with {kwargs}: {type(exc).__name__}: {exc}") from exc
 
 
 def _load_encoder_weights(net: nn.Module, path: Path) -> None:
@@ -179,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
-        raise CheckpointError(f"{path} is not a loadable torch checkpoint: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"{path} is not a loadable torch checkpoint: {type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not an rsseg checkpoint (expected format {FORMAT!r}; found {found})")
@@ -211,7 +219,6 @@ def load_weights(model: Segmenter, checkpoint: str | os.PathLike[str] | dict[str
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         source = "" if isinstance(checkpoint, dict) else f"{checkpoint}: "
-        name = "/".join(str(cfg[k]) for k in ("arch", "encoder") if cfg.get(k))
-        raise CheckpointError(f"{source}checkpoint weights ({name}, {cfg.get('in_channels', 3)} bands) do not fit "
-                              f"the model: {first}") from None
+        raise CheckpointError(f"{source}checkpoint weights ({model_name(cfg)}, {cfg.get('in_channels', 3)} bands) "
+                              f"do not fit the model: {first}") from exc
     return ckpt

@@ -1,10 +1,22 @@
-"""Shared test settings: headless plotting, and hypothesis without deadlines (CI machines are slow)."""
+"""Shared test settings: headless plotting, hypothesis without deadlines (CI machines are slow), stand-ins."""
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 settings.register_profile("rsseg", deadline=None, print_blob=True)
 settings.load_profile("rsseg")
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """``model.arch`` of the tiny test network, importable in the child processes a test starts too."""
+    from stand_ins import TINY_ARCH
+
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+    return TINY_ARCH

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from stand_ins import TINY_ARCH
 
-from rsseg.errors import DatasetError
+from rsseg.errors import ConfigError, DatasetError
 from rsseg.models import load_checkpoint
 from rsseg.synth.generate import make_tianchi
 from rsseg.training.config import load_config
@@ -25,7 +26,7 @@ def config(root, out, **run):
     """6 tiles: 4 train + 2 validation; a global batch of 4, so one epoch is exactly one step."""
     return {"data": {"source": "tianchi", "root": str(root), "batch_size": 4, "val_fraction": 0.34,
                      "augment": {"crop": 64, "brightness": 0.2, "saturation": 0.2}},
-            "model": {"arch": "tiny"},  # no batch statistics: a split batch gives the whole batch's gradients
+            "model": {"arch": TINY_ARCH},  # no batch statistics: a split batch gives the whole batch's gradients
             "optim": {"lr": 0.05, "warmup_fraction": 0.0},
             "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", **run}}
 
@@ -60,6 +61,7 @@ def _rank(rank, world, port, cfg_dict, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_two_gloo_ranks_take_the_step_of_one_process_with_the_global_batch(tianchi, tmp_path):
     cfg = config(tianchi, tmp_path / "unused")
     mp.spawn(_rank, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
@@ -77,7 +79,8 @@ def _untrained(cfg_dict):
     return Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4).module.state_dict()
 
 
-def test_launch_with_two_processes_matches_fit_in_one(tianchi, tmp_path):
+@pytest.mark.slow  # torchrun with two processes
+def test_launch_with_two_processes_matches_fit_in_one(tianchi, tmp_path, stand_ins):
     best = launch(config(tianchi, tmp_path / "ddp"), nproc=2)
     single = fit(load_config(config(tianchi, tmp_path / "one")))
     a, b = load_checkpoint(best), load_checkpoint(single)
@@ -93,4 +96,7 @@ def test_launch_checks_input_before_starting_workers(tianchi, tmp_path):
         launch(config(tianchi, tmp_path / "out"), nproc=2, overrides={"data.batch_size": "8"})
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         launch(config(tianchi, tmp_path / "out"), nproc=3)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="nproc: Input should be greater than or equal to 1"):
+        launch(config(tianchi, tmp_path / "out"), nproc=0)
     assert not (tmp_path / "out").exists()

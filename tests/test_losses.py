@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsseg.errors import ConfigError
 from rsseg.training.losses import DiceBCELoss, soft_dice
 
 BIG = 30.0  # sigmoid(+-30) is 0/1 to float precision
@@ -80,5 +81,5 @@ def test_bce_only_matches_torch_and_weights_are_checked():
     expected = F.binary_cross_entropy_with_logits(logits, truth)
     assert DiceBCELoss(0.0, 1.0)(logits, truth).item() == pytest.approx(expected.item())
     assert DiceBCELoss(0.0, 1.0)(logits.bfloat16(), truth).dtype == torch.float32
-    with pytest.raises(ValueError, match="not both zero"):
+    with pytest.raises(ConfigError, match="not both zero"):
         DiceBCELoss(0.0, 0.0)

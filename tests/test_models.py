@@ -1,5 +1,6 @@
 import pytest
 import torch
+from stand_ins import TINY_ARCH
 
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.models import create_model, load_checkpoint, model_config, model_from_checkpoint, save_checkpoint
@@ -39,8 +40,8 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     ckpt["model"]["encoder"] = "resnet34"  # the weights are resnet18's
     with pytest.raises(CheckpointError, match=r"\(unet/resnet34, 3 bands\) do not fit the model"):
         model_from_checkpoint(ckpt)
-    ckpt["model"] = {"arch": "tiny"}
-    with pytest.raises(CheckpointError, match=r"\(tiny, 3 bands\) do not fit the model"):
+    ckpt["model"] = {"arch": TINY_ARCH}
+    with pytest.raises(CheckpointError, match=r"\(stand_ins:TinyNet, 3 bands\) do not fit the model"):
         model_from_checkpoint(ckpt)
 
 
@@ -64,8 +65,17 @@ def test_bad_model_settings_are_config_errors():
         create_model("unet", "resnet18", encoder_depth=3, decoder_channels=[8, 8])
 
 
-def test_tiny_arch_for_plumbing_tests():
-    model = create_model("tiny", in_channels=4, width=4)
+def test_a_network_of_your_own_by_module_path():
+    model = create_model(TINY_ARCH, in_channels=4, width=4)
     assert model(torch.zeros(2, 4, 16, 16)).shape == (2, 1, 16, 16)
     assert model.mean.flatten().tolist() == [0.0] * 4 and model.std.flatten().tolist() == [255.0] * 4
     assert sum(p.numel() for p in model.parameters()) < 5000
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        create_model("no_such_module:Net")
+    with pytest.raises(ConfigError, match="module 'stand_ins' has no 'NoNet'"):
+        create_model("stand_ins:NoNet")
+    with pytest.raises(ConfigError, match="expected a torch.nn.Module subclass"):
+        create_model("stand_ins:TINY_ARCH")
+    with pytest.raises(ConfigError, match="cannot build arch 'stand_ins:TinyNet'") as exc:
+        create_model(TINY_ARCH, depth=3)
+    assert isinstance(exc.value.__cause__, TypeError)  # the cause is chained

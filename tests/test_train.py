@@ -1,5 +1,6 @@
 import csv
 import math
+import random
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from stand_ins import TINY_ARCH
 
 from rsseg.cli import main
 from rsseg.errors import ConfigError
@@ -29,7 +31,7 @@ def tianchi(tmp_path_factory):
 def tiny_config(root, out, **run):
     return {"data": {"source": "tianchi", "root": str(root), "batch_size": 4, "val_fraction": 0.2,
                      "augment": {"crop": 64, "brightness": 0.1, "saturation": 0.1}},
-            "model": {"arch": "tiny"},
+            "model": {"arch": TINY_ARCH},
             "optim": {"lr": 0.01, "warmup_fraction": 0.25},
             "run": {"out_dir": str(out), "epochs": 2, "progress": False, "thresholds": [0.3, 0.5, 0.7], **run}}
 
@@ -90,7 +92,12 @@ def test_warmup_then_cosine():
 
 
 def test_run_outputs_and_resume_equals_a_straight_run(tianchi, tmp_path):
+    torch.manual_seed(123)
+    caller = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), torch.get_num_threads()
     straight = fit(load_config(tiny_config(tianchi, tmp_path / "straight")))
+    # fit leaves the process as found: the caller's RNG states and threads (it draws from its own streams)
+    assert torch.equal(torch.get_rng_state(), caller[0]) and np.array_equal(np.random.get_state()[1], caller[1])
+    assert random.getstate() == caller[2] and torch.get_num_threads() == caller[3]
     out = tmp_path / "split"
     fit(load_config(tiny_config(tianchi, out, stop_after=1)))
     assert load_checkpoint(out / "last.pt")["meta"]["epoch"] == 1
@@ -134,9 +141,10 @@ def test_fine_tuning_starts_from_the_init_checkpoint(tianchi, tmp_path, capsys):
     assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
     cfg["model"]["kwargs"] = {"width": 4}  # another architecture than the checkpoint's width 8
     cfg["run"]["out_dir"] = str(tmp_path / "out")
-    _expect_error(capsys, tmp_path, cfg, "(tiny/resnet34, 3 bands) do not fit the model: Error(s) in loading")
+    _expect_error(capsys, tmp_path, cfg, f"({TINY_ARCH}, 3 bands) do not fit the model: Error(s) in loading")
 
 
+@pytest.mark.slow  # the console script in a subprocess, 4 epochs of a real U-Net (~40 s on 2 cores)
 def test_cli_trains_a_real_unet_and_the_loss_goes_down(tianchi, tmp_path):
     cfg = tiny_config(tianchi, tmp_path / "run", epochs=4)
     cfg["model"] = {"arch": "unet", "encoder": "resnet18",
@@ -191,6 +199,7 @@ def test_bad_input_through_the_cli(tianchi, tmp_path, capsys):
     _expect_error(capsys, tmp_path, tiny_config(broken, out), "train_mask.csv lists no images")
 
 
+@pytest.mark.slow  # the console-script smoke test: a subprocess
 def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "out")
     cfg["optim"]["lerning_rate"] = 1.0
@@ -225,3 +234,18 @@ def test_resume_with_more_epochs_anneals_over_the_new_total(tianchi, tmp_path):
     # After epoch 3 the old two-epoch schedule would be at its floor; the new one is still annealing.
     assert history[2]["lr"] == pytest.approx(config.optim.lr * schedule(3 * steps // 4))
     assert history[2]["lr"] > config.optim.lr * config.optim.min_lr_ratio * 1.5
+
+
+def test_rsseg_train_sets_the_process_settings_fit_leaves_alone(tianchi, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import rsseg.pipeline.process
+    from rsseg.cli import cli
+
+    calls = []
+    monkeypatch.setattr(rsseg.pipeline.process, "configure_process", lambda **kw: calls.append(kw))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tianchi, tmp_path / "out", threads=1)))
+    result = CliRunner().invoke(cli, ["train", str(path), "--set", "data.batch_size=64"])
+    assert "fewer than one batch" in str(result.exception)  # fails in fit, after the entry point's settings
+    assert calls == [{"threads": 1}]

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-__all__ = ["retain_freed_memory", "usable_cores"]
+__all__ = ["configure_process", "retain_freed_memory", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +51,19 @@ def retain_freed_memory() -> bool:
 def usable_cores() -> int:
     """The CPU cores this process may run on: its affinity mask where the OS has one, else all; at least 1."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def configure_process(threads: int | None = None) -> None:
+    """The process settings of an entry point that runs model work: glibc keeps freed memory, torch threads.
+
+    For entry points only (``rsseg train`` and its torchrun children, the CLI's ``main``): library calls
+    leave these settings as they find them.
+
+    Args:
+        threads: torch's intra-op CPU threads; None leaves torch's choice (``OMP_NUM_THREADS`` or the cores).
+    """
+    retain_freed_memory()  # each step reuses the memory of the last instead of page-faulting it in again
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

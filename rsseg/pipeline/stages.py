@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs"]
@@ -157,10 +158,11 @@ def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- training
-class TrainParams(Params):
+class TrainParams(Params, LaunchOptions):
+    """A training config (every training default is its own) and how to start it (``nproc``)."""
+
     config: str | dict[str, Any] = Field(description="A training config file (configs/*.yaml) or mapping")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides, e.g. run.epochs: 3")
-    nproc: int = Field(1, ge=1)
 
     def train_config(self, out_dir: Path) -> Any:
         """The validated :class:`rsseg.training.config.TrainConfig`, writing into ``out_dir``."""
@@ -192,7 +194,7 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
     # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
     # process of its own and uses every core (run.threads in the config still sets it explicitly). Dask's
-    # 64 KiB heap trim, which it inherits too, is overridden by fit() (rsseg.pipeline.process).
+    # 64 KiB heap trim, which it inherits too, is overridden by `rsseg train` (process.configure_process).
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if done.returncode:

@@ -16,12 +16,13 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from rsseg.errors import ConfigError
+
 __all__ = [
     "D4_NAMES",
     "TrainTransform",
     "colour_matrix",
     "d4_apply",
-    "d4_compose",
     "d4_inverse",
     "d4_invert",
     "random_crop",
@@ -39,7 +40,7 @@ def _axes(x: np.ndarray | torch.Tensor) -> tuple[int, int]:
 
 def _check(k: int) -> None:
     if not 0 <= k < 8:
-        raise ValueError(f"D4 element {k!r} out of range; expected 0..7 ({', '.join(D4_NAMES)})")
+        raise ConfigError(f"D4 element {k!r} out of range; expected 0..7 ({', '.join(D4_NAMES)})")
 
 
 def d4_apply(x: Array, k: int) -> Array:
@@ -64,16 +65,6 @@ def d4_inverse(k: int) -> int:
     """Index of the inverse of element ``k``."""
     _check(k)
     return (4 - k) % 4 if k < 4 else k
-
-
-def d4_compose(a: int, b: int) -> int:
-    """Index of the element equal to applying ``b`` first, then ``a``."""
-    _check(a)
-    _check(b)
-    probe = np.arange(6).reshape(2, 3)  # asymmetric: every element maps it differently
-    target = d4_apply(d4_apply(probe, b), a)
-    return next(k for k in range(8) if d4_apply(probe, k).shape == target.shape
-                and np.array_equal(d4_apply(probe, k), target))
 
 
 # ------------------------------------------------------------------------------------- training transforms
@@ -157,7 +148,7 @@ def random_crop(image: np.ndarray, masks: tuple[np.ndarray, ...], size: int,
     """Cut the same random ``size`` x ``size`` window out of ``image`` (H, W, ...) and each mask (views)."""
     height, width = image.shape[:2]
     if size > min(height, width):
-        raise ValueError(f"crop {size} is larger than the {height}x{width} image; use crop <= {min(height, width)}")
+        raise ConfigError(f"crop {size} is larger than the {height}x{width} image; use crop <= {min(height, width)}")
     row, col = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
     window = (slice(row, row + size), slice(col, col + size))
     return image[window], tuple(m[window] for m in masks)

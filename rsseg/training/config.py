@@ -23,10 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsseg.errors import ConfigError
+from rsseg.options import Options
 
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "LaunchOptions",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -44,7 +46,7 @@ class AugmentConfig(_Strict):
     """Random training transforms (see :class:`rsseg.training.augment.TrainTransform`)."""
 
     d4: bool = True
-    crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole tiles)")
+    crop: int | None = Field(None, gt=0, description="random square crop side for training (None: whole images)")
     brightness: float = Field(0.1, ge=0, lt=1)
     contrast: float = Field(0.1, ge=0, lt=1)
     saturation: float = Field(0.1, ge=0, lt=1)
@@ -52,7 +54,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the tiles come from and how they are split and batched."""
+    """Where the images come from and how they are split and batched."""
 
     source: Literal["tianchi", "chips"]
     root: Path | None = Field(None, description="Tianchi folder (train/ and train_mask.csv)")
@@ -83,7 +85,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """Arguments of :func:`rsseg.models.create_model`."""
 
-    arch: str = "unet"
+    arch: str = Field("unet", description="an smp architecture, or a network of your own as 'module:Class'")
     encoder: str = "resnet34"
     encoder_weights: str | None = None
     init: str | None = Field(None, description=(
@@ -121,10 +123,11 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     channels_last: bool = True
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per process")
+    threads: int | None = Field(None, gt=0, description=(
+        "torch CPU threads per process, set by `rsseg train` at start (fit() itself leaves threads alone)"))
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
     min_pixels: list[int] = Field(default_factory=lambda: [0, 16, 64, 256], description=(
-        "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty tile"))
+        "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty image"))
     seed: int = 0
     resume: bool = Field(False, description="continue from out_dir/last.pt if it exists")
     overwrite: bool = Field(False, description="start afresh even if out_dir holds a run")
@@ -147,6 +150,12 @@ class TrainConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig
+
+
+class LaunchOptions(Options):
+    """How a run is started (the options of ``rsseg train`` and of a pipeline's train stage)."""
+
+    nproc: int = Field(1, ge=1, description="Processes (one per GPU); >1 starts torchrun.")
 
 
 def _keys(model: type[BaseModel]) -> list[str]:
@@ -203,7 +212,7 @@ def _apply_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}={raw!r}: not a YAML value ({exc})") from None
+        raise ConfigError(f"--set {dotted}={raw!r}: not a YAML value ({exc})") from exc
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
@@ -224,10 +233,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         origin = str(path)
         try:
             tree = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: expected a mapping with sections {', '.join(_keys(TrainConfig))}")
     for key, value in (overrides or {}).items():
@@ -235,4 +244,4 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_message(exc, origin)) from None
+        raise ConfigError(_message(exc, origin)) from exc

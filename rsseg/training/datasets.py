@@ -1,4 +1,4 @@
-"""Torch datasets of image tiles and building masks: Tianchi folders and chip indexes.
+"""Torch datasets of images and building masks: Tianchi folders and chip indexes.
 
 Every item is a dict of float32 tensors::
 
@@ -56,7 +56,7 @@ def split_indices(n: int, split: str, val_fraction: float = 0.1, seed: int = 0, 
     if split == "all":
         return np.arange(n)
     if split not in ("train", "val"):
-        raise ValueError(f"split {split!r}: expected 'train', 'val' or 'all'")
+        raise DatasetError(f"split {split!r}: expected 'train', 'val' or 'all'")
     order = np.random.default_rng(seed).permutation(n)
     if folds is not None:
         if not 0 <= fold < folds or folds < 2:
@@ -101,7 +101,7 @@ class _MaskDataset(Dataset):
 
 
 class TianchiDataset(_MaskDataset):
-    """JPG tiles and their RLE masks in the Tianchi layout (``root/train/*.jpg``, ``root/train_mask.csv``).
+    """JPG images and their RLE masks in the Tianchi layout (``root/train/*.jpg``, ``root/train_mask.csv``).
 
     Masks are decoded per item from the lazily indexed CSV. Every image the CSV names must exist and be
     ``size`` pixels square; both are checked on construction (image headers only) so that bad data fails
@@ -117,7 +117,7 @@ class TianchiDataset(_MaskDataset):
         transform: random training transform (None for validation).
         mask_csv: the mask file, relative to ``root``.
         image_dir: the image folder, relative to ``root``.
-        size: expected tile width and height.
+        size: expected image width and height.
     """
 
     def __init__(self, root: PathLike, split: str = "all", val_fraction: float = 0.1, seed: int = 0,
@@ -147,7 +147,7 @@ class TianchiDataset(_MaskDataset):
             with Image.open(self.image_dir / name) as img:
                 if img.size != (self.size, self.size):
                     raise DatasetError(f"{self.image_dir / name} is {img.size[0]}x{img.size[1]}; expected "
-                                       f"{self.size}x{self.size} like every Tianchi tile")
+                                       f"{self.size}x{self.size} like every Tianchi image")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -220,7 +220,7 @@ class ChipDataset(_MaskDataset):
             meta = json.loads(meta_path.read_text())
             return {"bands": list(meta["bands"]), "size": int(meta["size"]), "dtype": str(meta["dtype"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from None
+            raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from exc
 
     def __len__(self) -> int:
         return len(self.items)

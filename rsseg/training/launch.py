@@ -16,7 +16,6 @@ the optimizer, scheduler, step and RNG states (as tensors and lists: ``weights_o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -32,14 +31,18 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from rsseg.errors import ConfigError, DatasetError, PipelineError, RssegError
-from rsseg.pipeline.process import retain_freed_memory
+from rsseg.errors import ConfigError, DatasetError, PipelineError
+from rsseg.options import resolve
 from rsseg.training.augment import TrainTransform
-from rsseg.training.config import TrainConfig, load_config
+from rsseg.training.config import LaunchOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
-__all__ = ["TrainConfig", "WarmupCosine", "build_datasets", "fit", "launch", "load_config", "main", "resolve_device"]
+__all__ = ["TrainConfig", "WarmupCosine", "build_datasets", "fit", "launch", "load_config", "resolve_device"]
+
+#: The module torchrun starts in each training process: ``rsseg train`` (an entry point: it sets the
+#: process's allocator and threads, then calls :func:`fit`, which joins the process group).
+RANK_ENTRY = ("-m", "rsseg.cli", "train")
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def resolve_device(name: str, local_rank: int = 0, nproc: int = 1) -> torch.devi
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, TianchiDataset | ChipDataset]:
-    """The training (augmented) and validation (whole tiles) datasets of ``cfg.data``."""
+    """The training (augmented) and validation (whole images) datasets of ``cfg.data``."""
     data = cfg.data
     common: dict[str, Any] = dict(val_fraction=data.val_fraction, seed=data.seed, folds=data.folds, fold=data.fold)
     if data.source == "tianchi":
@@ -79,7 +82,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
         raise DatasetError(f"the validation split of {data_source(cfg)['path']} is empty: raise data.val_fraction "
                            "or use data.folds")
     if aug.crop is not None and aug.crop > val.size:
-        raise ConfigError(f"data.augment.crop={aug.crop} is larger than the {val.size}-pixel tiles")
+        raise ConfigError(f"data.augment.crop={aug.crop} is larger than the {val.size}-pixel images")
     return train, val
 
 
@@ -108,15 +111,15 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
 def fit(cfg: TrainConfig) -> Path:
     """Train as configured, in this process (or as one DDP rank under torchrun); returns ``best.pt``'s path.
 
+    The process is left as found: the run draws from its own RNG streams (seeded with ``run.seed``), and
+    allocator and thread settings (``run.threads``) are the entry point's (``rsseg train`` sets them).
+
     Raises:
         ConfigError: a device that is not there, or a batch that does not split across processes.
         DatasetError: missing or wrongly sized images, an empty split.
         FileExistsError: ``run.out_dir`` holds a run and neither ``run.resume`` nor ``run.overwrite`` is set.
     """
     env = Rank.from_env()
-    retain_freed_memory()  # each step reuses the memory of the last instead of page-faulting it in again
-    if cfg.run.threads is not None:
-        torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device, env.local_rank, env.world)
     train_ds, val_ds = build_datasets(cfg)
     per_rank = _per_rank_batch(cfg, env.world, len(train_ds))
@@ -143,13 +146,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, nproc: int = 1,
-           overrides: Mapping[str, str] | None = None) -> Path:
+def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, options: LaunchOptions | None = None,
+           *, overrides: Mapping[str, str] | None = None, **values: Any) -> Path:
     """Train from a config file, mapping or :class:`TrainConfig`; ``nproc > 1`` runs DDP via torchrun.
+
+    ``options`` (or keywords such as ``nproc=2``) are :class:`LaunchOptions`; ``overrides`` are dotted
+    config keys with YAML values, as ``--set`` takes them.
 
     With ``nproc > 1`` the config, device and data are checked here first (so bad input fails with one
     message before any worker starts), then ``python -m torch.distributed.run --nproc_per_node N -m
-    rsseg.training.launch CONFIG`` runs on a free local port and this call waits for it.
+    rsseg.cli train CONFIG`` runs on a free local port and this call waits for it.
 
     Returns:
         The path of ``best.pt``.
@@ -161,8 +167,7 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
         cfg = load_config(config.model_dump(mode="json"), overrides) if overrides else config
     else:
         cfg = load_config(config, overrides)
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc}: expected 1 or more processes")
+    nproc = resolve(LaunchOptions, options, values).nproc
     if nproc == 1:
         return fit(cfg)
     device = resolve_device(cfg.run.device, 0, nproc)
@@ -171,39 +176,17 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, npr
     _resume_path(cfg)
     env = dict(os.environ)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))  # the children's threads: the cores shared out
     with tempfile.TemporaryDirectory(prefix="rsseg-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "rsseg.training.launch", str(resolved)]
+               *RANK_ENTRY, str(resolved)]
         log.info("starting %d training processes: %s", nproc, " ".join(cmd))
         result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         raise PipelineError(f"training with {nproc} processes failed (exit status {result.returncode}); "
                             "the workers' own messages are above")
     return Path(cfg.run.out_dir) / "best.pt"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of one training process: ``python -m rsseg.training.launch CONFIG [--set key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m rsseg.training.launch", description=main.__doc__)
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    rank = Rank.from_env().rank
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    overrides = dict(item.split("=", 1) for item in args.sets)
-    try:
-        best = fit(load_config(args.config, overrides))
-    except (RssegError, FileNotFoundError, FileExistsError) as exc:
-        print(f"rsseg: error (rank {rank}): {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if rank == 0:
-        print(best)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 The Tianchi metric is the mean over images of each image's Dice, so the soft Dice here is computed per
 image and then averaged (segmentation-models-pytorch's ``DiceLoss`` pools the batch into one Dice, which
-gives no signal on a batch of empty tiles and lets large images drown small ones).
+gives no signal on a batch of empty images and lets large images drown small ones).
 
 Soft Dice of one image, over its valid pixels, with ``p = sigmoid(logit)`` and truth ``t``::
 
@@ -10,8 +10,8 @@ Soft Dice of one image, over its valid pixels, with ``p = sigmoid(logit)`` and t
 
 **Empty truth.** With ``sum(t) = 0`` the image's soft Dice is ``smooth / (sum(p) + smooth)``: 1 when the
 prediction is empty, halved once the predicted probability mass reaches ``smooth`` pixels (1 by default)
-and falling towards 0 after, like the competition's score, where an empty tile scores 1 if the prediction
-is empty and 0 after a single false pixel. Its gradient pushes every probability of the tile down.
+and falling towards 0 after, like the competition's score, where an empty image scores 1 if the prediction
+is empty and 0 after a single false pixel. Its gradient pushes every probability of the image down.
 
 **Ignore pixels** (``valid == 0``: nodata, padding, label 255) are left out of both terms: they add
 nothing to the Dice sums, and BCE is averaged over valid pixels only. An image with no valid pixel
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rsseg.errors import ConfigError
 
 __all__ = ["DiceBCELoss", "soft_dice"]
 
@@ -60,7 +62,7 @@ class DiceBCELoss(nn.Module):
                  smooth: float = 1.0) -> None:
         super().__init__()
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
-            raise ValueError(f"dice_weight={dice_weight}, bce_weight={bce_weight}: expected non-negative "
+            raise ConfigError(f"dice_weight={dice_weight}, bce_weight={bce_weight}: expected non-negative "
                              "weights, not both zero")
         self.dice_weight, self.bce_weight = float(dice_weight), float(bce_weight)
         self.per_image, self.smooth = per_image, float(smooth)

@@ -28,8 +28,8 @@ class ThresholdDice:
     """Accumulates the mean per-image Dice of probability maps over a grid of post-processing settings.
 
     A setting is a probability ``threshold`` and a ``min_pixels`` rule: an image with fewer predicted
-    building pixels than ``min_pixels`` is predicted empty (competition practice: a tile without buildings
-    scores 0 for a single false pixel, so dropping specks on such tiles pays; ``min_pixels=0`` is the plain
+    building pixels than ``min_pixels`` is predicted empty (competition practice: an image without buildings
+    scores 0 for a single false pixel, so dropping specks on such images pays; ``min_pixels=0`` is the plain
     threshold).
     """
 

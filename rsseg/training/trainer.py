@@ -11,17 +11,15 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import shutil
 import time
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -31,7 +29,7 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
-from rsseg.models import create_model, load_checkpoint, load_weights, model_config, save_checkpoint
+from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.config import TrainConfig
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
@@ -81,11 +79,6 @@ def data_source(cfg: TrainConfig) -> dict[str, Any]:
     return {"source": cfg.data.source, "path": paths[0] if len(paths) == 1 else paths}
 
 
-def _model_name(model_cfg: Mapping[str, Any]) -> str:
-    arch = str(model_cfg.get("arch"))
-    return arch if arch == "tiny" else f"{arch}/{model_cfg.get('encoder')}"
-
-
 def _rsseg_version() -> str:
     try:
         return metadata.version("rsseg")
@@ -93,25 +86,12 @@ def _rsseg_version() -> str:
         return "unknown"
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and lists (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, cached], "python": [version, list(internal), gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _initial_rng(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of a run's own RNG streams (CPU, and the GPU's where it trains on one) seeded with ``seed``."""
+    state = {"torch": torch.Generator().manual_seed(seed).get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
     return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -122,7 +102,7 @@ class Trainer:
         env: this process's rank (``Rank()`` for a single process; the process group must be up for more).
         device: where the model runs.
         train_ds: the training dataset (with ``set_epoch``); ``bands`` gives the model's input channels.
-        val_ds: the validation dataset (whole tiles); ``size`` is recorded as the checkpoint's tile size.
+        val_ds: the validation dataset (whole images); ``size`` is recorded as the checkpoint's ``tile_size``.
         per_rank: this rank's batch size (the global batch divided by the number of processes).
     """
 
@@ -133,17 +113,14 @@ class Trainer:
         self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.train_ds, self.val_ds = train_ds, val_ds
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        torch.manual_seed(cfg.run.seed)
-        random.seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
+        self.rng = _initial_rng(cfg.run.seed, device)
         reserved = {"arch", "encoder", "encoder_weights", "in_channels", "mean", "std"} & set(cfg.model.kwargs)
         if reserved:
             raise ConfigError(f"model.kwargs repeats {sorted(reserved)}: set them in the model section itself")
         kwargs = dict(arch=cfg.model.arch, encoder=cfg.model.encoder, encoder_weights=cfg.model.encoder_weights,
                       in_channels=train_ds.bands, mean=cfg.model.mean, std=cfg.model.std, **cfg.model.kwargs)
-        self.module = create_model(**kwargs)
+        with self.session():
+            self.module = create_model(**kwargs)
         if cfg.model.init:
             load_weights(self.module, cfg.model.init)
             log.info("starting from the weights of %s", cfg.model.init)
@@ -162,9 +139,12 @@ class Trainer:
         self.sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
                                           seed=cfg.data.seed, drop_last=True)
         pin = device.type == "cuda"
+        # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
+        self.loader_rng = torch.Generator()
         self.loader = DataLoader(train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 drop_last=True, pin_memory=pin)
-        self.val_loader = DataLoader(val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers, pin_memory=pin)
+                                 drop_last=True, pin_memory=pin, generator=self.loader_rng)
+        self.val_loader = DataLoader(val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers, pin_memory=pin,
+                                     generator=torch.Generator().manual_seed(cfg.run.seed))
         self.steps_per_epoch = len(self.loader)
         total = self.steps_per_epoch * cfg.run.epochs
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.optim.lr,
@@ -173,6 +153,28 @@ class Trainer:
             total, round(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
         self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Run with this run's own RNG streams (model init, dropout) and cuDNN autotuning in effect.
+
+        Torch's global RNG state and ``cudnn.benchmark`` are the caller's again on exit: a run is reproducible
+        from ``run.seed`` and a resumed run continues its streams, without seeding the process.
+        """
+        cuda = self.device.type == "cuda"
+        benchmark = torch.backends.cudnn.benchmark
+        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else []):
+            torch.set_rng_state(self.rng["torch"])
+            if cuda:
+                torch.cuda.set_rng_state(self.rng["cuda"], self.device)
+                torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+            try:
+                yield
+            finally:
+                self.rng = {"torch": torch.get_rng_state()}
+                if cuda:
+                    self.rng["cuda"] = torch.cuda.get_rng_state(self.device)
+                torch.backends.cudnn.benchmark = benchmark
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -186,8 +188,8 @@ class Trainer:
         """Restore model, optimizer, scheduler, counters, history and RNG states from ``path`` (a last.pt)."""
         ckpt = load_checkpoint(path)
         if ckpt["model"] != self.model_cfg:
-            raise CheckpointError(f"{path} holds a {_model_name(ckpt['model'])} model unlike this config's "
-                                  f"{_model_name(self.model_cfg)} (or other model settings differ); set "
+            raise CheckpointError(f"{path} holds a {model_name(ckpt['model'])} model unlike this config's "
+                                  f"{model_name(self.model_cfg)} (or other model settings differ); set "
                                   "run.overwrite=true to start afresh")
         self.module.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -205,7 +207,8 @@ class Trainer:
         self.best_dice, self.best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         self.history = [dict(r) for r in state["history"]]
         rngs = state["rng"]
-        _set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world else rngs[0])
+        rng = rngs[self.env.rank] if len(rngs) == self.env.world else rngs[0]
+        self.rng.update({k: v for k, v in rng.items() if k in self.rng and isinstance(v, torch.Tensor)})
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
@@ -216,19 +219,20 @@ class Trainer:
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
             log.info("training %s on %s (%d process(es), %s%s): %d train / %d validation images, %d steps/epoch",
-                     _model_name(self.model_cfg), self.device, self.env.world,
+                     model_name(self.model_cfg), self.device, self.env.world,
                      "bf16" if self.bf16 else "fp32", ", channels_last" if run.channels_last else "",
                      len(self.train_ds), len(self.val_ds), self.steps_per_epoch)
         last = run.epochs if run.stop_after is None else min(run.epochs, self.epoch + run.stop_after)
         while self.epoch < last:
             record = self.train_epoch()
-            rngs = [None] * self.env.world
+            rngs: list[Any] = [None] * self.env.world
             if self.env.world > 1:
-                dist.all_gather_object(rngs, _rng_state())
+                dist.all_gather_object(rngs, self.rng)
             else:
-                rngs = [_rng_state()]
+                rngs = [dict(self.rng)]
             if self.env.main:
-                record.update(self.validate())
+                with self.session():  # cuDNN autotuning for validation too; it draws no random numbers
+                    record.update(self.validate())
                 self._save(record, rngs)
             if self.env.world > 1:
                 dist.barrier()
@@ -238,9 +242,22 @@ class Trainer:
         """One pass over this rank's shard of the training split; returns the epoch's training record."""
         self.train_ds.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
+        self.loader_rng.manual_seed(self.cfg.run.seed + self.epoch)
         self.model.train()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss * images, images
         start = time.perf_counter()
+        with self.session():
+            sums = self._train_steps()
+        if self.env.world > 1:
+            dist.all_reduce(sums)
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        return {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": float(sums[0] / sums[1].clamp_min(1)), "train_images_per_s": float(sums[1]) / elapsed,
+                "train_s": elapsed}
+
+    def _train_steps(self) -> torch.Tensor:
+        """The steps of one epoch; returns this rank's (sum of loss * images, images)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.run.epochs}", unit="batch", leave=False,
                    disable=not (self.env.main and self.cfg.run.progress) or None)
         for i, batch in enumerate(bar):
@@ -258,17 +275,11 @@ class Trainer:
             sums += torch.stack([loss.detach().double() * image.shape[0], sums.new_tensor(image.shape[0])])
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")
-        if self.env.world > 1:
-            dist.all_reduce(sums)
-        elapsed = time.perf_counter() - start
-        self.epoch += 1
-        return {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                "train_loss": float(sums[0] / sums[1].clamp_min(1)), "train_images_per_s": float(sums[1]) / elapsed,
-                "train_s": elapsed}
+        return sums
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Validation loss and mean per-image Dice per threshold on whole tiles (rank 0, unwrapped model)."""
+        """Validation loss and mean per-image Dice per threshold on whole images (rank 0, unwrapped model)."""
         self.module.eval()
         run = self.cfg.run
         scores = ThresholdDice([*run.thresholds, 0.5], [*run.min_pixels, 0], self.device)
