@@ -31,6 +31,7 @@ import functools
 import numpy as np
 import torch
 
+from rsseg.errors import ConfigError
 from rsseg.tiling.grid import Tile, TileGrid
 
 __all__ = ["BandAccumulator", "axis_weights", "edge_margin", "window_weights"]
@@ -114,12 +115,13 @@ class BandAccumulator:
         a float32 numpy array on CPU, a tensor on the device otherwise.
 
         Raises:
-            ValueError: windows out of the grid's iteration order (which the band relies on).
+            ConfigError: windows out of the grid's iteration order (which the band relies on).
         """
         g = self.grid
         expected = divmod(self._next, g.n_cols)
         if (tile.row, tile.col) != expected:
-            raise ValueError(f"window ({tile.row}, {tile.col}) out of order; expected {expected}")
+            raise ConfigError(f"window ({tile.row}, {tile.col}) out of order; expected {expected} (add windows in "
+                              "the grid's row-major order)")
         self._next += 1
         h, w = min(g.size, g.height - tile.row_off), min(g.size, g.width - tile.col_off)
         r0, c0 = tile.row_off - self.start, tile.col_off
