@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 
 from rsseg.options import Options
 
@@ -52,3 +52,9 @@ class PredictOptions(Options):
     min_pixels: int | None = Field(None, ge=0, description="JPG images: fewer building pixels than this -> "
                                                            "empty mask (default: the checkpoint's).")
     overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_name(cls, value: object) -> object:
+        """A :class:`torch.device` is taken by its name (``cuda:0``)."""
+        return value if isinstance(value, str) or value is None else str(value)
