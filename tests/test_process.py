@@ -47,16 +47,17 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
 THREADS_PROBE = """
 import json, os, sys
 from rsseg.pipeline.process import configure_process
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
-settings = configure_process(threads)
+threads, tasks = (int(a) if a != "-" else None for a in (sys.argv[1:] + ["-", "-"])[:2])
+settings = configure_process(threads, tasks)
 import torch  # after the entry point's settings, as in `rsseg`
 print(json.dumps({"set": settings.threads, "torch": torch.get_num_threads(), "passive": settings.passive_wait,
                   "cores": len(os.sched_getaffinity(0))}))
 """
 
 
-def _probe(*args: str) -> dict:
+def _probe(*args: str, **environ: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "OPENBLAS_", "GDAL_"))}
+    env.update(environ)
     done = subprocess.run([sys.executable, "-c", THREADS_PROBE, *args], capture_output=True, text=True, check=True,
                           env=env)
     return json.loads(done.stdout.splitlines()[-1])
@@ -70,6 +71,9 @@ def test_configure_process_sets_a_share_or_every_core() -> None:
     cores = min(every["cores"], max(1, math.ceil(cpu_quota() or every["cores"])))
     assert every["set"] == cores and every["torch"] == cores
     assert every["passive"]  # torch was not imported yet: OpenMP waits passively
+    assert _probe(OMP_NUM_THREADS="3")["set"] == 3  # a user's (or a Dask nanny's) choice wins
+    shared = _probe("-", "2", OMP_NUM_THREADS="3")  # ranks sharing the host: their share, not the parent's
+    assert shared["set"] == shared["torch"] == max(1, cores // 2)
 
 
 def test_available_cores_divides_among_tasks_and_respects_the_quota(tmp_path, monkeypatch) -> None:

@@ -155,10 +155,12 @@ def configure_process(threads: int | None = None, tasks: int | None = None) -> P
     """Apply the entry-point settings of the module docstring to this process. Idempotent; entry points only.
 
     Args:
-        threads: torch/OpenMP/GDAL threads; None: ``OMP_NUM_THREADS`` if set, else :func:`available_cores`.
-        tasks: processes or tasks sharing this host's cores (e.g. a LocalCluster's workers).
+        threads: torch/OpenMP/GDAL threads; None: :func:`available_cores` for ``tasks``, or without ``tasks``
+            ``OMP_NUM_THREADS`` where set (a user's choice, or a parent's: Dask workers get their share so).
+        tasks: processes or tasks sharing this host's cores (e.g. the local ranks of a torchrun job). It
+            overrides an inherited ``OMP_NUM_THREADS``, which a parent that ran this function sized for itself.
     """
-    threads = threads or _env_threads() or available_cores(tasks)
+    threads = threads or (available_cores(tasks) if tasks else _env_threads() or available_cores())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules
     for name in _THREAD_VARIABLES:
