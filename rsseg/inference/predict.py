@@ -1,11 +1,11 @@
-"""Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi tiles to a submission.
+"""Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi images to a submission.
 
 :func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
 in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
-augmentation (:mod:`rsseg.inference.tta`), blended without seams in a band of rows on the model's device
+augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of rows on the model's device
 (:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
-measured, about 13 KB per column of scene width (the band's sums and weights, and rows queued and staged
+measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
 for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
 
 **Raster outputs** are single-band, tiled (512 x 512), DEFLATE-compressed (level 1) GeoTIFFs with the source's
@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
-from rsseg.inference.blend import BandAccumulator
+from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, resolve_device
@@ -224,18 +224,18 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
 
 def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
     """The main loop: batches in, blended rows out."""
-    band = BandAccumulator(grid, predictor.device)
+    strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
     with (Prefetch(lambda: read_batches(src, grid, batch_size, pin), depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):
-        for tiles, pixels in batches:
+        for windows, pixels in batches:
             probs = predictor(pixels)
-            for tile, prob in zip(tiles, probs, strict=True):
-                done = band.add(tile, prob)
+            for window, prob in zip(windows, probs, strict=True):
+                done = strip.add(window, prob)
                 if done is not None:
                     writer.submit(*done)
-            bar.update(len(tiles))
+            bar.update(len(windows))
 
 
 def _image_names(image_dir: Path, sample: Path | None) -> list[str]:
@@ -267,7 +267,7 @@ def _read_jpg_batches(image_dir: Path, names: list[str], batch_size: int, pin: b
             with Image.open(image_dir / name) as img:
                 if img.size != TIANCHI_SHAPE[::-1]:
                     raise DatasetError(f"{image_dir / name}: {img.size[0]}x{img.size[1]} pixels; expected "
-                                       f"{TIANCHI_SHAPE[1]}x{TIANCHI_SHAPE[0]} Tianchi tiles")
+                                       f"{TIANCHI_SHAPE[1]}x{TIANCHI_SHAPE[0]} Tianchi images")
                 pixels[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
         batch = torch.from_numpy(pixels)
         yield chunk, batch.pin_memory() if pin else batch
