@@ -212,7 +212,8 @@ for _ in range(2):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print("SETTINGS", json.dumps({"torch_threads": torch.get_num_threads(), "wait": os.environ.get("OMP_WAIT_POLICY"),
                               "omp": os.environ.get("OMP_NUM_THREADS"), "gdal_cache": get_gdal_config("GDAL_CACHEMAX"),
-                              "faults": faults[-1]}))
+                              "faults": faults[-1], "malloc_env": [os.environ.get("MALLOC_MMAP_MAX_"),
+                                                                   os.environ.get("MALLOC_TRIM_THRESHOLD_")]}))
 """
 
 
@@ -229,3 +230,4 @@ def test_the_cli_entry_point_applies_the_process_settings(tmp_path):
     assert settings["wait"] == "PASSIVE"
     assert settings["gdal_cache"] == 64 << 20
     assert settings["faults"] < 100  # freed memory is reused
+    assert settings["malloc_env"] == ["0", str(2**31 - 1)]  # and child processes (torchrun ranks) start so

@@ -7,8 +7,12 @@ that own a process call :func:`configure_process` once, as early as possible:
 * the workers of the LocalCluster that :mod:`rsseg.pipeline.cluster` starts: their environment comes from
   :func:`worker_environ` (Dask's ``distributed.nanny.pre-spawn-environ``) and each worker calls
   :func:`configure_process` when it starts (a worker plugin);
-* the trainer child (``rsseg.training.launch``): call ``configure_process(threads=cfg.run.threads)`` first
-  thing in the child's entry.
+* the trainer: ``rsseg train`` (also the pipeline's trainer child, ``python -m rsseg.cli train``) is the CLI.
+  Processes it starts (torchrun ranks, DataLoader workers) inherit the settings through the environment
+  exported here (allocator tunables, ``OMP_WAIT_POLICY``, ``GDAL_CACHEMAX``, ``OMP_NUM_THREADS``); a rank that
+  shares the host with others sizes its threads with ``configure_process(threads=cfg.run.threads,
+  tasks=local_world_size)`` in an entry outside the stage packages (which never import ``rsseg.pipeline``),
+  or its launcher sets ``OMP_NUM_THREADS`` to the share.
 
 What it sets, and why:
 
@@ -165,6 +169,9 @@ def configure_process(threads: int | None = None, tasks: int | None = None) -> P
     passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)  # for torch when it is imported later, and for child processes
+    allocator = retain_freed_memory()
+    if allocator:  # child processes (torchrun ranks, a trainer child) start with the same allocator settings
+        os.environ.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_NEVER_TRIM)})
     os.environ["GDAL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB))
     cache_mb = int(os.environ["GDAL_CACHEMAX"]) if os.environ["GDAL_CACHEMAX"].isdigit() else GDAL_CACHEMAX_MB
@@ -174,7 +181,7 @@ def configure_process(threads: int | None = None, tasks: int | None = None) -> P
         set_gdal_config("GDAL_CACHEMAX", cache_mb << 20)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    settings = ProcessSettings(threads, retain_freed_memory(), passive, cache_mb)
+    settings = ProcessSettings(threads, allocator, passive, cache_mb)
     log.debug("process settings: %s", settings)
     return settings
 
