@@ -12,7 +12,7 @@ import dask
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
-from rsseg.pipeline.process import available_cores, usable_cores, worker_environ
+from rsseg.pipeline.process import available_cores, worker_environ
 
 __all__ = ["dask_client", "dask_executor", "local_cluster", "task_threads", "threads_by_host"]
 
@@ -112,17 +112,17 @@ def threads_by_host(client: Client) -> dict[str, int]:
 def task_threads(threads_on: Mapping[str, int], tasks: int | None = None) -> int:
     """Threads a task may use for its own parallel work (GDAL decoding, torch): this machine's cores shared out.
 
-    In a Dask worker, the cores this process may run on divided by the worker threads on its host
-    (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses all cores,
-    a worker per core uses one each instead of every worker starting a thread per core. Outside a worker,
-    all the cores.
+    In a Dask worker, the cores this process may run on (affinity and cgroup quota) divided by the worker
+    threads on its host (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses
+    all cores, a worker per core uses one each instead of every worker starting a thread per core. Outside a
+    worker, all the cores.
 
     Args:
         threads_on: worker threads per host.
         tasks: how many such tasks the cluster runs at once, when that may be fewer than its threads (they
             then share a host's cores among fewer); None: at least one per thread.
     """
-    cores = usable_cores()
+    cores = available_cores()
     try:
         host = get_address_host(get_worker().address)
     except ValueError:  # not running in a Dask worker
