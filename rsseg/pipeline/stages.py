@@ -266,7 +266,7 @@ def _score(p: ScoreParams, ctx: StageContext) -> dict[str, Any]:
 
 
 class PredictScenesParams(PredictOptions):
-    """``output_kind`` stays ``both`` for the vectorize stage, which reads masks and probabilities."""
+    """Prediction options plus the inputs (``output_kind`` both, the default, for a vectorize stage)."""
 
     checkpoint: str
     scenes: str
