@@ -2,9 +2,20 @@
 
 import os
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 settings.register_profile("rsseg", deadline=None, print_blob=True)
 settings.load_profile("rsseg")
+
+
+@pytest.fixture(autouse=True)
+def _entry_point_settings_stay_out_of_pytest(monkeypatch):
+    """``rsseg.cli.main`` configures the process it runs in (allocator, threads, exported variables); tests that
+    call it in pytest's own process leave pytest as it is. Fresh processes (test_side_effects.py,
+    test_process.py, Dask workers) still apply the settings."""
+    from rsseg.pipeline import process
+
+    monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)

@@ -47,15 +47,6 @@ def read(path, masked=False):
         return src.read(1, masked=masked)
 
 
-@pytest.fixture(autouse=True)
-def _no_process_settings(monkeypatch):
-    """``main`` configures the process it runs in (checked in a fresh process in test_side_effects.py); the
-    tests here call it in pytest's own process, which they leave as it is."""
-    from rsseg.pipeline import process
-
-    monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real create_model checkpoint (U-Net, resnet18) whose meta holds a validation threshold."""

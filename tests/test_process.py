@@ -37,7 +37,8 @@ print(applied, default, faults_of_a_fresh_block())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults, not a parent's
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
     applied, default, retained = done.stdout.split()
     assert applied == "True"
     assert int(default) > 10_000  # 64 MiB of 4 KiB pages, faulted in on every allocation by default
