@@ -17,9 +17,17 @@ Figures (issue 5):
   activations do not depend on the scene size), sampled every 20 ms with psutil.
 * CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
 * cluster (``--parts cluster``): two 1536x1536 scenes predicted at once on a LocalCluster of two
-  single-threaded workers, torch on every core in each task (what a task did before) against the task's
-  share of the host (``rsseg.pipeline.cluster.task_threads``, what the ``predict_scenes`` stage does); light U-Net,
-  flip TTA, bf16, best of 2.
+  single-threaded workers (:func:`rsseg.pipeline.cluster.local_cluster`, set up as entry points), torch on every
+  core in each task against the task's share of the host (``rsseg.pipeline.cluster.task_threads``, what the
+  ``predict_scenes`` stage sets around each task); light U-Net, flip TTA, bf16, best of 2.
+* busy neighbour (``--parts busy``): another process keeps one core busy (pinned to the first core) while a
+  fresh process predicts the 1024x1024 scene (light U-Net, tta none, bf16): once with torch's defaults (a
+  thread per core, OpenMP's default spin-waiting, no allocator tuning) and once as an entry point of rsseg
+  runs it, on the cores left free (affinity without the busy core; :func:`rsseg.pipeline.process.configure_process`
+  sizes the threads to them and makes OpenMP wait passively).
+
+The script is an entry point: it applies :func:`rsseg.pipeline.process.configure_process` before importing
+torch (as ``rsseg`` does), so the bare forward passes and ``predict_raster`` run with the same settings.
 
 Usage: ``.venv/bin/python benchmarks/bench_inference.py [--workdir DIR] [--quick]``. Scenes are generated
 once with :func:`rsseg.synth.generate.make_scene` and kept in ``--workdir`` (default: a folder in the temp dir).
@@ -35,19 +43,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-import rasterio
-import torch
-from torch import nn
+from rsseg.pipeline.process import configure_process, torch_threads
 
-from rsseg.inference.predict import predict_raster
-from rsseg.inference.streams import read_batches
-from rsseg.inference.tta import Predictor, resolve_device
-from rsseg.models import RGB_MEAN, RGB_STD, Segmenter, create_model, model_from_checkpoint
-from rsseg.pipeline.process import retain_freed_memory
-from rsseg.synth.generate import make_scene
-from rsseg.tiling.grid import TileGrid
+DEFAULTS_FLAG = "--torch-defaults"  # a busy-neighbour child measuring torch's own settings
+if __name__ == "__main__" and DEFAULTS_FLAG not in sys.argv:
+    SETTINGS = configure_process()  # an entry point: before torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import rasterio  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from rsseg.inference.predict import predict_raster  # noqa: E402
+from rsseg.inference.streams import read_batches  # noqa: E402
+from rsseg.inference.tta import Predictor, resolve_device  # noqa: E402
+from rsseg.models import RGB_MEAN, RGB_STD, Segmenter, create_model, model_from_checkpoint  # noqa: E402
+from rsseg.synth.generate import make_scene  # noqa: E402
+from rsseg.tiling.grid import TileGrid  # noqa: E402
 
 TILE, OVERLAP = 512, 128
 SMALL = 1024  # scene size of the d4 and bf16 runs
@@ -215,28 +228,78 @@ def gpu_windows_per_s(batch_size: int = 32, steps: int = 20) -> dict:
             "gpu_windows_per_s_tta_none": round(batch_size * steps / seconds, 1)}
 
 
+def predict_with_threads(threads: int, *args, **kwargs) -> Path:
+    """A Dask task: predict_raster with torch on ``threads`` threads, restored afterwards (as the stage does)."""
+    with torch_threads(threads):
+        return predict_raster(*args, **kwargs)
+
+
 def cluster_share(workdir: Path) -> dict:
     """Two scenes on two single-threaded workers: every core per task vs the task's share of the host."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from rsseg.pipeline.cluster import task_threads, threads_by_host
+    from rsseg.pipeline.cluster import local_cluster, task_threads, threads_by_host
 
     scenes, model = [scene(workdir, 1536), scene(workdir, 1537)], light_unet()
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-          Client(cluster) as client):
+    with local_cluster(2) as cluster, Client(cluster) as client:
         share = client.submit(task_threads, threads_by_host(client), len(scenes), pure=False).result()
         model = client.scatter(model, broadcast=True)  # once, not pickled into every task
         best = {}
         for _ in range(2):
             for name, threads in (("every_core", os.cpu_count()), ("share", share)):
                 start = time.perf_counter()
-                client.gather([client.submit(predict_raster, model, src, workdir / f"cluster_{i}.tif", tta="flip",
-                                             precision="bf16", overwrite=True, cpu_threads=threads, pure=False)
+                client.gather([client.submit(predict_with_threads, threads, model, src, workdir / f"cluster_{i}.tif",
+                                             tta="flip", precision="bf16", overwrite=True, pure=False)
                                for i, src in enumerate(scenes)])
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     return {"cluster_two_scenes_every_core_s": round(best["every_core"], 2),
             "cluster_two_scenes_share_s": round(best["share"], 2), "cluster_share_threads": share,
             "cluster_speedup": round(best["every_core"] / best["share"], 3)}
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def busy_child(src: Path, dst: Path) -> None:
+    """Predict ``src`` once (after a warm-up batch) and print the seconds and torch's threads."""
+    model = light_unet()
+    warm_up(model, torch.device("cpu"), "bf16", 2)
+    start = time.perf_counter()
+    predict_raster(model, src, dst, tile=TILE, overlap=OVERLAP, tta="none", batch_size=4, device="cpu",
+                   precision="bf16", output="mask", overwrite=True)
+    print(json.dumps({"s": time.perf_counter() - start, "threads": torch.get_num_threads()}))
+
+
+def busy_neighbour(workdir: Path) -> dict:
+    """Torch's defaults vs the entry point's settings on the free cores, while another process keeps one busy."""
+    import multiprocessing
+    import subprocess
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {"busy_note": "needs 2 or more cores"}
+    src = scene(workdir, SMALL)
+    with rasterio.open(src) as ds:
+        n = len(TileGrid(ds.width, ds.height, TILE, OVERLAP))
+    neighbour = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+    neighbour.start()
+    os.sched_setaffinity(neighbour.pid, {cores[0]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "OPENBLAS_", "GDAL_"))}
+    runs = {}
+    try:
+        for name, extra, affinity in (("torch_defaults", [DEFAULTS_FLAG], None), ("entry_point", [], set(cores[1:]))):
+            cmd = [sys.executable, __file__, "--busy-child", str(src), str(workdir / f"busy_{name}.tif"), *extra]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+                                  preexec_fn=(lambda a=affinity: os.sched_setaffinity(0, a)) if affinity else None)
+            runs[name] = json.loads(done.stdout.splitlines()[-1])
+    finally:
+        neighbour.terminate()
+        neighbour.join()
+    return {"busy_windows": n, **{f"busy_{k}_windows_per_s": round(n / v["s"], 3) for k, v in runs.items()},
+            **{f"busy_{k}_threads": v["threads"] for k, v in runs.items()},
+            "busy_speedup": round(runs["torch_defaults"]["s"] / runs["entry_point"]["s"], 3)}
 
 
 def main() -> None:
@@ -250,7 +313,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small scenes, to check the script itself")
     parser.add_argument("--parts", default="overhead,d4,memory", help="comma-separated subset to run")
     parser.add_argument("--memory-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--busy-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(DEFAULTS_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.busy_child:
+        busy_child(*args.busy_child)
+        return
     if args.memory_child:
         src, dst = args.memory_child
         predict_raster(tiny_model(), src, dst, tile=TILE, overlap=OVERLAP, tta="none", device="cpu",
@@ -258,13 +326,12 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.mem_sizes = 2048, [1024, 2048]
-    retain_freed_memory()  # as predict_raster does: the bare forward passes get the same allocator
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     parts = set(args.parts.split(","))
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     result: dict = {"bench": "inference", "device": str(device), "torch_threads": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count(), "tile": TILE, "overlap": OVERLAP}
+                    "cpu_count": os.cpu_count(), "process_settings": vars(SETTINGS), "tile": TILE, "overlap": OVERLAP}
     if "overhead" in parts:
         result.update(overhead(args.workdir, args.size, device, batch_size))
     if "d4" in parts:
@@ -273,6 +340,8 @@ def main() -> None:
         result.update(memory(args.workdir, args.mem_sizes))
     if "cluster" in parts:
         result.update(cluster_share(args.workdir))
+    if "busy" in parts:
+        result.update(busy_neighbour(args.workdir))
     if device.type == "cuda":
         result.update(gpu_windows_per_s())
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from rsseg.errors import RssegError
+from rsseg.inference.options import PredictOptions
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.training.config import LaunchOptions
@@ -152,7 +153,8 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 
     opts = options_from_click(LaunchOptions, params)
     cfg = load_config(config, _parse_sets(sets))
-    configure_process(threads=cfg.run.threads)
+    # each torchrun rank on this host takes its share of the cores
+    configure_process(threads=cfg.run.threads, tasks=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
     rank = Rank.from_env().rank
     if rank:  # a torchrun process other than rank 0: warnings only, rank 0 reports
         logging.getLogger("rsseg").setLevel(logging.WARNING)
@@ -165,34 +167,15 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 @click.argument("checkpoint", type=_PATH)
 @click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.argument("output", type=_PATH)
-@click.option("--tile", "tile_size", default=512, show_default=True, help="Window size in pixels (rasters).")
-@click.option("--overlap", default=128, show_default=True, help="Pixels shared by neighbouring windows (rasters).")
-@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="d4", show_default=True,
-              help="Test-time augmentation: 1, 4 or 8 views per window, probabilities averaged.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass (times the TTA views).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX).")
-@click.option("--threshold", type=float, default=None,
-              help="Building probability threshold (default: the checkpoint's validation threshold, else 0.5).")
-@click.option("--output-kind", type=click.Choice(["prob", "mask", "both"]), default="both", show_default=True,
-              help="Raster outputs; with both, probabilities go to OUTPUT's sibling <stem>.prob.tif.")
-@click.option("--prob-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
-              help="Probabilities as 0-255 or 0-1.")
+@click.option("--tile", "--window", "window", type=int, default=PredictOptions.model_fields["window"].default,
+              show_default=True, help=PredictOptions.model_fields["window"].description)
+@click_options(PredictOptions, exclude=("window",))
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
-@click.option("--min-pixels", type=int, default=None,
-              help="JPG tiles: fewer building pixels than this -> empty mask (default: the checkpoint's).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, overlap: int, tta: str,
-            batch_size: int, device: str, precision: str, threshold: float | None, output_kind: str,
-            prob_dtype: str, sample: Path | None, min_pixels: int | None, overwrite: bool) -> None:
-    """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG tiles (to a submission CSV)."""
+def predict(checkpoint: Path, input_path: Path, output: Path, sample: Path | None, **params: object) -> None:
+    """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG images (to a submission CSV)."""
     from rsseg.inference.predict import predict_path
 
-    result = predict_path(checkpoint, input_path, output, tile=tile_size, overlap=overlap, tta=tta,
-                          batch_size=batch_size, device=device, precision=precision, threshold=threshold,
-                          output_kind=output_kind, prob_dtype=prob_dtype, sample=sample, overwrite=overwrite,
-                          min_pixels=min_pixels)
+    result = predict_path(checkpoint, input_path, output, options_from_click(PredictOptions, params), sample=sample)
     click.echo(str(result))
 
 
@@ -259,7 +242,15 @@ def demo(workdir: Path, scheduler: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``rsseg`` console script."""
+    """Entry point of the ``rsseg`` console script: sets up the process, then runs the command.
+
+    The process settings (allocator, threads sized to the cores this process has, passive OpenMP waiting,
+    GDAL cache: :func:`rsseg.pipeline.process.configure_process`) are applied here, before a command imports
+    torch, and never by the library functions the commands call.
+    """
+    from rsseg.pipeline.process import configure_process
+
+    configure_process()
     try:
         cli.main(args=argv, prog_name="rsseg", standalone_mode=False)
     except click.exceptions.Abort:

@@ -20,3 +20,11 @@ def stand_ins(monkeypatch):
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
     return TINY_ARCH
+@pytest.fixture(autouse=True)
+def _entry_point_settings_stay_out_of_pytest(monkeypatch):
+    """``rsseg.cli.main`` configures the process it runs in (allocator, threads, exported variables); tests that
+    call it in pytest's own process leave pytest as it is. Fresh processes (test_side_effects.py,
+    test_process.py, Dask workers) still apply the settings."""
+    from rsseg.pipeline import process
+
+    monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)

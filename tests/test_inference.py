@@ -7,11 +7,12 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
+from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from rsseg.cli import main
-from rsseg.errors import CheckpointError, DatasetError, RasterError
+from rsseg.cli import cli, main
+from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
 from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
@@ -210,19 +211,21 @@ def test_band_count_must_match_the_model(tmp_path, checkpoint):
 
 
 # ------------------------------------------------------------------------------------------- Tianchi
-def test_submission_from_generated_tianchi_data_validates_and_scores(tmp_path, checkpoint, capsys):
+def test_submission_from_generated_tianchi_data_validates_and_scores(tmp_path, checkpoint):
     from rsseg.synth.generate import make_tianchi
 
     info = make_tianchi(tmp_path / "tc", n_train=1, n_test=3, seed=0)
     sub = tmp_path / "submission.csv"
-    main(["predict", str(checkpoint), str(info["test_dir"]), str(sub), "--tta", "none", "--device", "cpu",
-          "--sample", str(info["sample_submission"])])
+    runner = CliRunner()
+    done = runner.invoke(cli, ["predict", str(checkpoint), str(info["test_dir"]), str(sub), "--tta", "none",
+                               "--device", "cpu", "--sample", str(info["sample_submission"])], catch_exceptions=False)
+    assert done.exit_code == 0 and done.output.strip() == str(sub)
     assert validate_submission(sub, info["sample_submission"]) == []
-    names = [line.split("\t")[0] for line in sub.read_text().splitlines()]
-    assert names == [line.split("\t")[0] for line in open(info["sample_submission"]).read().splitlines()]
-    capsys.readouterr()
-    main(["score", str(sub), str(info["test_mask"])])
-    result = json.loads(capsys.readouterr().out)
+    with open(info["sample_submission"]) as sample:
+        expected = [line.split("\t")[0] for line in sample.read().splitlines()]
+    assert [line.split("\t")[0] for line in sub.read_text().splitlines()] == expected
+    done = runner.invoke(cli, ["score", str(sub), str(info["test_mask"])], catch_exceptions=False)
+    result = json.loads(done.output)
     assert result["images"] == 3 and 0.0 <= result["mean_dice"] <= 1.0
 
 
@@ -313,3 +316,38 @@ def test_library_errors_are_rssegerrors(tmp_path):
     Image.fromarray(np.zeros((512, 512, 3), np.uint8)).save(tmp_path / "a.jpg")
     with pytest.raises(CheckpointError, match="not found"):
         predict_images(tmp_path / "nope.pt", tmp_path, tmp_path / "s.csv", device="cpu")
+
+
+# ------------------------------------------------------------------------------------- options once
+def test_options_are_defined_once_for_library_cli_and_pipeline():
+    from typing import get_args
+
+    from rsseg.inference.options import PredictOptions, TtaMode
+    from rsseg.inference.tta import PRECISIONS, TTA_MODES
+    from rsseg.pipeline.stages import PredictScenesParams, PredictTianchiParams
+
+    command = cli.commands["predict"]
+    params = {p.name: p for p in command.params}
+    for name, field in PredictOptions.model_fields.items():
+        assert params[name].default == field.default, name
+    assert tuple(params["tta"].type.choices) == tuple(TTA_MODES) == get_args(TtaMode)
+    assert tuple(params["precision"].type.choices) == PRECISIONS
+    assert "--tile" in params["window"].opts and "--window" in params["window"].opts
+    assert issubclass(PredictScenesParams, PredictOptions) and issubclass(PredictTianchiParams, PredictOptions)
+    scenes = PredictScenesParams(checkpoint="m.pt", scenes="s/", tile=256)  # YAML files keep `tile:`
+    assert scenes.window == 256 and scenes.output_kind == "both" and not scenes.overwrite
+    assert PredictOptions(output="prob").output_kind == "prob"
+
+
+def test_bad_options_are_config_errors_naming_the_field(tmp_path, scene):
+    src, _ = scene
+    with pytest.raises(ConfigError, match="tta"):
+        predict_raster(fcn(), src, tmp_path / "o.tif", tta="rot", device="cpu")
+    with pytest.raises(ConfigError, match="batch_size"):
+        predict_raster(fcn(), src, tmp_path / "o.tif", batch_size=0, device="cpu")
+    with pytest.raises(ConfigError, match="valid names"):
+        predict_raster(fcn(), src, tmp_path / "o.tif", tiles=64, device="cpu")
+    with pytest.raises(ConfigError, match="overlap") as info:
+        predict_raster(fcn(), src, tmp_path / "o.tif", window=64, overlap=64, device="cpu")
+    assert isinstance(info.value.__cause__, ValueError)  # the grid's own message, chained
+    assert not list(tmp_path.glob("o*"))

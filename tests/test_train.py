@@ -248,4 +248,4 @@ def test_rsseg_train_sets_the_process_settings_fit_leaves_alone(tianchi, tmp_pat
     path.write_text(yaml.safe_dump(tiny_config(tianchi, tmp_path / "out", threads=1)))
     result = CliRunner().invoke(cli, ["train", str(path), "--set", "data.batch_size=64"])
     assert "fewer than one batch" in str(result.exception)  # fails in fit, after the entry point's settings
-    assert calls == [{"threads": 1}]
+    assert calls == [{"threads": 1, "tasks": None}]

@@ -1,7 +1,5 @@
 """Test-time augmentation (rsseg.inference.tta) and the blending weights (rsseg.inference.blend)."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from torch import nn
 
 from rsseg.errors import ConfigError
 from rsseg.inference.blend import axis_weights, edge_margin, window_weights
-from rsseg.inference.tta import TTA_MODES, Predictor, configure_cpu_threads, resolve_device, tta_views
+from rsseg.inference.tta import TTA_MODES, Predictor, resolve_device, tta_views
 from rsseg.models import Segmenter
 from rsseg.tiling.grid import TileGrid, grid_offsets
 
@@ -158,13 +156,3 @@ def test_total_weight_is_positive_over_a_grid(width, height, size, data):
         total[tile.row_off : tile.row_off + size, tile.col_off : tile.col_off + size] += window_weights(grid, tile)
     assert (total[:height, :width] > 0).all()
     assert all(0 <= window_weights(grid, t).min() and window_weights(grid, t).max() <= 1 for t in grid)
-
-
-def test_configure_cpu_threads_sets_a_share_or_every_core() -> None:
-    before = torch.get_num_threads()
-    try:
-        assert configure_cpu_threads(1) == 1 and torch.get_num_threads() == 1
-        cores = len(os.sched_getaffinity(0))
-        assert configure_cpu_threads() == cores and torch.get_num_threads() == cores
-    finally:
-        torch.set_num_threads(before)

@@ -1,15 +1,33 @@
-"""Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi tiles to a submission.
+"""Sliding-window inference: large GeoTIFF scenes to probability / mask GeoTIFFs, Tianchi images to a submission.
 
 :func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
 in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
-augmentation (:mod:`rsseg.inference.tta`), blended without seams in a band of rows on the model's device
+augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of rows on the model's device
 (:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
-measured, about 13 KB per column of scene width (the band's sums and weights, and rows queued and staged
+measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
 for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
 
-:func:`predict_images` predicts a folder of 512x512 JPG tiles and writes a validated competition
-submission; :func:`predict_path` chooses between the two (the ``rsseg predict`` command).
+**Raster outputs** are single-band, tiled (512 x 512), DEFLATE-compressed (level 1) GeoTIFFs with the source's
+CRS and transform, tagged ``rsseg:checkpoint_sha256``, ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:source``,
+``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata domain ``rsseg``: read
+them with :func:`read_tags`), written atomically:
+
+* mask (``output_kind="mask"`` or ``"both"``, at ``dst``): uint8, 1 building (probability > threshold),
+  0 background, 255 (the declared nodata) where the source is nodata;
+* probabilities (``output_kind="prob"``: at ``dst``; ``"both"``: at :func:`prob_path` of ``dst``):
+  ``prob_dtype="uint8"``: ``round(255 * p)`` with source nodata marked by an internal mask band
+  (0 = nodata; read it with ``dataset_mask()`` or ``read(masked=True)``); ``"float32"``: ``p`` in
+  0-1 with NaN (the declared nodata) where the source is nodata.
+
+Source nodata is GDAL's dataset mask (nodata value, mask band or alpha band). Every window goes through the
+model; predictions are blended with :func:`rsseg.inference.blend.window_weights`.
+
+:func:`predict_images` predicts a folder of 512x512 Tianchi JPG images and writes a validated competition
+submission; :func:`predict_path` chooses between the two (the ``rsseg predict`` command). All three take
+:class:`~rsseg.inference.options.PredictOptions`, as a model or as keywords (``tile=`` and ``output=`` are
+accepted for ``window=`` and ``output_kind=``). They leave the process as they found it: torch's threads,
+the allocator and the GDAL cache are the entry point's (:mod:`rsseg.pipeline.process`).
 """
 
 from __future__ import annotations
@@ -33,24 +51,21 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
-from rsseg.inference.blend import BandAccumulator
+from rsseg.inference.blend import StripAccumulator
+from rsseg.inference.options import PredictOptions
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
-from rsseg.inference.tta import Predictor, resolve_device, tta_views
+from rsseg.inference.tta import Predictor, resolve_device
 from rsseg.models import Segmenter, model_from_checkpoint
-from rsseg.pipeline.process import retain_freed_memory
+from rsseg.options import resolve
 from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
 from rsseg.tiling.grid import TileGrid
 
-__all__ = ["OUTPUTS", "PROB_DTYPES", "predict_images", "predict_path", "predict_raster", "prob_path", "read_tags"]
+__all__ = ["predict_images", "predict_path", "predict_raster", "prob_path", "read_tags"]
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 ModelLike = PathLike | dict[str, Any] | nn.Module
-#: What :func:`predict_raster` can write.
-OUTPUTS = ("mask", "prob", "both")
-#: Pixel types of probability rasters.
-PROB_DTYPES = ("uint8", "float32")
 #: Compression of the output GeoTIFFs: lossless, readable everywhere; level 1 compresses an 8192x2048
 #: probability block row 3x faster than the default level 6 (0.12 vs 0.35 s of CPU), 3% larger.
 COMPRESSION = {"compress": "deflate", "zlevel": 1}
@@ -75,7 +90,6 @@ def prob_path(dst: PathLike) -> Path:
 def _load_model(checkpoint_or_model: ModelLike, device: torch.device
                 ) -> tuple[nn.Module, int | None, dict[str, Any], str]:
     """``(model, in_channels or None, checkpoint meta, sha256)`` from a checkpoint path, dict or module."""
-    retain_freed_memory()  # batches of activations reuse memory instead of page-faulting it in again
     if isinstance(checkpoint_or_model, nn.Module):
         model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
     else:
@@ -108,18 +122,13 @@ def _module_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
-
-
 def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
     if not src_path.is_file():
-        raise FileNotFoundError(f"input raster {src_path} not found")
+        raise FileNotFoundError(f"input raster {src_path} not found (expected a GeoTIFF or a folder of JPG images)")
     try:
         src_cm = rasterio.open(src_path)
     except rasterio.errors.RasterioIOError as exc:
-        raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from None
+        raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from exc
     with src_cm as src:
         if in_channels is not None and src.count != in_channels:
             raise RasterError(f"{src_path} has {src.count} band(s); the model was trained on {in_channels} "
@@ -143,45 +152,40 @@ def _profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: str) -
     return profiles
 
 
-def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike, tile: int = 512,
-                   overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str | torch.device = "auto",
-                   precision: str = "fp32", threshold: float | None = None, output: str = "mask",
-                   prob_dtype: str = "uint8", overwrite: bool = False, cpu_threads: int | None = None) -> Path:
+def _output_paths(src: Path, dst: Path, opts: PredictOptions) -> dict[str, Path]:
+    """``{"mask" | "prob": path}`` of the outputs of ``opts.output_kind``, checked against the input and overwrite."""
+    kind = opts.output_kind
+    paths = {"mask": dst} if kind == "mask" else {"prob": dst} if kind == "prob" else \
+        {"mask": dst, "prob": prob_path(dst)}
+    for path in paths.values():
+        if path.resolve() == src.resolve():
+            raise ConfigError(f"output {path} is the input raster; choose another output path")
+        if path.exists() and not opts.overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    return paths
+
+
+def _grid(src: Path, info: dict[str, Any], opts: PredictOptions) -> TileGrid:
+    try:
+        return TileGrid(info["width"], info["height"], opts.window, opts.overlap)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc} (choose an overlap below the window size)") from exc
+
+
+def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
+                   options: PredictOptions | None = None, **values: Any) -> Path:
     """Predict buildings over a GeoTIFF scene of any size, streaming windows in and rows out.
 
-    Outputs are single-band, tiled (512 x 512), DEFLATE-compressed (level 1) GeoTIFFs with the source's CRS and
-    transform, tagged ``rsseg:checkpoint_sha256``, ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:source``
-    (plus ``rsseg:output``, ``rsseg:tile``, ``rsseg:overlap``; GDAL metadata domain ``rsseg``, read them
-    with :func:`read_tags`), written atomically:
-
-    * mask (``output="mask"`` or ``"both"``, at ``dst``): uint8, 1 building (probability > threshold),
-      0 background, 255 (the declared nodata) where the source is nodata;
-    * probabilities (``output="prob"``: at ``dst``; ``"both"``: at :func:`prob_path` of ``dst``):
-      ``prob_dtype="uint8"``: ``round(255 * p)`` with source nodata marked by an internal mask band
-      (0 = nodata; read it with ``dataset_mask()`` or ``read(masked=True)``); ``"float32"``: ``p`` in
-      0-1 with NaN (the declared nodata) where the source is nodata.
-
-    Source nodata is GDAL's dataset mask (nodata value, mask band or alpha band). Every window goes
-    through the model; predictions are blended with :func:`rsseg.inference.blend.window_weights`.
+    The outputs are described in the module docstring (:mod:`rsseg.inference.predict`).
 
     Args:
         checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
             logits out, e.g. :class:`~rsseg.models.Segmenter`).
         src: the scene (any GDAL raster with the model's band count).
         dst: the output GeoTIFF.
-        tile: window size in pixels.
-        overlap: pixels shared by neighbouring windows.
-        tta: ``none``, ``flip`` or ``d4`` (see :mod:`rsseg.inference.tta`).
-        batch_size: windows per forward pass (each with its TTA views: ``batch_size x views`` images).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32`` or ``bf16`` (autocast).
-        threshold: probability above which a pixel is a building; None: the checkpoint's
-            ``meta["threshold"]`` if it has one, else 0.5.
-        output: ``mask``, ``prob`` or ``both``.
-        prob_dtype: ``uint8`` or ``float32``.
-        overwrite: replace existing outputs; otherwise they raise :class:`FileExistsError`.
-        cpu_threads: torch's threads on CPU (default: every core; a Dask task gets its share of the host,
-            :func:`rsseg.pipeline.cluster.task_threads`).
+        options: :class:`~rsseg.inference.options.PredictOptions` (``min_pixels`` does not apply). A
+            threshold of None takes the checkpoint's ``meta["threshold"]`` if it has one, else 0.5.
+        **values: override fields of ``options`` by name, e.g. ``window=256, tta="flip"``.
 
     Returns:
         ``dst``.
@@ -190,61 +194,48 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source or a band
         count other than the model's. ConfigError: a bad option. FileExistsError: an existing output.
     """
+    opts = resolve(PredictOptions, options, values)
     src, dst = Path(src), Path(dst)
-    _check_choice("output", output, OUTPUTS)
-    _check_choice("prob_dtype", prob_dtype, PROB_DTYPES)
-    tta_views(tta)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}: expected 1 or more")
-    paths = {"mask": dst} if output == "mask" else {"prob": dst} if output == "prob" else \
-        {"mask": dst, "prob": prob_path(dst)}
-    for path in paths.values():
-        if path.resolve() == src.resolve():
-            raise ConfigError(f"output {path} is the input raster; choose another output path")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    dev = resolve_device(device)
+    paths = _output_paths(src, dst, opts)
+    dev = resolve_device(opts.device)
     model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
-    threshold = _setting(threshold, meta, "threshold", 0.5)
+    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
     with raster_env():
         info = _source_info(src, in_channels)
-    try:
-        grid = TileGrid(info["width"], info["height"], tile, overlap)
-    except ValueError as exc:
-        raise ConfigError(f"{src}: {exc}") from None
-    predictor = Predictor(model, dev, tta, precision, cpu_threads)
-    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": tta, "source": str(src.resolve()),
-            "tile": str(tile), "overlap": str(overlap), "output": output}
+    grid = _grid(src, info, opts)
+    predictor = Predictor(model, dev, opts.tta, opts.precision)
+    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+            "source": str(src.resolve()), "tile": str(opts.window), "overlap": str(opts.overlap),
+            "output": opts.output_kind}
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        tmp = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
-        profiles = _profiles(info, tmp, prob_dtype)
-        writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
+        tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
+        writer = RowWriter(src if info["masked"] else None, _profiles(info, tmp, opts.prob_dtype), tags, threshold)
         try:
-            _stream(predictor, grid, src, writer, batch_size)
+            _stream(predictor, grid, src, writer, opts.batch_size)
         except BaseException:
             writer.close(ok=False)
             raise
         writer.close()
-    log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), tta, precision, dev,
+    log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), opts.tta, opts.precision, dev,
              time.perf_counter() - start, ", ".join(map(str, paths.values())))
     return dst
 
 
 def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
     """The main loop: batches in, blended rows out."""
-    band = BandAccumulator(grid, predictor.device)
+    strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
     with (Prefetch(lambda: read_batches(src, grid, batch_size, pin), depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):
-        for tiles, pixels in batches:
+        for windows, pixels in batches:
             probs = predictor(pixels)
-            for tile, prob in zip(tiles, probs, strict=True):
-                done = band.add(tile, prob)
+            for window, prob in zip(windows, probs, strict=True):
+                done = strip.add(window, prob)
                 if done is not None:
                     writer.submit(*done)
-            bar.update(len(tiles))
+            bar.update(len(windows))
 
 
 def _image_names(image_dir: Path, sample: Path | None) -> list[str]:
@@ -276,65 +267,17 @@ def _read_jpg_batches(image_dir: Path, names: list[str], batch_size: int, pin: b
             with Image.open(image_dir / name) as img:
                 if img.size != TIANCHI_SHAPE[::-1]:
                     raise DatasetError(f"{image_dir / name}: {img.size[0]}x{img.size[1]} pixels; expected "
-                                       f"{TIANCHI_SHAPE[1]}x{TIANCHI_SHAPE[0]} Tianchi tiles")
+                                       f"{TIANCHI_SHAPE[1]}x{TIANCHI_SHAPE[0]} Tianchi images")
                 pixels[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
         batch = torch.from_numpy(pixels)
         yield chunk, batch.pin_memory() if pin else batch
 
 
-def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_csv: PathLike,
-                   sample: PathLike | None = None, tta: str = "d4", batch_size: int = 8,
-                   device: str | torch.device = "auto", threshold: float | None = None, precision: str = "fp32",
-                   overwrite: bool = False, min_pixels: int | None = None) -> Path:
-    """Predict every 512x512 JPG of ``image_dir`` and write a validated Tianchi submission.
-
-    Rows follow the ``sample`` submission's order (its images must all be in the folder; JPGs it does
-    not list are left out with a warning); without a sample, every JPG in name order. Masks are
-    ``probability > threshold`` after TTA, emptied when they hold fewer than ``min_pixels`` building pixels
-    (a tile without buildings scores 0 for a single false pixel), RLE-encoded by :func:`rsseg.tianchi.rle.encode`,
-    written by
-    :func:`rsseg.tianchi.files.write_submission` and checked by :func:`rsseg.tianchi.files.validate_submission`
-    before the file takes its final name.
-
-    Args:
-        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (3 input bands).
-        image_dir: the folder of JPG tiles (e.g. ``test_a/``).
-        output_csv: the submission to write.
-        sample: the sample submission (e.g. ``test_a_samplesubmit.csv``).
-        tta: ``none``, ``flip`` or ``d4``.
-        batch_size: images per forward pass (each with its TTA views).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        threshold: None: the checkpoint's ``meta["threshold"]``, else 0.5.
-        precision: ``fp32`` or ``bf16``.
-        overwrite: replace an existing ``output_csv``.
-        min_pixels: None: the checkpoint's ``meta["min_pixels"]`` (chosen on validation with the
-            threshold), else 0.
-
-    Returns:
-        ``output_csv``.
-
-    Raises:
-        DatasetError: no JPGs, a JPG that is not 512x512, sample images missing from the folder.
-        SubmissionError: the written submission fails validation. CheckpointError, ConfigError,
-        FileExistsError: as for :func:`predict_raster`.
-    """
-    from rsseg.tianchi.files import validate_submission, write_submission
-
-    image_dir, output_csv = Path(image_dir), Path(output_csv)
-    sample = Path(sample) if sample is not None else None
-    tta_views(tta)
-    if output_csv.exists() and not overwrite:
-        raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    names = _image_names(image_dir, sample)
-    dev = resolve_device(device)
-    model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
-    if in_channels not in (None, 3):
-        raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG tiles have 3 (RGB)")
-    threshold = _setting(threshold, meta, "threshold", 0.5)
-    min_pixels = int(_setting(min_pixels, meta, "min_pixels", 0))
-    predictor = Predictor(model, dev, tta, precision)
+def _tianchi_rles(predictor: Predictor, image_dir: Path, names: list[str], batch_size: int, threshold: float,
+                  min_pixels: int) -> dict[str, str]:
+    """RLE of each image's mask: ``probability > threshold``, emptied below ``min_pixels`` building pixels."""
     rles: dict[str, str] = {}
-    pin = dev.type == "cuda"
+    pin = predictor.device.type == "cuda"
     with (Prefetch(lambda: _read_jpg_batches(image_dir, names, batch_size, pin), depth=3) as batches,
           tqdm(total=len(names), desc=f"predict {image_dir.name}", unit="image", disable=None) as bar):
         for chunk, pixels in batches:
@@ -342,6 +285,14 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
             masks[masks.reshape(len(masks), -1).sum(axis=1) < min_pixels] = False
             rles.update((name, encode(mask)) for name, mask in zip(chunk, masks, strict=True))
             bar.update(len(chunk))
+    return rles
+
+
+def _write_checked_submission(rles: dict[str, str], names: list[str], output_csv: Path, sample: Path | None,
+                              overwrite: bool) -> None:
+    """Write the submission, validate it against ``sample`` (else ``names`` in order), then give it its name."""
+    from rsseg.tianchi.files import validate_submission, write_submission
+
     with atomic_path(output_csv, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         reference = sample
         if reference is None:  # every JPG, in name order, is the sample
@@ -351,28 +302,67 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         problems = validate_submission(tmp, reference)
         if problems:
             raise SubmissionError(f"{output_csv}: {len(problems)} problem(s), first: {problems[0]}")
-    log.info("%s: %d images (%s TTA, threshold %g, min_pixels %d) -> %s", image_dir, len(names), tta, threshold,
-             min_pixels, output_csv)
+
+
+def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_csv: PathLike,
+                   sample: PathLike | None = None, options: PredictOptions | None = None, **values: Any) -> Path:
+    """Predict every 512x512 JPG image of ``image_dir`` and write a validated Tianchi submission.
+
+    Rows follow the ``sample`` submission's order (its images must all be in the folder; JPGs it does not
+    list are left out with a warning); without a sample, every JPG in name order. Masks are ``probability >
+    threshold`` after TTA, emptied below ``min_pixels`` building pixels (an image without buildings scores 0
+    for a single false pixel), RLE-encoded (:func:`rsseg.tianchi.rle.encode`), written and validated
+    (:mod:`rsseg.tianchi.files`) before the file takes its final name.
+
+    Args:
+        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (3 input bands).
+        image_dir: the folder of JPG images (e.g. ``test_a/``).
+        output_csv: the submission to write.
+        sample: the sample submission (e.g. ``test_a_samplesubmit.csv``).
+        options: :class:`~rsseg.inference.options.PredictOptions` (the raster fields do not apply). None
+            thresholds take the checkpoint's ``meta["threshold"]`` and ``meta["min_pixels"]`` (chosen on
+            validation), else 0.5 and 0.
+        **values: override fields of ``options`` by name.
+
+    Returns:
+        ``output_csv``.
+
+    Raises:
+        DatasetError: no JPGs, a JPG that is not 512x512, sample images missing from the folder.
+        SubmissionError: the written submission fails validation. CheckpointError, ConfigError,
+        FileExistsError: as for :func:`predict_raster`.
+    """
+    opts = resolve(PredictOptions, options, values)
+    image_dir, output_csv = Path(image_dir), Path(output_csv)
+    sample = Path(sample) if sample is not None else None
+    if output_csv.exists() and not opts.overwrite:
+        raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    names = _image_names(image_dir, sample)
+    dev = resolve_device(opts.device)
+    model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
+    if in_channels not in (None, 3):
+        raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG images have 3 (RGB)")
+    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
+    min_pixels = int(_setting(opts.min_pixels, meta, "min_pixels", 0))
+    predictor = Predictor(model, dev, opts.tta, opts.precision)
+    rles = _tianchi_rles(predictor, image_dir, names, opts.batch_size, threshold, min_pixels)
+    _write_checked_submission(rles, names, output_csv, sample, opts.overwrite)
+    log.info("%s: %d images (%s TTA, threshold %g, min_pixels %d) -> %s", image_dir, len(names), opts.tta,
+             threshold, min_pixels, output_csv)
     return output_csv
 
 
-def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, tile: int = 512,
-                 overlap: int = 128, tta: str = "d4", batch_size: int = 8, device: str = "auto",
-                 precision: str = "fp32", threshold: float | None = None, output_kind: str = "mask",
-                 prob_dtype: str = "uint8", sample: PathLike | None = None, overwrite: bool = False,
-                 min_pixels: int | None = None) -> Path:
-    """``rsseg predict``: a folder of JPG tiles -> :func:`predict_images`; a raster -> :func:`predict_raster`.
+def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, options: PredictOptions | None = None,
+                 *, sample: PathLike | None = None, **values: Any) -> Path:
+    """``rsseg predict``: a folder of JPG images -> :func:`predict_images`; a raster -> :func:`predict_raster`.
 
-    ``tile``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
+    ``window``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
     ``min_pixels`` to folders.
     """
+    opts = resolve(PredictOptions, options, values)
     input_path = Path(input_path)
     if input_path.is_dir():
-        return predict_images(checkpoint, input_path, output, sample=sample, tta=tta, batch_size=batch_size,
-                              device=device, threshold=threshold, precision=precision, overwrite=overwrite,
-                              min_pixels=min_pixels)
+        return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
     if not input_path.exists():
-        raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG tiles)")
-    return predict_raster(checkpoint, input_path, output, tile=tile, overlap=overlap, tta=tta,
-                          batch_size=batch_size, device=device, precision=precision, threshold=threshold,
-                          output=output_kind, prob_dtype=prob_dtype, overwrite=overwrite)
+        raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG images)")
+    return predict_raster(checkpoint, input_path, output, opts)

@@ -30,7 +30,7 @@ __all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
 
 log = logging.getLogger(__name__)
 
-#: Rows of the output GeoTIFFs' blocks (tiles); the writer writes whole block rows at a time.
+#: Rows of the output GeoTIFFs' internal GDAL blocks; the writer writes whole rows of them at a time.
 BLOCK = 512
 #: GDAL metadata domain of the tags written on outputs.
 TAG_NS = "rsseg"
@@ -90,22 +90,22 @@ def source_has_mask(src: rasterio.DatasetReader) -> bool:
 
 def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool) -> Iterator[
         tuple[list[Tile], torch.Tensor]]:
-    """Yield ``(tiles, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
+    """Yield ``(windows, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
 
     uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
     Windows reaching beyond a raster smaller than ``size`` are zero-padded. With ``pin``, batches are in
     page-locked memory for asynchronous copies to a GPU.
     """
-    tiles = list(grid)
+    windows = list(grid)
     size = grid.size
     with raster_env(), rasterio.open(path) as src:
         dtype = np.uint8 if src.dtypes[0] == "uint8" else np.float32
-        for start in range(0, len(tiles), batch_size):
-            chunk = tiles[start : start + batch_size]
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start : start + batch_size]
             pixels = np.zeros((len(chunk), src.count, size, size), dtype=dtype)
-            for i, tile in enumerate(chunk):
-                h, w = min(size, grid.height - tile.row_off), min(size, grid.width - tile.col_off)
-                pixels[i, :, :h, :w] = src.read(window=Window(tile.col_off, tile.row_off, w, h))
+            for i, window in enumerate(chunk):
+                h, w = min(size, grid.height - window.row_off), min(size, grid.width - window.col_off)
+                pixels[i, :, :h, :w] = src.read(window=Window(window.col_off, window.row_off, w, h))
             batch = torch.from_numpy(pixels)
             yield chunk, batch.pin_memory() if pin else batch
 

@@ -16,22 +16,23 @@ with ``non_blocking`` copies and are normalised on the GPU by :class:`~rsseg.mod
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 import torch
 from torch import nn
 
 from rsseg.errors import ConfigError
-from rsseg.pipeline.process import usable_cores
+from rsseg.inference.options import PRECISIONS, TtaMode
 from rsseg.training.augment import d4_apply, d4_invert
 
-__all__ = ["PRECISIONS", "TTA_MODES", "Predictor", "configure_cpu_threads", "resolve_device", "tta_views"]
+__all__ = ["PRECISIONS", "TTA_MODES", "Predictor", "resolve_device", "tta_views"]
 
 log = logging.getLogger(__name__)
 
-#: D4 elements of each TTA mode (element 4 flips left-right, 6 flips up-down, 2 is both flips).
-TTA_MODES: dict[str, tuple[int, ...]] = {"none": (0,), "flip": (0, 4, 6, 2), "d4": tuple(range(8))}
-#: Arithmetic precisions of the forward pass.
-PRECISIONS = ("fp32", "bf16")
+#: D4 elements of each TTA mode (element 4 flips left-right, 6 flips up-down, 2 is both flips), in the order
+#: of :data:`rsseg.inference.options.TtaMode`.
+TTA_MODES: dict[str, tuple[int, ...]] = dict(zip(get_args(TtaMode), ((0,), (0, 4, 6, 2), tuple(range(8))),
+                                                 strict=True))
 
 
 def tta_views(mode: str) -> tuple[int, ...]:
@@ -42,8 +43,8 @@ def tta_views(mode: str) -> tuple[int, ...]:
     """
     try:
         return TTA_MODES[mode]
-    except KeyError:
-        raise ConfigError(f"tta={mode!r}: expected one of {', '.join(TTA_MODES)}") from None
+    except KeyError as exc:
+        raise ConfigError(f"tta={mode!r}: expected one of {', '.join(TTA_MODES)}") from exc
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -57,23 +58,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ConfigError(f"device={device!r}: {exc}; expected auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"device={device!r}: {exc}; expected auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
     return dev
-
-
-def configure_cpu_threads(threads: int | None = None) -> int:
-    """Give torch ``threads`` intra-op threads (default: one per CPU core this process may run on).
-
-    Returns the number set.
-    """
-    threads = threads or usable_cores()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
 
 
 class Predictor:
@@ -86,11 +76,11 @@ class Predictor:
         device: where the model runs.
         tta: ``none``, ``flip`` or ``d4``.
         precision: ``fp32``, or ``bf16`` (autocast; on CPU this uses AVX512-BF16/AMX where present).
-        cpu_threads: torch's intra-op threads on CPU (default: every core this process may run on).
+
+    torch's CPU threads are the process's (entry points size them: :mod:`rsseg.pipeline.process`).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, tta: str = "d4", precision: str = "fp32",
-                 cpu_threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, tta: str = "d4", precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.views = tta_views(tta)
@@ -98,8 +88,6 @@ class Predictor:
         self.device = device
         self.precision = precision
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
-        if device.type == "cpu":
-            configure_cpu_threads(cpu_threads)
 
     def stack_views(self, batch: torch.Tensor) -> torch.Tensor:
         """The model input for ``batch`` (N, C, H, W, any device): its views, view-major, on the device."""

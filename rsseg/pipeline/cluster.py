@@ -8,12 +8,13 @@ import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 
+import dask
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
-from rsseg.pipeline.process import usable_cores
+from rsseg.pipeline.process import available_cores, worker_environ
 
-__all__ = ["dask_client", "dask_executor", "task_threads", "threads_by_host"]
+__all__ = ["dask_client", "dask_executor", "local_cluster", "task_threads", "threads_by_host"]
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,40 @@ def dask_client(scheduler: str | Client | None = None, n_workers: int | None = N
         yield current
         return
     workers = n_workers or os.cpu_count() or 1
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers) as cluster, Client(cluster) as client:
         log.info("started a LocalCluster of %d workers (dashboard %s)", workers, client.dashboard_link)
         yield client
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for a block, then restore them (Dask's nanny copies its own over them)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def local_cluster(workers: int) -> LocalCluster:
+    """A LocalCluster of ``workers`` single-threaded processes, each set up as an entry point.
+
+    Each worker gets its share of this host's cores (:func:`rsseg.pipeline.process.available_cores`) for
+    torch, OpenMP and GDAL, glibc's allocator tuning and a passive OpenMP wait policy through its
+    environment (:func:`rsseg.pipeline.process.worker_environ`, Dask's ``distributed.nanny.pre-spawn-environ``,
+    which replaces Dask's own ``OMP_NUM_THREADS=1`` and 64 KiB heap trim), and runs
+    :func:`rsseg.pipeline.process.configure_process` when it starts (the module is a worker preload; a
+    separate ``dask worker`` can take ``--preload rsseg.pipeline.process`` too).
+    """
+    environ = worker_environ(available_cores(workers))
+    with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                            preload=["rsseg.pipeline.process"])
 
 
 @contextlib.contextmanager
@@ -83,17 +112,17 @@ def threads_by_host(client: Client) -> dict[str, int]:
 def task_threads(threads_on: Mapping[str, int], tasks: int | None = None) -> int:
     """Threads a task may use for its own parallel work (GDAL decoding, torch): this machine's cores shared out.
 
-    In a Dask worker, the cores this process may run on divided by the worker threads on its host
-    (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses all cores,
-    a worker per core uses one each instead of every worker starting a thread per core. Outside a worker,
-    all the cores.
+    In a Dask worker, the cores this process may run on (affinity and cgroup quota) divided by the worker
+    threads on its host (``threads_on``, from :func:`threads_by_host`), at least 1: one worker on a machine uses
+    all cores, a worker per core uses one each instead of every worker starting a thread per core. Outside a
+    worker, all the cores.
 
     Args:
         threads_on: worker threads per host.
         tasks: how many such tasks the cluster runs at once, when that may be fewer than its threads (they
             then share a host's cores among fewer); None: at least one per thread.
     """
-    cores = usable_cores()
+    cores = available_cores()
     try:
         host = get_address_host(get_worker().address)
     except ValueError:  # not running in a Dask worker

@@ -1,38 +1,92 @@
-"""Process settings for entry points: glibc's allocator for tensor work on the CPU, and the usable cores.
+"""Process settings for ENTRY POINTS: the allocator, thread counts, OpenMP's wait policy and the GDAL cache.
 
-A forward pass on the CPU allocates and frees activations of tens to hundreds of megabytes per batch. glibc
-serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on free, so
-each batch pays page faults to zero the same memory again; Dask workers make it worse by trimming the heap
-above 64 KiB (their ``MALLOC_TRIM_THRESHOLD_=65536``). Measured on the 2-core development machine with the
-demo's MobileNetV2 U-Net: a batch of 8 tiles of 512x512 in bf16 took 0.69 s instead of 1.17 s on one thread
-(0.38 s instead of 0.69 s on two), and a training step under Dask's setting 0.49 s instead of 0.89 s.
-:func:`retain_freed_memory` has glibc keep freed memory in the process for reuse instead, which is what
-jemalloc or tcmalloc (recommended by PyTorch's CPU tuning guide) would do, without a preloaded library.
+Library functions never change these (a library call must leave the process as it found it); the places
+that own a process call :func:`configure_process` once, as early as possible:
+
+* the ``rsseg`` command (:func:`rsseg.cli.main`), before any command imports torch;
+* the workers of the LocalCluster that :mod:`rsseg.pipeline.cluster` starts: their environment comes from
+  :func:`worker_environ` (Dask's ``distributed.nanny.pre-spawn-environ``) and each worker calls
+  :func:`configure_process` when it starts (a worker plugin);
+* the trainer: ``rsseg train`` (also the pipeline's trainer child, ``python -m rsseg.cli train``) is the CLI.
+  Processes it starts (torchrun ranks, DataLoader workers) inherit the settings through the environment
+  exported here (allocator tunables, ``OMP_WAIT_POLICY``, ``GDAL_CACHEMAX``, ``OMP_NUM_THREADS``); a rank that
+  shares the host with others sizes its threads with ``configure_process(threads=cfg.run.threads,
+  tasks=local_world_size)`` in an entry outside the stage packages (which never import ``rsseg.pipeline``),
+  or its launcher sets ``OMP_NUM_THREADS`` to the share.
+
+What it sets, and why:
+
+* **Allocator** (:func:`retain_freed_memory`): a forward pass on the CPU allocates and frees activations of
+  tens to hundreds of megabytes per batch. glibc serves every block above its mmap threshold (at most 32 MB)
+  with a fresh ``mmap`` and unmaps it on free, so each batch pays page faults to zero the same memory again;
+  Dask workers make it worse by trimming the heap above 64 KiB (their ``MALLOC_TRIM_THRESHOLD_=65536``).
+  Measured on the 2-core development machine with the demo's MobileNetV2 U-Net: a batch of 8 windows of
+  512x512 in bf16 took 0.69 s instead of 1.17 s on one thread (0.38 s instead of 0.69 s on two), and a
+  training step under Dask's setting 0.49 s instead of 0.89 s. glibc then keeps freed memory in the process
+  for reuse, which is what jemalloc or tcmalloc (recommended by PyTorch's CPU tuning guide) would do.
+* **Threads** (:func:`available_cores`): torch, OpenMP and GDAL get the cores this process really has: its
+  affinity mask, capped by the cgroup CPU quota (containers), divided among the tasks sharing the host. On
+  a 2-core host with another process keeping one core busy, ``rsseg train`` ran at 0.9 images/s with
+  torch's default 2 threads and at 7.7 images/s on the free core alone.
+* **Passive OpenMP waiting** (``OMP_WAIT_POLICY=PASSIVE``): idle OpenMP threads sleep instead of spinning
+  against other work (the reader and writer threads, other processes). OpenMP reads it when it loads,
+  i.e. when torch is first imported: it takes effect only where :func:`configure_process` runs first.
+* **GDAL cache** (``GDAL_CACHEMAX``, :data:`rsseg.fileio.GDAL_CACHEMAX_MB` by default): process-wide in GDAL.
+
+Explicit environment variables (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``GDAL_CACHEMAX``) win over
+these defaults, so a user can still override each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import math
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["configure_process", "retain_freed_memory", "usable_cores"]
+from rsseg.fileio import GDAL_CACHEMAX_MB
+
+__all__ = [
+    "ProcessSettings",
+    "available_cores",
+    "configure_process",
+    "cpu_quota",
+    "retain_freed_memory",
+    "torch_threads",
+    "usable_cores",
+    "worker_environ",
+]
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """What :func:`configure_process` applied."""
+
+    threads: int
+    allocator: bool
+    passive_wait: bool
+    gdal_cache_mb: int
 
 
 @functools.cache
 def retain_freed_memory() -> bool:
     """Make glibc reuse freed memory: no ``mmap`` per large block, no trimming of the heap. Idempotent.
 
-    The process keeps the memory of its largest working set until it exits: call it where large blocks are
-    allocated again and again (model batches, raster strips in tiling tasks), where that set is bounded.
+    Irreversible for the process, which keeps the memory of its largest working set until it exits: entry
+    points only (:func:`configure_process`).
 
     Returns:
         True where applied (Linux with glibc); False elsewhere, where nothing changes.
@@ -53,17 +107,103 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def configure_process(threads: int | None = None) -> None:
-    """The process settings of an entry point that runs model work: glibc keeps freed memory, torch threads.
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup quota allows (e.g. 1.5), or None without a quota (cgroup v2 ``cpu.max``, else v1)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
-    For entry points only (``rsseg train`` and its torchrun children, the CLI's ``main``): library calls
-    leave these settings as they find them.
+
+def available_cores(tasks: int | None = None) -> int:
+    """Cores for one of ``tasks`` processes or tasks sharing this host; at least 1.
+
+    The affinity mask (:func:`usable_cores`), capped by the cgroup quota (:func:`cpu_quota`, rounded up),
+    divided by ``tasks``.
+    """
+    cores = usable_cores()
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores // max(1, tasks or 1))
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment of a worker process that will use ``threads`` threads (Dask's ``pre-spawn-environ``).
+
+    glibc reads the ``MALLOC_*`` tunables at start, so the worker's allocator is set before any task runs.
+    """
+    return {
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": str(_NEVER_TRIM),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "GDAL_CACHEMAX": os.environ.get("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB)),
+        "GDAL_NUM_THREADS": str(threads),
+        **{name: str(threads) for name in _THREAD_VARIABLES},
+    }
+
+
+def configure_process(threads: int | None = None, tasks: int | None = None) -> ProcessSettings:
+    """Apply the entry-point settings of the module docstring to this process. Idempotent; entry points only.
 
     Args:
-        threads: torch's intra-op CPU threads; None leaves torch's choice (``OMP_NUM_THREADS`` or the cores).
+        threads: torch/OpenMP/GDAL threads; None: :func:`available_cores` for ``tasks``, or without ``tasks``
+            ``OMP_NUM_THREADS`` where set (a user's choice, or a parent's: Dask workers get their share so).
+        tasks: processes or tasks sharing this host's cores (e.g. the local ranks of a torchrun job). It
+            overrides an inherited ``OMP_NUM_THREADS``, which a parent that ran this function sized for itself.
     """
-    retain_freed_memory()  # each step reuses the memory of the last instead of page-faulting it in again
-    if threads is not None:
-        import torch
+    threads = threads or (available_cores(tasks) if tasks else _env_threads() or available_cores())
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(threads)  # for torch when it is imported later, and for child processes
+    allocator = retain_freed_memory()
+    if allocator:  # child processes (torchrun ranks, a trainer child) start with the same allocator settings
+        os.environ.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_NEVER_TRIM)})
+    os.environ["GDAL_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB))
+    cache_mb = int(os.environ["GDAL_CACHEMAX"]) if os.environ["GDAL_CACHEMAX"].isdigit() else GDAL_CACHEMAX_MB
+    if "rasterio" in sys.modules:  # GDAL already loaded: it may have read the cache size already
+        from rasterio.env import set_gdal_config
 
+        set_gdal_config("GDAL_CACHEMAX", cache_mb << 20)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    settings = ProcessSettings(threads, allocator, passive, cache_mb)
+    log.debug("process settings: %s", settings)
+    return settings
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """Run a block of work (e.g. one Dask task) with torch on ``threads`` intra-op threads, then restore them.
+
+    For the side that starts a task (:mod:`rsseg.pipeline.stages`), never inside the library.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads != before:
         torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def dask_setup(worker: object) -> None:
+    """Dask's preload hook (``--preload rsseg.pipeline.process``): a worker process is an entry point too."""
+    configure_process()

@@ -25,6 +25,7 @@ from distributed import Client, Future
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsseg.errors import ConfigError, PipelineError
+from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.training.config import LaunchOptions
@@ -216,16 +217,26 @@ def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- inference
-class PredictTianchiParams(Params):
+def _predict_options(p: PredictOptions) -> PredictOptions:
+    """The prediction options of a stage's parameters (which add the stage's inputs to them)."""
+    return PredictOptions(**p.model_dump(include=set(PredictOptions.model_fields)))
+
+
+def _in_task_share(threads_on: dict[str, int], tasks: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Dask task: ``fn`` with torch's CPU threads this task's share of its host, restored afterwards.
+
+    The library never sizes threads; the task's starting point does (:func:`rsseg.pipeline.process.torch_threads`).
+    """
+    from rsseg.pipeline.process import torch_threads
+
+    with torch_threads(task_threads(threads_on, tasks)):
+        return fn(*args, **kwargs)
+
+
+class PredictTianchiParams(PredictOptions):
     checkpoint: str
     images: str
     sample: str | None = None
-    tta: Literal["none", "flip", "d4"] = "d4"
-    batch_size: int = 8
-    device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    threshold: float | None = None
-    min_pixels: int | None = None
 
 
 def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, Any]:
@@ -233,9 +244,8 @@ def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, An
     from rsseg.pipeline.report import tiles_quicklook
 
     out = ctx.out_dir / "submission.csv"
-    fut = ctx.submit(predict_images, p.checkpoint, p.images, out, sample=p.sample, tta=p.tta,
-                     batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
-                     min_pixels=p.min_pixels, gpu=_device_is_gpu(p.device), label="predict")
+    fut = ctx.submit(_in_task_share, threads_by_host(ctx.client), 1, predict_images, p.checkpoint, p.images, out,
+                     sample=p.sample, options=_predict_options(p), gpu=_device_is_gpu(p.device), label="predict")
     ctx.gather([fut])
     tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
     return {"submission": out.name, "rows": sum(1 for _ in open(out))}
@@ -254,33 +264,21 @@ def _score(p: ScoreParams, ctx: StageContext) -> dict[str, Any]:
     return result
 
 
-class PredictScenesParams(Params):
+class PredictScenesParams(PredictOptions):
+    """Prediction options plus the inputs (``output_kind`` both, the default, for a vectorize stage)."""
+
     checkpoint: str
     scenes: str
-    tile: int = 512
-    overlap: int = 128
-    tta: Literal["none", "flip", "d4"] = "d4"
-    batch_size: int = 8
-    device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    threshold: float | None = None
-    prob_dtype: Literal["uint8", "float32"] = "uint8"
-
-
-def _predict_scene(threads_on: dict[str, int], tasks: int, *args: Any, **kwargs: Any) -> Path:
-    """Dask task: :func:`~rsseg.inference.predict_raster`, torch's CPU threads this task's share of its host."""
-    from rsseg.inference.predict import predict_raster
-
-    return predict_raster(*args, cpu_threads=task_threads(threads_on, tasks), **kwargs)
 
 
 def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]:
+    from rsseg.inference.predict import predict_raster
+
     scenes = expand_inputs(p.scenes)
     threads_on = threads_by_host(ctx.client)
-    futures = [ctx.submit(_predict_scene, threads_on, len(scenes), p.checkpoint, scene,
-                          ctx.out_dir / f"{scene.stem}.tif", tile=p.tile, overlap=p.overlap, tta=p.tta,
-                          batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
-                          output="both", prob_dtype=p.prob_dtype, gpu=_device_is_gpu(p.device), label=scene.stem)
+    options = _predict_options(p)
+    futures = [ctx.submit(_in_task_share, threads_on, len(scenes), predict_raster, p.checkpoint, scene,
+                          ctx.out_dir / f"{scene.stem}.tif", options, gpu=_device_is_gpu(p.device), label=scene.stem)
                for scene in scenes]
     ctx.gather(futures)
     return {"scenes": len(scenes)}
