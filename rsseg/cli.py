@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from rsseg.errors import RssegError
+from rsseg.options import click_options, options_from_click
+from rsseg.tiling.chips import TileOptions
 
 __all__ = ["main"]
 
@@ -114,29 +116,18 @@ def validate(submission: Path, sample: Path) -> None:
 @cli.command()
 @click.argument("scene", type=_EXISTING)
 @click.argument("out_dir", type=_PATH)
-@click.option("--size", default=512, show_default=True)
-@click.option("--overlap", default=64, show_default=True)
 @click.option("--labels", type=_EXISTING, help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster.")
-@click.option("--bands", help="Comma-separated 1-based band indexes to keep, e.g. 1,2,3.")
-@click.option("--max-nodata", default=0.5, show_default=True, help="Skip chips with more nodata than this.")
-@click.option("--allow-no-crs", is_flag=True, help="Accept a scene without a CRS.")
-@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (once the new one is complete).")
-@click.option("--compress", help="GDAL compression for the chips, e.g. deflate (default: uncompressed).")
-def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | None, bands: str | None,
-         max_nodata: float, allow_no_crs: bool, scheduler: str | None, overwrite: bool,
-         compress: str | None) -> None:
+@click_options(TileOptions)
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786; 'sync' runs in this process "
+                                  "(default: a LocalCluster).")
+def tile(scene: Path, out_dir: Path, labels: Path | None, scheduler: str | None, **params: object) -> None:
     """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
-    from rsseg.tiling.tiler import write_chips
+    from rsseg.pipeline.cluster import dask_executor
+    from rsseg.tiling import write_chips
 
-    try:
-        band_list = [int(b) for b in bands.split(",")] if bands else None
-    except ValueError:
-        raise click.BadParameter(f"{bands!r}: expected 1-based band numbers like 1,2,3",
-                                 param_hint="--bands") from None
-    index = write_chips(scene, out_dir, size=size, overlap=overlap, labels=labels, bands=band_list,
-                        max_nodata=max_nodata, allow_no_crs=allow_no_crs, scheduler=scheduler,
-                        overwrite=overwrite, compress=compress)
+    options = options_from_click(TileOptions, params)
+    with dask_executor(scheduler) as executor:
+        index = write_chips(scene, out_dir, options, labels=labels, executor=executor)
     click.echo(f"{index}")
 
 

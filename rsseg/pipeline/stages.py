@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.tiling.chips import TileOptions
 
 __all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
 
@@ -138,24 +139,22 @@ def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tiling
-class TileParams(Params):
+class TileParams(TileOptions):
     scenes: str
     labels: str | None = Field(None, description="A vector/raster file, or a pattern with {stem}")
-    size: int = 512
-    overlap: int = 64
-    max_nodata: float = 0.5
-    bands: list[int] | None = None
 
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.tiling.tiler import write_chips
+    from rsseg.tiling import write_chips
 
+    options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
+    executor = ctx.client.get_executor()
     chips = 0
     for scene in expand_inputs(p.scenes):
         labels = p.labels.format(stem=scene.stem) if p.labels else None
-        index = write_chips(scene, ctx.out_dir / scene.stem, size=p.size, overlap=p.overlap, labels=labels,
-                            bands=p.bands, max_nodata=p.max_nodata, scheduler=ctx.client)
-        chips += sum(1 for _ in open(index)) - 1
+        index = write_chips(scene, ctx.out_dir / scene.stem, options, labels=labels, executor=executor)
+        with open(index) as fh:
+            chips += sum(1 for _ in fh) - 1
     return {"chips": chips}
 
 
