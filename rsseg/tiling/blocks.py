@@ -72,9 +72,9 @@ class ChipBlock:
     footprints: np.ndarray | None
 
 
-def strip_window(tiles: tuple[Tile, ...]) -> Window:
-    """The window covering a run of windows of one grid row."""
-    first, last = tiles[0], tiles[-1]
+def strip_window(strip: tuple[Tile, ...]) -> Window:
+    """The window covering a strip: a run of windows of one grid row."""
+    first, last = strip[0], strip[-1]
     return Window(first.col_off, first.row_off, last.col_off + last.width - first.col_off, first.height)
 
 
@@ -222,8 +222,8 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int]]
     boxes = shapely.bounds(block.footprints) if block.footprints is not None else None
     counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
     rows: list[dict[str, Any]] = []
-    for tiles in block.strips:
-        window = strip_window(tiles)
+    for strip in block.strips:
+        window = strip_window(strip)
         data, valid = reader.strip(window.row_off)
         labels = None
         if job.label_raster is not None:
@@ -232,21 +232,24 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int]]
             labels = _footprint_labels(block, window, boxes, label_out)
         if labels is not None and valid is not None:
             labels[~valid] = 255
-        rows += _write_strip(job, tiles, window, (data, valid, labels), writers, counts)
+        rows += _write_strip(job, strip, window, (data, valid, labels), writers, counts)
     return rows, counts
 
 
-def _write_strip(job: ChipJob, tiles: tuple[Tile, ...], strip: Window,
+def _write_strip(job: ChipJob, strip: tuple[Tile, ...], extent: Window,
                  loaded: tuple[np.ndarray, np.ndarray | None, np.ndarray | None],
                  writers: tuple[ChipWriter, ChipWriter], counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Write the chips (and label chips) of ``tiles`` from their strip; return their index rows."""
+    """Write the chips (and label chips) of a strip's windows from its pixels and labels; return their index rows.
+
+    ``extent`` is the strip's window in the scene; ``loaded`` its pixels, valid mask and labels.
+    """
     data, valid, labels = loaded
     valid_counts = None if valid is None else _column_counts(valid)
     building_counts = None if labels is None else _column_counts(labels == 1)
     out, area = Path(job.out_dir), job.size * job.size
     rows = []
-    for tile in tiles:
-        c0 = tile.col_off - strip.col_off
+    for cell in strip:
+        c0 = cell.col_off - extent.col_off
         n_valid = area if valid_counts is None else int(valid_counts[c0 + job.size] - valid_counts[c0])
         nodata_frac = 1.0 - n_valid / area
         if n_valid == 0:
@@ -255,17 +258,17 @@ def _write_strip(job: ChipJob, tiles: tuple[Tile, ...], strip: Window,
         if nodata_frac > job.max_nodata:
             counts["skipped_max_nodata"] += 1
             continue
-        win = tile.window()
-        chip_transform = window_transform(win, job.transform)
-        image = f"images/{tile.name}.tif"
+        window = cell.window()
+        chip_transform = window_transform(window, job.transform)
+        image = f"images/{cell.name}.tif"
         writers[0].write(out / image, data[:, :, c0 : c0 + job.size], chip_transform)
         label, building_frac = "", ""
         if labels is not None:
-            label = f"labels/{tile.name}.tif"
+            label = f"labels/{cell.name}.tif"
             writers[1].write(out / label, labels[None, :, c0 : c0 + job.size], chip_transform)
             building_frac = round(int(building_counts[c0 + job.size] - building_counts[c0]) / n_valid, 6)
-        minx, miny, maxx, maxy = sorted_bounds(win, job.transform)
-        rows.append(dict(image=image, label=label, col_off=tile.col_off, row_off=tile.row_off,
-                         width=tile.width, height=tile.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
+        minx, miny, maxx, maxy = sorted_bounds(window, job.transform)
+        rows.append(dict(image=image, label=label, col_off=cell.col_off, row_off=cell.row_off,
+                         width=cell.width, height=cell.height, minx=minx, miny=miny, maxx=maxx, maxy=maxy,
                          building_frac=building_frac, nodata_frac=round(nodata_frac, 6)))
     return rows
