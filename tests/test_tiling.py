@@ -429,6 +429,32 @@ def test_console_entry_point_reports_missing_crs(tmp_path: Path) -> None:
     assert read_index(tmp_path / "allowed")[1]["crs"] is None
 
 
+@pytest.mark.usefixtures("cli_logging")
+def test_small_scene_without_nodata_is_padded_and_ignored_in_labels(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    scene = tmp_path / "small.tif"
+    data = make_scene(scene, width=20, height=12, count=2)
+    labels = tmp_path / "b.geojson"
+    x0, y0 = TRANSFORM @ (0, 0)
+    gpd.GeoDataFrame(geometry=[shapely.box(x0, y0 - 3, x0 + 5, y0)], crs=CRS).to_file(labels)  # 10x6 px
+    out = tmp_path / "out"
+    main(["tile", str(scene), str(out), "--size", "32", "--overlap", "4", "--labels", str(labels),
+          "--max-nodata", "1", "--scheduler", "sync"])
+    assert capsys.readouterr().out.strip() == str(out / "index.csv")
+    rows, meta = read_index(out)
+    assert len(rows) == 1 and meta["nodata"] is None
+    assert float(rows[0]["nodata_frac"]) == pytest.approx(1 - 240 / 32**2, abs=1e-6)
+    assert float(rows[0]["building_frac"]) == pytest.approx(60 / 240, abs=1e-6)
+    with rasterio.open(out / rows[0]["image"]) as chip:
+        pixels = chip.read()
+    np.testing.assert_array_equal(pixels[:, :12, :20], data)
+    assert not pixels[:, 12:].any() and not pixels[:, :, 20:].any()  # padded with 0
+    with rasterio.open(out / rows[0]["label"]) as lab:
+        label = lab.read(1)
+    assert (label[:6, :10] == 1).all() and label[:12, :20].sum() == 60
+    assert (label[12:] == 255).all() and (label[:, 20:] == 255).all()
+
+
 def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path) -> None:
     scene = tmp_path / "scene.tif"
     data = make_scene(scene, 37, 53, count=1)
