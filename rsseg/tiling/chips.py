@@ -75,7 +75,8 @@ class TileOptions(Options):
     @classmethod
     def _fraction(cls, value: float) -> float:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"max_nodata={value}: expected a fraction between 0 and 1")
+            # pydantic reports a ValueError (ConfigError is one) as a validation error naming the field
+            raise ConfigError(f"max_nodata={value}: expected a fraction between 0 and 1")
         return value
 
 
