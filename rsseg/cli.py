@@ -7,10 +7,13 @@ and missing files become one line on stderr and exit status 2; nothing else is c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from rsseg.errors import RssegError
 from rsseg.inference.options import PredictOptions
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.tiling.chips import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
@@ -111,32 +115,39 @@ def validate(submission: Path, sample: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
+class _ExecutorOnFirstUse(Executor):
+    """The CLI's executor, started when a stage submits its first block, so bad input fails before a cluster starts.
+
+    (Generic: a candidate for :mod:`rsseg.pipeline.cluster`.)
+    """
+
+    def __init__(self, scheduler: str | None, stack: contextlib.ExitStack) -> None:
+        self._scheduler, self._stack, self._executor = scheduler, stack, None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Start the Dask executor if this is the first block, then submit ``fn(*args, **kwargs)`` to it."""
+        if self._executor is None:
+            from rsseg.pipeline.cluster import dask_executor
+
+            self._executor = self._stack.enter_context(dask_executor(self._scheduler))
+        return self._executor.submit(fn, *args, **kwargs)
+
+
 @cli.command()
 @click.argument("scene", type=_EXISTING)
 @click.argument("out_dir", type=_PATH)
-@click.option("--size", default=512, show_default=True)
-@click.option("--overlap", default=64, show_default=True)
 @click.option("--labels", type=_EXISTING, help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster.")
-@click.option("--bands", help="Comma-separated 1-based band indexes to keep, e.g. 1,2,3.")
-@click.option("--max-nodata", default=0.5, show_default=True, help="Skip chips with more nodata than this.")
-@click.option("--allow-no-crs", is_flag=True, help="Accept a scene without a CRS.")
-@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (once the new one is complete).")
-@click.option("--compress", help="GDAL compression for the chips, e.g. deflate (default: uncompressed).")
-def tile(scene: Path, out_dir: Path, size: int, overlap: int, labels: Path | None, bands: str | None,
-         max_nodata: float, allow_no_crs: bool, scheduler: str | None, overwrite: bool,
-         compress: str | None) -> None:
+@click_options(TileOptions)
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786; 'sync' runs in this process "
+                                  "(default: a LocalCluster).")
+def tile(scene: Path, out_dir: Path, labels: Path | None, scheduler: str | None, **params: object) -> None:
     """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
-    from rsseg.tiling.tiler import write_chips
+    from rsseg.tiling import write_chips
 
-    try:
-        band_list = [int(b) for b in bands.split(",")] if bands else None
-    except ValueError:
-        raise click.BadParameter(f"{bands!r}: expected 1-based band numbers like 1,2,3",
-                                 param_hint="--bands") from None
-    index = write_chips(scene, out_dir, size=size, overlap=overlap, labels=labels, bands=band_list,
-                        max_nodata=max_nodata, allow_no_crs=allow_no_crs, scheduler=scheduler,
-                        overwrite=overwrite, compress=compress)
+    options = options_from_click(TileOptions, params)
+    with contextlib.ExitStack() as stack:
+        executor = None if scheduler == "sync" else _ExecutorOnFirstUse(scheduler, stack)
+        index = write_chips(scene, out_dir, options, labels=labels, executor=executor)
     click.echo(f"{index}")
 
 

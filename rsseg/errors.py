@@ -19,6 +19,7 @@ __all__ = [
     "RssegError",
     "SubmissionError",
     "VectorError",
+    "WindowIndexError",
 ]
 
 
@@ -44,6 +45,10 @@ class DatasetError(RssegError, ValueError):
 
 class RasterError(RssegError, OSError):
     """A raster that cannot be read, lacks a CRS, or does not have the expected bands."""
+
+
+class WindowIndexError(RssegError, IndexError):
+    """A grid position outside a grid of windows."""
 
 
 class VectorError(RssegError, OSError):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import geopandas as gpd
@@ -22,12 +23,12 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rsseg.cli import main
+from rsseg.errors import ConfigError, RasterError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
-from rsseg.tiling import tiler as tiling
-from rsseg.tiling.chips import ChipWriter
-from rsseg.tiling.footprints import load_footprints
+from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
+from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
-from rsseg.tiling.tiler import INDEX_COLUMNS, write_chips
+from rsseg.tiling.writer import ChipWriter
 
 CRS = "EPSG:32650"
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_000_000.0)
@@ -73,7 +74,7 @@ def read_index(out: Path) -> tuple[list[dict[str, str]], dict]:
 def test_chips_equal_source_windows_with_exact_transform(tmp_path: Path, client: Client) -> None:
     scene = tmp_path / "scene.tif"
     data = make_scene(scene, width=100, height=70)
-    index = write_chips(scene, tmp_path / "out", size=32, overlap=8, scheduler=client)
+    index = write_chips(scene, tmp_path / "out", TileOptions(size=32, overlap=8), executor=client.get_executor())
     assert index == tmp_path / "out" / "index.csv"
     rows, meta = read_index(tmp_path / "out")
     grid = TileGrid(100, 70, 32, 8)
@@ -113,7 +114,7 @@ def test_chip_writer_template_matches_gdal(tmp_path: Path, dtype: str, nodata: f
     assert not rotated.uses_template  # GDAL writes a ModelTransformation tag there: every chip via GDAL
 
 
-def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: Client) -> None:
+def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path) -> None:
     scene = tmp_path / "scene.tif"
     make_scene(scene, width=80, height=60)
     # Rectangles drawn in pixel space (edges a quarter pixel inside pixel boundaries), stored in EPSG:4326.
@@ -130,7 +131,7 @@ def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: 
     frame = gpd.GeoDataFrame({"id": range(6)}, geometry=[*polys, bowtie, None, far], crs=CRS)
     labels = tmp_path / "buildings.geojson"
     frame.to_crs("EPSG:4326").to_file(labels)
-    write_chips(scene, tmp_path / "out", size=32, overlap=4, labels=labels, scheduler=client)
+    write_chips(scene, tmp_path / "out", size=32, overlap=4, labels=labels)
     rows, meta = read_index(tmp_path / "out")
     assert meta["labels"]["kind"] == "vector"
     counts = meta["counts"]
@@ -149,12 +150,12 @@ def test_footprints_in_another_crs_land_on_their_pixels(tmp_path: Path, client: 
             assert float(row["building_frac"]) == pytest.approx(truth.mean(), abs=1e-6)
 
 
-def test_empty_footprints_file_gives_background_labels(tmp_path: Path, client: Client) -> None:
+def test_empty_footprints_file_gives_background_labels(tmp_path: Path) -> None:
     scene = tmp_path / "scene.tif"
     make_scene(scene, width=40, height=40)
     labels = tmp_path / "none.geojson"
     gpd.GeoDataFrame(geometry=gpd.GeoSeries([], crs="EPSG:4326")).to_file(labels)
-    write_chips(scene, tmp_path / "out", size=32, overlap=8, labels=labels, scheduler=client)
+    write_chips(scene, tmp_path / "out", size=32, overlap=8, labels=labels)
     rows, meta = read_index(tmp_path / "out")
     assert len(rows) == 4 and meta["counts"]["geometries_read"] == 0
     for row in rows:
@@ -163,10 +164,17 @@ def test_empty_footprints_file_gives_background_labels(tmp_path: Path, client: C
             assert not chip.read(1).any()
 
 
-def test_many_footprints_across_many_tasks(tmp_path: Path, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)  # several strips per row and several tasks
+@pytest.mark.parametrize("block_rows", [None, 16])  # a striped file (no read-ahead), a tiled one (16-row blocks)
+def test_many_footprints_across_many_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            block_rows: int | None) -> None:
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)  # several strips per grid row
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 2)  # several blocks per column range
     scene = tmp_path / "scene.tif"
-    make_scene(scene, width=150, height=110, count=1)
+    data = make_scene(scene, width=150, height=110, count=1)
+    if block_rows:
+        with rasterio.open(scene, "w", driver="GTiff", width=150, height=110, count=1, dtype="uint8", crs=CRS,
+                           transform=TRANSFORM, tiled=True, blockxsize=16, blockysize=block_rows) as dst:
+            dst.write(data)
     expected = np.zeros((110, 150), np.uint8)
     squares = []
     for r in range(1, 105, 9):
@@ -176,16 +184,54 @@ def test_many_footprints_across_many_tasks(tmp_path: Path, client: Client, monke
             squares.append(shapely.box(x0, y1, x1, y0))
     labels = tmp_path / "squares.gpkg"
     gpd.GeoDataFrame(geometry=squares, crs=CRS).to_crs("EPSG:3857").to_file(labels)
-    write_chips(scene, tmp_path / "out", size=32, overlap=6, labels=labels, scheduler=client)
+    assert len(tiling._blocks(TileGrid(150, 110, 32, 6))) == 6  # 3 column ranges x 2 row groups
+    write_chips(scene, tmp_path / "out", size=32, overlap=6, labels=labels)
     rows, meta = read_index(tmp_path / "out")
     assert len(rows) == len(TileGrid(150, 110, 32, 6)) and meta["counts"]["geometries_read"] == len(squares)
     for row in rows:
         c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["image"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), data[0, r : r + 32, c : c + 32], err_msg=row["image"])
         with rasterio.open(tmp_path / "out" / row["label"]) as chip:
             np.testing.assert_array_equal(chip.read(1), expected[r : r + 32, c : c + 32], err_msg=row["label"])
 
 
-def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> None:
+def test_label_chips_equal_rasterize_holes_empty_overlaps_union(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 60)
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 1)
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, width=96, height=80, count=1)
+
+    def ring(c0: float, r0: float, c1: float, r1: float) -> list[tuple[float, float]]:
+        return [TRANSFORM @ xy for xy in [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]]
+
+    courtyard = shapely.Polygon(ring(4.3, 5.2, 40.6, 33.7), [ring(12.4, 11.1, 30.8, 25.6)])
+    overlapping = [shapely.Polygon(ring(35.2, 20.1, 70.9, 50.3)), shapely.Polygon(ring(50.4, 30.6, 90.2, 75.8))]
+    rotated = shapely.affinity.rotate(shapely.Polygon(ring(10.3, 50.2, 30.7, 70.6)), 33.0)
+    geoms = [courtyard, *overlapping, rotated, shapely.MultiPolygon([shapely.Polygon(ring(80.1, 2.2, 94.6, 9.9)),
+                                                                     shapely.Polygon(ring(3.3, 72.4, 8.8, 78.1))])]
+    labels = tmp_path / "b.geojson"
+    gpd.GeoDataFrame(geometry=geoms, crs=CRS).to_file(labels)
+    write_chips(scene, tmp_path / "out", size=24, overlap=5, labels=labels)
+    truth = rasterize(geoms, out_shape=(80, 96), transform=TRANSFORM, dtype=np.uint8, all_touched=False)
+    hole = rasterize([shapely.Polygon(ring(12.4, 11.1, 30.8, 25.6))], out_shape=(80, 96), transform=TRANSFORM,
+                     dtype=np.uint8)
+    both = [rasterize([g], out_shape=(80, 96), transform=TRANSFORM, dtype=np.uint8) for g in overlapping]
+    assert hole.any() and not truth[hole == 1].any(), "the courtyard is not a building"
+    assert (both[0] & both[1]).any() and (truth[(both[0] | both[1]) == 1] == 1).all(), "overlaps are a union"
+    mosaic = np.full((80, 96), 9, np.uint8)
+    rows, _ = read_index(tmp_path / "out")
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            label = chip.read(1)
+        np.testing.assert_array_equal(label, truth[r : r + 24, c : c + 24], err_msg=row["label"])
+        mosaic[r : r + 24, c : c + 24] = label
+    np.testing.assert_array_equal(mosaic, truth)
+
+
+def test_nodata_chips_skipped_and_marked_255(tmp_path: Path) -> None:
     data = np.full((3, 32, 96), 9, np.uint8)
     data[:, :, :48] = 0  # chip 0 all nodata, chip 1 half nodata
     data[0, 5, 70] = 0  # one band zero is still data (nodata means every band equals nodata)
@@ -194,11 +240,11 @@ def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> 
     labels = tmp_path / "b.gpkg"
     x0, y0 = TRANSFORM @ (0, 0)
     gpd.GeoDataFrame(geometry=[shapely.box(x0, y0 - 8, x0 + 32, y0)], crs=CRS).to_file(labels)  # 64x16 px
-    write_chips(scene, tmp_path / "strict", size=32, overlap=0, labels=labels, max_nodata=0.4, scheduler=client)
+    write_chips(scene, tmp_path / "strict", size=32, overlap=0, labels=labels, max_nodata=0.4)
     rows, meta = read_index(tmp_path / "strict")
     assert [r["image"] for r in rows] == ["images/r0000_c0002.tif"]
     assert meta["counts"]["skipped_all_nodata"] == 1 and meta["counts"]["skipped_max_nodata"] == 1
-    write_chips(scene, tmp_path / "loose", size=32, overlap=0, labels=labels, max_nodata=0.5, scheduler=client)
+    write_chips(scene, tmp_path / "loose", size=32, overlap=0, labels=labels, max_nodata=0.5)
     rows, meta = read_index(tmp_path / "loose")
     assert [r["image"] for r in rows] == ["images/r0000_c0001.tif", "images/r0000_c0002.tif"]
     assert meta["nodata"] == 0 and meta["counts"]["skipped_all_nodata"] == 1
@@ -211,7 +257,7 @@ def test_nodata_chips_skipped_and_marked_255(tmp_path: Path, client: Client) -> 
         assert img.nodata == 0 and img.read(1)[5, 6] == 0 and img.read(2)[5, 6] == 9
 
 
-def test_dataset_mask_counts_as_nodata(tmp_path: Path, client: Client) -> None:
+def test_dataset_mask_counts_as_nodata(tmp_path: Path) -> None:
     scene = tmp_path / "masked.tif"
     data = np.full((3, 32, 64), 50, np.uint8)
     with rasterio.open(scene, "w", driver="GTiff", width=64, height=32, count=3, dtype="uint8", crs=CRS,
@@ -223,7 +269,7 @@ def test_dataset_mask_counts_as_nodata(tmp_path: Path, client: Client) -> None:
     labels = tmp_path / "b.geojson"
     gpd.GeoDataFrame(geometry=[shapely.box(*rasterio.transform.array_bounds(32, 64, TRANSFORM))],
                      crs=CRS).to_file(labels)
-    write_chips(scene, tmp_path / "out", size=32, overlap=0, labels=labels, max_nodata=0.9, scheduler=client)
+    write_chips(scene, tmp_path / "out", size=32, overlap=0, labels=labels, max_nodata=0.9)
     rows, meta = read_index(tmp_path / "out")
     assert [r["image"] for r in rows] == ["images/r0000_c0001.tif"] and meta["counts"]["skipped_all_nodata"] == 1
     assert float(rows[0]["nodata_frac"]) == 0.25 and float(rows[0]["building_frac"]) == 1.0
@@ -232,7 +278,7 @@ def test_dataset_mask_counts_as_nodata(tmp_path: Path, client: Client) -> None:
     assert (label[:, :8] == 255).all() and (label[:, 8:] == 1).all()
 
 
-def test_uint16_band_selection_label_raster_and_small_scene(tmp_path: Path, client: Client) -> None:
+def test_uint16_band_selection_label_raster_and_small_scene(tmp_path: Path) -> None:
     scene = tmp_path / "scene.tif"
     data = make_scene(scene, width=40, height=20, count=5, dtype="uint16", nodata=0)
     mask = np.zeros((1, 20, 40), np.uint8)
@@ -241,8 +287,7 @@ def test_uint16_band_selection_label_raster_and_small_scene(tmp_path: Path, clie
     label_raster = tmp_path / "mask.tif"
     make_scene(label_raster, 40, 20, data=mask, nodata=7)
     out = tmp_path / "out"
-    write_chips(scene, out, size=48, overlap=8, labels=label_raster, bands=[4, 2], max_nodata=1.0,
-                scheduler=client)
+    write_chips(scene, out, size=48, overlap=8, labels=label_raster, bands=[4, 2], max_nodata=1.0)
     rows, meta = read_index(out)
     assert meta["bands"] == [4, 2] and meta["dtype"] == "uint16" and meta["labels"]["kind"] == "raster"
     assert len(rows) == 1 and float(rows[0]["nodata_frac"]) == pytest.approx(1 - 800 / 48**2, abs=1e-6)
@@ -304,7 +349,7 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path: Path, capsys: pytest.Capt
     for name, (inputs, message) in _bad_inputs(tmp_path).items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         with pytest.raises(SystemExit) as exc:
-            main(["tile", inputs[0], str(out), *inputs[1:]])
+            main(["tile", inputs[0], str(out), *inputs[1:]])  # fails before a cluster starts
         err = capsys.readouterr().err
         assert exc.value.code == 2, name
         assert err.startswith("rsseg: error: ") and err.count("\n") == 1 and message in err, (name, err)
@@ -331,36 +376,48 @@ def test_damaged_scene_fails_in_a_worker_without_output(tmp_path: Path, client: 
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.usefixtures("cli_logging")
-def test_footprints_elsewhere_stop_running_image_tasks_without_output(
-        tmp_path: Path, client: Client, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    # A scene without nodata: its image tasks start before the footprints are read, and are stopped.
+def test_failing_block_stops_the_others_without_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any concurrent.futures executor runs the blocks; one fails while the others are writing chips.
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 256)
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 4)
     scene = tmp_path / "scene.tif"
-    make_scene(scene, 2048, 2048)  # 16,384 chips of 16x16: tasks still writing when the error is raised
-    far = tmp_path / "far.geojson"
-    gpd.GeoDataFrame(geometry=[shapely.box(10, 10, 11, 11)], crs="EPSG:4326").to_file(far)
-    written = []
+    make_scene(scene, 1024, 1024)  # 4,096 chips of 16x16 in 64 blocks
+    written, write_block = [], tiling.write_block
 
-    def slow_footprints(*args: object) -> None:  # a large footprint file: the image tasks are writing meanwhile
-        deadline = time.monotonic() + 30
-        while not (chips := list(tmp_path.glob(".out.tmp-*/images/*.tif"))) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        written.append(len(chips))
-        return load_footprints(*args)
+    def failing_block(block: tiling.ChipBlock) -> object:
+        if block.strips[0][0].row_off == 64 and block.strips[0][0].col_off == 0:
+            deadline = time.monotonic() + 30  # fail once other blocks have written chips
+            while not (chips := list(tmp_path.glob(".out.tmp-*/images/*.tif"))) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            written.append(len(chips))
+            raise RasterError(f"{block.job.scene}: cannot read a block (a damaged file?)")
+        return write_block(block)
 
-    monkeypatch.setattr(tiling, "load_footprints", slow_footprints)
+    monkeypatch.setattr(tiling, "write_block", failing_block)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        main(["tile", str(scene), str(out), "--size", "16", "--overlap", "0", "--labels", str(far),
-              "--scheduler", client.scheduler.address])
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert exc.value.code == 2 and last.startswith("rsseg: error: ") and "do not overlap the scene" in last
+    with ThreadPoolExecutor(2) as executor, pytest.raises(RasterError, match="cannot read a block"):
+        write_chips(scene, out, size=16, overlap=0, executor=executor)
     assert written[0] > 0  # chips were being written when the error came
-    time.sleep(1.0)  # what the stopped tasks would still write lands here
+    time.sleep(0.5)  # what a block still running would write lands here
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_console_entry_point_reports_missing_crs(tmp_path: Path, client: Client) -> None:
+def test_options_model_and_keywords_agree(tmp_path: Path) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 40, 40)
+    write_chips(scene, tmp_path / "a", TileOptions(size=16, overlap=4, bands=[2]))
+    write_chips(scene, tmp_path / "b", TileOptions(size=16), overlap=4, bands=[2])
+    assert read_index(tmp_path / "a")[0] == read_index(tmp_path / "b")[0]
+    assert TileOptions().overwrite is False and TileOptions().size == 512 and TileOptions().overlap == 64
+    with pytest.raises(ConfigError, match="sise"):
+        write_chips(scene, tmp_path / "c", sise=16)
+    with pytest.raises(ConfigError, match="max_nodata=1.5: expected a fraction"):
+        write_chips(scene, tmp_path / "c", max_nodata=1.5)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_console_entry_point_reports_missing_crs(tmp_path: Path) -> None:
     scene = tmp_path / "nocrs.tif"
     make_scene(scene, 16, 16, crs=None)
     result = subprocess.run([sys.executable, "-m", "rsseg.cli", "tile", str(scene), str(tmp_path / "out")],
@@ -368,14 +425,40 @@ def test_console_entry_point_reports_missing_crs(tmp_path: Path, client: Client)
     assert result.returncode == 2
     assert result.stderr.startswith("rsseg: error: ") and result.stderr.count("\n") == 1
     assert "--allow-no-crs" in result.stderr and not (tmp_path / "out").exists()
-    write_chips(scene, tmp_path / "allowed", size=16, overlap=0, allow_no_crs=True, scheduler=client)
+    write_chips(scene, tmp_path / "allowed", size=16, overlap=0, allow_no_crs=True)
     assert read_index(tmp_path / "allowed")[1]["crs"] is None
 
 
-def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path, client: Client) -> None:
+@pytest.mark.usefixtures("cli_logging")
+def test_small_scene_without_nodata_is_padded_and_ignored_in_labels(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    scene = tmp_path / "small.tif"
+    data = make_scene(scene, width=20, height=12, count=2)
+    labels = tmp_path / "b.geojson"
+    x0, y0 = TRANSFORM @ (0, 0)
+    gpd.GeoDataFrame(geometry=[shapely.box(x0, y0 - 3, x0 + 5, y0)], crs=CRS).to_file(labels)  # 10x6 px
+    out = tmp_path / "out"
+    main(["tile", str(scene), str(out), "--size", "32", "--overlap", "4", "--labels", str(labels),
+          "--max-nodata", "1", "--scheduler", "sync"])
+    assert capsys.readouterr().out.strip() == str(out / "index.csv")
+    rows, meta = read_index(out)
+    assert len(rows) == 1 and meta["nodata"] is None
+    assert float(rows[0]["nodata_frac"]) == pytest.approx(1 - 240 / 32**2, abs=1e-6)
+    assert float(rows[0]["building_frac"]) == pytest.approx(60 / 240, abs=1e-6)
+    with rasterio.open(out / rows[0]["image"]) as chip:
+        pixels = chip.read()
+    np.testing.assert_array_equal(pixels[:, :12, :20], data)
+    assert not pixels[:, 12:].any() and not pixels[:, :, 20:].any()  # padded with 0
+    with rasterio.open(out / rows[0]["label"]) as lab:
+        label = lab.read(1)
+    assert (label[:6, :10] == 1).all() and label[:12, :20].sum() == 60
+    assert (label[12:] == 255).all() and (label[:, 20:] == 255).all()
+
+
+def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path) -> None:
     scene = tmp_path / "scene.tif"
     data = make_scene(scene, 37, 53, count=1)
-    write_chips(scene, tmp_path / "out", size=16, overlap=5, scheduler=client)
+    write_chips(scene, tmp_path / "out", size=16, overlap=5)
     rows, _ = read_index(tmp_path / "out")
     mosaic = np.zeros((53, 37), np.uint8)
     for row in rows:
@@ -386,17 +469,20 @@ def test_window_read_matches_index_bounds_for_edge_tiles(tmp_path: Path, client:
     np.testing.assert_array_equal(mosaic, data[0])  # the chips reassemble the whole scene
 
 
-@pytest.mark.parametrize(("width", "threads"), [(150, 1), (150, 2), (20000, 2), (600, 8)])
-def test_tasks_are_column_bands_covering_each_window_once(width: int, threads: int) -> None:
-    grid = TileGrid(width, 700, 32 if width < 1000 else 512, 6 if width < 1000 else 64)
-    tasks = tiling._tasks(grid, threads)
-    tiles = [tile for task in tasks for strip in task for tile in strip]
+@pytest.mark.parametrize("width", [150, 600, 20000])
+def test_blocks_cover_each_window_once(width: int) -> None:
+    grid = TileGrid(width, 700 if width < 1000 else 20000, 32 if width < 1000 else 512, 6 if width < 1000 else 64)
+    blocks = tiling._blocks(grid)
+    tiles = [tile for block in blocks for strip in block for tile in strip]
     assert sorted(tiles, key=lambda t: (t.row_off, t.col_off)) == list(grid)
-    assert len(tasks) >= min(grid.n_cols, tiling.BANDS_PER_THREAD * threads)  # enough to balance the workers
-    for task in tasks:
-        assert len(task) == grid.n_rows  # full height: no block row decoded by two tasks
+    for block in blocks:
+        assert len(block) <= tiling.STRIPS_PER_BLOCK
+        assert len({(strip[0].col, strip[-1].col) for strip in block}) == 1  # same columns, strip after strip
+        assert [strip[0].row for strip in block] == list(range(block[0][0].row, block[0][0].row + len(block)))
         assert all(strip[-1].col_off + grid.size - strip[0].col_off <= max(tiling.STRIP_MAX_PX, grid.size)
-                   for strip in task)
+                   for strip in block)
+    if width == 20000:
+        assert len(blocks) >= 6  # a large scene is shared among workers
 
 
 def test_task_threads_share_the_host_among_worker_threads(client: Client) -> None:

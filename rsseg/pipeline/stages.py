@@ -28,6 +28,7 @@ from rsseg.errors import ConfigError, PipelineError
 from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.tiling.chips import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
@@ -137,24 +138,22 @@ def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tiling
-class TileParams(Params):
+class TileParams(TileOptions):
     scenes: str
     labels: str | None = Field(None, description="A vector/raster file, or a pattern with {stem}")
-    size: int = 512
-    overlap: int = 64
-    max_nodata: float = 0.5
-    bands: list[int] | None = None
 
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
-    from rsseg.tiling.tiler import write_chips
+    from rsseg.tiling import write_chips
 
+    options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
+    executor = ctx.client.get_executor()
     chips = 0
     for scene in expand_inputs(p.scenes):
         labels = p.labels.format(stem=scene.stem) if p.labels else None
-        index = write_chips(scene, ctx.out_dir / scene.stem, size=p.size, overlap=p.overlap, labels=labels,
-                            bands=p.bands, max_nodata=p.max_nodata, scheduler=ctx.client)
-        chips += sum(1 for _ in open(index)) - 1
+        index = write_chips(scene, ctx.out_dir / scene.stem, options, labels=labels, executor=executor)
+        with open(index) as fh:
+            chips += sum(1 for _ in fh) - 1
     return {"chips": chips}
 
 

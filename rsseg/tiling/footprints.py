@@ -2,7 +2,7 @@
 
 Footprints are read with pyogrio (geometry only); those whose envelope can touch the scene (a test in the
 file's own CRS) are reprojected to the scene's CRS, repaired (:func:`shapely.make_valid`, polygonal parts
-kept) and indexed in an STRtree, so each task gets only the footprints that intersect its windows.
+kept) and indexed in an STRtree, so each block of work gets only the footprints that intersect its windows.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import pyogrio
 import rasterio
 import shapely
 from rasterio.crs import CRS
-from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 
 from rsseg.errors import RasterError, VectorError
-from rsseg.tiling.burn import Edges, polygon_edges
 
 __all__ = ["Footprints", "check_label_raster", "load_footprints"]
 
@@ -52,13 +50,9 @@ class Footprints:
         """Indexes (ascending) of the footprints that intersect the rectangle (minx, miny, maxx, maxy)."""
         return np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
 
-    def edges(self, bounds: tuple[float, float, float, float], transform: Affine) -> Edges:
-        """The edges of the footprints that intersect ``bounds``, in the pixel space of ``transform``.
-
-        The compact form a Dask task gets: a few arrays pickle far faster than shapely objects, and
-        :func:`rsseg.tiling.burn.burn` fills label windows from them.
-        """
-        return polygon_edges(self.geoms[self.query(bounds)], transform)
+    def within(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """The footprints that intersect the rectangle (minx, miny, maxx, maxy), in file order."""
+        return self.geoms[self.query(bounds)]
 
 
 _COUNTS = ("geometries_read", "geometries_empty", "geometries_outside", "geometries_repaired",
@@ -92,7 +86,7 @@ def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
         frame = pyogrio.read_dataframe(path, columns=[])  # one pass: read_info's total bounds is a second
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
         raise VectorError(f"{path}: not a raster or vector file GDAL can read "
-                          f"({' '.join(str(exc).split())})") from None
+                          f"({' '.join(str(exc).split())})") from exc
     if not len(frame):  # a scene without buildings: every label pixel is background
         log.warning("%s: no footprints; labels will be all background", path)
         return Footprints(np.empty(0, dtype=object), dict.fromkeys(_COUNTS, 0))

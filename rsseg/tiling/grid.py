@@ -22,16 +22,18 @@ from dataclasses import dataclass, field
 
 from rasterio.windows import Window
 
+from rsseg.errors import ConfigError, WindowIndexError
+
 __all__ = ["Tile", "TileGrid", "grid_offsets"]
 
 
 def _check(size: int, overlap: int) -> None:
     if size < 1:
-        raise ValueError(f"size={size}: expected a window size of at least 1 pixel")
+        raise ConfigError(f"size={size}: expected a window size of at least 1 pixel")
     if overlap < 0:
-        raise ValueError(f"overlap={overlap}: expected 0 or more pixels")
+        raise ConfigError(f"overlap={overlap}: expected 0 or more pixels")
     if overlap >= size:
-        raise ValueError(f"overlap={overlap}: expected less than size={size} (stride = size - overlap > 0)")
+        raise ConfigError(f"overlap={overlap}: expected less than size={size} (stride = size - overlap > 0)")
 
 
 def grid_offsets(length: int, size: int, overlap: int) -> tuple[int, ...]:
@@ -52,11 +54,11 @@ def grid_offsets(length: int, size: int, overlap: int) -> tuple[int, ...]:
         overlap: pixels shared by neighbouring windows (0 <= overlap < size).
 
     Raises:
-        ValueError: a value out of range, named in the message.
+        ConfigError: a value out of range, named in the message (a ``ValueError``).
     """
     _check(size, overlap)
     if length < 1:
-        raise ValueError(f"length={length}: expected a raster of at least 1 pixel")
+        raise ConfigError(f"length={length}: expected a raster of at least 1 pixel")
     if length <= size:
         return (0,)
     stride = size - overlap
@@ -109,7 +111,8 @@ class TileGrid:
         overlap: pixels shared by neighbouring windows.
 
     Raises:
-        ValueError: ``size < 1``, ``overlap < 0``, ``overlap >= size``, ``width < 1`` or ``height < 1``.
+        ConfigError: (a ``ValueError``) ``size < 1``, ``overlap < 0``, ``overlap >= size``, ``width < 1`` or
+            ``height < 1``.
     """
 
     width: int
@@ -124,7 +127,7 @@ class TileGrid:
         for name in ("width", "height"):
             value = getattr(self, name)
             if value < 1:
-                raise ValueError(f"{name}={value}: expected a raster of at least 1 pixel")
+                raise ConfigError(f"{name}={value}: expected a raster of at least 1 pixel")
         object.__setattr__(self, "col_offsets", grid_offsets(self.width, self.size, self.overlap))
         object.__setattr__(self, "row_offsets", grid_offsets(self.height, self.size, self.overlap))
 
@@ -145,10 +148,12 @@ class TileGrid:
         """The window at grid position (``row``, ``col``); negative indexes count from the end.
 
         Raises:
-            IndexError: ``row`` or ``col`` outside the grid.
+            WindowIndexError: ``row`` or ``col`` outside the grid (an ``IndexError``).
         """
         if not (-self.n_rows <= row < self.n_rows and -self.n_cols <= col < self.n_cols):
-            raise IndexError(f"tile ({row}, {col}) outside a grid of {self.n_rows} rows x {self.n_cols} cols")
+            raise WindowIndexError(f"window ({row}, {col}) outside a grid of {self.n_rows} rows x {self.n_cols} cols; "
+                                   f"expected rows -{self.n_rows}..{self.n_rows - 1}, "
+                                   f"cols -{self.n_cols}..{self.n_cols - 1}")
         row, col = row % self.n_rows, col % self.n_cols
         return Tile(row, col, self.col_offsets[col], self.row_offsets[row], self.size, self.size)
 
