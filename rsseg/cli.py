@@ -23,7 +23,7 @@ from rsseg.errors import RssegError
 from rsseg.inference.options import PredictOptions
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
-from rsseg.tiling.chips import TileOptions
+from rsseg.tiling.options import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 

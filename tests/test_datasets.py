@@ -90,7 +90,7 @@ def test_tianchi_bad_input(tmp_path):
 
 
 def make_chips(out, n=4, size=16, bands=4, dtype="uint16"):
-    """A chip folder in the layout of rsseg.tiling.tiler.write_chips (index.csv + index.json + GeoTIFFs)."""
+    """A chip folder in the layout of rsseg.tiling.write_chips (index.csv + index.json + GeoTIFFs)."""
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     rows = ["image,label,col_off,row_off,width,height,minx,miny,maxx,maxy,building_frac,nodata_frac"]

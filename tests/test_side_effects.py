@@ -167,7 +167,7 @@ cfg = load_config({
 
 def test_write_chips_leaves_the_process_as_it_found_it(tmp_path):
     setup = TINY_SCENE + '''
-from rsseg.tiling.tiler import write_chips
+from rsseg.tiling import write_chips
 
 scene = tiny_scene("scene.tif", size=128)
 '''

@@ -7,39 +7,18 @@ options) does not import torch before the command's entry point has set up the p
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "PRECISIONS",
-    "TTA_MODES",
-    "PredictOptions",
-    "Predictor",
-    "predict_images",
-    "predict_path",
-    "predict_raster",
-    "prob_path",
-    "read_tags",
-]
+from rsseg.lazy import attach
 
-_HOMES = {
-    "PRECISIONS": "options",
-    "PredictOptions": "options",
-    "TTA_MODES": "tta",
-    "Predictor": "tta",
-    "predict_images": "predict",
-    "predict_path": "predict",
-    "predict_raster": "predict",
-    "prob_path": "predict",
+if TYPE_CHECKING:
+    from rsseg.inference.options import PRECISIONS, PredictOptions
+    from rsseg.inference.predict import predict_images, predict_path, predict_raster, prob_path, read_tags
+    from rsseg.inference.tta import TTA_MODES, Predictor
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "PRECISIONS": "options", "PredictOptions": "options",
+    "predict_images": "predict", "predict_path": "predict", "predict_raster": "predict", "prob_path": "predict",
     "read_tags": "predict",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    "Predictor": "tta", "TTA_MODES": "tta",
+})

@@ -1,6 +1,19 @@
-"""YAML pipelines of rsseg's stages run as Dask tasks: runner, stage kinds, clusters, run report."""
+"""YAML pipelines of rsseg's stages run as Dask tasks: runner, stage kinds, clusters, run report.
 
-from rsseg.pipeline.runner import Pipeline, Stage, load_pipeline, run, run_demo
-from rsseg.pipeline.stages import STAGES
+Names load on first use, so that :mod:`rsseg.pipeline.process` (what entry points call first) imports nothing heavy.
+"""
 
-__all__ = ["STAGES", "Pipeline", "Stage", "load_pipeline", "run", "run_demo"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rsseg.lazy import attach
+
+if TYPE_CHECKING:
+    from rsseg.pipeline.runner import Pipeline, Stage, load_pipeline, run, run_demo
+    from rsseg.pipeline.stages import STAGES
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "Pipeline": "runner", "Stage": "runner", "load_pipeline": "runner", "run": "runner", "run_demo": "runner",
+    "STAGES": "stages",
+})

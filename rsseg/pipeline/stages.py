@@ -28,7 +28,7 @@ from rsseg.errors import ConfigError, PipelineError
 from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.synth.options import SceneOptions, TianchiOptions
-from rsseg.tiling.chips import TileOptions
+from rsseg.tiling.options import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 

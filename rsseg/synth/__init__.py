@@ -6,35 +6,16 @@ options) does not import rasterio, geopandas and shapely when the command starts
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "SceneOptions",
-    "TianchiOptions",
-    "footprints_path",
-    "make_scene",
-    "make_tianchi",
-    "render_image",
-    "scene_transform",
-]
+from rsseg.lazy import attach
 
-_HOMES = {
-    "SceneOptions": "options",
-    "TianchiOptions": "options",
-    "footprints_path": "generate",
-    "make_scene": "generate",
-    "make_tianchi": "generate",
-    "render_image": "generate",
+if TYPE_CHECKING:
+    from rsseg.synth.generate import footprints_path, make_scene, make_tianchi, render_image, scene_transform
+    from rsseg.synth.options import SceneOptions, TianchiOptions
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "footprints_path": "generate", "make_scene": "generate", "make_tianchi": "generate", "render_image": "generate",
     "scene_transform": "generate",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    "SceneOptions": "options", "TianchiOptions": "options",
+})

@@ -32,17 +32,17 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from pydantic import Field, field_validator
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir
-from rsseg.options import Options, resolve
+from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window, write_block
 from rsseg.tiling.footprints import Footprints, check_label_raster, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
+from rsseg.tiling.options import TileOptions
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
 
@@ -57,27 +57,6 @@ STRIP_MAX_PX = 8192
 #: Grid rows per block: enough that the rows decoded twice (where blocks meet) are few, enough blocks to
 #: share a large scene among workers.
 STRIPS_PER_BLOCK = 16
-
-
-class TileOptions(Options):
-    """How a scene is cut into chips (``write_chips``, ``rsseg tile`` and the pipeline's ``tile`` stage)."""
-
-    size: int = Field(512, description="Chip width and height in pixels.")
-    overlap: int = Field(64, description="Pixels shared by neighbouring chips (stride size - overlap).")
-    bands: list[int] | None = Field(None, description="1-based band indexes to keep, e.g. 1,2,3 (default: all).")
-    max_nodata: float = Field(0.5, description="Skip chips with a larger nodata fraction than this.")
-    allow_no_crs: bool = Field(False, description="Accept a scene without a CRS (chips then have none).")
-    overwrite: bool = Field(False, description="Replace OUT_DIR if it exists (once the new one is complete).")
-    compress: str | None = Field(None, description="GDAL compression for the chips, e.g. deflate "
-                                                   "(default: uncompressed, fastest to write and read).")
-
-    @field_validator("max_nodata")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            # pydantic reports a ValueError (ConfigError is one) as a validation error naming the field
-            raise ConfigError(f"max_nodata={value}: expected a fraction between 0 and 1")
-        return value
 
 
 def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dict[str, Any]:

@@ -161,7 +161,7 @@ class TianchiDataset(_MaskDataset):
 
 
 class ChipDataset(_MaskDataset):
-    """Image and label chips listed in one or several ``index.csv`` files written by :mod:`rsseg.tiling.tiler`.
+    """Image and label chips listed in one or several ``index.csv`` files written by :func:`rsseg.tiling.write_chips`.
 
     Each chip is read whole (chips are small). Label chips are uint8: 0 background, 1 building, 255 ignore.
     Folders may come from different scenes but must agree on band count and chip size.

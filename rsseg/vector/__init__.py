@@ -9,8 +9,9 @@ them against truth polygons (:mod:`rsseg.vector.evaluate`); :class:`VectorizeOpt
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rsseg.lazy import attach
 
 if TYPE_CHECKING:
     from rsseg.vector.blockwise import block_count, vectorize, vectorize_to_file
@@ -18,26 +19,9 @@ if TYPE_CHECKING:
     from rsseg.vector.files import FORMATS, merge_vectors, write_vectors
     from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
-_HOMES = {
+__getattr__, __dir__, __all__ = attach(__name__, {
     "block_count": "blockwise", "vectorize": "blockwise", "vectorize_to_file": "blockwise",
     "evaluate_vectors": "evaluate", "match_buildings": "evaluate",
     "FORMATS": "files", "merge_vectors": "files", "write_vectors": "files",
     "EvaluateOptions": "options", "VectorizeOptions": "options",
-}
-
-__all__ = [
-    "FORMATS", "EvaluateOptions", "VectorizeOptions", "block_count", "evaluate_vectors", "match_buildings",
-    "merge_vectors", "vectorize", "vectorize_to_file", "write_vectors",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+})
