@@ -7,13 +7,10 @@ and missing files become one line on stderr and exit status 2; nothing else is c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -115,24 +112,6 @@ def validate(submission: Path, sample: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
-class _ExecutorOnFirstUse(Executor):
-    """The CLI's executor, started when a stage submits its first block, so bad input fails before a cluster starts.
-
-    (Generic: a candidate for :mod:`rsseg.pipeline.cluster`.)
-    """
-
-    def __init__(self, scheduler: str | None, stack: contextlib.ExitStack) -> None:
-        self._scheduler, self._stack, self._executor = scheduler, stack, None
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Start the Dask executor if this is the first block, then submit ``fn(*args, **kwargs)`` to it."""
-        if self._executor is None:
-            from rsseg.pipeline.cluster import dask_executor
-
-            self._executor = self._stack.enter_context(dask_executor(self._scheduler))
-        return self._executor.submit(fn, *args, **kwargs)
-
-
 @cli.command()
 @click.argument("scene", type=_EXISTING)
 @click.argument("out_dir", type=_PATH)
@@ -142,11 +121,11 @@ class _ExecutorOnFirstUse(Executor):
                                   "(default: a LocalCluster).")
 def tile(scene: Path, out_dir: Path, labels: Path | None, scheduler: str | None, **params: object) -> None:
     """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
+    from rsseg.pipeline.cluster import dask_executor
     from rsseg.tiling import write_chips
 
     options = options_from_click(TileOptions, params)
-    with contextlib.ExitStack() as stack:
-        executor = None if scheduler == "sync" else _ExecutorOnFirstUse(scheduler, stack)
+    with dask_executor(scheduler) as executor:
         index = write_chips(scene, out_dir, options, labels=labels, executor=executor)
     click.echo(f"{index}")
 

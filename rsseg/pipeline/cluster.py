@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, Future
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, default_client, get_worker
@@ -85,9 +86,29 @@ def local_cluster(workers: int) -> LocalCluster:
                             preload=["rsseg.pipeline.process"])
 
 
+class _OnFirstSubmit(Executor):
+    """A Dask client's executor, started when the first block is submitted.
+
+    A stage checks its input first, so bad input fails before a LocalCluster starts.
+    """
+
+    def __init__(self, scheduler: str | Client | None, n_workers: int | None, stack: contextlib.ExitStack) -> None:
+        self._scheduler, self._n_workers, self._stack = scheduler, n_workers, stack
+        self._executor: Executor | None = None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Start the client if this is the first block, then submit ``fn(*args, **kwargs)`` to it."""
+        if self._executor is None:
+            client = self._stack.enter_context(dask_client(self._scheduler, self._n_workers))
+            self._executor = client.get_executor()
+        return self._executor.submit(fn, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def dask_executor(scheduler: str | Client | None = None, n_workers: int | None = None) -> Iterator[Executor | None]:
     """The executor a stage's blocks run on from the CLI: None (in this process) for ``"sync"``, else a Dask client's.
+
+    The client starts on the first submitted block and closes on exit.
 
     Args:
         scheduler: ``"sync"``, or what :func:`dask_client` takes (a client, an address, None for a LocalCluster).
@@ -96,8 +117,8 @@ def dask_executor(scheduler: str | Client | None = None, n_workers: int | None =
     if scheduler == "sync":
         yield None
         return
-    with dask_client(scheduler, n_workers) as client:
-        yield client.get_executor()
+    with contextlib.ExitStack() as stack:
+        yield _OnFirstSubmit(scheduler, n_workers, stack)
 
 
 def threads_by_host(client: Client) -> dict[str, int]:
