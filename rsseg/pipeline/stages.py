@@ -9,95 +9,24 @@ that goes into the stage's manifest.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from distributed import Client, Future
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from rsseg.errors import ConfigError, PipelineError
+from rsseg.errors import PipelineError
 from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders, expand_inputs
 
-__all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs", "merge_vectors"]
+__all__ = ["STAGES", "merge_vectors"]
 
 log = logging.getLogger(__name__)
-
-
-class Params(BaseModel):
-    """Base of every stage's parameters: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class StageContext:
-    """What a running stage may use: the Dask client, its output folder, task retries and device."""
-
-    name: str
-    client: Client
-    out_dir: Path
-    retries: int = 1
-    task_keys: list[str] = field(default_factory=list)
-    failed_task: str | None = None
-
-    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
-        """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
-        key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
-        self.task_keys.append(key)
-        return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
-                                  resources={"GPU": 1} if gpu else None, **kwargs)
-
-    def gather(self, futures: list[Future]) -> list[Any]:
-        """Results of ``futures``; a failure is re-raised with the failed task kept in :attr:`failed_task`."""
-        results = []
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except Exception:
-                self.failed_task = fut.key
-                raise
-        return results
-
-
-@dataclass(frozen=True)
-class StageKind:
-    """A kind of stage: its parameters, its function, and whether it needs a GPU when one is asked for."""
-
-    name: str
-    params: type[Params]
-    run: Callable[[Any, StageContext], dict[str, Any]]
-    gpu: bool = False
-
-
-def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
-    """A file, a folder (its files with ``suffixes``, sorted) or a glob pattern, as a list of files."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(spec)))
-    if not files:
-        raise ConfigError(f"{spec}: no input files (expected a file, a folder of {'/'.join(suffixes)} or a glob)")
-    return files
-
-
-def _device_is_gpu(device: str) -> bool:
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
 
 
 # ------------------------------------------------------------------------------------------ generated data
@@ -112,7 +41,7 @@ def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
 
     # The tiles are rendered in chunks on the workers; this process writes the CSV files.
     info = make_tianchi(ctx.out_dir / "tianchi", p.n_train, p.n_test, p.seed, progress=False,
-                        executor=ctx.client.get_executor(retries=ctx.retries, pure=False))
+                        executor=ctx.executor())
     return {k: v for k, v in info.items() if k.startswith("n_")}
 
 
@@ -206,9 +135,12 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
 
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     cfg = p.train_config(ctx.out_dir)
+    if cfg.data.source == "chips":  # the tile stage's folder holds a chip folder per scene
+        chips = expand_chip_folders(cfg.data.chips)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chips": chips})})
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    gpu = _device_is_gpu(cfg.run.device)
+    gpu = ctx.wants_gpu(cfg.run.device)
     best = Path(ctx.gather([ctx.submit(train_subprocess, config_path, p.nproc, gpu=gpu, label="torchrun")])[0])
     from rsseg.models import load_checkpoint
 
@@ -236,7 +168,7 @@ def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, An
     out = ctx.out_dir / "submission.csv"
     fut = ctx.submit(predict_images, p.checkpoint, p.images, out, sample=p.sample, tta=p.tta,
                      batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
-                     min_pixels=p.min_pixels, gpu=_device_is_gpu(p.device), label="predict")
+                     min_pixels=p.min_pixels, gpu=ctx.wants_gpu(p.device), label="predict")
     ctx.gather([fut])
     tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
     return {"submission": out.name, "rows": sum(1 for _ in open(out))}
@@ -281,7 +213,7 @@ def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]
     futures = [ctx.submit(_predict_scene, threads_on, len(scenes), p.checkpoint, scene,
                           ctx.out_dir / f"{scene.stem}.tif", tile=p.tile, overlap=p.overlap, tta=p.tta,
                           batch_size=p.batch_size, device=p.device, precision=p.precision, threshold=p.threshold,
-                          output="both", prob_dtype=p.prob_dtype, gpu=_device_is_gpu(p.device), label=scene.stem)
+                          output="both", prob_dtype=p.prob_dtype, gpu=ctx.wants_gpu(p.device), label=scene.stem)
                for scene in scenes]
     ctx.gather(futures)
     return {"scenes": len(scenes)}
@@ -365,10 +297,10 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_tianchi", SynthTianchiParams, _synth_tianchi),
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
     StageKind("tile", TileParams, _tile),
-    StageKind("train", TrainParams, _train, gpu=True),
-    StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi, gpu=True),
+    StageKind("train", TrainParams, _train),
+    StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
-    StageKind("predict_scenes", PredictScenesParams, _predict_scenes, gpu=True),
+    StageKind("predict_scenes", PredictScenesParams, _predict_scenes),
     StageKind("vectorize", VectorizeParams, _vectorize),
     StageKind("evaluate", EvaluateParams, _evaluate),
 )}
