@@ -309,3 +309,114 @@ def test_failing_stage_cancels_only_its_own_runs_tasks(tmp_path: Path, dask_clus
         assert theirs.result(timeout=60) is None  # the caller's work went on
         assert theirs.status == "finished"
     assert not (tmp_path / "work" / "scenes").exists()
+
+
+# ------------------------------------------------------------------------- every file of pipelines/, as shipped
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _crs(path: Path) -> str:
+    info = pyogrio.read_info(path)
+    return info["crs"]
+
+
+def _run_shipped(rsseg_cli, name: str, work: Path, *sets: str) -> dict:
+    """``rsseg run pipelines/NAME.yaml --workdir WORK --set ...`` in this process; its JSON summary."""
+    args = [a for s in sets for a in ("--set", s)]
+    done = rsseg_cli("run", PIPELINES / f"{name}.yaml", "--workdir", work, *args)
+    assert done.exit_code == 0, done.stderr
+    first, rest = done.stdout.split("\n", 1)
+    assert first.startswith(f"rsseg run {name}: Dask dashboard at ")
+    return json.loads(rest)
+
+
+@pytest.mark.slow
+def test_readme_workflow_2_train_on_scenes_then_scenes_to_buildings(tmp_path: Path, scenes_dir: Path,
+                                                                    rsseg_cli) -> None:
+    import rasterio
+
+    # README, workflow 2, footprints given as a {stem} pattern; shrunk: 128-px chips, 1 epoch, no TTA.
+    trained = _run_shipped(rsseg_cli, "train_on_scenes", tmp_path / "train",
+                           f"scenes={scenes_dir}", f"footprints={scenes_dir}/{{stem}}.buildings.geojson",
+                           "epochs=1", "chips.size=128", "chips.overlap=0", "train.config.data.batch_size=4",
+                           "train.config.model.encoder=resnet18")
+    assert trained["stages"]["chips"]["chips"] == 8  # 2 scenes x 2x2 windows of 128 over 256 px
+    assert trained["stages"]["train"]["epoch"] == 1 and 0 <= trained["stages"]["train"]["best_dice"] <= 1
+    best = tmp_path / "train" / "train" / "best.pt"
+    assert best.exists()
+    config = yaml.safe_load((tmp_path / "train" / "train" / "train_config.yaml").read_text())
+    assert sorted(Path(c).name for c in config["data"]["chips"]) == ["scene_000", "scene_001"]
+
+    found = _run_shipped(rsseg_cli, "scenes_to_buildings", tmp_path / "find", f"scenes={scenes_dir}",
+                         f"checkpoint={best}", "tta=none", "predict.tile=128", "predict.overlap=32")
+    out = tmp_path / "find"
+    assert found["stages"]["predict"]["scenes"] == 2
+    for stem in ("scene_000", "scene_001"):
+        with rasterio.open(out / "predict" / f"{stem}.tif") as mask, rasterio.open(scenes_dir / f"{stem}.tif") as src:
+            assert mask.crs == src.crs and mask.transform == src.transform and mask.shape == src.shape
+        assert _crs(out / "vectorize" / f"{stem}.geojson").endswith("4326")
+        assert _crs(out / "vectorize" / f"{stem}.gpkg").endswith("32650")
+    merged = pyogrio.read_dataframe(out / "vectorize" / "buildings.gpkg")
+    per_scene = found["stages"]["vectorize"]["per_scene"]
+    assert len(merged) == found["stages"]["vectorize"]["buildings"] == sum(per_scene.values())
+    assert merged.groupby("scene").size().to_dict() == {k: v for k, v in per_scene.items() if v}
+    assert merged.geometry.is_valid.all()
+
+
+@pytest.mark.slow
+def test_tianchi_submission_pipeline(tmp_path: Path, tianchi_dir: Path, rsseg_cli) -> None:
+    from rsseg.tianchi.files import score, validate_submission
+
+    summary = _run_shipped(rsseg_cli, "tianchi_submission", tmp_path / "work", f"data_dir={tianchi_dir}",
+                           "epochs=1", "encoder=resnet18", "tta=none", "train.config.data.batch_size=4")
+    submission = tmp_path / "work" / "predict" / "submission.csv"
+    assert summary["stages"]["predict"]["rows"] == 2
+    assert validate_submission(submission, tianchi_dir / "test_a_samplesubmit.csv") == []
+    assert 0 <= score(submission, tianchi_dir / "test_a_mask.csv")["mean_dice"] <= 1
+    assert 0 <= summary["stages"]["train"]["threshold"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_pipeline(tmp_path: Path, rsseg_cli) -> None:
+    summary = _run_shipped(rsseg_cli, "demo", tmp_path / "demo",
+                           "data.n_train=12", "data.n_test=2", "scenes.size=256", "chips.size=128",
+                           "chips.overlap=64", "train_tianchi.config.run.epochs=1",
+                           "train_tianchi.config.data.batch_size=4", "train_chips.config.data.batch_size=4",
+                           "predict.tile=128", "predict.overlap=32")
+    stages = summary["stages"]
+    assert stages["data"]["n_train"] == 12 and stages["scenes"]["scenes"] == 2
+    assert stages["chips"]["chips"] == 9  # 3x3 windows of 128 with overlap 64 over 256 px
+    assert 0 <= stages["score"]["mean_dice"] <= 1 and stages["score"]["images"] == 2
+    assert stages["predict_tianchi"]["rows"] == 2
+    evaluation = stages["evaluate"]["scene_001"]
+    assert evaluation["n_truth"] > 0 and 0 <= evaluation["f1"] <= 1 and 0 <= evaluation["area_iou"] <= 1
+    vectors = tmp_path / "demo" / "vectorize"
+    assert _crs(vectors / "scene_001.geojson").endswith("4326") and _crs(vectors / "scene_001.gpkg").endswith("32650")
+    assert (tmp_path / "demo" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_resume_reruns_what_changed_behind_globs_and_stem_patterns(tmp_path: Path, scenes_dir: Path,
+                                                                   checkpoint: Path, dask_cluster: str) -> None:
+    import rasterio
+
+    from rsseg.pipeline.runner import run
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(scenes_dir, scenes)
+    spec = _globbed_pipeline(tmp_path, scenes, checkpoint)
+
+    def ran() -> list[str]:
+        summary = run(load_pipeline(spec), scheduler=dask_cluster, report=False)
+        return [name for name, s in summary["stages"].items() if not s["skipped"]]
+
+    assert ran() == ["chips", "predict", "vectorize"]
+    assert ran() == []  # nothing changed: all skipped
+    shutil.copy(scenes / "scene_000.tif", scenes / "scene_001.tif")  # a scene behind the glob replaced
+    assert ran() == ["chips", "predict", "vectorize"]
+    with rasterio.open(tmp_path / "work" / "predict" / "scene_000.tif") as a, \
+            rasterio.open(tmp_path / "work" / "predict" / "scene_001.tif") as b:
+        assert (a.read() == b.read()).all()  # scene_001's prediction is that of its new content
+    footprints = scenes / "scene_000.buildings.geojson"  # a footprint file behind {stem} edited
+    footprints.write_text(footprints.read_text().replace('"type"', '"type" ', 1))
+    assert ran() == ["chips"]

@@ -7,6 +7,7 @@ share one definition of the plumbing.
 from __future__ import annotations
 
 import glob
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 from distributed import Client, Future
 from pydantic import BaseModel, ConfigDict
 
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, PipelineError
 
 __all__ = ["Params", "StageContext", "StageKind", "expand_chip_folders", "expand_inputs", "workers_with_gpu"]
 
@@ -50,6 +51,12 @@ class StageContext:
     failed_task: str | None = None
     futures: list[Future] = field(default_factory=list)
     executors: list[Executor] = field(default_factory=list)
+    cancelled: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _check_running(self) -> None:
+        if self.cancelled:
+            raise PipelineError(f"stage {self.name} was cancelled: another stage of its run failed")
 
     def wants_gpu(self, device: str) -> bool:
         """Whether a task for ``device`` asks for a ``GPU`` resource.
@@ -62,26 +69,35 @@ class StageContext:
 
     def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
         """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
-        key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
-        self.task_keys.append(key)
-        fut = self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
-                                 resources={"GPU": 1} if gpu else None, **kwargs)
-        self.futures.append(fut)
+        with self._lock:
+            self._check_running()
+            key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
+            self.task_keys.append(key)
+            fut = self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
+                                     resources={"GPU": 1} if gpu else None, **kwargs)
+            self.futures.append(fut)
         return fut
 
     def executor(self, gpu: bool = False) -> Executor:
         """A ``concurrent.futures`` executor on the client for a library call's blocks (tracked for :meth:`cancel`)."""
         extra = {"resources": {"GPU": 1}} if gpu else {}
-        executor = self.client.get_executor(retries=self.retries, pure=False, **extra)
-        self.executors.append(executor)
+        with self._lock:
+            self._check_running()
+            executor = self.client.get_executor(retries=self.retries, pure=False, **extra)
+            self.executors.append(executor)
         return executor
 
     def cancel(self) -> None:
-        """Cancel this stage's tasks (those of :meth:`submit` and :meth:`executor`), leaving the client's others."""
-        for executor in self.executors:
-            executor.shutdown(wait=False)
-        if self.futures:
-            self.client.cancel(self.futures)
+        """Cancel this stage's tasks (those of :meth:`submit` and :meth:`executor`), leaving the client's others.
+
+        Later calls of :meth:`submit` and :meth:`executor` raise, so a stage that had not submitted yet stops too.
+        """
+        with self._lock:
+            self.cancelled = True
+            for executor in self.executors:
+                executor.shutdown(wait=False)
+            if self.futures:
+                self.client.cancel(self.futures)
 
     def gather(self, futures: list[Future]) -> list[Any]:
         """Results of ``futures``; a failure is re-raised with the failed task kept in :attr:`failed_task`."""

@@ -234,8 +234,10 @@ def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, ctx: StageContex
     start = time.perf_counter()
     try:
         summary = STAGES[st.uses].run(st.params, ctx)
-    except Exception as exc:
+    except BaseException as exc:  # also a cancelled task's CancelledError: no partial output stays
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         task = f", task {ctx.failed_task}" if ctx.failed_task else ""
         cause = (str(exc).strip().splitlines() or [""])[0]
         raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {cause}") from exc
