@@ -379,17 +379,18 @@ def test_tianchi_submission_pipeline(tmp_path: Path, tianchi_dir: Path, rsseg_cl
 @pytest.mark.slow
 def test_demo_pipeline(tmp_path: Path, rsseg_cli) -> None:
     summary = _run_shipped(rsseg_cli, "demo", tmp_path / "demo",
-                           "data.n_train=12", "data.n_test=2", "scenes.size=256", "chips.size=128",
-                           "chips.overlap=64", "train_tianchi.config.run.epochs=1",
+                           "data.n_train=12", "data.n_test=2", "scenes.size=384", "chips.size=128",
+                           "chips.overlap=0", "train_tianchi.config.run.epochs=1",
                            "train_tianchi.config.data.batch_size=4", "train_chips.config.data.batch_size=4",
                            "predict.tile=128", "predict.overlap=32")
     stages = summary["stages"]
     assert stages["data"]["n_train"] == 12 and stages["scenes"]["scenes"] == 2
-    assert stages["chips"]["chips"] == 9  # 3x3 windows of 128 with overlap 64 over 256 px
+    assert stages["chips"]["chips"] == 9  # 3x3 windows of 128 over 384 px
     assert 0 <= stages["score"]["mean_dice"] <= 1 and stages["score"]["images"] == 2
     assert stages["predict_tianchi"]["rows"] == 2
     evaluation = stages["evaluate"]["scene_001"]
-    assert evaluation["n_truth"] > 0 and 0 <= evaluation["f1"] <= 1 and 0 <= evaluation["area_iou"] <= 1
+    truth = pyogrio.read_info(tmp_path / "demo" / "scenes" / "scene_001.buildings.geojson")["features"]
+    assert evaluation["n_truth"] == truth and 0 <= evaluation["f1"] <= 1 and 0 <= evaluation["area_iou"] <= 1
     vectors = tmp_path / "demo" / "vectorize"
     assert _crs(vectors / "scene_001.geojson").endswith("4326") and _crs(vectors / "scene_001.gpkg").endswith("32650")
     assert (tmp_path / "demo" / "report.html").exists()

@@ -14,10 +14,11 @@ makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overri
 (``data_dir=...``), a stage parameter (``train.config.optim.epochs=3``) or a top-level field.
 
 Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success, with a
-``manifest.json`` (inputs with sizes and hashes, parameters, rsseg version, fingerprint) written last. The
-fingerprint covers the stage kind, its parameters, its external inputs and the fingerprints of the
-stages it uses, so :func:`run` skips a stage whose manifest matches and re-runs what changed or never
-finished: a run killed at any point finishes, when started again, with the outputs of an uninterrupted run.
+``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
+(:mod:`rsseg.pipeline.fingerprint`) covers the stage kind, its parameters, its external inputs (globs and
+``{stem}`` patterns expanded), the fingerprints of the stages it uses and a hash of rsseg's sources, so
+:func:`run` skips a stage whose manifest matches and re-runs what changed or never finished: a run killed
+at any point finishes, when started again, with the outputs of an uninterrupted run.
 """
 
 from __future__ import annotations
