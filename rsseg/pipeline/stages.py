@@ -1,10 +1,12 @@
 """The stage kinds a pipeline can use, declared as data.
 
-Each kind names its parameter model (pydantic, ``extra="forbid"``: a typo in YAML is an error), whether it
-needs a GPU, and the function that runs it. A stage function gets its validated parameters and a
-:class:`StageContext` (the Dask client, a fresh output folder), writes only into that folder, submits the
-work that splits (scenes, tiling rows, vectorising blocks) as Dask tasks, and returns a JSON-able summary
-that goes into the stage's manifest.
+Each kind names its parameter model (pydantic, ``extra="forbid"``: a typo in YAML is an error) and the
+function that runs it. A stage function gets its validated parameters and a
+:class:`~rsseg.pipeline.context.StageContext` (the Dask client, a fresh output folder), writes only into
+that folder and returns a JSON-able summary that goes into the stage's manifest. Work that splits goes to
+the cluster through the context, so that a failing run cancels its own tasks and nothing else: one task
+with ``ctx.submit(fn, ..., gpu=ctx.wants_gpu(device))``, a library call's blocks with
+``executor=ctx.executor()`` (a Dask client's ``concurrent.futures`` executor, tracked by the context).
 """
 
 from __future__ import annotations
