@@ -298,7 +298,7 @@ def test_failing_stage_cancels_only_its_own_runs_tasks(tmp_path: Path, dask_clus
     from rsseg.pipeline.runner import run
 
     spec = {"name": "fails", "workdir": str(tmp_path / "work"), "retries": 0, "stages": {
-        "scenes": {"uses": "synth_scene", "with": {"size": 4096, "count": 2, "seed": 1}},  # long tasks
+        "scenes": {"uses": "synth_scene", "with": {"size": 2048, "count": 2, "seed": 1}},  # tasks of seconds
         "score": {"uses": "score", "with": {"submission": str(tmp_path / "missing.csv"),
                                             "truth": str(tmp_path / "missing.csv")}},
     }}
