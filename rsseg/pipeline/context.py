@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict
 
 from rsseg.errors import ConfigError, PipelineError
 
-__all__ = ["Params", "StageContext", "StageKind", "expand_chip_folders", "expand_inputs", "workers_with_gpu"]
+__all__ = [
+    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "expand_inputs", "workers_with_gpu",
+]
 
 
 class Params(BaseModel):
@@ -62,7 +64,7 @@ class StageContext:
         """Whether a task for ``device`` asks for a ``GPU`` resource.
 
         ``cuda``/``cuda:N`` do; ``auto`` does when the cluster has GPU workers (the task then lands on one and
-        resolves ``auto`` there); ``cpu`` never does. :func:`rsseg.pipeline.runner.check_devices` refuses
+        resolves ``auto`` there); ``cpu`` never does. :func:`check_devices` refuses
         ``cuda`` on a cluster without GPU workers before anything is submitted.
         """
         return device.startswith("cuda") or (device == "auto" and bool(self.gpu_workers))
@@ -161,3 +163,37 @@ def expand_chip_folders(entries: list[str | Path]) -> list[Path]:
                                   "expected a folder written by `rsseg tile` or the tile stage")
             found += below
     return list(dict.fromkeys(found))
+
+
+def _devices(params: Any) -> set[str]:
+    """Every ``device`` value in a stage's parameters (training configs included)."""
+    found: set[str] = set()
+    if isinstance(params, dict):
+        for key, value in params.items():
+            if key == "device" and isinstance(value, str):
+                found.add(value)
+            else:
+                found |= _devices(value)
+    elif isinstance(params, list):
+        for value in params:
+            found |= _devices(value)
+    return found
+
+
+def check_devices(stages: list[Any], client: Client) -> None:
+    """Refuse, before anything is submitted, stages asking for ``cuda`` on a cluster without a GPU worker.
+
+    Raises:
+        ConfigError: a stage's device is ``cuda`` (or ``cuda:N``) and no worker offers a ``GPU`` resource.
+    """
+    if workers_with_gpu(client):
+        return
+    for st in stages:
+        config = st.params.train_config(Path(".")) if hasattr(st.params, "train_config") else None
+        devices = _devices(st.params.model_dump(mode="json")) | ({config.run.device} if config else set())
+        cuda = sorted(d for d in devices if d.startswith("cuda"))
+        if cuda:
+            raise ConfigError(
+                f"stage {st.name}: device={cuda[0]} but no Dask worker offers a GPU resource; start GPU workers "
+                "with `dask worker tcp://SCHEDULER:8786 --resources GPU=1` (one per GPU) and pass --scheduler "
+                "tcp://SCHEDULER:8786, or use --set device=auto (the worker decides) or device=cpu")

@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 
 from rsseg.errors import ConfigError, PipelineError
 from rsseg.pipeline.cluster import dask_client
-from rsseg.pipeline.context import Params, StageContext, workers_with_gpu
+from rsseg.pipeline.context import Params, StageContext, check_devices, workers_with_gpu
 from rsseg.pipeline.fingerprint import completed, fingerprints
 from rsseg.pipeline.stages import STAGES
 
-__all__ = ["Pipeline", "Stage", "check_devices", "fingerprints", "load_pipeline", "run", "run_demo"]
+__all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,22 @@ def _error_path(prefix: str, err: dict[str, Any]) -> str:
     return ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
 
 
+def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+    """The pipeline file's path (None for a mapping) and a copy of its content."""
+    if isinstance(source, dict):
+        return None, copy.deepcopy(source)
+    path = Path(source)
+    if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
+        path = PIPELINES_DIR / f"{source}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
+    return path, raw
+
+
 def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, str] | None = None,
                   workdir: str | os.PathLike[str] | None = None) -> Pipeline:
     """Read, override, interpolate and validate a pipeline definition.
@@ -163,19 +179,7 @@ def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: di
         ConfigError: unknown keys, wrong types, unknown stage kinds or references, dependency cycles;
             the message names the key.
     """
-    path = None
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
-            path = PIPELINES_DIR / f"{source}.yaml"
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
+    path, raw = _read_source(source)
     _apply_overrides(raw, overrides or {})
     if workdir is not None:
         raw["workdir"] = str(workdir)
@@ -251,40 +255,6 @@ def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, ctx: StageContex
         shutil.rmtree(final)
     os.replace(tmp, final)
     return manifest
-
-
-def _devices(params: Any) -> set[str]:
-    """Every ``device`` value in a stage's parameters (training configs included)."""
-    found: set[str] = set()
-    if isinstance(params, dict):
-        for key, value in params.items():
-            if key == "device" and isinstance(value, str):
-                found.add(value)
-            else:
-                found |= _devices(value)
-    elif isinstance(params, list):
-        for value in params:
-            found |= _devices(value)
-    return found
-
-
-def check_devices(stages: list[Stage], client: Any) -> None:
-    """Refuse, before anything is submitted, stages asking for ``cuda`` on a cluster without a GPU worker.
-
-    Raises:
-        ConfigError: a stage's device is ``cuda`` (or ``cuda:N``) and no worker offers a ``GPU`` resource.
-    """
-    if workers_with_gpu(client):
-        return
-    for st in stages:
-        config = st.params.train_config(Path(".")) if hasattr(st.params, "train_config") else None
-        devices = _devices(st.params.model_dump(mode="json")) | ({config.run.device} if config else set())
-        cuda = sorted(d for d in devices if d.startswith("cuda"))
-        if cuda:
-            raise ConfigError(
-                f"stage {st.name}: device={cuda[0]} but no Dask worker offers a GPU resource; start GPU workers "
-                "with `dask worker tcp://SCHEDULER:8786 --resources GPU=1` (one per GPU) and pass --scheduler "
-                "tcp://SCHEDULER:8786, or use --set device=auto (the worker decides) or device=cpu")
 
 
 def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True, report: bool = True,
