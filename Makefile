@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= demo-run
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-slow lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rsseg demo --workdir $(WORKDIR)
 
+# The fast tier (pyproject's addopts deselect the slow and gpu markers): under 5 minutes on 2 cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The slow tier: every pipeline end to end, DDP/torchrun, kill -9, separate scheduler, console scripts.
+# Exit status 5 (no test selected) counts as success.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow || test $$? -eq 5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

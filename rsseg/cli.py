@@ -216,7 +216,8 @@ def run(pipeline_file: Path, scheduler: str | None, workdir: Path | None, sets: 
     from rsseg.pipeline.runner import run as run_pipeline
 
     pipe = load_pipeline(pipeline_file, overrides=_parse_sets(sets), workdir=workdir)
-    summary = run_pipeline(pipe, scheduler=scheduler, resume=not no_resume)
+    summary = run_pipeline(pipe, scheduler=scheduler, resume=not no_resume,
+                           on_start=lambda link: click.echo(f"rsseg run {pipe.name}: Dask dashboard at {link}"))
     click.echo(json.dumps(summary, default=str, indent=2))
 
 
@@ -227,7 +228,8 @@ def demo(workdir: Path, scheduler: str | None) -> None:
     """Run the whole pipeline end to end on generated data."""
     from rsseg.pipeline.runner import run_demo
 
-    summary = run_demo(workdir, scheduler=scheduler)
+    summary = run_demo(workdir, scheduler=scheduler,
+                       on_start=lambda link: click.echo(f"rsseg demo: Dask dashboard at {link}"))
     click.echo(json.dumps(summary, default=str, indent=2))
 
 

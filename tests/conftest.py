@@ -1,6 +1,13 @@
-"""Shared test settings: headless plotting, hypothesis without deadlines (CI machines are slow), stand-ins."""
+"""Shared test settings and fixtures.
+
+Settings: headless plotting, hypothesis without deadlines (CI machines are slow), the stand-in network.
+Fixtures: a tiny checkpoint, generated scenes, a Tianchi folder, one LocalCluster for the session, and
+``rsseg_cli`` to run the ``rsseg`` command in this process (its output, error line and exit status).
+"""
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +27,8 @@ def stand_ins(monkeypatch):
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
     return TINY_ARCH
+
+
 @pytest.fixture(autouse=True)
 def _entry_point_settings_stay_out_of_pytest(monkeypatch):
     """``rsseg.cli.main`` configures the process it runs in (allocator, threads, exported variables); tests that
@@ -28,3 +37,81 @@ def _entry_point_settings_stay_out_of_pytest(monkeypatch):
     from rsseg.pipeline import process
 
     monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)
+
+
+@dataclass
+class CliResult:
+    """What a user sees of one ``rsseg`` command: exit status, stdout and stderr."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_rsseg(*args: object) -> CliResult:
+    """Run ``rsseg ARGS`` in this process through the console script's ``main`` (errors: one line, exit 2)."""
+    from click.testing import CliRunner
+
+    from rsseg.cli import main
+
+    code = 0
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+@pytest.fixture
+def rsseg_cli():
+    """``rsseg_cli("run", path, "--set", "k=v")`` -> :class:`CliResult`, in this process."""
+    return run_rsseg
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained (but fixed) small U-Net checkpoint: for tests about plumbing, not accuracy."""
+    import torch
+
+    from rsseg.models import create_model, model_config, save_checkpoint
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    small = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    model = create_model(encoder="resnet18", **small)
+    torch.random.set_rng_state(state)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return save_checkpoint(path, model, model_config(model, arch="unet", encoder="resnet18", in_channels=3,
+                                                     classes=1, **small), meta={"threshold": 0.5})
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two generated 256x256 scenes (EPSG:32650) with their footprints: ``scene_00{0,1}.tif`` and
+    ``scene_00{0,1}.buildings.geojson``. Read-only: copy before changing."""
+    from rsseg.synth.generate import make_scene
+
+    folder = tmp_path_factory.mktemp("scenes")
+    for i in range(2):
+        make_scene(folder / f"scene_{i:03d}.tif", size=256, seed=11 + i, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tianchi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated Tianchi folder (12 train, 2 test images). Read-only."""
+    from rsseg.synth.generate import make_tianchi
+
+    folder = tmp_path_factory.mktemp("tianchi") / "tianchi"
+    make_tianchi(folder, n_train=12, n_test=2, seed=5, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """The address of one LocalCluster (2 single-threaded worker processes) shared by the session's tests."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address

@@ -1,4 +1,9 @@
-"""Pipelines through the CLI on tiny generated data, on real Dask clusters."""
+"""Pipelines through the CLI on tiny generated data, on real Dask clusters.
+
+Fast tier: loading and validating pipelines, fingerprints, device checks, failures (in-process, on the
+session's LocalCluster). Slow tier (``-m slow``): whole runs, every file of ``pipelines/`` as the README
+writes it, kill -9 and resume, a separate scheduler; two of them through the console script.
+"""
 
 import hashlib
 import json
@@ -16,22 +21,8 @@ import pytest
 import yaml
 
 from rsseg.errors import ConfigError
-from rsseg.models import create_model, model_config, save_checkpoint
 from rsseg.pipeline.runner import load_pipeline
 from rsseg.synth.generate import make_tianchi
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained (but fixed) U-Net: the pipeline is about plumbing, not accuracy."""
-    import torch
-
-    torch.manual_seed(0)
-    small = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
-    model = create_model(encoder="resnet18", **small)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return save_checkpoint(path, model, model_config(model, arch="unet", encoder="resnet18", in_channels=3,
-                                                     classes=1, **small), meta={"threshold": 0.5})
 
 
 def _pipeline_file(tmp_path: Path, checkpoint: Path, name: str = "tiny.yaml", **changes: object) -> Path:
@@ -78,7 +69,7 @@ def _vectors(workdir: Path) -> dict[str, list[str]]:
             for p in sorted((workdir / "vectorize").glob("*.gpkg"))}
 
 
-def test_unknown_key_and_wrong_type_are_named(tmp_path: Path, checkpoint: Path) -> None:
+def test_unknown_key_and_wrong_type_are_named(tmp_path: Path, checkpoint: Path, rsseg_cli) -> None:
     path = _pipeline_file(tmp_path, checkpoint)
     raw = yaml.safe_load(path.read_text())
     raw["stages"]["chips"]["with"]["overlapp"] = 3
@@ -96,8 +87,8 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path: Path, checkpoint: Path) 
     raw["stages"]["chips"]["uses"] = "tiles"
     with pytest.raises(ConfigError, match="unknown stage kind 'tiles'; expected one of"):
         load_pipeline(raw)
-    done = _rsseg("run", path, "--set", "chips.sizee=3")
-    assert done.returncode == 2
+    done = rsseg_cli("run", path, "--set", "chips.sizee=3")
+    assert done.exit_code == 2
     assert done.stderr.strip() == "rsseg: error: tiny.yaml: stages.chips.with.sizee: Extra inputs are not permitted"
 
 
@@ -116,13 +107,14 @@ def test_overrides_interpolation_and_dependencies(tmp_path: Path, checkpoint: Pa
         load_pipeline(cyclic)
 
 
-def test_run_on_local_cluster_then_resume(tmp_path: Path, checkpoint: Path) -> None:
+@pytest.mark.slow
+def test_run_on_local_cluster_then_resume(tmp_path: Path, checkpoint: Path, rsseg_cli) -> None:
     path = _pipeline_file(tmp_path, checkpoint)
     spec = yaml.safe_load(path.read_text())  # plus Tianchi tiles, rendered in chunks on the workers
     spec["stages"]["data"] = {"uses": "synth_tianchi", "with": {"n_train": 21, "n_test": 2, "seed": 4}}
     path.write_text(yaml.safe_dump(spec))
-    done = _rsseg("run", path)
-    assert done.returncode == 0, done.stderr
+    done = rsseg_cli("run", path)
+    assert done.exit_code == 0, done.stderr
     assert "Dask dashboard at" in done.stdout
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     work = tmp_path / "work"
@@ -140,12 +132,13 @@ def test_run_on_local_cluster_then_resume(tmp_path: Path, checkpoint: Path) -> N
     report = (work / "report.html").read_text()
     assert "data:image/png;base64," in report and "predict_scenes" in report
     # A second run skips everything; changing a parameter re-runs that stage and those after it.
-    again = json.loads(_rsseg("run", path).stdout.split("\n", 1)[1])
+    again = json.loads(rsseg_cli("run", path).stdout.split("\n", 1)[1])
     assert all(s["skipped"] for s in again["stages"].values())
-    changed = json.loads(_rsseg("run", path, "--set", "vectorize.min_area=5").stdout.split("\n", 1)[1])
+    changed = json.loads(rsseg_cli("run", path, "--set", "vectorize.min_area=5").stdout.split("\n", 1)[1])
     assert [n for n, s in changed["stages"].items() if not s["skipped"]] == ["vectorize", "evaluate"]
 
 
+@pytest.mark.slow
 def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, checkpoint: Path) -> None:
     path = _pipeline_file(tmp_path, checkpoint)
     work = tmp_path / "work"
@@ -169,12 +162,15 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, checkp
     assert (_digest(work), _vectors(work)) == uninterrupted
 
 
-def test_failing_stage_is_named_and_leaves_no_partial_output(tmp_path: Path, checkpoint: Path) -> None:
+def test_failing_stage_is_named_and_leaves_no_partial_output(tmp_path: Path, dask_cluster: str, rsseg_cli) -> None:
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
-    path = _pipeline_file(tmp_path, bogus)
-    done = _rsseg("run", path, "--set", "retries=0")
-    assert done.returncode == 2
+    path = _pipeline_file(tmp_path, bogus, vars={"checkpoint": str(bogus), "size": 128})
+    spec = yaml.safe_load(path.read_text())
+    del spec["stages"]["chips"]  # small and quick: scenes, then the failing predict
+    path.write_text(yaml.safe_dump(spec))
+    done = rsseg_cli("run", path, "--set", "retries=0", "--scheduler", dask_cluster)
+    assert done.exit_code == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("rsseg: error: stage predict (predict_scenes, task predict-")
     assert "is not a loadable torch checkpoint" in line
@@ -190,6 +186,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_run_on_separate_scheduler_and_worker(tmp_path: Path, checkpoint: Path) -> None:
     port = _free_port()
     bin_dir = Path(sys.executable).parent
@@ -213,3 +210,217 @@ def test_run_on_separate_scheduler_and_worker(tmp_path: Path, checkpoint: Path) 
         for proc in (worker, scheduler):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------- chips, fingerprints, devices
+def test_chips_source_takes_a_folder_of_chip_folders_a_list_or_a_glob(tmp_path: Path) -> None:
+    from rsseg.pipeline.context import expand_chip_folders
+
+    for stem in ("a", "b"):
+        (tmp_path / "chips" / stem).mkdir(parents=True)
+        (tmp_path / "chips" / stem / "index.csv").write_text("image,label\n")
+    a, b = tmp_path / "chips" / "a", tmp_path / "chips" / "b"
+    assert expand_chip_folders([tmp_path / "chips"]) == [a, b]  # the tile stage's folder: one per scene
+    assert expand_chip_folders([str(b), a / "index.csv"]) == [b, a / "index.csv"]
+    assert expand_chip_folders([f"{tmp_path}/chips/*"]) == [a, b]
+    with pytest.raises(ConfigError, match="does not exist"):
+        expand_chip_folders([f"{tmp_path}/nothing*"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no index.csv"):
+        expand_chip_folders([tmp_path / "empty"])
+
+
+def _globbed_pipeline(tmp_path: Path, scenes: Path, checkpoint: Path) -> dict:
+    """tile (footprints behind {stem}), predict and vectorize, on scenes behind a glob."""
+    return {
+        "name": "globbed", "workdir": str(tmp_path / "work"),
+        "vars": {"scenes": f"{scenes}/*.tif", "footprints": f"{scenes}/{{stem}}.buildings.geojson"},
+        "stages": {
+            "chips": {"uses": "tile", "with": {"scenes": "${scenes}", "labels": "${footprints}", "size": 128,
+                                               "overlap": 0}},
+            "predict": {"uses": "predict_scenes", "with": {"checkpoint": str(checkpoint), "scenes": "${scenes}",
+                                                           "tile": 128, "overlap": 32, "tta": "none",
+                                                           "device": "cpu"}},
+            "vectorize": {"uses": "vectorize", "with": {"masks": "${predict}", "block": 128}},
+        },
+    }
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return [name for name in before if before[name]["fingerprint"] != after[name]["fingerprint"]]
+
+
+def test_fingerprints_follow_files_behind_globs_and_stem_patterns(tmp_path: Path, scenes_dir: Path,
+                                                                  checkpoint: Path) -> None:
+    from rsseg.pipeline.fingerprint import fingerprints, source_hash
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(scenes_dir, scenes)
+    pipe = load_pipeline(_globbed_pipeline(tmp_path, scenes, checkpoint))
+    first = fingerprints(pipe)
+    assert {Path(i["path"]).name for i in first["predict"]["inputs"]} >= {"scene_000.tif", "scene_001.tif"}
+    assert first["chips"]["rsseg_sources"] == source_hash() and len(source_hash()) == 64
+    assert _changed(first, fingerprints(pipe)) == []  # nothing changed: every stage would be skipped
+    shutil.copy(scenes / "scene_000.tif", scenes / "scene_001.tif")  # a scene behind the glob replaced
+    second = fingerprints(pipe)
+    assert _changed(first, second) == ["chips", "predict", "vectorize"]
+    footprints = scenes / "scene_000.buildings.geojson"  # a footprint file behind {stem} edited
+    footprints.write_text(footprints.read_text().replace('"type"', '"type" ', 1))
+    assert _changed(second, fingerprints(pipe)) == ["chips"]
+
+
+def test_cuda_without_a_gpu_worker_fails_fast_with_the_fix(tmp_path: Path, checkpoint: Path, dask_cluster: str,
+                                                           rsseg_cli) -> None:
+    path = _pipeline_file(tmp_path, checkpoint)
+    start = time.monotonic()
+    done = rsseg_cli("run", path, "--set", "predict.device=cuda", "--scheduler", dask_cluster)
+    assert time.monotonic() - start < 30
+    assert done.exit_code == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rsseg: error: stage predict: device=cuda but no Dask worker")
+    assert "--resources GPU=1" in lines[0] and "device=cpu" in lines[0]
+    assert not (tmp_path / "work" / "scenes").exists()  # refused before anything was submitted
+
+
+def test_auto_device_is_resolved_where_the_task_runs(tmp_path: Path) -> None:
+    from rsseg.pipeline.context import StageContext
+
+    cpu_only = StageContext("predict", None, tmp_path, gpu_workers=[])
+    with_gpus = StageContext("predict", None, tmp_path, gpu_workers=["tcp://gpu-node:1234"])
+    assert not cpu_only.wants_gpu("auto") and not cpu_only.wants_gpu("cpu")  # the worker picks, no GPU asked
+    assert with_gpus.wants_gpu("auto") and with_gpus.wants_gpu("cuda:1") and not with_gpus.wants_gpu("cpu")
+
+
+def test_failing_stage_cancels_only_its_own_runs_tasks(tmp_path: Path, dask_cluster: str) -> None:
+    from distributed import Client
+
+    from rsseg.errors import PipelineError
+    from rsseg.pipeline.runner import run
+
+    spec = {"name": "fails", "workdir": str(tmp_path / "work"), "retries": 0, "stages": {
+        "scenes": {"uses": "synth_scene", "with": {"size": 2048, "count": 2, "seed": 1}},  # tasks of seconds
+        "score": {"uses": "score", "with": {"submission": str(tmp_path / "missing.csv"),
+                                            "truth": str(tmp_path / "missing.csv")}},
+    }}
+    with Client(dask_cluster) as client:
+        theirs = client.submit(time.sleep, 4, key="callers-own-work", pure=False)
+        start = time.monotonic()
+        with pytest.raises(PipelineError, match="stage score"):
+            run(load_pipeline(spec), scheduler=client, report=False)
+        assert time.monotonic() - start < 30  # the scene tasks were cancelled, not awaited
+        assert not theirs.cancelled()
+        assert theirs.result(timeout=60) is None  # the caller's work went on
+        assert theirs.status == "finished"
+    assert not (tmp_path / "work" / "scenes").exists()
+
+
+# ------------------------------------------------------------------------- every file of pipelines/, as shipped
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _crs(path: Path) -> str:
+    info = pyogrio.read_info(path)
+    return info["crs"]
+
+
+def _run_shipped(rsseg_cli, name: str, work: Path, *sets: str) -> dict:
+    """``rsseg run pipelines/NAME.yaml --workdir WORK --set ...`` in this process; its JSON summary."""
+    args = [a for s in sets for a in ("--set", s)]
+    done = rsseg_cli("run", PIPELINES / f"{name}.yaml", "--workdir", work, *args)
+    assert done.exit_code == 0, done.stderr
+    first, rest = done.stdout.split("\n", 1)
+    assert first.startswith(f"rsseg run {name}: Dask dashboard at ")
+    return json.loads(rest)
+
+
+@pytest.mark.slow
+def test_readme_workflow_2_train_on_scenes_then_scenes_to_buildings(tmp_path: Path, scenes_dir: Path,
+                                                                    rsseg_cli) -> None:
+    import rasterio
+
+    # README, workflow 2, footprints given as a {stem} pattern; shrunk: 128-px chips, 1 epoch, no TTA.
+    trained = _run_shipped(rsseg_cli, "train_on_scenes", tmp_path / "train",
+                           f"scenes={scenes_dir}", f"footprints={scenes_dir}/{{stem}}.buildings.geojson",
+                           "epochs=1", "chips.size=128", "chips.overlap=0", "train.config.data.batch_size=4",
+                           "train.config.model.encoder=resnet18")
+    assert trained["stages"]["chips"]["chips"] == 8  # 2 scenes x 2x2 windows of 128 over 256 px
+    assert trained["stages"]["train"]["epoch"] == 1 and 0 <= trained["stages"]["train"]["best_dice"] <= 1
+    best = tmp_path / "train" / "train" / "best.pt"
+    assert best.exists()
+    config = yaml.safe_load((tmp_path / "train" / "train" / "train_config.yaml").read_text())
+    assert sorted(Path(c).name for c in config["data"]["chips"]) == ["scene_000", "scene_001"]
+
+    found = _run_shipped(rsseg_cli, "scenes_to_buildings", tmp_path / "find", f"scenes={scenes_dir}",
+                         f"checkpoint={best}", "tta=none", "predict.tile=128", "predict.overlap=32")
+    out = tmp_path / "find"
+    assert found["stages"]["predict"]["scenes"] == 2
+    for stem in ("scene_000", "scene_001"):
+        with rasterio.open(out / "predict" / f"{stem}.tif") as mask, rasterio.open(scenes_dir / f"{stem}.tif") as src:
+            assert mask.crs == src.crs and mask.transform == src.transform and mask.shape == src.shape
+        assert _crs(out / "vectorize" / f"{stem}.geojson").endswith("4326")
+        assert _crs(out / "vectorize" / f"{stem}.gpkg").endswith("32650")
+    merged = pyogrio.read_dataframe(out / "vectorize" / "buildings.gpkg")
+    per_scene = found["stages"]["vectorize"]["per_scene"]
+    assert len(merged) == found["stages"]["vectorize"]["buildings"] == sum(per_scene.values())
+    assert merged.groupby("scene").size().to_dict() == {k: v for k, v in per_scene.items() if v}
+    assert merged.geometry.is_valid.all()
+
+
+@pytest.mark.slow
+def test_tianchi_submission_pipeline(tmp_path: Path, tianchi_dir: Path, rsseg_cli) -> None:
+    from rsseg.tianchi.files import score, validate_submission
+
+    summary = _run_shipped(rsseg_cli, "tianchi_submission", tmp_path / "work", f"data_dir={tianchi_dir}",
+                           "epochs=1", "encoder=resnet18", "tta=none", "train.config.data.batch_size=4")
+    submission = tmp_path / "work" / "predict" / "submission.csv"
+    assert summary["stages"]["predict"]["rows"] == 2
+    assert validate_submission(submission, tianchi_dir / "test_a_samplesubmit.csv") == []
+    assert 0 <= score(submission, tianchi_dir / "test_a_mask.csv")["mean_dice"] <= 1
+    assert 0 <= summary["stages"]["train"]["threshold"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_pipeline(tmp_path: Path, rsseg_cli) -> None:
+    summary = _run_shipped(rsseg_cli, "demo", tmp_path / "demo",
+                           "data.n_train=12", "data.n_test=2", "scenes.size=384", "chips.size=128",
+                           "chips.overlap=0", "train_tianchi.config.run.epochs=1",
+                           "train_tianchi.config.data.batch_size=4", "train_chips.config.data.batch_size=4",
+                           "predict.tile=128", "predict.overlap=32")
+    stages = summary["stages"]
+    assert stages["data"]["n_train"] == 12 and stages["scenes"]["scenes"] == 2
+    assert stages["chips"]["chips"] == 9  # 3x3 windows of 128 over 384 px
+    assert 0 <= stages["score"]["mean_dice"] <= 1 and stages["score"]["images"] == 2
+    assert stages["predict_tianchi"]["rows"] == 2
+    evaluation = stages["evaluate"]["scene_001"]
+    truth = pyogrio.read_info(tmp_path / "demo" / "scenes" / "scene_001.buildings.geojson")["features"]
+    assert evaluation["n_truth"] == truth and 0 <= evaluation["f1"] <= 1 and 0 <= evaluation["area_iou"] <= 1
+    vectors = tmp_path / "demo" / "vectorize"
+    assert _crs(vectors / "scene_001.geojson").endswith("4326") and _crs(vectors / "scene_001.gpkg").endswith("32650")
+    assert (tmp_path / "demo" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_resume_reruns_what_changed_behind_globs_and_stem_patterns(tmp_path: Path, scenes_dir: Path,
+                                                                   checkpoint: Path, dask_cluster: str) -> None:
+    import rasterio
+
+    from rsseg.pipeline.runner import run
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(scenes_dir, scenes)
+    spec = _globbed_pipeline(tmp_path, scenes, checkpoint)
+
+    def ran() -> list[str]:
+        summary = run(load_pipeline(spec), scheduler=dask_cluster, report=False)
+        return [name for name, s in summary["stages"].items() if not s["skipped"]]
+
+    assert ran() == ["chips", "predict", "vectorize"]
+    assert ran() == []  # nothing changed: all skipped
+    shutil.copy(scenes / "scene_000.tif", scenes / "scene_001.tif")  # a scene behind the glob replaced
+    assert ran() == ["chips", "predict", "vectorize"]
+    with rasterio.open(tmp_path / "work" / "predict" / "scene_000.tif") as a, \
+            rasterio.open(tmp_path / "work" / "predict" / "scene_001.tif") as b:
+        assert (a.read() == b.read()).all()  # scene_001's prediction is that of its new content
+    footprints = scenes / "scene_000.buildings.geojson"  # a footprint file behind {stem} edited
+    footprints.write_text(footprints.read_text().replace('"type"', '"type" ', 1))
+    assert ran() == ["chips"]

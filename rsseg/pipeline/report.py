@@ -34,7 +34,8 @@ def tiles_quicklook(images_dir: Path, submission: Path, out: Path, n: int = 8, s
     names = list(table)[:n]
     sheet = Image.new("RGB", (2 * size, size * max(len(names), 1)), "white")
     for i, name in enumerate(names):
-        rgb = np.asarray(Image.open(images_dir / name).convert("RGB"))
+        with Image.open(images_dir / name) as image:
+            rgb = np.asarray(image.convert("RGB"))
         mask = np.ascontiguousarray(table.mask(name, rgb.shape[:2])).astype(bool)
         tinted = rgb.copy()
         tinted[mask] = (0.5 * tinted[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)

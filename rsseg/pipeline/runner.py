@@ -14,16 +14,16 @@ makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overri
 (``data_dir=...``), a stage parameter (``train.config.optim.epochs=3``) or a top-level field.
 
 Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success, with a
-``manifest.json`` (inputs with sizes and hashes, parameters, rsseg version, fingerprint) written last. The
-fingerprint covers the stage kind, its parameters, its external inputs and the fingerprints of the
-stages it uses, so :func:`run` skips a stage whose manifest matches and re-runs what changed or never
-finished: a run killed at any point finishes, when started again, with the outputs of an uninterrupted run.
+``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
+(:mod:`rsseg.pipeline.fingerprint`) covers the stage kind, its parameters, its external inputs (globs and
+``{stem}`` patterns expanded), the fingerprints of the stages it uses and a hash of rsseg's sources, so
+:func:`run` skips a stage whose manifest matches and re-runs what changed or never finished: a run killed
+at any point finishes, when started again, with the outputs of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,9 +31,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from rsseg.errors import ConfigError, PipelineError
-from rsseg.fileio import file_sha256
 from rsseg.pipeline.cluster import dask_client
-from rsseg.pipeline.stages import STAGES, Params, StageContext
+from rsseg.pipeline.context import Params, StageContext, check_devices, workers_with_gpu
+from rsseg.pipeline.fingerprint import completed, fingerprints
+from rsseg.pipeline.stages import STAGES
 
 __all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
 
@@ -53,8 +54,6 @@ log = logging.getLogger(__name__)
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-#: Files larger than this are fingerprinted by size, mtime and their first and last 16 MiB.
-FULL_HASH_LIMIT = 256 << 20
 
 
 class StageSpec(BaseModel):
@@ -151,6 +150,22 @@ def _error_path(prefix: str, err: dict[str, Any]) -> str:
     return ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
 
 
+def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+    """The pipeline file's path (None for a mapping) and a copy of its content."""
+    if isinstance(source, dict):
+        return None, copy.deepcopy(source)
+    path = Path(source)
+    if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
+        path = PIPELINES_DIR / f"{source}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
+    return path, raw
+
+
 def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, str] | None = None,
                   workdir: str | os.PathLike[str] | None = None) -> Pipeline:
     """Read, override, interpolate and validate a pipeline definition.
@@ -164,19 +179,7 @@ def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: di
         ConfigError: unknown keys, wrong types, unknown stage kinds or references, dependency cycles;
             the message names the key.
     """
-    path = None
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
-            path = PIPELINES_DIR / f"{source}.yaml"
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
+    path, raw = _read_source(source)
     _apply_overrides(raw, overrides or {})
     if workdir is not None:
         raw["workdir"] = str(workdir)
@@ -185,7 +188,7 @@ def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: di
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(f"{label}: {_error_path('', err)}: {err['msg']}") from None
+        raise ConfigError(f"{label}: {_error_path('', err)}: {err['msg']}") from exc
     work = spec.workdir.expanduser().absolute()
     names: dict[str, Any] = {"workdir": work, **spec.vars, **{s: work / s for s in spec.stages}}
     stages = {}
@@ -199,7 +202,7 @@ def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: di
             model = STAGES[st.uses].params.model_validate(params)
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise ConfigError(f"{label}: {_error_path(f'stages.{name}.with', err)}: {err['msg']}") from None
+            raise ConfigError(f"{label}: {_error_path(f'stages.{name}.with', err)}: {err['msg']}") from exc
         needs = tuple(sorted((refs & set(spec.stages)) | set(st.after)))
         for dep in needs:
             if dep not in spec.stages or dep == name:
@@ -228,77 +231,18 @@ def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
     return tuple(order)
 
 
-# ------------------------------------------------------------------------------------------- fingerprints
-def _describe_input(path: Path) -> dict[str, Any]:
-    """Size and content hash of an external input (a folder: its files' names, sizes and mtimes)."""
-    if path.is_dir():
-        digest = hashlib.sha256()
-        total = 0
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            st = f.stat()
-            total += st.st_size
-            digest.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return {"path": str(path), "size": total, "listing_sha256": digest.hexdigest()}
-    size = path.stat().st_size
-    if size <= FULL_HASH_LIMIT:
-        return {"path": str(path), "size": size, "sha256": file_sha256(path)}
-    digest = hashlib.sha256(f"{size}\0{path.stat().st_mtime_ns}".encode())
-    with open(path, "rb") as fh:
-        digest.update(fh.read(16 << 20))
-        fh.seek(-16 << 20, os.SEEK_END)
-        digest.update(fh.read())
-    return {"path": str(path), "size": size, "sampled_sha256": digest.hexdigest()}
-
-
-def _external_inputs(params: Any, workdir: Path) -> list[Path]:
-    """Existing paths named in the parameters that lie outside the work directory."""
-    found: list[Path] = []
-    if isinstance(params, dict):
-        for v in params.values():
-            found += _external_inputs(v, workdir)
-    elif isinstance(params, list):
-        for v in params:
-            found += _external_inputs(v, workdir)
-    elif isinstance(params, str) and params and "{stem}" not in params:
-        p = Path(params).expanduser()
-        if p.exists() and not p.absolute().is_relative_to(workdir):
-            found.append(p.absolute())
-    return found
-
-
-def fingerprints(pipe: Pipeline) -> dict[str, dict[str, Any]]:
-    """Each stage's manifest header: kind, parameters, inputs, rsseg version and fingerprint."""
-    out: dict[str, dict[str, Any]] = {}
-    for st in pipe.stages:
-        params = st.params.model_dump(mode="json")
-        inputs = [_describe_input(p) for p in _external_inputs(params, pipe.workdir)]
-        head = {"stage": st.name, "uses": st.uses, "params": params, "inputs": inputs,
-                "needs": {d: out[d]["fingerprint"] for d in st.needs}, "rsseg_version": version("rsseg")}
-        head["fingerprint"] = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
-        out[st.name] = head
-    return out
-
-
-def _completed(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    manifest = stage_dir / "manifest.json"
-    try:
-        found = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return None
-    return found if found.get("fingerprint") == fingerprint else None
-
-
 # ------------------------------------------------------------------------------------------------ running
-def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, client: Any) -> dict[str, Any]:
+def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, ctx: StageContext) -> dict[str, Any]:
     final = pipe.workdir / st.name
-    tmp = pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = ctx.out_dir
     tmp.mkdir(parents=True)
-    ctx = StageContext(st.name, client, tmp, retries=pipe.retries)
     start = time.perf_counter()
     try:
         summary = STAGES[st.uses].run(st.params, ctx)
-    except Exception as exc:
+    except BaseException as exc:  # also a cancelled task's CancelledError: no partial output stays
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         task = f", task {ctx.failed_task}" if ctx.failed_task else ""
         cause = (str(exc).strip().splitlines() or [""])[0]
         raise PipelineError(f"stage {st.name} ({st.uses}{task}) failed: {type(exc).__name__}: {cause}") from exc
@@ -313,8 +257,8 @@ def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, client: Any) -> 
     return manifest
 
 
-def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
-        report: bool = True) -> dict[str, Any]:
+def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True, report: bool = True,
+        on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a pipeline on Dask; returns the summary of every stage (``skipped`` for resumed ones).
 
     Args:
@@ -322,10 +266,13 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
         scheduler: a ``tcp://`` scheduler address or a Client (default: a LocalCluster sized to the machine).
         resume: skip stages whose manifest matches their fingerprint.
         report: write ``report.html`` into the work directory at the end.
+        on_start: called with the Dask dashboard's address once the cluster is up (the CLI prints it).
 
     Raises:
+        ConfigError: a stage asks for a GPU that no worker offers (checked before any task is submitted).
         PipelineError: a stage failed (after its task retries); it names the stage, the task and the error.
-            Completed stages stay, and nothing of the failed stage is left under its final name.
+            Completed stages stay, and nothing of the failed stage is left under its final name. Only this
+            run's tasks are cancelled: other work on the same client goes on.
     """
     pipe.workdir.mkdir(parents=True, exist_ok=True)
     for stale in pipe.workdir.glob(".*.tmp-*"):
@@ -334,7 +281,7 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for st in pipe.stages:
-        done = _completed(pipe.workdir / st.name, heads[st.name]["fingerprint"]) if resume else None
+        done = completed(pipe.workdir / st.name, heads[st.name]["fingerprint"]) if resume else None
         if done is not None:
             results[st.name] = {**done, "skipped": True}
         else:
@@ -342,7 +289,10 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
     log.info("pipeline %s: %d stages to run, %d already done", pipe.name, len(todo), len(results))
     started = time.perf_counter()
     with dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}), dask_client(scheduler) as client:
-        print(f"rsseg run {pipe.name}: Dask dashboard at {client.dashboard_link}", flush=True)
+        log.info("rsseg run %s: Dask dashboard at %s", pipe.name, client.dashboard_link)
+        if on_start is not None:
+            on_start(client.dashboard_link)
+        check_devices(todo, client)
         _execute(pipe, todo, heads, results, client)
     summary = {"pipeline": pipe.name, "workdir": str(pipe.workdir), "seconds": time.perf_counter() - started,
                "stages": {s.name: {"skipped": results[s.name].get("skipped", False),
@@ -356,33 +306,42 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
 
 
 def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: dict[str, Any], client: Any) -> None:
-    """Run ``todo`` stages as their dependencies finish; independent stages run side by side."""
+    """Run ``todo`` stages as their dependencies finish; independent stages run side by side.
+
+    When a stage fails, the tasks of this run's other stages are cancelled (and only those: a caller's
+    client may hold other work), then the failure is raised.
+    """
     pending = {st.name: st for st in todo}
-    running: dict[Future[dict[str, Any]], str] = {}
+    running: dict[Future[dict[str, Any]], StageContext] = {}
+    gpus = workers_with_gpu(client)
     with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(pipe.stages), initial=len(results),
                                                          desc=f"pipeline {pipe.name}", unit="stage") as bar:
         while pending or running:
             for name, st in list(pending.items()):
                 if all(dep in results for dep in st.needs):
-                    running[pool.submit(_run_stage, st, heads[name], pipe, client)] = name
+                    tmp = pipe.workdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+                    ctx = StageContext(name, client, tmp, retries=pipe.retries, gpu_workers=gpus)
+                    running[pool.submit(_run_stage, st, heads[name], pipe, ctx)] = ctx
                     del pending[name]
             if not running:
                 raise PipelineError(f"stages {sorted(pending)} wait on stages that cannot run")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                name = running.pop(fut)
+                ctx = running.pop(fut)
                 if fut.exception() is not None:
-                    client.cancel(list(client.futures.values()))  # other stages' tasks: stop promptly
+                    for other in running.values():  # this run's other stages: stop promptly
+                        other.cancel()
                     raise fut.exception()  # type: ignore[misc]
-                results[name] = fut.result()
+                results[ctx.name] = fut.result()
                 bar.update()
-                log.info("stage %s done in %.1f s", name, results[name]["seconds"])
+                log.info("stage %s done in %.1f s", ctx.name, results[ctx.name]["seconds"])
 
 
-def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None = None) -> dict[str, Any]:
+def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None = None,
+             on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
     pipe = load_pipeline(PIPELINES_DIR / "demo.yaml", workdir=workdir)
-    summary = run(pipe, scheduler=scheduler)
+    summary = run(pipe, scheduler=scheduler, on_start=on_start)
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for st in pipe.stages:
         by_kind.setdefault(st.uses, {})[st.name] = summary["stages"][st.name]

@@ -1,108 +1,40 @@
 """The stage kinds a pipeline can use, declared as data.
 
-Each kind names its parameter model (pydantic, ``extra="forbid"``: a typo in YAML is an error), whether it
-needs a GPU, and the function that runs it. A stage function gets its validated parameters and a
-:class:`StageContext` (the Dask client, a fresh output folder), writes only into that folder, submits the
-work that splits (scenes, tiling rows, vectorising blocks) as Dask tasks, and returns a JSON-able summary
-that goes into the stage's manifest.
+Each kind names its parameter model (pydantic, ``extra="forbid"``: a typo in YAML is an error) and the
+function that runs it. A stage function gets its validated parameters and a
+:class:`~rsseg.pipeline.context.StageContext` (the Dask client, a fresh output folder), writes only into
+that folder and returns a JSON-able summary that goes into the stage's manifest. Work that splits goes to
+the cluster through the context, so that a failing run cancels its own tasks and nothing else: one task
+with ``ctx.submit(fn, ..., gpu=ctx.wants_gpu(device))``, a library call's blocks with
+``executor=ctx.executor()`` (a Dask client's ``concurrent.futures`` executor, tracked by the context).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from distributed import Client, Future
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from rsseg.errors import ConfigError, PipelineError
+from rsseg.errors import PipelineError
 from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders, expand_inputs
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.tiling.options import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
-__all__ = ["STAGES", "StageContext", "StageKind", "expand_inputs"]
+__all__ = ["STAGES"]
 
 log = logging.getLogger(__name__)
-
-
-class Params(BaseModel):
-    """Base of every stage's parameters: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class StageContext:
-    """What a running stage may use: the Dask client, its output folder, task retries and device."""
-
-    name: str
-    client: Client
-    out_dir: Path
-    retries: int = 1
-    task_keys: list[str] = field(default_factory=list)
-    failed_task: str | None = None
-
-    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
-        """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
-        key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
-        self.task_keys.append(key)
-        return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
-                                  resources={"GPU": 1} if gpu else None, **kwargs)
-
-    def gather(self, futures: list[Future]) -> list[Any]:
-        """Results of ``futures``; a failure is re-raised with the failed task kept in :attr:`failed_task`."""
-        results = []
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except Exception:
-                self.failed_task = fut.key
-                raise
-        return results
-
-
-@dataclass(frozen=True)
-class StageKind:
-    """A kind of stage: its parameters, its function, and whether it needs a GPU when one is asked for."""
-
-    name: str
-    params: type[Params]
-    run: Callable[[Any, StageContext], dict[str, Any]]
-    gpu: bool = False
-
-
-def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
-    """A file, a folder (its files with ``suffixes``, sorted) or a glob pattern, as a list of files."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(spec)))
-    if not files:
-        raise ConfigError(f"{spec}: no input files (expected a file, a folder of {'/'.join(suffixes)} or a glob)")
-    return files
-
-
-def _device_is_gpu(device: str) -> bool:
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
 
 
 # ------------------------------------------------------------------------------------------ generated data
@@ -115,7 +47,7 @@ def _synth_tianchi(p: SynthTianchiParams, ctx: StageContext) -> dict[str, Any]:
 
     # The images are rendered in blocks on the workers; this process writes the CSV files.
     info = make_tianchi(ctx.out_dir / "tianchi", p, progress=False,
-                        executor=ctx.client.get_executor(retries=ctx.retries, pure=False))
+                        executor=ctx.executor())
     return {k: v for k, v in info.items() if k.startswith("n_")}
 
 
@@ -147,13 +79,13 @@ def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.tiling import write_chips
 
     options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
-    executor = ctx.client.get_executor()
+    executor = ctx.executor()
     chips = 0
     for scene in expand_inputs(p.scenes):
         labels = p.labels.format(stem=scene.stem) if p.labels else None
         index = write_chips(scene, ctx.out_dir / scene.stem, options, labels=labels, executor=executor)
-        with open(index) as fh:
-            chips += sum(1 for _ in fh) - 1
+        with open(index) as rows:  # closed: an open file left to the GC is a ResourceWarning (pytest: an error)
+            chips += sum(1 for _ in rows) - 1
     return {"chips": chips}
 
 
@@ -205,9 +137,12 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
 
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     cfg = p.train_config(ctx.out_dir)
+    if cfg.data.source == "chips":  # the tile stage's folder holds a chip folder per scene
+        chips = expand_chip_folders(cfg.data.chips)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chips": chips})})
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    gpu = _device_is_gpu(cfg.run.device)
+    gpu = ctx.wants_gpu(cfg.run.device)
     best = Path(ctx.gather([ctx.submit(train_subprocess, config_path, p.nproc, gpu=gpu, label="torchrun")])[0])
     from rsseg.models import load_checkpoint
 
@@ -244,10 +179,11 @@ def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, An
 
     out = ctx.out_dir / "submission.csv"
     fut = ctx.submit(_in_task_share, threads_by_host(ctx.client), 1, predict_images, p.checkpoint, p.images, out,
-                     sample=p.sample, options=_predict_options(p), gpu=_device_is_gpu(p.device), label="predict")
+                     sample=p.sample, options=_predict_options(p), gpu=ctx.wants_gpu(p.device), label="predict")
     ctx.gather([fut])
     tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
-    return {"submission": out.name, "rows": sum(1 for _ in open(out))}
+    with open(out) as rows:
+        return {"submission": out.name, "rows": sum(1 for _ in rows)}
 
 
 class ScoreParams(Params):
@@ -277,7 +213,7 @@ def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]
     threads_on = threads_by_host(ctx.client)
     options = _predict_options(p)
     futures = [ctx.submit(_in_task_share, threads_on, len(scenes), predict_raster, p.checkpoint, scene,
-                          ctx.out_dir / f"{scene.stem}.tif", options, gpu=_device_is_gpu(p.device), label=scene.stem)
+                          ctx.out_dir / f"{scene.stem}.tif", options, gpu=ctx.wants_gpu(p.device), label=scene.stem)
                for scene in scenes]
     ctx.gather(futures)
     return {"scenes": len(scenes)}
@@ -302,7 +238,7 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for mask in masks:
         prob = mask.with_name(f"{mask.stem}.prob.tif")
-        gdf = vectorize(mask, options, prob=prob if prob.exists() else None, executor=ctx.client.get_executor())
+        gdf = vectorize(mask, options, prob=prob if prob.exists() else None, executor=ctx.executor())
         for fmt in p.formats:
             write_vectors(gdf, ctx.out_dir / f"{mask.stem}.{fmt}", overwrite=p.overwrite)
         counts[mask.stem] = len(gdf)
@@ -341,10 +277,10 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_tianchi", SynthTianchiParams, _synth_tianchi),
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
     StageKind("tile", TileParams, _tile),
-    StageKind("train", TrainParams, _train, gpu=True),
-    StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi, gpu=True),
+    StageKind("train", TrainParams, _train),
+    StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
-    StageKind("predict_scenes", PredictScenesParams, _predict_scenes, gpu=True),
+    StageKind("predict_scenes", PredictScenesParams, _predict_scenes),
     StageKind("vectorize", VectorizeParams, _vectorize),
     StageKind("evaluate", EvaluateParams, _evaluate),
 )}

@@ -1,0 +1,199 @@
+"""What a stage runs with: its parameters' base model, its context (client, output folder, tasks), its kind.
+
+Kept apart from the stage kinds themselves (:mod:`rsseg.pipeline.stages`) so the runner and every stage
+share one definition of the plumbing.
+"""
+
+from __future__ import annotations
+
+import glob
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, Future
+from pydantic import BaseModel, ConfigDict
+
+from rsseg.errors import ConfigError, PipelineError
+
+__all__ = [
+    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "expand_inputs", "workers_with_gpu",
+]
+
+
+class Params(BaseModel):
+    """Base of every stage's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def workers_with_gpu(client: Client) -> list[str]:
+    """Addresses of the workers that offer a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) > 0)
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use: the Dask client, its output folder, task retries and the cluster's GPUs.
+
+    Work goes through :meth:`submit` (one task) or :meth:`executor` (a library call's blocks), so that
+    :meth:`cancel` stops this stage's tasks and nothing else on the client.
+    """
+
+    name: str
+    client: Client
+    out_dir: Path
+    retries: int = 1
+    gpu_workers: bool | list[str] = False
+    task_keys: list[str] = field(default_factory=list)
+    failed_task: str | None = None
+    futures: list[Future] = field(default_factory=list)
+    executors: list[Executor] = field(default_factory=list)
+    cancelled: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _check_running(self) -> None:
+        if self.cancelled:
+            raise PipelineError(f"stage {self.name} was cancelled: another stage of its run failed")
+
+    def wants_gpu(self, device: str) -> bool:
+        """Whether a task for ``device`` asks for a ``GPU`` resource.
+
+        ``cuda``/``cuda:N`` do; ``auto`` does when the cluster has GPU workers (the task then lands on one and
+        resolves ``auto`` there); ``cpu`` never does. :func:`check_devices` refuses
+        ``cuda`` on a cluster without GPU workers before anything is submitted.
+        """
+        return device.startswith("cuda") or (device == "auto" and bool(self.gpu_workers))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
+        """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
+        with self._lock:
+            self._check_running()
+            key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
+            self.task_keys.append(key)
+            fut = self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
+                                     resources={"GPU": 1} if gpu else None, **kwargs)
+            self.futures.append(fut)
+        return fut
+
+    def executor(self, gpu: bool = False) -> Executor:
+        """A ``concurrent.futures`` executor on the client for a library call's blocks (tracked for :meth:`cancel`)."""
+        extra = {"resources": {"GPU": 1}} if gpu else {}
+        with self._lock:
+            self._check_running()
+            executor = self.client.get_executor(retries=self.retries, pure=False, **extra)
+            self.executors.append(executor)
+        return executor
+
+    def cancel(self) -> None:
+        """Cancel this stage's tasks (those of :meth:`submit` and :meth:`executor`), leaving the client's others.
+
+        Later calls of :meth:`submit` and :meth:`executor` raise, so a stage that had not submitted yet stops too.
+        """
+        with self._lock:
+            self.cancelled = True
+            for executor in self.executors:
+                executor.shutdown(wait=False)
+            if self.futures:
+                self.client.cancel(self.futures)
+
+    def gather(self, futures: list[Future]) -> list[Any]:
+        """Results of ``futures``; a failure is re-raised with the failed task kept in :attr:`failed_task`."""
+        results = []
+        for fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception:
+                self.failed_task = fut.key
+                raise
+        return results
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A kind of stage: its name in YAML, its parameters and the function that runs it."""
+
+    name: str
+    params: type[Params]
+    run: Callable[[Any, StageContext], dict[str, Any]]
+
+
+def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
+    """A file, a folder (its files with ``suffixes``, sorted) or a glob pattern, as a list of files."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(spec)))
+    if not files:
+        raise ConfigError(f"{spec}: no input files (expected a file, a folder of {'/'.join(suffixes)} or a glob)")
+    return files
+
+
+def expand_chip_folders(entries: list[str | Path]) -> list[Path]:
+    """Chip folders (each holding the ``index.csv`` of ``rsseg tile``) from folders, index files and globs.
+
+    Each entry is a chip folder, an ``index.csv``, a folder of chip folders (the ``tile`` stage writes one
+    per scene: ``chips/<stem>/index.csv``) or a glob of any of these; the result lists each chip folder
+    (or index file) once, sorted within an entry.
+
+    Raises:
+        ConfigError: an entry that matches nothing, or a folder without any ``index.csv`` in it or one below.
+    """
+    found: list[Path] = []
+    for entry in entries:
+        text = str(entry)
+        matches = sorted(Path(p) for p in glob.glob(text)) if set("*?[") & set(text) else [Path(entry)]
+        if not matches or not matches[0].exists():
+            raise ConfigError(f"data.chips: {text} does not exist; expected a chip folder written by "
+                              "`rsseg tile`, an index.csv, a folder of chip folders or a glob")
+        for path in matches:
+            if path.is_file() or (path / "index.csv").exists():
+                found.append(path)
+                continue
+            below = sorted(p.parent for p in path.glob("*/index.csv"))
+            if not below:
+                raise ConfigError(f"data.chips: {path} holds no index.csv, neither itself nor in a subfolder; "
+                                  "expected a folder written by `rsseg tile` or the tile stage")
+            found += below
+    return list(dict.fromkeys(found))
+
+
+def _devices(params: Any) -> set[str]:
+    """Every ``device`` value in a stage's parameters (training configs included)."""
+    found: set[str] = set()
+    if isinstance(params, dict):
+        for key, value in params.items():
+            if key == "device" and isinstance(value, str):
+                found.add(value)
+            else:
+                found |= _devices(value)
+    elif isinstance(params, list):
+        for value in params:
+            found |= _devices(value)
+    return found
+
+
+def check_devices(stages: list[Any], client: Client) -> None:
+    """Refuse, before anything is submitted, stages asking for ``cuda`` on a cluster without a GPU worker.
+
+    Raises:
+        ConfigError: a stage's device is ``cuda`` (or ``cuda:N``) and no worker offers a ``GPU`` resource.
+    """
+    if workers_with_gpu(client):
+        return
+    for st in stages:
+        config = st.params.train_config(Path(".")) if hasattr(st.params, "train_config") else None
+        devices = _devices(st.params.model_dump(mode="json")) | ({config.run.device} if config else set())
+        cuda = sorted(d for d in devices if d.startswith("cuda"))
+        if cuda:
+            raise ConfigError(
+                f"stage {st.name}: device={cuda[0]} but no Dask worker offers a GPU resource; start GPU workers "
+                "with `dask worker tcp://SCHEDULER:8786 --resources GPU=1` (one per GPU) and pass --scheduler "
+                "tcp://SCHEDULER:8786, or use --set device=auto (the worker decides) or device=cpu")
