@@ -193,7 +193,8 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
 @click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
               "LocalCluster; a single block runs in this process).")
 def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, **params: Any) -> None:
-    """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
+    """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326), OUT.gpkg / OUT.fgb or OUT.parquet
+    (GeoParquet 1.1), the last three in the mask's CRS."""
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.vector import block_count, vectorize_to_file
     from rsseg.vector.files import check_output
@@ -212,7 +213,11 @@ def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, *
 @click.argument("truth", type=_EXISTING)
 @click_options(EvaluateOptions)
 def evaluate(pred: Path, truth: Path, **params: Any) -> None:
-    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors."""
+    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors.
+
+    With --min-area, polygons under that many m2 are left out on both sides first (SpaceNet-2 leaves out
+    buildings under 20 pixels); the JSON names the rule and how many polygons each side lost to it.
+    """
     from rsseg.vector import evaluate_vectors
 
     click.echo(json.dumps(evaluate_vectors(pred, truth, options_from_click(EvaluateOptions, params))))

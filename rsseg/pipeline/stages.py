@@ -290,8 +290,9 @@ class VectorizeParams(Params, VectorizeOptions):
 
     masks: str
     scenes: str | None = Field(None, description="The source scenes, for the quick-look")
-    formats: list[Literal["geojson", "gpkg", "fgb"]] = ["geojson", "gpkg"]
-    merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings")
+    formats: list[Literal["geojson", "gpkg", "fgb", "parquet"]] = ["geojson", "gpkg"]
+    merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings, ids "
+                               "unique across scenes (scene-number); .parquet for GeoParquet")
 
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:

@@ -44,6 +44,9 @@ GEOPARQUET_VERSION = "1.1.0"
 #: OGR layer geometry types by shapely type id.
 _TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
                6: "MultiPolygon"}
+#: Merged in one write: GeoParquet cannot be appended to, and GDAL's FlatGeobuf append drops the layer
+#: metadata (its writer holds every feature in memory for the spatial index anyway).
+_WRITTEN_AT_ONCE = {"Parquet", "FlatGeobuf"}
 #: Write through Arrow (pyogrio's fast path) when pyarrow is there.
 _USE_ARROW = importlib.util.find_spec("pyarrow") is not None
 
@@ -171,8 +174,8 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
     Each file is a scene (its name without extension). The merged layer has ``id`` = ``scene-number``
     (``scene_a-17``), ``scene``, ``number`` (the building's ``id`` in its scene file, else its position from
     1) and the files' other attributes. It keeps the files' CRS when they share one, else EPSG:4326 (always
-    for GeoJSON). Its provenance lists each file's name and SHA-256. GeoJSON, GeoPackage and FlatGeobuf are
-    appended file by file (memory holds one file's buildings); GeoParquet is written once from all of them.
+    for GeoJSON). Its provenance lists each file's name and SHA-256. GeoJSON and GeoPackage are appended file by
+    file (memory holds one file's buildings); GeoParquet and FlatGeobuf are written once from all of them.
 
     Raises:
         VectorError: an unsupported extension, two files of one scene name, or a file without a CRS.
@@ -189,16 +192,17 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
     target = crss.pop() if len(crss) == 1 and driver != "GeoJSON" else "EPSG:4326"
     provenance = {"code_version": version("rsseg"), "sources": json.dumps(
         [{"scene": f.stem, "file": f.name, "sha256": file_sha256(f)} for f in files])}
+    one_go = driver in _WRITTEN_AT_ONCE
     with atomic_path(out, overwrite=overwrite) as tmp:
-        if driver == "Parquet":
+        if one_go:
             frames = [_scene_frame(f, target) for f in files]
             merged = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True) if frames else _scene_frame(None, target),
                                       geometry="geometry", crs=target)
             merged.attrs["provenance"] = provenance
             _write(*_layer(merged, out, driver, layer), tmp)
-        for i, path in enumerate(files if driver != "Parquet" else []):
+        for i, path in enumerate([] if one_go else files):
             gdf = _scene_frame(path, target)
-            gdf.attrs["provenance"] = provenance if i == 0 else {}
+            gdf.attrs["provenance"] = provenance
             _write(*_layer(gdf, out, driver, layer), tmp, append=i > 0)
     return out
 
