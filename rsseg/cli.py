@@ -193,8 +193,10 @@ def predict(checkpoint: Path, input_path: Path, output: Path, tile_size: int, ov
 @click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
               "LocalCluster; a single block runs in this process).")
 def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, **params: Any) -> None:
-    """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326), OUT.gpkg / OUT.fgb or OUT.parquet
-    (GeoParquet 1.1), the last three in the mask's CRS."""
+    """Turn a building mask GeoTIFF into polygons: OUT.geojson, OUT.gpkg, OUT.fgb or OUT.parquet.
+
+    GeoJSON is written in EPSG:4326; GeoPackage, FlatGeobuf and GeoParquet (1.1) keep the mask's CRS.
+    """
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.vector import block_count, vectorize_to_file
     from rsseg.vector.files import check_output

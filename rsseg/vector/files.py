@@ -17,9 +17,8 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Sequence
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
