@@ -98,11 +98,15 @@ def test_cli_evaluate(tmp_path):
 
 
 @pytest.mark.parametrize(("case", "message"), [("text", "not a vector file"), ("no_crs", "no CRS"),
-                                               ("points", "expected building polygons"), ("iou", "iou")])
+                                               ("points", "expected building polygons"), ("iou", "iou"),
+                                               ("parquet", "not a vector file"), ("min_area", "min_area")])
 def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
     write_vectors(TRUTH, tmp_path / "truth.gpkg")
     pred = tmp_path / "pred.geojson"
     if case == "text":
+        pred.write_text("no vectors here\n")
+    elif case == "parquet":
+        pred = tmp_path / "pred.parquet"
         pred.write_text("no vectors here\n")
     elif case == "no_crs":
         with pytest.warns(UserWarning, match="'crs' was not provided"):  # pyogrio's, the point of the case
@@ -112,8 +116,9 @@ def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
         write_vectors(gpd.GeoDataFrame(geometry=[shapely.Point(X0, Y0)], crs=UTM), pred)
     else:
         write_vectors(PRED, pred)
+    flags = {"iou": ["--iou", "0"], "min_area": ["--min-area", "-1"]}.get(case, [])
     with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg"), *(["--iou", "0"] if case == "iou" else [])])
+        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg"), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]

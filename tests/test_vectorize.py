@@ -25,7 +25,7 @@ from rasterio.transform import Affine
 from rsseg.cli import cli, main
 from rsseg.errors import ConfigError, RasterError
 from rsseg.pipeline.cluster import dask_executor
-from rsseg.vector import VectorizeOptions, vectorize, vectorize_to_file, write_vectors
+from rsseg.vector import VectorizeOptions, read_vectors, vectorize, vectorize_to_file, write_vectors
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 from rsseg.vector.regularize import regularize_polygons
 
@@ -378,6 +378,9 @@ def test_empty_mask_gives_empty_layers(tmp_path):
     for name in ("b.geojson", "b.gpkg"):
         assert vectorize_to_file(path, tmp_path / name, block=8) == 0
         assert len(pyogrio.read_dataframe(tmp_path / name)) == 0
+    assert vectorize_to_file(path, tmp_path / "b.parquet", block=8) == 0
+    empty = read_vectors(tmp_path / "b.parquet")
+    assert len(empty) == 0 and empty.crs == CRS(UTM) and list(empty.columns) == ["id", "area_m2", "geometry"]
     assert json.loads((tmp_path / "b.geojson").read_text())["features"] == []
 
 
