@@ -551,3 +551,20 @@ def test_cli_vectorize_geoparquet(tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["buildings"] == 4
     back = gpd.read_parquet(tmp_path / "b.parquet")
     assert len(back) == 4 and back.crs == CRS(UTM) and (back["area_m2"] >= 10).all()
+
+
+def test_merged_geoparquet_equals_merged_gpkg(tmp_path):
+    from rsseg.vector import merge_vectors
+
+    files = []
+    for name, crs in (("north", UTM), ("south", UTM)):
+        gdf = vectorize(write_raster(tmp_path / f"{name}.tif", tricky_mask(), crs=crs), block=16)
+        files.append(write_vectors(gdf, tmp_path / f"{name}.fgb"))
+    parquet = read_vectors(merge_vectors(files, tmp_path / "all.parquet"))
+    gpkg = read_vectors(merge_vectors(files, tmp_path / "all.gpkg"))
+    assert parquet.crs == gpkg.crs == CRS(UTM)  # the files' shared CRS
+    assert list(parquet.columns) == list(gpkg.columns) == ["id", "scene", "number", "area_m2", "geometry"]
+    parquet, gpkg = (df.sort_values("id", ignore_index=True) for df in (parquet, gpkg))
+    assert parquet.drop(columns="geometry").equals(gpkg.drop(columns="geometry"))
+    assert parquet.geometry.geom_equals_exact(gpkg.geometry, tolerance=0).all()
+    assert parquet["id"].is_unique and len(parquet) == 12
