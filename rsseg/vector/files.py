@@ -143,7 +143,7 @@ def read_vectors(path: str | Path, role: str = "vector") -> gpd.GeoDataFrame:
             return gpd.read_parquet(path)
         return pyogrio.read_dataframe(path)
     except (pyogrio.errors.DataSourceError, pyarrow.ArrowException, ValueError) as exc:
-        raise VectorError(f"{path}: not a vector file GDAL can read ({exc}); expected GeoJSON, GeoPackage, "
+        raise VectorError(f"{path}: not a vector file rsseg can read ({exc}); expected GeoJSON, GeoPackage, "
                           "FlatGeobuf, GeoParquet or another OGR format") from exc
 
 
