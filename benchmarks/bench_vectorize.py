@@ -19,7 +19,9 @@ Figures:
   GeoPackage, whose writer costs a fifth of GDAL's GeoJSON writer;
 - ``peak_rss_mb_*``: peak resident memory of the process tree (driver, scheduler, workers) of a fresh
   ``rsseg vectorize`` subprocess (the command's entry point, LocalCluster of its own) on a 10000 and a
-  20000 px mask, sampled with psutil.
+  20000 px mask, sampled with psutil;
+- ``write_s_*`` / ``write_mb_*``: seconds and megabytes to write one result (in the mask's CRS; GeoJSON
+  reprojected to EPSG:4326) as GeoJSON, GeoPackage, FlatGeobuf and GeoParquet.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from rasterio.features import shapes
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsseg.vector import vectorize_to_file
+from rsseg.vector import vectorize, vectorize_to_file, write_vectors
 
 CACHE = Path("/tmp/rsseg-bench-vectorize")
 PIXEL_PER_BUILDING = 5000
@@ -153,6 +155,18 @@ def peak_rss_mb(mask: Path, out: Path) -> tuple[float, float]:
     return peak / 2**20, time.perf_counter() - start
 
 
+def format_writes(mask: Path, tmp: str) -> dict:
+    """Seconds and bytes to write one vectorize result in each output format (best of REPEATS)."""
+    gdf = vectorize(mask, block=2048)
+    figures = {}
+    for suffix in ("geojson", "gpkg", "fgb", "parquet"):
+        path = Path(tmp) / f"formats.{suffix}"
+        seconds, _ = best_time(lambda p=path: len(write_vectors(gdf, p, overwrite=True).name))
+        figures[f"write_s_{suffix}"] = round(seconds, 3)
+        figures[f"write_mb_{suffix}"] = round(path.stat().st_size / 2**20, 2)
+    return figures
+
+
 def main(quick: bool = False) -> None:
     global REPEATS
     size = 5000 if quick else 10000
@@ -179,6 +193,7 @@ def main(quick: bool = False) -> None:
                                    overwrite=True)
             cpu_driver_2w, cpu_workers_2w = cpu_split(client, mask10, out)
         assert n_whole == n_1w == n_2w == n_plain, (n_plain, n_whole, n_1w, n_2w)
+        result.update(format_writes(mask10, tmp))
         if not quick:
             rss10, wall10 = peak_rss_mb(mask10, out)
             rss20, wall20 = peak_rss_mb(mask_path(20000), Path(tmp) / "buildings20.geojson")

@@ -177,7 +177,10 @@ def predict(checkpoint: Path, input_path: Path, output: Path, sample: Path | Non
 @click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
               "LocalCluster; a single block runs in this process).")
 def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, **params: Any) -> None:
-    """Turn a building mask GeoTIFF into polygons: OUT.geojson (EPSG:4326) or OUT.gpkg / OUT.fgb."""
+    """Turn a building mask GeoTIFF into polygons: OUT.geojson, OUT.gpkg, OUT.fgb or OUT.parquet.
+
+    GeoJSON is written in EPSG:4326; GeoPackage, FlatGeobuf and GeoParquet (1.1) keep the mask's CRS.
+    """
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.vector import block_count, vectorize_to_file
     from rsseg.vector.files import check_output
@@ -196,7 +199,11 @@ def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, *
 @click.argument("truth", type=_EXISTING)
 @click_options(EvaluateOptions)
 def evaluate(pred: Path, truth: Path, **params: Any) -> None:
-    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors."""
+    """Object-level precision/recall/F1 (SpaceNet rule) and area IoU of PRED against TRUTH vectors.
+
+    With --min-area, polygons under that many m2 are left out on both sides first (SpaceNet-2 leaves out
+    buildings under 20 pixels); the JSON names the rule and how many polygons each side lost to it.
+    """
     from rsseg.vector import evaluate_vectors
 
     click.echo(json.dumps(evaluate_vectors(pred, truth, options_from_click(EvaluateOptions, params))))

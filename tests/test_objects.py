@@ -1,10 +1,12 @@
-"""Tests of rsseg.vector.evaluate: SpaceNet-rule matching, object F1 and area IoU on hand-made buildings."""
+"""Tests of rsseg.vector.evaluate: SpaceNet-rule matching, the min-area rule, object F1 and area IoU on
+hand-made buildings."""
 
 from __future__ import annotations
 
 import json
 
 import geopandas as gpd
+import numpy as np
 import pytest
 import shapely
 from click.testing import CliRunner
@@ -96,11 +98,15 @@ def test_cli_evaluate(tmp_path):
 
 
 @pytest.mark.parametrize(("case", "message"), [("text", "not a vector file"), ("no_crs", "no CRS"),
-                                               ("points", "expected building polygons"), ("iou", "iou")])
+                                               ("points", "expected building polygons"), ("iou", "iou"),
+                                               ("parquet", "not a vector file"), ("min_area", "min_area")])
 def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
     write_vectors(TRUTH, tmp_path / "truth.gpkg")
     pred = tmp_path / "pred.geojson"
     if case == "text":
+        pred.write_text("no vectors here\n")
+    elif case == "parquet":
+        pred = tmp_path / "pred.parquet"
         pred.write_text("no vectors here\n")
     elif case == "no_crs":
         with pytest.warns(UserWarning, match="'crs' was not provided"):  # pyogrio's, the point of the case
@@ -110,8 +116,48 @@ def test_cli_evaluate_bad_input(tmp_path, capsys, case, message):
         write_vectors(gpd.GeoDataFrame(geometry=[shapely.Point(X0, Y0)], crs=UTM), pred)
     else:
         write_vectors(PRED, pred)
+    flags = {"iou": ["--iou", "0"], "min_area": ["--min-area", "-1"]}.get(case, [])
     with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg"), *(["--iou", "0"] if case == "iou" else [])])
+        main(["evaluate", str(pred), str(tmp_path / "truth.gpkg"), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]
+
+
+def test_min_area_leaves_small_polygons_out_on_both_sides():
+    small_truth = [box(100, 0, 102, 2), box(110, 0, 112, 2)]  # 4 m2 each: one found, one missed
+    small_pred = [box(100, 0, 102, 2), box(120, 0, 121, 3)]  # 4 m2 (a match) and 3 m2 (a false positive)
+    truth = frame(*TRUTH.geometry, *small_truth)
+    pred = frame(*PRED.geometry, *small_pred)
+    counted = evaluate_vectors(pred, truth)
+    assert (counted["tp"], counted["fp"], counted["fn"]) == (3, 4, 4)
+    assert (counted["min_area_m2"], counted["left_out"]) == (0.0, {"pred": 0, "truth": 0})
+    rule = evaluate_vectors(pred, truth, min_area=5)
+    assert (rule["tp"], rule["fp"], rule["fn"], rule["n_pred"], rule["n_truth"]) == (2, 3, 3, 5, 5)
+    assert rule["left_out"] == {"pred": 2, "truth": 2} and rule["min_area_m2"] == 5
+    assert rule["iou_threshold"] == 0.5 and "under 5 m2 left out on both sides" in rule["rule"]
+    plain = evaluate_vectors(PRED, TRUTH)
+    assert {k: rule[k] for k in ("f1", "mean_iou", "area_iou")} == pytest.approx(
+        {k: plain[k] for k in ("f1", "mean_iou", "area_iou")})
+    # the area is on the ground: 3 m x 3 m (9 m2) drawn in Web Mercator at latitude 50 covers ~3.7 m2
+    mercator = frame(shapely.box(1_113_195, 6_446_276, 1_113_198, 6_446_279), crs="EPSG:3857")
+    assert evaluate_vectors(mercator, mercator, min_area=5)["left_out"] == {"pred": 1, "truth": 1}
+    assert evaluate_vectors(mercator, mercator, min_area=3)["left_out"] == {"pred": 0, "truth": 0}
+    assert np.cos(np.radians(50)) ** 2 * 9 == pytest.approx(3.7, abs=0.05)
+    with pytest.raises(ConfigError, match="min_area"):
+        evaluate_vectors(pred, truth, min_area=-1)
+
+
+def test_cli_evaluate_min_area_and_geoparquet(tmp_path):
+    from rsseg.pipeline.stages import EvaluateParams
+
+    truth = frame(*TRUTH.geometry, box(100, 0, 102, 2))
+    write_vectors(frame(*PRED.geometry, box(120, 0, 121, 3)), tmp_path / "pred.parquet")
+    write_vectors(truth, tmp_path / "truth.gpkg")
+    run = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "pred.parquet"), str(tmp_path / "truth.gpkg"),
+                                   "--min-area", "5"], catch_exceptions=False)
+    assert run.exit_code == 0
+    result = json.loads(run.stdout)
+    assert (result["tp"], result["fp"], result["fn"], result["left_out"]) == (2, 3, 3, {"pred": 1, "truth": 1})
+    assert (result["min_area_m2"], result["iou_threshold"]) == (5.0, 0.5)
+    assert EvaluateParams(pred="p", truth="t", min_area=20).min_area == 20  # the pipeline stage's parameter

@@ -25,7 +25,7 @@ from rasterio.transform import Affine
 from rsseg.cli import cli, main
 from rsseg.errors import ConfigError, RasterError
 from rsseg.pipeline.cluster import dask_executor
-from rsseg.vector import VectorizeOptions, vectorize, vectorize_to_file, write_vectors
+from rsseg.vector import VectorizeOptions, read_vectors, vectorize, vectorize_to_file, write_vectors
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 from rsseg.vector.regularize import regularize_polygons
 
@@ -278,7 +278,9 @@ def test_mean_probability_across_blocks(tmp_path, dtype):
     valid[5, 7] = False
     big = mask.astype(bool) & valid
     big[1:3, 1:3] = False
-    assert found["mean_prob"].tolist() == pytest.approx([values[1:3, 1:3].mean(), values[big].mean()])
+    # rounded to 0.001 (as written): within half a unit of the exact means
+    assert found["mean_prob"].tolist() == pytest.approx([values[1:3, 1:3].mean(), values[big].mean()], abs=5e-4)
+    assert found["mean_prob"].tolist() == [round(v, 3) for v in found["mean_prob"]]
 
 
 def ring_area(ring):
@@ -376,6 +378,9 @@ def test_empty_mask_gives_empty_layers(tmp_path):
     for name in ("b.geojson", "b.gpkg"):
         assert vectorize_to_file(path, tmp_path / name, block=8) == 0
         assert len(pyogrio.read_dataframe(tmp_path / name)) == 0
+    assert vectorize_to_file(path, tmp_path / "b.parquet", block=8) == 0
+    empty = read_vectors(tmp_path / "b.parquet")
+    assert len(empty) == 0 and empty.crs == CRS(UTM) and list(empty.columns) == ["id", "area_m2", "geometry"]
     assert json.loads((tmp_path / "b.geojson").read_text())["features"] == []
 
 
@@ -441,3 +446,125 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, case, message):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rsseg: error:") and message in lines[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- GIS-grade outputs
+def scene_with_prob(tmp_path, name="scene_a", tags=None):
+    """A mask (in a geographic CRS, so that areas are not round numbers) and a float probability raster."""
+    transform = from_origin(13.4, 52.5, 7e-6, 7e-6)
+    mask_path = write_raster(tmp_path / f"{name}.tif", tricky_mask(), crs="EPSG:4326", transform=transform,
+                             tags=tags)
+    gradient = np.tile(np.linspace(0.3, 0.9, 48, dtype=np.float32) ** 0.5, (48, 1))
+    prob_path = write_raster(tmp_path / f"{name}.prob.tif", gradient, crs="EPSG:4326", transform=transform)
+    return mask_path, prob_path
+
+
+def test_geoparquet_equals_gpkg_with_bbox_covering(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    mask, prob = scene_with_prob(tmp_path, tags={"threshold": "0.5"})
+    gdf = vectorize(mask, prob=prob, block=16)
+    gpkg = write_vectors(gdf, tmp_path / "b.gpkg")
+    assert vectorize_to_file(mask, tmp_path / "b.parquet", prob=prob, block=16) == 6
+    back, ref = gpd.read_parquet(tmp_path / "b.parquet"), pyogrio.read_dataframe(gpkg)
+    assert back.crs == CRS("EPSG:4326") == ref.crs  # the source CRS, kept
+    assert list(back.columns) == ["id", "area_m2", "mean_prob", "geometry"]
+    for column in ("id", "area_m2", "mean_prob"):
+        assert back[column].tolist() == ref[column].tolist()
+    assert back.geometry.geom_equals_exact(ref.geometry, tolerance=0).all()
+    geo = json.loads(pq.read_schema(tmp_path / "b.parquet").metadata[b"geo"])
+    assert geo["version"] == "1.1.0"
+    assert geo["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    bbox = pq.read_table(tmp_path / "b.parquet", columns=["bbox"]).column("bbox").to_pylist()
+    assert [[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in bbox] == back.bounds.to_numpy().tolist()
+    provenance = back.attrs["provenance"]
+    assert provenance["mask"] == "scene_a.tif" and provenance["prob"] == "scene_a.prob.tif"
+    assert provenance["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert provenance["threshold"] == "0.5"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        vectorize_to_file(mask, tmp_path / "b.parquet")
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+
+
+def test_attributes_rounded_and_no_local_paths(tmp_path):
+    import re
+
+    mask, prob = scene_with_prob(tmp_path, tags={"source": str(tmp_path / "scenes" / "scene_a.tif")})
+    out = tmp_path / "b.geojson"
+    assert vectorize_to_file(mask, out, prob=prob, block=16) == 6
+    text = out.read_text()
+    properties = [f["properties"] for f in json.loads(text)["features"]]
+    assert all(0 < p["mean_prob"] < 1 and p["area_m2"] > 0 for p in properties)
+    for key, decimals in (("area_m2", 2), ("mean_prob", 3)):
+        written = re.findall(rf'"{key}": ([0-9.]+)', text)
+        assert len(written) == 6 and all(len(v.partition(".")[2]) <= decimals for v in written), written
+    assert len({p["mean_prob"] for p in properties}) > 1
+    assert str(tmp_path) not in text  # neither the mask's, the probabilities' nor the tagged source's path
+    assert json.loads(text)["rsseg"]["source"] == "scene_a.tif"
+    write_vectors(vectorize(mask, prob=prob, block=16), tmp_path / "b.gpkg")
+    meta = pyogrio.read_info(tmp_path / "b.gpkg")["layer_metadata"]
+    assert meta["rsseg_mask"] == "scene_a.tif" and len(meta["rsseg_mask_sha256"]) == 64
+    assert not any(str(tmp_path) in value for value in meta.values())
+
+
+@pytest.mark.parametrize("merged_name", ["all.gpkg", "all.parquet", "all.fgb"])
+def test_merged_ids_unique_across_scenes(tmp_path, merged_name):
+    import hashlib
+
+    from rsseg.errors import VectorError
+    from rsseg.vector import merge_vectors
+
+    files = []
+    for name in ("scene_a", "scene_b"):
+        mask, prob = scene_with_prob(tmp_path, name)
+        files.append(tmp_path / f"{name}.gpkg")
+        vectorize_to_file(mask, files[-1], prob=prob, block=16)
+    out = merge_vectors(files, tmp_path / merged_name)
+    merged = gpd.read_parquet(out) if out.suffix == ".parquet" else pyogrio.read_dataframe(out)
+    merged = merged.sort_values(["scene", "number"], ignore_index=True)  # FlatGeobuf orders by its index
+    assert merged.crs == CRS("EPSG:4326") and len(merged) == 12  # the files' shared CRS
+    assert merged["id"].is_unique and merged["id"].tolist()[:2] == ["scene_a-1", "scene_a-2"]
+    assert merged["id"].tolist()[6] == "scene_b-1"
+    assert merged["number"].tolist() == [*range(1, 7)] * 2 and merged["number"].dtype.kind == "i"
+    assert merged["scene"].tolist() == ["scene_a"] * 6 + ["scene_b"] * 6
+    one = pyogrio.read_dataframe(files[0])
+    assert merged["area_m2"].tolist()[:6] == one["area_m2"].tolist()
+    assert merged["mean_prob"].tolist()[:6] == one["mean_prob"].tolist()
+    if out.suffix == ".parquet":
+        sources = json.loads(merged.attrs["provenance"]["sources"])
+    else:
+        sources = json.loads(pyogrio.read_info(out)["layer_metadata"]["rsseg_sources"])
+    assert sources == [{"scene": f.stem, "file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                       for f in files]
+    (tmp_path / "other").mkdir()
+    twin = write_vectors(one, tmp_path / "other" / "scene_a.gpkg")
+    with pytest.raises(VectorError, match="scene_a come from more than one file"):
+        merge_vectors([files[0], twin], tmp_path / "twice.gpkg")
+
+
+def test_cli_vectorize_geoparquet(tmp_path):
+    path = write_raster(tmp_path / "mask.tif", tricky_mask())
+    result = CliRunner().invoke(cli, ["vectorize", str(path), str(tmp_path / "b.parquet"), "--min-area", "10",
+                                      "--block", "16", "--scheduler", "sync"], catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.stdout)["buildings"] == 4
+    back = gpd.read_parquet(tmp_path / "b.parquet")
+    assert len(back) == 4 and back.crs == CRS(UTM) and (back["area_m2"] >= 10).all()
+
+
+def test_merged_geoparquet_equals_merged_gpkg(tmp_path):
+    from rsseg.vector import merge_vectors
+
+    files = []
+    for name, crs in (("north", UTM), ("south", UTM)):
+        gdf = vectorize(write_raster(tmp_path / f"{name}.tif", tricky_mask(), crs=crs), block=16)
+        files.append(write_vectors(gdf, tmp_path / f"{name}.fgb"))
+    parquet = read_vectors(merge_vectors(files, tmp_path / "all.parquet"))
+    gpkg = read_vectors(merge_vectors(files, tmp_path / "all.gpkg"))
+    assert parquet.crs == gpkg.crs == CRS(UTM)  # the files' shared CRS
+    assert list(parquet.columns) == list(gpkg.columns) == ["id", "scene", "number", "area_m2", "geometry"]
+    parquet, gpkg = (df.sort_values("id", ignore_index=True) for df in (parquet, gpkg))
+    assert parquet.drop(columns="geometry").equals(gpkg.drop(columns="geometry"))
+    assert parquet.geometry.geom_equals_exact(gpkg.geometry, tolerance=0).all()
+    assert parquet["id"].is_unique and len(parquet) == 12

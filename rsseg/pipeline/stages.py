@@ -225,8 +225,9 @@ class VectorizeParams(Params, VectorizeOptions):
 
     masks: str
     scenes: str | None = Field(None, description="The source scenes, for the quick-look")
-    formats: list[Literal["geojson", "gpkg", "fgb"]] = ["geojson", "gpkg"]
-    merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings")
+    formats: list[Literal["geojson", "gpkg", "fgb", "parquet"]] = ["geojson", "gpkg"]
+    merged: str | None = Field("buildings.gpkg", description="One file with every scene's buildings, ids "
+                               "unique across scenes (scene-number); .parquet for GeoParquet")
 
 
 def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
@@ -246,9 +247,10 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
         fmt = "gpkg" if "gpkg" in p.formats else p.formats[0]
         merge_vectors([ctx.out_dir / f"{m.stem}.{fmt}" for m in masks], ctx.out_dir / p.merged,
                       overwrite=p.overwrite)
-    if p.scenes:
+    drawable = [fmt for fmt in p.formats if fmt != "parquet"]  # the quick-look reads through pyogrio
+    if p.scenes and drawable:
         for scene in expand_inputs(p.scenes)[:4]:
-            vectors = ctx.out_dir / f"{scene.stem}.{p.formats[0]}"
+            vectors = ctx.out_dir / f"{scene.stem}.{drawable[0]}"
             if vectors.exists():
                 scene_quicklook(scene, vectors, ctx.out_dir / f"quicklook_{scene.stem}.png")
     return {"buildings": sum(counts.values()), "per_scene": counts}

@@ -33,6 +33,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from rsseg.errors import RasterError
+from rsseg.fileio import file_sha256
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.vector.cleaning import Buildings, Cleaning, finish, make_cleaning
@@ -40,7 +41,10 @@ from rsseg.vector.files import check_output, write_vectors
 from rsseg.vector.options import VectorizeOptions
 from rsseg.vector.polygonize import block_windows, building_pixels, merge_pieces, on_inner_border, polygonize_pixels
 
-__all__ = ["block_count", "vectorize", "vectorize_to_file"]
+__all__ = ["AREA_DECIMALS", "PROB_DECIMALS", "block_count", "vectorize", "vectorize_to_file"]
+
+#: ``area_m2`` is rounded to 0.01 m2 and ``mean_prob`` to 0.001: no 17-digit floats in the attribute tables.
+AREA_DECIMALS, PROB_DECIMALS = 2, 3
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +147,23 @@ def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path
                               "float32 (0-1)")
 
 
-def _provenance(src: rasterio.DatasetReader, path: Path, band: int, **options: object) -> dict[str, str]:
-    """Where the polygons come from: the mask, its CRS, its ``rsseg`` tags, and the options used.
+def _file_name(value: str) -> str:
+    """A local absolute path reduced to its file name (``/vsicurl/``, URLs and other values kept)."""
+    return Path(value).name if Path(value).is_absolute() and not value.startswith("/vsi") else value
+
+
+def _provenance(src: rasterio.DatasetReader, path: Path, band: int, prob: Path | None, **options: object
+                ) -> dict[str, str]:
+    """Where the polygons come from: the mask (file name and SHA-256), its CRS, its ``rsseg`` tags, the options.
 
     Inference tags its rasters (GDAL metadata domain ``rsseg``) with the checkpoint hash, threshold, TTA
-    and source image.
+    and source image. No absolute local path is recorded: paths in the tags are reduced to file names.
     """
-    info = {"mask": str(path.resolve()), "mask_crs": src.crs.to_string(), "band": str(band),
-            "code_version": version("rsseg")}
-    info.update(src.tags(ns="rsseg"))
+    info = {"mask": path.name, "mask_sha256": file_sha256(path), "mask_crs": src.crs.to_string(),
+            "band": str(band), "code_version": version("rsseg")}
+    info.update({key: _file_name(value) for key, value in src.tags(ns="rsseg").items()})
+    if prob is not None:
+        info.update(prob=prob.name, prob_sha256=file_sha256(prob))
     info.update({key: str(value) for key, value in options.items() if value is not None})
     return info
 
@@ -173,8 +185,9 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
 
     Returns:
         One row per building, ordered by position (top to bottom, then left to right), with ``id``
-        (1..n), ``area_m2`` and, when ``prob`` is given, ``mean_prob``; ``attrs["provenance"]`` records
-        the mask, its CRS, its ``rsseg`` tags (checkpoint hash, threshold, ...) and the options.
+        (1..n), ``area_m2`` (rounded to 0.01) and, when ``prob`` is given, ``mean_prob`` (rounded to
+        0.001); ``attrs["provenance"]`` records the mask's (and probability raster's) file name and
+        SHA-256, its CRS, its ``rsseg`` tags (checkpoint hash, threshold, ...) and the options.
 
     Raises:
         ConfigError: an unknown option or a negative size.
@@ -226,8 +239,8 @@ def _plan(path: Path, opts: VectorizeOptions, prob: str | Path | None, crs: str 
         _check_inputs(src, path, opts.band, Path(prob) if prob else None)
         cleaning = make_cleaning(src.crs.to_string(), src.transform, src.width, src.height, crs, opts.min_area,
                                  opts.simplify, opts.regularize)
-        provenance = _provenance(src, path, band=opts.band, min_area_m2=opts.min_area, simplify_m=opts.simplify,
-                                 regularize=opts.regularize, prob=prob and str(Path(prob).resolve()))
+        provenance = _provenance(src, path, opts.band, Path(prob) if prob else None, min_area_m2=opts.min_area,
+                                 simplify_m=opts.simplify, regularize=opts.regularize)
         blocks = [_Block(str(path), opts.band, window, src.width, src.height, cleaning, prob and str(prob))
                   for window in block_windows(src.width, src.height, opts.block)]
     return blocks, provenance
@@ -247,9 +260,9 @@ def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dic
             for name in ("piece_sum", "piece_count")]
     found = Buildings.concat([r.buildings for r in results] + [finish(merged, *sums, cleaning)])
     order = np.lexsort((found.left, found.top))
-    columns = {"id": np.arange(1, len(order) + 1), "area_m2": found.area_m2[order]}
+    columns = {"id": np.arange(1, len(order) + 1), "area_m2": np.round(found.area_m2[order], AREA_DECIMALS)}
     if blocks[0].prob:
-        columns["mean_prob"] = found.mean_prob[order]
+        columns["mean_prob"] = np.round(found.mean_prob[order], PROB_DECIMALS)
     gdf = gpd.GeoDataFrame(columns, geometry=found.geometry[order], crs=cleaning.out_crs)
     gdf.attrs["provenance"] = provenance
     log.info("%s: %d buildings (%d of them cut by block borders)", path, len(gdf), len(merged))

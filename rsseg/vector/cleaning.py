@@ -27,7 +27,7 @@ from rasterio import Affine
 
 from rsseg.vector.regularize import regularize_polygons
 
-__all__ = ["Buildings", "Cleaning", "finish", "ground_area", "make_cleaning", "reproject"]
+__all__ = ["Buildings", "Cleaning", "finish", "ground_area", "make_cleaning", "projected_ground_area", "reproject"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,24 @@ def ground_area(geoms: np.ndarray, cleaning: Cleaning) -> np.ndarray:
         xy = shapely.get_coordinates(shapely.centroid(geoms))
         lon, lat = _transformer(cleaning.work_crs, "EPSG:4326").transform(xy[:, 0], xy[:, 1])
         area = area / _proj(cleaning.work_crs).get_factors(lon, lat).areal_scale
+    return area
+
+
+def projected_ground_area(geoms: np.ndarray, crs: str) -> np.ndarray:
+    """Ground areas in m2 of polygons in a projected ``crs`` (WKT or any string pyproj reads).
+
+    Planar areas, CRS units converted to metres, divided by the projection's areal scale at each centroid
+    (as :func:`ground_area` does for a mask's work frame).
+    """
+    parsed = CRS.from_user_input(crs)
+    metres = parsed.axis_info[0].unit_conversion_factor if parsed.axis_info else 1.0
+    area = shapely.area(geoms) * metres**2
+    if len(geoms):
+        xy = shapely.get_coordinates(shapely.centroid(geoms))
+        lon, lat = _transformer(crs, "EPSG:4326").transform(xy[:, 0], xy[:, 1])
+        scale = np.asarray(_proj(crs).get_factors(lon, lat).areal_scale, dtype=float)
+        good = np.isfinite(scale) & (scale > 0)
+        area = np.where(good, area / np.where(good, scale, 1.0), area)
     return area
 
 

@@ -8,6 +8,10 @@ query. Matches are true positives, unmatched predictions false positives and unm
 false negatives. Area IoU and Dice compare the union of all predicted buildings with the union of all
 truth buildings, free of any pixel grid.
 
+With ``min_area`` (m2 on the ground, whatever the CRS), polygons smaller than that are left out on both
+sides before anything is counted, as SpaceNet-2 leaves out buildings under 20 pixels; the result says
+which rule was applied and how many polygons each side lost to it.
+
 Ratios with a zero denominator are 0, except that an empty prediction of an empty truth scores 1.
 """
 
@@ -19,12 +23,13 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import pyogrio
 import shapely
 from pyproj import CRS
 
 from rsseg.errors import ConfigError, VectorError
 from rsseg.options import resolve
+from rsseg.vector.cleaning import projected_ground_area
+from rsseg.vector.files import read_vectors
 from rsseg.vector.options import EvaluateOptions
 
 __all__ = ["evaluate_vectors", "match_buildings"]
@@ -66,15 +71,7 @@ def _read(source: str | Path | gpd.GeoDataFrame, role: str) -> gpd.GeoDataFrame:
     if isinstance(source, gpd.GeoDataFrame):
         gdf, name = source, f"{role} polygons"
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.exists():
-            raise VectorError(f"{path}: no such file; expected {role} polygons in a vector file")
-        try:
-            gdf = pyogrio.read_dataframe(path)
-        except pyogrio.errors.DataSourceError as exc:
-            raise VectorError(f"{path}: not a vector file GDAL can read ({exc}); expected GeoJSON, "
-                              "GeoPackage, FlatGeobuf or another OGR format") from exc
+        gdf, name = read_vectors(source, role), str(source)
     if gdf.crs is None:
         raise VectorError(f"{name} ({role}): no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX) to compare maps")
     gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
@@ -98,6 +95,21 @@ def _metric_crs(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> CRS:
     return truth.crs  # nothing to measure
 
 
+def _polygons(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gpd.GeoDataFrame, min_area: float
+              ) -> tuple[CRS, np.ndarray, np.ndarray, dict[str, int]]:
+    """Both sides' polygons, repaired, in one metric CRS, less those under ``min_area`` m2 (and how many)."""
+    pred_gdf, truth_gdf = _read(pred, "prediction"), _read(truth, "truth")
+    crs = _metric_crs(pred_gdf, truth_gdf)
+    sides = {}
+    left_out = {}
+    for side, gdf in (("pred", pred_gdf), ("truth", truth_gdf)):
+        geoms = shapely.make_valid(gdf.to_crs(crs).geometry.values.to_numpy(), method="structure")
+        if min_area > 0 and len(geoms):
+            geoms = geoms[projected_ground_area(geoms, crs.to_wkt()) >= min_area]
+        sides[side], left_out[side] = geoms, len(gdf) - len(geoms)
+    return crs, sides["pred"], sides["truth"], left_out
+
+
 def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gpd.GeoDataFrame,
                      options: EvaluateOptions | None = None, **values: Any) -> dict:
     """Score predicted building polygons against truth polygons (see the module docstring).
@@ -105,25 +117,23 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
     Args:
         pred: predicted buildings: a vector file or a GeoDataFrame with a CRS.
         truth: truth buildings: the same.
-        options: :class:`EvaluateOptions` (``iou``: least IoU for a predicted building to count as found).
+        options: :class:`EvaluateOptions` (``iou``: least IoU for a predicted building to count as found;
+            ``min_area``: polygons under this many m2 are left out on both sides).
         **values: options by name, overriding ``options`` (``evaluate_vectors(p, t, iou=0.3)``).
 
     Returns:
-        A JSON-able dict: ``n_pred``, ``n_truth``, ``tp``, ``fp``, ``fn``, ``precision``, ``recall``,
-        ``f1``, ``mean_iou`` (of the matches), ``area_iou`` and ``area_dice`` (of the unions), and the
-        ``crs`` and ``iou_threshold`` used.
+        A JSON-able dict: ``n_pred``, ``n_truth`` (the polygons scored), ``tp``, ``fp``, ``fn``,
+        ``precision``, ``recall``, ``f1``, ``mean_iou`` (of the matches), ``area_iou`` and ``area_dice`` (of
+        the unions), the ``crs`` used, and the rule applied: ``rule`` (in words), ``iou_threshold``,
+        ``min_area_m2`` and ``left_out`` (polygons under ``min_area`` per side, ``{"pred": n, "truth": n}``).
 
     Raises:
-        ConfigError: an unknown option, or an IoU outside (0, 1].
+        ConfigError: an unknown option, an IoU outside (0, 1] or a negative ``min_area``.
         VectorError: a file that is not a vector file, has no CRS, or holds other geometries than polygons.
     """
-    iou_threshold = resolve(EvaluateOptions, options, values).iou
-    pred_gdf, truth_gdf = _read(pred, "prediction"), _read(truth, "truth")
-    crs = _metric_crs(pred_gdf, truth_gdf)
-    shapes_ = [shapely.make_valid(gdf.to_crs(crs).geometry.values.to_numpy(), method="structure")
-               for gdf in (pred_gdf, truth_gdf)]
-    p_geoms, t_geoms = shapes_
-    _, _, iou = match_buildings(p_geoms, t_geoms, iou_threshold)
+    opts = resolve(EvaluateOptions, options, values)
+    crs, p_geoms, t_geoms, left_out = _polygons(pred, truth, opts.min_area)
+    _, _, iou = match_buildings(p_geoms, t_geoms, opts.iou)
     n_pred, n_truth, tp = len(p_geoms), len(t_geoms), len(iou)
     both_empty = n_pred == n_truth == 0
     precision = _ratio(tp, n_pred, both_empty)
@@ -134,7 +144,8 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
     result = {
         "pred": str(pred) if not isinstance(pred, gpd.GeoDataFrame) else None,
         "truth": str(truth) if not isinstance(truth, gpd.GeoDataFrame) else None,
-        "crs": crs.to_string(), "iou_threshold": iou_threshold,
+        "crs": crs.to_string(), "rule": _rule(opts), "iou_threshold": opts.iou, "min_area_m2": opts.min_area,
+        "left_out": left_out,
         "n_pred": n_pred, "n_truth": n_truth, "tp": tp, "fp": n_pred - tp, "fn": n_truth - tp,
         "precision": precision, "recall": recall,
         "f1": _ratio(2 * precision * recall, precision + recall, both_empty),
@@ -142,5 +153,15 @@ def evaluate_vectors(pred: str | Path | gpd.GeoDataFrame, truth: str | Path | gp
         "area_iou": _ratio(overlap, total - overlap, both_empty),
         "area_dice": _ratio(2 * overlap, total, both_empty),
     }
-    log.info("F1 %.4f (%d of %d predicted, %d truth buildings)", result["f1"], tp, n_pred, n_truth)
+    log.info("F1 %.4f (%d of %d predicted, %d truth buildings; %d and %d under %g m2 left out)", result["f1"],
+             tp, n_pred, n_truth, left_out["pred"], left_out["truth"], opts.min_area)
     return result
+
+
+def _rule(opts: EvaluateOptions) -> str:
+    """The matching rule in words, for the result."""
+    rule = (f"SpaceNet: each predicted building in file order matched to the unmatched truth building of "
+            f"highest IoU, if at least {opts.iou:g}")
+    if opts.min_area > 0:
+        rule += f"; polygons under {opts.min_area:g} m2 left out on both sides"
+    return rule

@@ -35,3 +35,5 @@ class EvaluateOptions(Options):
 
     iou: float = Field(0.5, gt=0, le=1, description="Least IoU of a predicted and a truth building to count "
                        "as a match (SpaceNet: 0.5).")
+    min_area: float = Field(0.0, ge=0, description="Leave polygons smaller than this many m2 (on the ground) "
+                            "out on both sides before matching (SpaceNet-2: 20 pixels, e.g. 1.8 m2 at 0.3 m).")
