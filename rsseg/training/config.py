@@ -2,7 +2,8 @@
 
 A config has five sections, each strict (``extra="forbid"``)::
 
-    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, seed, batch_size, augment: {...}}
+    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, stratify, split_block, seed,
+            batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
     optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip}
@@ -66,6 +67,8 @@ class DataConfig(_Strict):
     folds: int | None = Field(None, ge=2)
     fold: int = Field(0, ge=0)
     seed: int = 0
+    split_block: int | None = Field(None, ge=1, description=(
+        "chips of one scene: grid windows per side of the blocks that go to validation (None: automatic)"))
     batch_size: int = Field(8, gt=0, description="global batch, split across DDP processes")
     val_batch_size: int = Field(4, gt=0)
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers per process (None: 0 on CPU)")

@@ -71,7 +71,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
         common.update(root=data.root, mask_csv=data.mask_csv, image_dir=data.image_dir, size=data.tile_size)
         kind: type[TianchiDataset] | type[ChipDataset] = TianchiDataset
     else:
-        common.update(indexes=data.chips)
+        common.update(indexes=data.chips, split_block=data.split_block)
         kind = ChipDataset
     val = kind(split="val", **common)
     aug = data.augment

@@ -33,6 +33,7 @@ from rsseg.models import create_model, load_checkpoint, load_weights, model_conf
 from rsseg.training.config import TrainConfig
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
+from rsseg.training.splits import write_split
 
 __all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 
@@ -218,6 +219,7 @@ class Trainer:
         if self.env.main:
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            write_split(getattr(self.train_ds, "sides", {}), self.out / "split.csv")
             log.info("training %s on %s (%d process(es), %s%s): %d train / %d validation images, %d steps/epoch",
                      model_name(self.model_cfg), self.device, self.env.world,
                      "bf16" if self.bf16 else "fp32", ", channels_last" if run.channels_last else "",
