@@ -216,3 +216,37 @@ def test_split_is_written_to_the_run_folder(scene_chips, tmp_path, stand_ins):
     with open(tmp_path / "run" / "split.csv", newline="") as fh:
         written = {r["item"]: r["side"] for r in csv.DictReader(fh)}
     assert written == ChipDataset(scene_chips[0], "train", val_fraction=0.2).sides
+
+
+@pytest.fixture(scope="module")
+def tianchi20(tmp_path_factory):
+    from rsseg.synth.generate import make_tianchi as generate
+
+    root = tmp_path_factory.mktemp("tianchi20") / "data"
+    generate(root, n_train=20, n_test=0, seed=3, progress=False)
+    return root
+
+
+def test_tianchi_folds_are_stratified_by_building_fraction(tianchi20, tmp_path):
+    from rsseg.tianchi import describe_masks, fold_strata
+    from rsseg.training.config import load_config
+    from rsseg.training.launch import build_datasets
+
+    table = describe_masks(tianchi20 / "train_mask.csv", None).table
+    strata = fold_strata(table)
+    assert strata.nunique() >= 3  # empty images and several bins: the test means something
+    vals = []
+    for k in range(4):
+        cfg = load_config({"data": {"source": "tianchi", "root": str(tianchi20), "folds": 4, "fold": k, "seed": 1},
+                           "run": {"out_dir": str(tmp_path)}})
+        train, val = build_datasets(cfg)
+        assert not set(train.names) & set(val.names) and sorted(train.names + val.names) == sorted(table["name"])
+        assert train.sides == val.sides and sum(s == "val" for s in val.sides.values()) == len(val)
+        vals.append(val.names)
+    assert sorted(n for v in vals for n in v) == sorted(table["name"])  # every image validates exactly once
+    counts = np.array([[int((strata[v] == s).sum()) for s in sorted(strata.unique())] for v in vals])
+    assert (counts.max(0) - counts.min(0) <= 1).all(), counts  # fold histograms within one image per bin
+    plain = TianchiDataset(tianchi20, "val", folds=4, fold=0, seed=1, stratify="none")
+    assert len(plain) == 5
+    with pytest.raises(DatasetError, match="fold 4 of 4 folds"):
+        TianchiDataset(tianchi20, "val", folds=4, fold=4)

@@ -64,8 +64,12 @@ class DataConfig(_Strict):
     image_dir: str = "train"
     tile_size: int = Field(512, gt=0, description="Tianchi tile size (checked on every image)")
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    folds: int | None = Field(None, ge=2)
-    fold: int = Field(0, ge=0)
+    folds: int | None = Field(None, ge=2, description=(
+        "K-fold split: Tianchi images in K folds stratified as data.stratify; chips: scenes or grid blocks"))
+    fold: int = Field(0, ge=0, description="the fold that validates (0-based, < data.folds)")
+    stratify: Literal["building_fraction", "none"] = Field("building_fraction", description=(
+        "Tianchi folds: building_fraction gives every fold the same share of empty images and of each "
+        "building-fraction bin (from the decoded masks); none: shuffled folds of balanced sizes"))
     seed: int = 0
     split_block: int | None = Field(None, ge=1, description=(
         "chips of one scene: grid windows per side of the blocks that go to validation (None: automatic)"))

@@ -22,7 +22,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from rsseg.errors import DatasetError
 from rsseg.tianchi.files import read_masks_csv
 from rsseg.training.augment import TrainTransform
-from rsseg.training.splits import ChipPlaces, chip_sides, split_indices
+from rsseg.training.splits import ChipPlaces, chip_sides, split_indices, tianchi_folds
 
 __all__ = ["ChipDataset", "TianchiDataset"]
 
@@ -111,17 +111,21 @@ class TianchiDataset(_MaskDataset):
         split: "train", "val" or "all" (see :func:`split_indices`).
         val_fraction: share of validation images.
         seed: seed of the split and of the random transforms.
-        folds: k-fold split instead of ``val_fraction``.
+        folds: k-fold split instead of ``val_fraction``, stratified as ``stratify`` says
+            (:func:`rsseg.training.splits.tianchi_folds`).
         fold: the validation fold.
         transform: random training transform (None for validation).
         mask_csv: the mask file, relative to ``root``.
         image_dir: the image folder, relative to ``root``.
         size: expected image width and height.
+        stratify: "building_fraction" or "none" (folds only).
+        fold_of: each image's fold, when already computed (e.g. shared by the training and validation sets).
     """
 
     def __init__(self, root: PathLike, split: str = "all", val_fraction: float = 0.1, seed: int = 0,
                  folds: int | None = None, fold: int = 0, transform: TrainTransform | None = None,
-                 mask_csv: str = "train_mask.csv", image_dir: str = "train", size: int = 512) -> None:
+                 mask_csv: str = "train_mask.csv", image_dir: str = "train", size: int = 512,
+                 stratify: str = "building_fraction", fold_of: Mapping[str, int] | None = None) -> None:
         super().__init__(transform, seed)
         _check_split(split)
         self.root = Path(root)
@@ -134,8 +138,15 @@ class TianchiDataset(_MaskDataset):
         names = sorted(self.masks)
         if not names:
             raise DatasetError(f"{csv_path} lists no images")
-        val = set(split_indices(len(names), "val", val_fraction, seed, folds, fold).tolist())
-        self.sides = {name: "val" if i in val else "train" for i, name in enumerate(names)}
+        if folds is not None:
+            if not 0 <= fold < folds:
+                raise DatasetError(f"fold {fold} of {folds} folds: expected 0 <= fold < folds")
+            if fold_of is None:
+                fold_of = tianchi_folds(csv_path, folds, stratify, seed, size)
+            self.sides = {name: "val" if fold_of[name] == fold else "train" for name in names}
+        else:
+            val = set(split_indices(len(names), "val", val_fraction, seed).tolist())
+            self.sides = {name: "val" if i in val else "train" for i, name in enumerate(names)}
         self.names = [n for n in names if split == "all" or self.sides[n] == split]
         self._check_images(csv_path)
         self.bands, self.max_value = 3, 255.0

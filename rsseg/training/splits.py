@@ -27,8 +27,10 @@ import numpy as np
 
 from rsseg.errors import DatasetError
 from rsseg.fileio import atomic_path
+from rsseg.tianchi.folds import stratified_folds
+from rsseg.tianchi.masks import describe_masks
 
-__all__ = ["ChipPlaces", "chip_sides", "split_indices", "write_split"]
+__all__ = ["ChipPlaces", "chip_sides", "split_indices", "tianchi_folds", "write_split"]
 
 #: Fraction of a pixel by which two boxes may overlap and still count as apart (float round-off).
 _EPS = 1e-6
@@ -157,6 +159,30 @@ def chip_sides(places: ChipPlaces, val_fraction: float = 0.1, seed: int = 0, fol
         train, held = np.flatnonzero(same & ~val), same & val
         sides[train[_near(boxes[train], boxes[held], gap_px[held])]] = "gap"
     return np.array([str(v) for v in sides], dtype=object), kind
+
+
+def tianchi_folds(mask_csv: str | os.PathLike[str], folds: int, stratify: str = "building_fraction",
+                  seed: int = 0, size: int = 512) -> dict[str, int]:
+    """Each image's fold of a K-fold split of a Tianchi mask file, stratified by its decoded masks.
+
+    The masks are decoded and described (:func:`rsseg.tianchi.masks.describe_masks`: building fraction,
+    emptiness) and dealt to folds by :func:`rsseg.tianchi.folds.stratified_folds`; nothing is cached.
+
+    Args:
+        mask_csv: the ``train_mask.csv`` file.
+        folds: the number of folds (K).
+        stratify: "building_fraction" (the same share of empty images and of each building-fraction bin in
+            every fold) or "none" (a shuffled split of balanced sizes).
+        seed: seed of the deal.
+        size: the images' side in pixels.
+
+    Raises:
+        DatasetError: a bad row in the mask file (the first one named).
+    """
+    report = describe_masks(mask_csv, None, image_size=[size, size])
+    report.raise_if_bad()
+    assigned = stratified_folds(report.table, folds=folds, stratify=stratify, seed=seed)
+    return {str(name): int(f) for name, f in assigned.items()}
 
 
 def write_split(sides: Mapping[str, str], path: str | os.PathLike[str]) -> Path:
