@@ -43,7 +43,7 @@ def test_load_config_from_yaml_with_overrides_and_typos(tmp_path):
                              "data.augment.crop": "null"})
     assert cfg.optim.lr == 0.003 and cfg.run.device == "cpu" and cfg.model.kwargs == {"width": 4}
     assert cfg.data.augment.crop is None and cfg.data.batch_size == 4
-    with pytest.raises(ConfigError, match=r"--set optim.lrate: unknown key .lrate.; valid keys in optim: grad_clip"):
+    with pytest.raises(ConfigError, match=r"--set optim.lrate: unknown key .lrate.; valid keys in optim: accumulate, grad_clip"):
         load_config(path, {"optim.lrate": "1"})
     bad = tiny_config("data", "out")
     bad["data"]["bach_size"] = 4

@@ -6,8 +6,8 @@ A config has five sections, each strict (``extra="forbid"``)::
             batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
-    optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip}
-    run:   {out_dir, epochs, device, precision, channels_last, thresholds, resume, ...}
+    optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip, accumulate}
+    run:   {out_dir, epochs, device, precision, channels_last, sync_batchnorm, thresholds, resume, ...}
 
 Relative paths are taken from the current directory. ``data.batch_size`` is the *global* batch: under DDP
 each of N processes takes ``batch_size / N`` images, so a config trains the same way on 1 or N devices.
@@ -119,6 +119,8 @@ class OptimConfig(_Strict):
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="share of all steps spent warming up")
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1, description=(
+        "batches per optimizer step: gradients of K batches of data.batch_size are summed (effective batch K x)"))
 
 
 class RunConfig(_Strict):
@@ -130,6 +132,8 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     channels_last: bool = True
+    sync_batchnorm: bool | None = Field(None, description=(
+        "SyncBatchNorm across DDP processes; None: on under multi-GPU DDP when the per-GPU batch is below 8"))
     threads: int | None = Field(None, gt=0, description=(
         "torch CPU threads per process, set by `rsseg train` at start (fit() itself leaves threads alone)"))
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])

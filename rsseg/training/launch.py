@@ -97,9 +97,11 @@ def _per_rank_batch(cfg: TrainConfig, world: int, n_train: int) -> int:
     batch = cfg.data.batch_size
     if batch % world:
         raise ConfigError(f"data.batch_size={batch} (the global batch) must be a multiple of the {world} processes")
-    if n_train < batch:
-        raise DatasetError(f"the training split has {n_train} images, fewer than one batch ({batch}); "
-                           "add images or lower data.batch_size")
+    step = batch * cfg.optim.accumulate
+    if n_train < step:
+        raise DatasetError(f"the training split has {n_train} images, fewer than one batch ({step} = "
+                           f"data.batch_size {batch} x optim.accumulate {cfg.optim.accumulate}); "
+                           "add images or lower data.batch_size or optim.accumulate")
     return batch // world
 
 

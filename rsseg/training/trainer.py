@@ -35,9 +35,13 @@ from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
 
-__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
+__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source", "sync_batchnorm"]
 
 log = logging.getLogger(__name__)
+
+#: Per-GPU batches below this many images get SyncBatchNorm under multi-GPU DDP by default.
+SYNC_BN_BELOW = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Rank:
@@ -95,6 +99,21 @@ def _initial_rng(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_rank: int) -> bool:
+    """Whether to turn the model's BatchNorm layers into SyncBatchNorm (``run.sync_batchnorm``).
+
+    None (the default) means: under multi-GPU DDP when each GPU's batch is below 8 images, where per-GPU
+    batch statistics get noisy. True asks for it anywhere; torch synchronises CUDA tensors only, so on a
+    CPU it is refused with more than one process (and a no-op with one).
+    """
+    if setting is None:
+        return device.type == "cuda" and world > 1 and per_rank < SYNC_BN_BELOW
+    if setting and device.type != "cuda" and world > 1:
+        raise ConfigError(f"run.sync_batchnorm=true with {world} CPU processes: torch's SyncBatchNorm "
+                          "synchronises CUDA tensors only; set run.sync_batchnorm=false (or leave it unset)")
+    return setting
+
+
 class Trainer:
     """One process's share of a run: model, optimizer, loaders and the per-epoch bookkeeping.
 
@@ -127,26 +146,17 @@ class Trainer:
             log.info("starting from the weights of %s", cfg.model.init)
         self.module = self.module.to(device, memory_format=self.memory_format)
         self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
+        self.sync_bn = sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
+        if self.sync_bn:
+            self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.model = self.module
         if env.world > 1:
             self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
                                                  else None)
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
-            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
-        if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
-            log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
-            workers = 0
-        self.sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                          seed=cfg.data.seed, drop_last=True)
-        pin = device.type == "cuda"
-        # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
-        self.loader_rng = torch.Generator()
-        self.loader = DataLoader(train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 drop_last=True, pin_memory=pin, generator=self.loader_rng)
-        self.val_loader = DataLoader(val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers, pin_memory=pin,
-                                     generator=torch.Generator().manual_seed(cfg.run.seed))
-        self.steps_per_epoch = len(self.loader)
+        self._loaders(per_rank)
+        self.accumulate = cfg.optim.accumulate
+        self.steps_per_epoch = len(self.loader) // self.accumulate  # optimizer steps; a remainder is left out
         total = self.steps_per_epoch * cfg.run.epochs
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
@@ -154,6 +164,24 @@ class Trainer:
             total, round(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
         self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
+
+    def _loaders(self, per_rank: int) -> None:
+        """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
+        cfg, device, env = self.cfg, self.device, self.env
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
+            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
+            log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
+            workers = 0
+        self.sampler = DistributedSampler(self.train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                          seed=cfg.data.seed, drop_last=True)
+        pin = device.type == "cuda"
+        # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
+        self.loader_rng = torch.Generator()
+        self.loader = DataLoader(self.train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+                                 drop_last=True, pin_memory=pin, generator=self.loader_rng)
+        self.val_loader = DataLoader(self.val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers,
+                                     pin_memory=pin, generator=torch.Generator().manual_seed(cfg.run.seed))
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -258,26 +286,40 @@ class Trainer:
                 "train_s": elapsed}
 
     def _train_steps(self) -> torch.Tensor:
-        """The steps of one epoch; returns this rank's (sum of loss * images, images)."""
+        """The steps of one epoch; returns this rank's (sum of loss * images, images).
+
+        With ``optim.accumulate: K`` each optimizer step sums the gradients of K batches (each loss divided
+        by K; DDP synchronises only the last one's), so K batches of B images step as one batch of K * B.
+        """
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        k = self.accumulate
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.run.epochs}", unit="batch", leave=False,
-                   disable=not (self.env.main and self.cfg.run.progress) or None)
+                   total=self.steps_per_epoch * k, disable=not (self.env.main and self.cfg.run.progress) or None)
+        self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
+            if i == self.steps_per_epoch * k:
+                break
             image, mask, valid = self._batch(batch)
-            with self._autocast():
-                logits = self.model(image)
-            loss = self.criterion(logits, mask, valid)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
+            last = (i + 1) % k == 0
+            with nullcontext() if last or self.env.world == 1 else self.model.no_sync():
+                with self._autocast():
+                    logits = self.model(image)
+                loss = self.criterion(logits, mask, valid)
+                (loss / k if k > 1 else loss).backward()
+            if last:
+                self._optimizer_step()
             sums += torch.stack([loss.detach().double() * image.shape[0], sums.new_tensor(image.shape[0])])
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")
         return sums
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
