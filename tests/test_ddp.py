@@ -28,7 +28,9 @@ def config(root, out, **run):
                      "augment": {"crop": 64, "brightness": 0.2, "saturation": 0.2}},
             "model": {"arch": TINY_ARCH},  # no batch statistics: a split batch gives the whole batch's gradients
             "optim": {"lr": 0.05, "warmup_fraction": 0.0},
-            "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", **run}}
+            # fp32: the comparisons below are of arithmetic (auto may pick bf16 on AMX CPUs)
+            "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", "precision": "fp32",
+                    **run}}
 
 
 # Adam's first step is lr * g / (|g| + eps): where a gradient is near 0, the float noise of summing it in

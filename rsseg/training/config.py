@@ -130,7 +130,9 @@ class RunConfig(_Strict):
     epochs: int = Field(10, gt=0)
     stop_after: int | None = Field(None, gt=0, description="stop after this many epochs in this invocation")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling) below, bf16 on CPUs with "
+        "AVX512-BF16/AMX, else fp32"))
     channels_last: bool = True
     sync_batchnorm: bool | None = Field(None, description=(
         "SyncBatchNorm across DDP processes; None: on under multi-GPU DDP when the per-GPU batch is below 8"))

@@ -13,7 +13,7 @@ dataset's ``sides`` maps every item to its side ("train", "val", "gap") for the 
 Random transforms draw from a generator seeded with
 ``(seed, epoch, index)``: an item's augmentation does not depend on the worker that loads it, and a
 resumed run sees exactly the items an uninterrupted one would (call :meth:`set_epoch` each epoch before
-iterating; DataLoader workers copy the dataset when an epoch's iterator starts).
+iterating; the epoch is in shared memory, so persistent DataLoader workers see it too).
 """
 
 from __future__ import annotations
@@ -75,12 +75,18 @@ class _MaskDataset(Dataset):
     def __init__(self, transform: TrainTransform | None, seed: int) -> None:
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        # Shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch sets here.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.sides: dict[str, str] = {}
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose random transforms items draw."""
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose random transforms the next iteration draws."""
-        self.epoch = int(epoch)
+        """Choose the epoch whose random transforms the next iteration draws (in every DataLoader worker)."""
+        self._epoch[0] = int(epoch)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         """Image (H, W, C) and labels (H, W uint8: 0, 1, 255 ignore) of item ``index``."""

@@ -32,10 +32,11 @@ from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.config import TrainConfig
 from rsseg.training.losses import DiceBCELoss
+from rsseg.training.precision import choose_precision, device_facts
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
 
-__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source", "sync_batchnorm"]
+__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source", "saved_rng", "sync_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,28 @@ def _initial_rng(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def saved_rng(rngs: list[dict[str, Any]], env: Rank, device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states from a checkpoint's per-rank list, for the devices that exist here.
+
+    The list has one entry per rank of the run that saved it; with as many ranks now, each takes its own,
+    else every rank takes rank 0's. A CUDA state is used only on a CUDA device: a single state, or from a
+    per-device list (older checkpoints, saved with every visible GPU's) the one of this device's index when
+    the list has it. A run saved with 8 visible GPUs thus resumes where 1 (or none) is visible.
+    """
+    rng = rngs[env.rank] if len(rngs) == env.world else rngs[0]
+    out = {"torch": rng["torch"]} if isinstance(rng.get("torch"), torch.Tensor) else {}
+    cuda = rng.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        index = device.index or 0
+        if isinstance(cuda, torch.Tensor):
+            out["cuda"] = cuda
+        elif isinstance(cuda, list | tuple) and index < len(cuda):
+            out["cuda"] = cuda[index]
+        else:
+            log.warning("the checkpoint holds no CUDA RNG state for %s: its stream starts afresh", device)
+    return out
+
+
 def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_rank: int) -> bool:
     """Whether to turn the model's BatchNorm layers into SyncBatchNorm (``run.sync_batchnorm``).
 
@@ -130,7 +153,9 @@ class Trainer:
                  per_rank: int) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.out = Path(cfg.run.out_dir)
-        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.precision = choose_precision(cfg.run.precision, device_facts(device))
+        # fp16 needs loss scaling (its range is small); a disabled scaler passes losses and steps through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.train_ds, self.val_ds = train_ds, val_ds
         self.rng = _initial_rng(cfg.run.seed, device)
@@ -178,10 +203,13 @@ class Trainer:
         pin = device.type == "cuda"
         # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
         self.loader_rng = torch.Generator()
+        # Persistent workers live across epochs (the datasets share their epoch with them: set_epoch reaches them).
         self.loader = DataLoader(self.train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 drop_last=True, pin_memory=pin, generator=self.loader_rng)
+                                 drop_last=True, pin_memory=pin, generator=self.loader_rng,
+                                 persistent_workers=workers > 0)
         self.val_loader = DataLoader(self.val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers,
-                                     pin_memory=pin, generator=torch.Generator().manual_seed(cfg.run.seed))
+                                     pin_memory=pin, generator=torch.Generator().manual_seed(cfg.run.seed),
+                                     persistent_workers=workers > 0)
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -206,7 +234,9 @@ class Trainer:
                 torch.backends.cudnn.benchmark = benchmark
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -235,9 +265,9 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_dice, self.best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         self.history = [dict(r) for r in state["history"]]
-        rngs = state["rng"]
-        rng = rngs[self.env.rank] if len(rngs) == self.env.world else rngs[0]
-        self.rng.update({k: v for k, v in rng.items() if k in self.rng and isinstance(v, torch.Tensor)})
+        if "scaler" in ckpt and self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.rng.update(saved_rng(state["rng"], self.env, self.device))
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
@@ -250,7 +280,7 @@ class Trainer:
             write_split(getattr(self.train_ds, "sides", {}), self.out / "split.csv")
             log.info("training %s on %s (%d process(es), %s%s): %d train / %d validation images, %d steps/epoch",
                      model_name(self.model_cfg), self.device, self.env.world,
-                     "bf16" if self.bf16 else "fp32", ", channels_last" if run.channels_last else "",
+                     self.precision, ", channels_last" if run.channels_last else "",
                      len(self.train_ds), len(self.val_ds), self.steps_per_epoch)
         last = run.epochs if run.stop_after is None else min(run.epochs, self.epoch + run.stop_after)
         while self.epoch < last:
@@ -305,7 +335,7 @@ class Trainer:
                 with self._autocast():
                     logits = self.model(image)
                 loss = self.criterion(logits, mask, valid)
-                (loss / k if k > 1 else loss).backward()
+                self.scaler.scale(loss / k if k > 1 else loss).backward()
             if last:
                 self._optimizer_step()
             sums += torch.stack([loss.detach().double() * image.shape[0], sums.new_tensor(image.shape[0])])
@@ -315,8 +345,10 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -352,11 +384,12 @@ class Trainer:
                 "best_epoch": self.best_epoch, "data": data_source(self.cfg), "rsseg_version": _rsseg_version(),
                 "in_channels": val.bands,
                 "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
-                "precision": "bf16" if self.bf16 else "fp32"}
+                "precision": self.precision}
         state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
                  "history": self.history, "rng": rngs}
         last = save_checkpoint(self.out / "last.pt", self.module, self.model_cfg, meta,
                                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                               scaler=self.scaler.state_dict(),
                                train_state=state)
         if improved:
             with atomic_path(self.out / "best.pt") as tmp:
