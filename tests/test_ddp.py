@@ -133,7 +133,7 @@ def test_accumulated_batches_step_as_one_batch(tianchi20, tmp_path):
 
 
 def test_sync_batchnorm_by_default_only_under_multi_gpu_ddp_with_small_batches(tianchi, tmp_path):
-    from rsseg.training.trainer import sync_batchnorm
+    from rsseg.training.devices import sync_batchnorm
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert sync_batchnorm(None, cuda, 2, 4) and sync_batchnorm(None, cuda, 8, 7)

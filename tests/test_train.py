@@ -253,7 +253,7 @@ def test_rsseg_train_sets_the_process_settings_fit_leaves_alone(tianchi, tmp_pat
 
 
 def test_auto_precision_is_a_function_of_device_facts(tmp_path):
-    from rsseg.training.precision import DeviceFacts, choose_precision, cpu_has_bf16
+    from rsseg.training.devices import DeviceFacts, choose_precision, cpu_has_bf16
 
     assert choose_precision("auto", DeviceFacts("cuda", (9, 0))) == "bf16"  # H100
     assert choose_precision("auto", DeviceFacts("cuda", (8, 0))) == "bf16"  # A100
@@ -280,7 +280,7 @@ def test_fp16_trains_with_a_grad_scaler_saved_for_resume(tianchi, tmp_path):
 
 def test_resume_where_fewer_gpus_are_visible(tianchi, tmp_path):
     """A last.pt saved by 3 ranks with 8 visible GPUs' CUDA states resumes in one CPU process, exactly."""
-    from rsseg.training.trainer import Rank, saved_rng
+    from rsseg.training.devices import saved_rng
 
     straight = fit(load_config(tiny_config(tianchi, tmp_path / "straight", precision="fp32")))
     out = tmp_path / "edited"
@@ -295,10 +295,10 @@ def test_resume_where_fewer_gpus_are_visible(tianchi, tmp_path):
     for key, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
     rngs = ckpt["train_state"]["rng"]
-    assert set(saved_rng(rngs, Rank(), torch.device("cpu"))) == {"torch"}
-    assert torch.equal(saved_rng(rngs, Rank(), torch.device("cuda", 3))["cuda"], cuda[3])
-    assert "cuda" not in saved_rng([{"torch": own["torch"], "cuda": cuda[:2]}], Rank(), torch.device("cuda", 3))
-    assert torch.equal(saved_rng([{"torch": own["torch"], "cuda": cuda[5]}], Rank(), torch.device("cuda", 0))["cuda"],
+    assert set(saved_rng(rngs, 0, 1, torch.device("cpu"))) == {"torch"}
+    assert torch.equal(saved_rng(rngs, 0, 1, torch.device("cuda", 3))["cuda"], cuda[3])
+    assert "cuda" not in saved_rng([{"torch": own["torch"], "cuda": cuda[:2]}], 0, 1, torch.device("cuda", 3))
+    assert torch.equal(saved_rng([{"torch": own["torch"], "cuda": cuda[5]}], 0, 1, torch.device("cuda", 0))["cuda"],
                        cuda[5])
 
 

@@ -31,17 +31,14 @@ from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.config import TrainConfig
+from rsseg.training.devices import choose_precision, device_facts, saved_rng, sync_batchnorm
 from rsseg.training.losses import DiceBCELoss
-from rsseg.training.precision import choose_precision, device_facts
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
 
-__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source", "saved_rng", "sync_batchnorm"]
+__all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 
 log = logging.getLogger(__name__)
-
-#: Per-GPU batches below this many images get SyncBatchNorm under multi-GPU DDP by default.
-SYNC_BN_BELOW = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,43 +95,6 @@ def _initial_rng(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
     return state
-
-
-def saved_rng(rngs: list[dict[str, Any]], env: Rank, device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states from a checkpoint's per-rank list, for the devices that exist here.
-
-    The list has one entry per rank of the run that saved it; with as many ranks now, each takes its own,
-    else every rank takes rank 0's. A CUDA state is used only on a CUDA device: a single state, or from a
-    per-device list (older checkpoints, saved with every visible GPU's) the one of this device's index when
-    the list has it. A run saved with 8 visible GPUs thus resumes where 1 (or none) is visible.
-    """
-    rng = rngs[env.rank] if len(rngs) == env.world else rngs[0]
-    out = {"torch": rng["torch"]} if isinstance(rng.get("torch"), torch.Tensor) else {}
-    cuda = rng.get("cuda")
-    if device.type == "cuda" and cuda is not None:
-        index = device.index or 0
-        if isinstance(cuda, torch.Tensor):
-            out["cuda"] = cuda
-        elif isinstance(cuda, list | tuple) and index < len(cuda):
-            out["cuda"] = cuda[index]
-        else:
-            log.warning("the checkpoint holds no CUDA RNG state for %s: its stream starts afresh", device)
-    return out
-
-
-def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_rank: int) -> bool:
-    """Whether to turn the model's BatchNorm layers into SyncBatchNorm (``run.sync_batchnorm``).
-
-    None (the default) means: under multi-GPU DDP when each GPU's batch is below 8 images, where per-GPU
-    batch statistics get noisy. True asks for it anywhere; torch synchronises CUDA tensors only, so on a
-    CPU it is refused with more than one process (and a no-op with one).
-    """
-    if setting is None:
-        return device.type == "cuda" and world > 1 and per_rank < SYNC_BN_BELOW
-    if setting and device.type != "cuda" and world > 1:
-        raise ConfigError(f"run.sync_batchnorm=true with {world} CPU processes: torch's SyncBatchNorm "
-                          "synchronises CUDA tensors only; set run.sync_batchnorm=false (or leave it unset)")
-    return setting
 
 
 class Trainer:
@@ -267,7 +227,7 @@ class Trainer:
         self.history = [dict(r) for r in state["history"]]
         if "scaler" in ckpt and self.scaler.is_enabled() and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.rng.update(saved_rng(state["rng"], self.env, self.device))
+        self.rng.update(saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
