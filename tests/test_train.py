@@ -321,3 +321,19 @@ def test_persistent_workers_see_each_epoch(tianchi, tmp_path):
     train, val = build_datasets(cfg)
     trainer = Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4)
     assert trainer.loader.persistent_workers and trainer.val_loader.persistent_workers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_uses_the_device_precision_and_resumes(tianchi, tmp_path):
+    from rsseg.training.devices import choose_precision, device_facts
+
+    device = torch.device("cuda", 0)
+    expected = choose_precision("auto", device_facts(device))
+    assert expected == ("bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16")
+    out = tmp_path / "cuda"
+    fit(load_config(tiny_config(tianchi, out, device="cuda", stop_after=1)))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["meta"]["precision"] == expected and isinstance(ckpt["train_state"]["rng"][0]["cuda"], torch.Tensor)
+    fit(load_config(tiny_config(tianchi, out, device="cuda", resume=True)))
+    assert load_checkpoint(out / "last.pt")["meta"]["epoch"] == 2
