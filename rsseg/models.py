@@ -140,14 +140,44 @@ def _build(factory: Any, name: str, **kwargs: Any) -> nn.Module:
 
 
 def _load_encoder_weights(net: nn.Module, path: Path) -> None:
+    """Load a local encoder state dict into ``net.encoder``, strictly (every tensor must fit, none left over).
+
+    Accepts ``torch.save(encoder.state_dict())`` of an smp encoder, a torchvision/timm backbone's state dict
+    (smp drops the classifier, e.g. a ResNet's ``fc.*``), or either wrapped as ``{"state_dict": ...}`` or
+    with a common ``encoder.``/``module.`` prefix.
+    """
     if not path.is_file():
         raise CheckpointError(f"encoder weights {path} not found (no downloads here: pass a local state dict file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    missing, unexpected = net.encoder.load_state_dict(state, strict=False)
-    if len(missing) == len(net.encoder.state_dict()):
-        raise CheckpointError(f"{path}: none of its tensors fit the encoder (e.g. {list(state)[:3]})")
-    log.info("loaded encoder weights from %s (%d missing, %d unexpected keys)", path, len(missing), len(unexpected))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
+        raise CheckpointError(f"encoder weights {path} are not a loadable torch state dict: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"encoder weights {path}: expected a state dict (names -> tensors), got "
+                              f"{type(state).__name__}; save one with torch.save(encoder.state_dict(), PATH)")
+    for prefix in ("module.", "encoder."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    try:
+        net.encoder.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the encoder: {_state_mismatch(net.encoder, state)}") from exc
+    log.info("loaded encoder weights from %s (%d tensors)", path, len(state))
+
+
+def _state_mismatch(module: nn.Module, state: dict[str, torch.Tensor], show: int = 4) -> str:
+    """One line naming the missing and unexpected keys and the shape mismatches between ``module`` and ``state``."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(found)} {what} ({', '.join(found[:show])}{', ...' if len(found) > show else ''})"
+             for what, found in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", shapes)) if found]
+    return "; ".join(parts) + " - is it the state dict of this encoder (name, in_channels, depth)?"
 
 
 def model_config(model: Segmenter, **create_kwargs: Any) -> dict[str, Any]:

@@ -1,4 +1,6 @@
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from rsseg.errors import DatasetError
 from rsseg.tianchi import rle
 from rsseg.tianchi.files import write_mask_csv
 from rsseg.training.augment import TrainTransform
-from rsseg.training.datasets import ChipDataset, TianchiDataset, split_indices
+from rsseg.training.datasets import ChipDataset, TianchiDataset
+from rsseg.training.splits import split_indices
 
 SIZE = 64
 
@@ -104,7 +107,9 @@ def make_chips(out, n=4, size=16, bands=4, dtype="uint16"):
             with rasterio.open(out / name, "w", driver="GTiff", width=size, height=size, count=array.shape[0],
                                dtype=array.dtype, crs="EPSG:32650", transform=transform) as dst:
                 dst.write(array)
-        rows.append(f"images/c{i}.tif,labels/c{i}.tif,{i * size},0,{size},{size},0,0,1,1,0.1,0.0")
+        x0 = 500000.0 + i * size
+        rows.append(f"images/c{i}.tif,labels/c{i}.tif,{i * size},0,{size},{size},{x0},{4000000.0 - size},"
+                    f"{x0 + size},4000000.0,0.1,0.0")
     (out / "index.csv").write_text("\n".join(rows) + "\n")
     meta = {"crs": "EPSG:32650", "size": size, "bands": list(range(1, bands + 1)), "dtype": dtype, "nodata": None}
     (out / "index.json").write_text(json.dumps(meta))
@@ -135,3 +140,114 @@ def test_chip_dataset_bad_input(tmp_path):
     empty = make_chips(tmp_path / "e", n=0)
     with pytest.raises(DatasetError, match="list no chips"):
         ChipDataset(empty)
+
+
+@pytest.fixture(scope="module")
+def scene_chips(tmp_path_factory):
+    """Chips of one generated scene (256 px, 32-px chips overlapping by 8) and of a second scene, by write_chips."""
+    from rsseg.tiling.tiler import write_chips
+
+    from rsseg.synth.generate import footprints_path, make_scene
+
+    root = tmp_path_factory.mktemp("scenes")
+    folders = []
+    for seed in (1, 2):
+        scene = root / f"scene{seed}.tif"
+        make_scene(scene, size=256, seed=seed, progress=False)
+        write_chips(scene, root / f"chips{seed}", size=32, overlap=8, labels=footprints_path(scene), n_workers=1)
+        folders.append(root / f"chips{seed}")
+    return folders
+
+
+def _windows(ds):
+    """Scene and pixel box (col0, row0, col1, row1) of each of the dataset's chips, from the chips themselves."""
+    out = []
+    for image, _ in ds.items:
+        with rasterio.open(image) as src:
+            t = src.transform
+            out.append((Path(image).parent.parent.name, t.c, t.f, t.c + src.width * t.a, t.f + src.height * t.e))
+    return out
+
+
+def _pixels_shared(a, b):
+    return [(x, y) for x in a for y in b if x[0] == y[0] and x[1] < y[3] and y[1] < x[3]
+            and min(x[2], y[2]) > max(x[4], y[4])]
+
+
+def test_one_scene_splits_by_blocks_with_a_gap_and_no_shared_pixel(scene_chips, tmp_path):
+    one = scene_chips[0]
+    train = ChipDataset(one, "train", val_fraction=0.2, seed=0)
+    val = ChipDataset(one, "val", val_fraction=0.2, seed=0)
+    assert train.unit == "block" and len(train) and len(val)
+    assert not _pixels_shared(_windows(train), _windows(val))  # no validation pixel in any training chip
+    rows = {r["image"]: r for r in csv.DictReader(open(one / "index.csv"))}
+    gap = 8 * 0.5  # the overlap, in metres (0.5 m pixels)
+    for t in _windows(train):  # and at least the overlap between them
+        for v in _windows(val):
+            dx, dy = max(v[1] - t[3], t[1] - v[3]), max(t[4] - v[2], v[4] - t[2])
+            assert max(dx, dy) >= gap - 1e-6
+    sides = train.sides
+    assert set(sides.values()) == {"train", "val", "gap"} and len(sides) == len(rows)
+    assert sum(s == "val" for s in sides.values()) == len(val) and sum(s == "train" for s in sides.values()) == len(
+        train)
+    assert sides == ChipDataset(one, "val", val_fraction=0.2, seed=0).sides  # deterministic
+    assert sides != ChipDataset(one, "val", val_fraction=0.2, seed=3).sides
+    folds = [ChipDataset(one, "val", seed=0, folds=3, fold=k) for k in range(3)]
+    assert sorted(i for f in folds for i in f.items) == sorted(
+        (str(one / r["image"]), str(one / r["label"])) for r in rows.values())
+
+
+def test_several_scenes_split_whole_scenes(scene_chips):
+    train = ChipDataset(scene_chips, "train", val_fraction=0.1, seed=0)
+    val = ChipDataset(scene_chips, "val", val_fraction=0.1, seed=0)
+    assert train.unit == "scene" and "gap" not in train.sides.values()
+    assert len({Path(i).parent.parent for i, _ in train.items}) == 1
+    assert {Path(i).parent.parent for i, _ in val.items} == set(scene_chips) - {Path(train.items[0][0]).parent.parent}
+
+
+def test_split_is_written_to_the_run_folder(scene_chips, tmp_path, stand_ins):
+    from rsseg.training.config import load_config
+    from rsseg.training.launch import fit
+
+    cfg = load_config({"data": {"source": "chips", "chips": [str(scene_chips[0])], "batch_size": 4,
+                                "val_fraction": 0.2},
+                       "model": {"arch": stand_ins}, "run": {"out_dir": str(tmp_path / "run"), "epochs": 1,
+                                                             "progress": False, "device": "cpu"}})
+    fit(cfg)
+    with open(tmp_path / "run" / "split.csv", newline="") as fh:
+        written = {r["item"]: r["side"] for r in csv.DictReader(fh)}
+    assert written == ChipDataset(scene_chips[0], "train", val_fraction=0.2).sides
+
+
+@pytest.fixture(scope="module")
+def tianchi20(tmp_path_factory):
+    from rsseg.synth.generate import make_tianchi as generate
+
+    root = tmp_path_factory.mktemp("tianchi20") / "data"
+    generate(root, n_train=20, n_test=0, seed=3, progress=False)
+    return root
+
+
+def test_tianchi_folds_are_stratified_by_building_fraction(tianchi20, tmp_path):
+    from rsseg.tianchi import describe_masks, fold_strata
+    from rsseg.training.config import load_config
+    from rsseg.training.launch import build_datasets
+
+    table = describe_masks(tianchi20 / "train_mask.csv", None).table
+    strata = fold_strata(table)
+    assert strata.nunique() >= 3  # empty images and several bins: the test means something
+    vals = []
+    for k in range(4):
+        cfg = load_config({"data": {"source": "tianchi", "root": str(tianchi20), "folds": 4, "fold": k, "seed": 1},
+                           "run": {"out_dir": str(tmp_path)}})
+        train, val = build_datasets(cfg)
+        assert not set(train.names) & set(val.names) and sorted(train.names + val.names) == sorted(table["name"])
+        assert train.sides == val.sides and sum(s == "val" for s in val.sides.values()) == len(val)
+        vals.append(val.names)
+    assert sorted(n for v in vals for n in v) == sorted(table["name"])  # every image validates exactly once
+    counts = np.array([[int((strata[v] == s).sum()) for s in sorted(strata.unique())] for v in vals])
+    assert (counts.max(0) - counts.min(0) <= 1).all(), counts  # fold histograms within one image per bin
+    plain = TianchiDataset(tianchi20, "val", folds=4, fold=0, seed=1, stratify="none")
+    assert len(plain) == 5
+    with pytest.raises(DatasetError, match="fold 4 of 4 folds"):
+        TianchiDataset(tianchi20, "val", folds=4, fold=4)

@@ -28,7 +28,9 @@ def config(root, out, **run):
                      "augment": {"crop": 64, "brightness": 0.2, "saturation": 0.2}},
             "model": {"arch": TINY_ARCH},  # no batch statistics: a split batch gives the whole batch's gradients
             "optim": {"lr": 0.05, "warmup_fraction": 0.0},
-            "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", **run}}
+            # fp32: the comparisons below are of arithmetic (auto may pick bf16 on AMX CPUs)
+            "run": {"out_dir": str(out), "epochs": 1, "progress": False, "device": "cpu", "precision": "fp32",
+                    **run}}
 
 
 # Adam's first step is lr * g / (|g| + eps): where a gradient is near 0, the float noise of summing it in
@@ -100,3 +102,54 @@ def test_launch_checks_input_before_starting_workers(tianchi, tmp_path):
     with pytest.raises(ConfigError, match="nproc: Input should be greater than or equal to 1"):
         launch(config(tianchi, tmp_path / "out"), nproc=0)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tianchi20(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tianchi20") / "data"
+    make_tianchi(root, n_train=20, n_test=0, seed=4, progress=False)
+    return root
+
+
+def _epoch(cfg_dict, batch, accumulate):
+    cfg = load_config(cfg_dict, {"data.batch_size": str(batch), "optim.accumulate": str(accumulate)})
+    train, val = build_datasets(cfg)
+    trainer = Trainer(cfg, Rank(), torch.device("cpu"), train, val, batch)
+    record = trainer.train_epoch()
+    return trainer.module.state_dict(), record
+
+
+def test_accumulated_batches_step_as_one_batch(tianchi20, tmp_path):
+    cfg = config(tianchi20, tmp_path / "unused")
+    cfg["data"]["val_fraction"] = 0.2  # 16 training images: 2 steps of 8 (or of 4 x 2)
+    whole, whole_record = _epoch(cfg, 8, 1)
+    accumulated, record = _epoch(cfg, 4, 2)
+    assert whole_record["step"] == record["step"] == 2
+    assert record["train_loss"] == pytest.approx(whole_record["train_loss"], rel=1e-5)
+    for key, value in whole.items():
+        assert torch.allclose(accumulated[key], value, atol=ATOL), key
+    plain, _ = _epoch(cfg, 4, 1)  # 4 steps of 4: not the same training
+    assert any(not torch.allclose(plain[k], v, atol=ATOL) for k, v in whole.items())
+
+
+def test_sync_batchnorm_by_default_only_under_multi_gpu_ddp_with_small_batches(tianchi, tmp_path):
+    from rsseg.training.devices import sync_batchnorm
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert sync_batchnorm(None, cuda, 2, 4) and sync_batchnorm(None, cuda, 8, 7)
+    assert not sync_batchnorm(None, cuda, 2, 8) and not sync_batchnorm(None, cuda, 1, 2)
+    assert not sync_batchnorm(None, cpu, 2, 2)  # gloo: not unless asked
+    assert not sync_batchnorm(False, cuda, 8, 2) and sync_batchnorm(True, cuda, 1, 16)
+    assert sync_batchnorm(True, cpu, 1, 4)
+    with pytest.raises(ConfigError, match="sync_batchnorm=true with 2 CPU processes"):
+        sync_batchnorm(True, cpu, 2, 2)
+    cfg = config(tianchi, tmp_path / "bn")
+    cfg["model"] = {"arch": "unet", "encoder": "resnet18", "kwargs": {"encoder_depth": 3,
+                                                                      "decoder_channels": [16, 8, 4]}}
+    cfg["run"]["sync_batchnorm"] = True
+    cfg = load_config(cfg)
+    train, val = build_datasets(cfg)
+    trainer = Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4)
+    kinds = {type(m) for m in trainer.module.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert trainer.train_epoch()["step"] == 1  # one process: SyncBatchNorm falls back to BatchNorm

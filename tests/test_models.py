@@ -79,3 +79,37 @@ def test_a_network_of_your_own_by_module_path():
     with pytest.raises(ConfigError, match="cannot build arch 'stand_ins:TinyNet'") as exc:
         create_model(TINY_ARCH, depth=3)
     assert isinstance(exc.value.__cause__, TypeError)  # the cause is chained
+
+
+def test_encoder_weights_from_a_local_state_dict(tmp_path):
+    donor = create_model("unet", "resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
+    torch.nn.init.normal_(donor.net.encoder.conv1.weight)
+    path = tmp_path / "resnet18.pt"
+    torch.save(donor.net.encoder.state_dict(), path)
+    model = create_model("unet", "resnet18", encoder_weights=path, encoder_depth=3, decoder_channels=[16, 8, 4])
+    for key, value in donor.net.encoder.state_dict().items():
+        assert torch.equal(model.net.encoder.state_dict()[key], value), key
+    wrapped = tmp_path / "wrapped.pt"  # a whole model's dict, encoder keys prefixed, plus a classifier
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in donor.net.encoder.state_dict().items()}}, wrapped)
+    model = create_model("unet", "resnet18", encoder_weights=wrapped, encoder_depth=3, decoder_channels=[16, 8, 4])
+    assert torch.equal(model.net.encoder.conv1.weight, donor.net.encoder.conv1.weight)
+
+
+def test_encoder_weights_that_do_not_fit_are_one_line(tmp_path):
+    donor = create_model("unet", "resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
+    state = donor.net.encoder.state_dict()
+    path = tmp_path / "resnet18.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"resnet18.pt does not fit the encoder: \d+ missing keys \(layer") as err:
+        create_model("unet", "resnet34", encoder_weights=path, encoder_depth=3, decoder_channels=[16, 8, 4])
+    assert "\n" not in str(err.value) and "is it the state dict of this encoder" in str(err.value)
+    extra = tmp_path / "extra.pt"
+    torch.save({**state, "head.weight": torch.zeros(2)}, extra)
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \(head.weight\)"):
+        create_model("unet", "resnet18", encoder_weights=extra, encoder_depth=3, decoder_channels=[16, 8, 4])
+    with pytest.raises(CheckpointError, match=r"1 shape mismatches \(conv1.weight \(64, 3, 7, 7\) vs \(64, 4, 7, 7\)"):
+        create_model("unet", "resnet18", encoder_weights=path, in_channels=4, encoder_depth=3,
+                     decoder_channels=[16, 8, 4])
+    (tmp_path / "junk.pt").write_text("not torch")
+    with pytest.raises(CheckpointError, match="not a loadable torch state dict"):
+        create_model("unet", "resnet18", encoder_weights=tmp_path / "junk.pt")

@@ -43,7 +43,8 @@ def test_load_config_from_yaml_with_overrides_and_typos(tmp_path):
                              "data.augment.crop": "null"})
     assert cfg.optim.lr == 0.003 and cfg.run.device == "cpu" and cfg.model.kwargs == {"width": 4}
     assert cfg.data.augment.crop is None and cfg.data.batch_size == 4
-    with pytest.raises(ConfigError, match=r"--set optim.lrate: unknown key .lrate.; valid keys in optim: grad_clip"):
+    with pytest.raises(ConfigError,
+                       match=r"--set optim.lrate: unknown key .lrate.; valid keys in optim: accumulate, grad_clip"):
         load_config(path, {"optim.lrate": "1"})
     bad = tiny_config("data", "out")
     bad["data"]["bach_size"] = 4
@@ -208,8 +209,8 @@ def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"rsseg: error: {tmp_path / 'c.yaml'}: unknown key 'optim.lerning_rate'; valid keys in optim: grad_clip, "
-        "lr, min_lr_ratio, warmup_fraction, weight_decay"]
+        f"rsseg: error: {tmp_path / 'c.yaml'}: unknown key 'optim.lerning_rate'; valid keys in optim: "
+        "accumulate, grad_clip, lr, min_lr_ratio, warmup_fraction, weight_decay"]
 
 
 @pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml"])
@@ -249,3 +250,90 @@ def test_rsseg_train_sets_the_process_settings_fit_leaves_alone(tianchi, tmp_pat
     result = CliRunner().invoke(cli, ["train", str(path), "--set", "data.batch_size=64"])
     assert "fewer than one batch" in str(result.exception)  # fails in fit, after the entry point's settings
     assert calls == [{"threads": 1, "tasks": None}]
+
+
+def test_auto_precision_is_a_function_of_device_facts(tmp_path):
+    from rsseg.training.devices import DeviceFacts, choose_precision, cpu_has_bf16
+
+    assert choose_precision("auto", DeviceFacts("cuda", (9, 0))) == "bf16"  # H100
+    assert choose_precision("auto", DeviceFacts("cuda", (8, 0))) == "bf16"  # A100
+    assert choose_precision("auto", DeviceFacts("cuda", (7, 5))) == "fp16"  # T4: bf16 emulated
+    assert choose_precision("auto", DeviceFacts("cuda", (7, 0))) == "fp16"  # V100
+    assert choose_precision("auto", DeviceFacts("cpu", cpu_bf16=True)) == "bf16"
+    assert choose_precision("auto", DeviceFacts("cpu", cpu_bf16=False)) == "fp32"
+    assert choose_precision("fp32", DeviceFacts("cuda", (9, 0))) == "fp32"
+    assert choose_precision("bf16", DeviceFacts("cpu")) == "bf16"
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_bf16(flags)
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_bf16(flags) and not cpu_has_bf16(tmp_path / "none")
+
+
+def test_fp16_trains_with_a_grad_scaler_saved_for_resume(tianchi, tmp_path):
+    out = tmp_path / "fp16"
+    fit(load_config(tiny_config(tianchi, out, precision="fp16", epochs=1, device="cpu")))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["meta"]["precision"] == "fp16" and ckpt["scaler"]["scale"] > 0
+    assert math.isfinite(ckpt["train_state"]["history"][0]["train_loss"])
+
+
+def test_resume_where_fewer_gpus_are_visible(tianchi, tmp_path):
+    """A last.pt saved by 3 ranks with 8 visible GPUs' CUDA states resumes in one CPU process, exactly."""
+    from rsseg.training.devices import saved_rng
+
+    straight = fit(load_config(tiny_config(tianchi, tmp_path / "straight", precision="fp32")))
+    out = tmp_path / "edited"
+    fit(load_config(tiny_config(tianchi, out, stop_after=1, precision="fp32")))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    own = ckpt["train_state"]["rng"][0]
+    cuda = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    ckpt["train_state"]["rng"] = [{"torch": own["torch"], "cuda": cuda} for _ in range(3)]
+    torch.save(ckpt, out / "last.pt")
+    resumed = fit(load_config(tiny_config(tianchi, out, resume=True, precision="fp32")))
+    a, b = load_checkpoint(straight.with_name("last.pt")), load_checkpoint(resumed.with_name("last.pt"))
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+    rngs = ckpt["train_state"]["rng"]
+    assert set(saved_rng(rngs, 0, 1, torch.device("cpu"))) == {"torch"}
+    assert torch.equal(saved_rng(rngs, 0, 1, torch.device("cuda", 3))["cuda"], cuda[3])
+    assert "cuda" not in saved_rng([{"torch": own["torch"], "cuda": cuda[:2]}], 0, 1, torch.device("cuda", 3))
+    assert torch.equal(saved_rng([{"torch": own["torch"], "cuda": cuda[5]}], 0, 1, torch.device("cuda", 0))["cuda"],
+                       cuda[5])
+
+
+def test_persistent_workers_see_each_epoch(tianchi, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from rsseg.training.augment import TrainTransform
+    from rsseg.training.datasets import TianchiDataset
+    from rsseg.training.launch import build_datasets
+    from rsseg.training.trainer import Rank, Trainer
+
+    ds = TianchiDataset(tianchi, "all", transform=TrainTransform(crop=32, brightness=0.2))
+    loader = DataLoader(ds, batch_size=2, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        first = next(iter(loader))["image"]
+        assert torch.equal(first[1], ds[1]["image"]), epoch  # the worker drew this epoch's transform
+    assert not torch.equal(ds[1]["image"], (ds.set_epoch(0), ds[1])[1]["image"])
+    cfg = load_config(tiny_config(tianchi, tmp_path / "w", device="cpu"), {"data.num_workers": "1"})
+    train, val = build_datasets(cfg)
+    trainer = Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4)
+    assert trainer.loader.persistent_workers and trainer.val_loader.persistent_workers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_uses_the_device_precision_and_resumes(tianchi, tmp_path):
+    from rsseg.training.devices import choose_precision, device_facts
+
+    device = torch.device("cuda", 0)
+    expected = choose_precision("auto", device_facts(device))
+    assert expected == ("bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16")
+    out = tmp_path / "cuda"
+    fit(load_config(tiny_config(tianchi, out, device="cuda", stop_after=1)))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["meta"]["precision"] == expected and isinstance(ckpt["train_state"]["rng"][0]["cuda"], torch.Tensor)
+    fit(load_config(tiny_config(tianchi, out, device="cuda", resume=True)))
+    assert load_checkpoint(out / "last.pt")["meta"]["epoch"] == 2

@@ -2,11 +2,12 @@
 
 A config has five sections, each strict (``extra="forbid"``)::
 
-    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, seed, batch_size, augment: {...}}
+    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, stratify, split_block, seed,
+            batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
-    optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip}
-    run:   {out_dir, epochs, device, precision, channels_last, thresholds, resume, ...}
+    optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip, accumulate}
+    run:   {out_dir, epochs, device, precision, channels_last, sync_batchnorm, thresholds, resume, ...}
 
 Relative paths are taken from the current directory. ``data.batch_size`` is the *global* batch: under DDP
 each of N processes takes ``batch_size / N`` images, so a config trains the same way on 1 or N devices.
@@ -63,9 +64,15 @@ class DataConfig(_Strict):
     image_dir: str = "train"
     tile_size: int = Field(512, gt=0, description="Tianchi tile size (checked on every image)")
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    folds: int | None = Field(None, ge=2)
-    fold: int = Field(0, ge=0)
+    folds: int | None = Field(None, ge=2, description=(
+        "K-fold split: Tianchi images in K folds stratified as data.stratify; chips: scenes or grid blocks"))
+    fold: int = Field(0, ge=0, description="the fold that validates (0-based, < data.folds)")
+    stratify: Literal["building_fraction", "none"] = Field("building_fraction", description=(
+        "Tianchi folds: building_fraction gives every fold the same share of empty images and of each "
+        "building-fraction bin (from the decoded masks); none: shuffled folds of balanced sizes"))
     seed: int = 0
+    split_block: int | None = Field(None, ge=1, description=(
+        "chips of one scene: grid windows per side of the blocks that go to validation (None: automatic)"))
     batch_size: int = Field(8, gt=0, description="global batch, split across DDP processes")
     val_batch_size: int = Field(4, gt=0)
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers per process (None: 0 on CPU)")
@@ -112,6 +119,8 @@ class OptimConfig(_Strict):
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="share of all steps spent warming up")
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1, description=(
+        "batches per optimizer step: gradients of K batches of data.batch_size are summed (effective batch K x)"))
 
 
 class RunConfig(_Strict):
@@ -121,8 +130,12 @@ class RunConfig(_Strict):
     epochs: int = Field(10, gt=0)
     stop_after: int | None = Field(None, gt=0, description="stop after this many epochs in this invocation")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling) below, bf16 on CPUs with "
+        "AVX512-BF16/AMX, else fp32"))
     channels_last: bool = True
+    sync_batchnorm: bool | None = Field(None, description=(
+        "SyncBatchNorm across DDP processes; None: on under multi-GPU DDP when the per-GPU batch is below 8"))
     threads: int | None = Field(None, gt=0, description=(
         "torch CPU threads per process, set by `rsseg train` at start (fit() itself leaves threads alone)"))
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])

@@ -5,12 +5,15 @@ Every item is a dict of float32 tensors::
     {"image": (C, H, W) raw pixel values (the model normalises), "mask": (1, H, W) 0/1,
      "valid": (1, H, W) 0 where the label says ignore (255: nodata, padding), else 1}
 
-Splits are deterministic: the items are shuffled with ``numpy.random.default_rng(seed)`` and cut into
-``folds`` parts (``folds=None``: one validation part of ``val_fraction``), so every process and every
-run with the same seed agrees on them. Random transforms draw from a generator seeded with
+Splits are deterministic (:mod:`rsseg.training.splits`), so every process and every run with the same
+seed agrees on them: Tianchi images are shuffled with ``numpy.random.default_rng(seed)`` and cut into
+``folds`` parts (``folds=None``: one validation part of ``val_fraction``); chips are split by place (whole
+scenes, or blocks of a scene's grid with a gap), so that no validation pixel is in a training chip. Each
+dataset's ``sides`` maps every item to its side ("train", "val", "gap") for the run's ``split.csv``.
+Random transforms draw from a generator seeded with
 ``(seed, epoch, index)``: an item's augmentation does not depend on the worker that loads it, and a
 resumed run sees exactly the items an uninterrupted one would (call :meth:`set_epoch` each epoch before
-iterating; DataLoader workers copy the dataset when an epoch's iterator starts).
+iterating; the epoch is in shared memory, so persistent DataLoader workers see it too).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,9 @@ from torch.utils.data import Dataset
 from rsseg.errors import DatasetError
 from rsseg.tianchi.files import read_masks_csv
 from rsseg.training.augment import TrainTransform
+from rsseg.training.splits import ChipPlaces, chip_sides, split_indices, tianchi_folds
 
-__all__ = ["ChipDataset", "TianchiDataset", "split_indices"]
+__all__ = ["ChipDataset", "TianchiDataset"]
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +45,28 @@ IGNORE = 255
 PathLike = str | os.PathLike[str]
 
 
-def split_indices(n: int, split: str, val_fraction: float = 0.1, seed: int = 0, folds: int | None = None,
-                  fold: int = 0) -> np.ndarray:
-    """Indexes of the ``split`` ("train", "val" or "all") part of ``n`` items (sorted).
+_PLACE_COLUMNS = ("col_off", "row_off", "width", "height", "minx", "miny", "maxx", "maxy")
 
-    Args:
-        n: number of items.
-        split: which part to return.
-        val_fraction: share of the validation part when ``folds`` is None (at least one item if ``n > 1``).
-        seed: seed of the shuffle that assigns items to parts.
-        folds: k-fold cross-validation: the validation part is fold ``fold`` of ``folds`` equal parts.
-        fold: which fold validates (0-based).
-    """
-    if split == "all":
-        return np.arange(n)
-    if split not in ("train", "val"):
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "val", "all"):
         raise DatasetError(f"split {split!r}: expected 'train', 'val' or 'all'")
-    order = np.random.default_rng(seed).permutation(n)
-    if folds is not None:
-        if not 0 <= fold < folds or folds < 2:
-            raise DatasetError(f"fold {fold} of {folds} folds: expected folds >= 2 and 0 <= fold < folds")
-        val = np.array_split(order, folds)[fold]
-    else:
-        if not 0.0 <= val_fraction < 1.0:
-            raise DatasetError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
-        n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
-        val = order[:n_val]
-    chosen = val if split == "val" else np.setdiff1d(order, val)
-    return np.sort(chosen)
+
+
+def _places(rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> ChipPlaces:
+    """The chips' scenes, windows and bounds (from index.csv) and each scene's grid (from index.json)."""
+    try:
+        window = np.array([[int(r[k]) for k in _PLACE_COLUMNS[:4]] for r in rows], dtype=np.int64)
+        bounds = np.array([[float(r[k]) for k in _PLACE_COLUMNS[4:]] for r in rows], dtype=np.float64)
+    except ValueError as exc:
+        raise DatasetError(f"a chip index row has a bad window or bounds value ({exc}); expected the numbers "
+                           "rsseg tile writes") from exc
+    overlap: dict[str, int] = {}
+    for meta in metas:  # folders of one scene: the widest overlap sets the gap
+        overlap[meta["scene"]] = max(overlap.get(meta["scene"], 0), meta["overlap"])
+    stride = {m["scene"]: m["size"] - overlap[m["scene"]] for m in metas}
+    return ChipPlaces(np.array([r["scene"] for r in rows], dtype=object), np.array([r["crs"] for r in rows],
+                      dtype=object), window, bounds, stride, overlap)
 
 
 class _MaskDataset(Dataset):
@@ -77,11 +75,18 @@ class _MaskDataset(Dataset):
     def __init__(self, transform: TrainTransform | None, seed: int) -> None:
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        # Shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch sets here.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.sides: dict[str, str] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose random transforms items draw."""
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose random transforms the next iteration draws."""
-        self.epoch = int(epoch)
+        """Choose the epoch whose random transforms the next iteration draws (in every DataLoader worker)."""
+        self._epoch[0] = int(epoch)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         """Image (H, W, C) and labels (H, W uint8: 0, 1, 255 ignore) of item ``index``."""
@@ -112,18 +117,23 @@ class TianchiDataset(_MaskDataset):
         split: "train", "val" or "all" (see :func:`split_indices`).
         val_fraction: share of validation images.
         seed: seed of the split and of the random transforms.
-        folds: k-fold split instead of ``val_fraction``.
+        folds: k-fold split instead of ``val_fraction``, stratified as ``stratify`` says
+            (:func:`rsseg.training.splits.tianchi_folds`).
         fold: the validation fold.
         transform: random training transform (None for validation).
         mask_csv: the mask file, relative to ``root``.
         image_dir: the image folder, relative to ``root``.
         size: expected image width and height.
+        stratify: "building_fraction" or "none" (folds only).
+        fold_of: each image's fold, when already computed (e.g. shared by the training and validation sets).
     """
 
     def __init__(self, root: PathLike, split: str = "all", val_fraction: float = 0.1, seed: int = 0,
                  folds: int | None = None, fold: int = 0, transform: TrainTransform | None = None,
-                 mask_csv: str = "train_mask.csv", image_dir: str = "train", size: int = 512) -> None:
+                 mask_csv: str = "train_mask.csv", image_dir: str = "train", size: int = 512,
+                 stratify: str = "building_fraction", fold_of: Mapping[str, int] | None = None) -> None:
         super().__init__(transform, seed)
+        _check_split(split)
         self.root = Path(root)
         self.image_dir = self.root / image_dir
         self.size = size
@@ -134,7 +144,16 @@ class TianchiDataset(_MaskDataset):
         names = sorted(self.masks)
         if not names:
             raise DatasetError(f"{csv_path} lists no images")
-        self.names = [names[i] for i in split_indices(len(names), split, val_fraction, seed, folds, fold)]
+        if folds is not None:
+            if not 0 <= fold < folds:
+                raise DatasetError(f"fold {fold} of {folds} folds: expected 0 <= fold < folds")
+            if fold_of is None:
+                fold_of = tianchi_folds(csv_path, folds, stratify, seed, size)
+            self.sides = {name: "val" if fold_of[name] == fold else "train" for name in names}
+        else:
+            val = set(split_indices(len(names), "val", val_fraction, seed).tolist())
+            self.sides = {name: "val" if i in val else "train" for i, name in enumerate(names)}
+        self.names = [n for n in names if split == "all" or self.sides[n] == split]
         self._check_images(csv_path)
         self.bands, self.max_value = 3, 255.0
 
@@ -164,51 +183,64 @@ class ChipDataset(_MaskDataset):
     """Image and label chips listed in one or several ``index.csv`` files written by :func:`rsseg.tiling.write_chips`.
 
     Each chip is read whole (chips are small). Label chips are uint8: 0 background, 1 building, 255 ignore.
-    Folders may come from different scenes but must agree on band count and chip size.
+    Folders may come from different scenes but must agree on band count and chip size. The split is
+    spatial (:func:`rsseg.training.splits.chip_sides`): whole scenes when there are several, else blocks
+    of the grid with a gap of the chips' overlap; chips in the gap are in neither split.
 
     Args:
         indexes: chip folders (holding ``index.csv`` and ``index.json``) or ``index.csv`` paths.
-        split, val_fraction, seed, folds, fold, transform: as for :class:`TianchiDataset`.
+        split, val_fraction, seed, folds, fold, transform: as for :class:`TianchiDataset`; the split's
+            units are scenes or blocks, not chips.
+        split_block: grid windows per block side when one scene is split (None: automatic).
     """
 
     def __init__(self, indexes: PathLike | Sequence[PathLike], split: str = "all", val_fraction: float = 0.1,
                  seed: int = 0, folds: int | None = None, fold: int = 0,
-                 transform: TrainTransform | None = None) -> None:
+                 transform: TrainTransform | None = None, split_block: int | None = None) -> None:
         super().__init__(transform, seed)
+        _check_split(split)
         paths = [indexes] if isinstance(indexes, str | os.PathLike) else list(indexes)
         if not paths:
             raise DatasetError("no chip index given: expected one or more chip folders or index.csv files")
-        rows: list[tuple[str, str]] = []
+        rows: list[dict[str, Any]] = []
         metas: list[dict[str, Any]] = []
         for path in map(Path, paths):
             index = path / "index.csv" if path.is_dir() or path.suffix != ".csv" else path
-            rows.extend(self._read_index(index))
-            metas.append(self._read_meta(index))
+            found = self._read_index(index)
+            meta = self._read_meta(index)
+            rows.extend(dict(r, scene=meta["scene"], crs=meta["crs"]) for r in found)
+            metas.append(meta)
         shapes = {(len(m["bands"]), m["size"]) for m in metas}
         if len(shapes) > 1:
             raise DatasetError(f"chip folders disagree on (bands, chip size): {sorted(shapes)}; train on one kind")
         if not rows:
             raise DatasetError(f"the chip indexes {[str(p) for p in paths]} list no chips")
-        self.items = [rows[i] for i in split_indices(len(rows), split, val_fraction, seed, folds, fold)]
+        if split == "all":
+            self.sides = {r["image"]: "train" for r in rows}
+        else:
+            sides, self.unit = chip_sides(_places(rows, metas), val_fraction, seed, folds, fold, split_block)
+            self.sides = {r["image"]: side for r, side in zip(rows, sides, strict=True)}
+        self.items = [(r["image"], r["label"]) for r in rows if split == "all" or self.sides[r["image"]] == split]
         self.bands, self.size = shapes.pop()
         dtype = np.dtype(metas[0]["dtype"])
         self.max_value = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
 
     @staticmethod
-    def _read_index(index: Path) -> list[tuple[str, str]]:
+    def _read_index(index: Path) -> list[dict[str, Any]]:
         if not index.is_file():
             raise DatasetError(f"chip index {index} not found: expected a folder written by `rsseg tile`")
         with open(index, newline="") as fh:
             reader = csv.DictReader(fh)
-            if not {"image", "label"} <= set(reader.fieldnames or ()):
-                raise DatasetError(f"{index}: columns {reader.fieldnames}; expected image,label,... (rsseg tile)")
+            if not {"image", "label", *_PLACE_COLUMNS} <= set(reader.fieldnames or ()):
+                raise DatasetError(f"{index}: columns {reader.fieldnames}; expected image,label,"
+                                   f"{','.join(_PLACE_COLUMNS)} (written by rsseg tile)")
             rows = list(reader)
         unlabelled = [r["image"] for r in rows if not r["label"]]
         if unlabelled:
             raise DatasetError(f"{index}: {len(unlabelled)} chips have no label chip (e.g. {unlabelled[0]}); "
                                "tile the scene with --labels to train on it")
-        out = [(str(index.parent / r["image"]), str(index.parent / r["label"])) for r in rows]
-        missing = [p for pair in out for p in pair if not os.path.isfile(p)]
+        out = [dict(r, image=str(index.parent / r["image"]), label=str(index.parent / r["label"])) for r in rows]
+        missing = [r[k] for r in out for k in ("image", "label") if not os.path.isfile(r[k])]
         if missing:
             raise DatasetError(f"{index}: {len(missing)} listed chip files are missing (e.g. {missing[0]})")
         return out
@@ -218,7 +250,9 @@ class ChipDataset(_MaskDataset):
         meta_path = index.with_name("index.json")
         try:
             meta = json.loads(meta_path.read_text())
-            return {"bands": list(meta["bands"]), "size": int(meta["size"]), "dtype": str(meta["dtype"])}
+            return {"bands": list(meta["bands"]), "size": int(meta["size"]), "dtype": str(meta["dtype"]),
+                    "overlap": int(meta.get("overlap", 0)), "scene": str(meta.get("scene") or index.parent),
+                    "crs": str(meta.get("crs") or "")}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from exc
 

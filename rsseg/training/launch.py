@@ -36,6 +36,7 @@ from rsseg.options import resolve
 from rsseg.training.augment import TrainTransform
 from rsseg.training.config import LaunchOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
+from rsseg.training.splits import tianchi_folds
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
 __all__ = ["TrainConfig", "WarmupCosine", "build_datasets", "fit", "launch", "load_config", "resolve_device"]
@@ -69,9 +70,15 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
     common: dict[str, Any] = dict(val_fraction=data.val_fraction, seed=data.seed, folds=data.folds, fold=data.fold)
     if data.source == "tianchi":
         common.update(root=data.root, mask_csv=data.mask_csv, image_dir=data.image_dir, size=data.tile_size)
+        if data.folds is not None:  # decode the masks once for both sides
+            csv_path = Path(data.root or ".") / data.mask_csv
+            if not csv_path.is_file():
+                raise DatasetError(f"{csv_path} not found: expected a Tianchi folder with {data.mask_csv} and "
+                                   f"{data.image_dir}/")
+            common.update(fold_of=tianchi_folds(csv_path, data.folds, data.stratify, data.seed, data.tile_size))
         kind: type[TianchiDataset] | type[ChipDataset] = TianchiDataset
     else:
-        common.update(indexes=data.chips)
+        common.update(indexes=data.chips, split_block=data.split_block)
         kind = ChipDataset
     val = kind(split="val", **common)
     aug = data.augment
@@ -90,9 +97,11 @@ def _per_rank_batch(cfg: TrainConfig, world: int, n_train: int) -> int:
     batch = cfg.data.batch_size
     if batch % world:
         raise ConfigError(f"data.batch_size={batch} (the global batch) must be a multiple of the {world} processes")
-    if n_train < batch:
-        raise DatasetError(f"the training split has {n_train} images, fewer than one batch ({batch}); "
-                           "add images or lower data.batch_size")
+    step = batch * cfg.optim.accumulate
+    if n_train < step:
+        raise DatasetError(f"the training split has {n_train} images, fewer than one batch ({step} = "
+                           f"data.batch_size {batch} x optim.accumulate {cfg.optim.accumulate}); "
+                           "add images or lower data.batch_size or optim.accumulate")
     return batch // world
 
 

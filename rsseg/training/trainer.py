@@ -31,12 +31,15 @@ from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.config import TrainConfig
+from rsseg.training.devices import choose_precision, device_facts, saved_rng, sync_batchnorm
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
+from rsseg.training.splits import write_split
 
 __all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class Rank:
@@ -110,7 +113,9 @@ class Trainer:
                  per_rank: int) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.out = Path(cfg.run.out_dir)
-        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.precision = choose_precision(cfg.run.precision, device_facts(device))
+        # fp16 needs loss scaling (its range is small); a disabled scaler passes losses and steps through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.train_ds, self.val_ds = train_ds, val_ds
         self.rng = _initial_rng(cfg.run.seed, device)
@@ -126,26 +131,17 @@ class Trainer:
             log.info("starting from the weights of %s", cfg.model.init)
         self.module = self.module.to(device, memory_format=self.memory_format)
         self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
+        self.sync_bn = sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
+        if self.sync_bn:
+            self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.model = self.module
         if env.world > 1:
             self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
                                                  else None)
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
-            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
-        if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
-            log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
-            workers = 0
-        self.sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                          seed=cfg.data.seed, drop_last=True)
-        pin = device.type == "cuda"
-        # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
-        self.loader_rng = torch.Generator()
-        self.loader = DataLoader(train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 drop_last=True, pin_memory=pin, generator=self.loader_rng)
-        self.val_loader = DataLoader(val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers, pin_memory=pin,
-                                     generator=torch.Generator().manual_seed(cfg.run.seed))
-        self.steps_per_epoch = len(self.loader)
+        self._loaders(per_rank)
+        self.accumulate = cfg.optim.accumulate
+        self.steps_per_epoch = len(self.loader) // self.accumulate  # optimizer steps; a remainder is left out
         total = self.steps_per_epoch * cfg.run.epochs
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
@@ -153,6 +149,27 @@ class Trainer:
             total, round(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
         self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
+
+    def _loaders(self, per_rank: int) -> None:
+        """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
+        cfg, device, env = self.cfg, self.device, self.env
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
+            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
+            log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
+            workers = 0
+        self.sampler = DistributedSampler(self.train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                          seed=cfg.data.seed, drop_last=True)
+        pin = device.type == "cuda"
+        # Loaders draw their workers' base seed from these generators, not from torch's global RNG.
+        self.loader_rng = torch.Generator()
+        # Persistent workers live across epochs (the datasets share their epoch with them: set_epoch reaches them).
+        self.loader = DataLoader(self.train_ds, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+                                 drop_last=True, pin_memory=pin, generator=self.loader_rng,
+                                 persistent_workers=workers > 0)
+        self.val_loader = DataLoader(self.val_ds, batch_size=cfg.data.val_batch_size, num_workers=workers,
+                                     pin_memory=pin, generator=torch.Generator().manual_seed(cfg.run.seed),
+                                     persistent_workers=workers > 0)
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -177,7 +194,9 @@ class Trainer:
                 torch.backends.cudnn.benchmark = benchmark
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -206,9 +225,9 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_dice, self.best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         self.history = [dict(r) for r in state["history"]]
-        rngs = state["rng"]
-        rng = rngs[self.env.rank] if len(rngs) == self.env.world else rngs[0]
-        self.rng.update({k: v for k, v in rng.items() if k in self.rng and isinstance(v, torch.Tensor)})
+        if "scaler" in ckpt and self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.rng.update(saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
@@ -218,9 +237,10 @@ class Trainer:
         if self.env.main:
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            write_split(getattr(self.train_ds, "sides", {}), self.out / "split.csv")
             log.info("training %s on %s (%d process(es), %s%s): %d train / %d validation images, %d steps/epoch",
                      model_name(self.model_cfg), self.device, self.env.world,
-                     "bf16" if self.bf16 else "fp32", ", channels_last" if run.channels_last else "",
+                     self.precision, ", channels_last" if run.channels_last else "",
                      len(self.train_ds), len(self.val_ds), self.steps_per_epoch)
         last = run.epochs if run.stop_after is None else min(run.epochs, self.epoch + run.stop_after)
         while self.epoch < last:
@@ -256,26 +276,42 @@ class Trainer:
                 "train_s": elapsed}
 
     def _train_steps(self) -> torch.Tensor:
-        """The steps of one epoch; returns this rank's (sum of loss * images, images)."""
+        """The steps of one epoch; returns this rank's (sum of loss * images, images).
+
+        With ``optim.accumulate: K`` each optimizer step sums the gradients of K batches (each loss divided
+        by K; DDP synchronises only the last one's), so K batches of B images step as one batch of K * B.
+        """
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        k = self.accumulate
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.run.epochs}", unit="batch", leave=False,
-                   disable=not (self.env.main and self.cfg.run.progress) or None)
+                   total=self.steps_per_epoch * k, disable=not (self.env.main and self.cfg.run.progress) or None)
+        self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
+            if i == self.steps_per_epoch * k:
+                break
             image, mask, valid = self._batch(batch)
-            with self._autocast():
-                logits = self.model(image)
-            loss = self.criterion(logits, mask, valid)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
+            last = (i + 1) % k == 0
+            with nullcontext() if last or self.env.world == 1 else self.model.no_sync():
+                with self._autocast():
+                    logits = self.model(image)
+                loss = self.criterion(logits, mask, valid)
+                self.scaler.scale(loss / k if k > 1 else loss).backward()
+            if last:
+                self._optimizer_step()
             sums += torch.stack([loss.detach().double() * image.shape[0], sums.new_tensor(image.shape[0])])
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")
         return sums
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -308,11 +344,12 @@ class Trainer:
                 "best_epoch": self.best_epoch, "data": data_source(self.cfg), "rsseg_version": _rsseg_version(),
                 "in_channels": val.bands,
                 "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
-                "precision": "bf16" if self.bf16 else "fp32"}
+                "precision": self.precision}
         state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
                  "history": self.history, "rng": rngs}
         last = save_checkpoint(self.out / "last.pt", self.module, self.model_cfg, meta,
                                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                               scaler=self.scaler.state_dict(),
                                train_state=state)
         if improved:
             with atomic_path(self.out / "best.pt") as tmp:
