@@ -145,9 +145,8 @@ def test_chip_dataset_bad_input(tmp_path):
 @pytest.fixture(scope="module")
 def scene_chips(tmp_path_factory):
     """Chips of one generated scene (256 px, 32-px chips overlapping by 8) and of a second scene, by write_chips."""
-    from rsseg.tiling.tiler import write_chips
-
     from rsseg.synth.generate import footprints_path, make_scene
+    from rsseg.tiling import write_chips
 
     root = tmp_path_factory.mktemp("scenes")
     folders = []
