@@ -153,7 +153,7 @@ def scene_chips(tmp_path_factory):
     for seed in (1, 2):
         scene = root / f"scene{seed}.tif"
         make_scene(scene, size=256, seed=seed, progress=False)
-        write_chips(scene, root / f"chips{seed}", size=32, overlap=8, labels=footprints_path(scene), n_workers=1)
+        write_chips(scene, root / f"chips{seed}", size=32, overlap=8, labels=footprints_path(scene))
         folders.append(root / f"chips{seed}")
     return folders
 
