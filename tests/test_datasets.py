@@ -179,7 +179,8 @@ def test_one_scene_splits_by_blocks_with_a_gap_and_no_shared_pixel(scene_chips, 
     val = ChipDataset(one, "val", val_fraction=0.2, seed=0)
     assert train.unit == "block" and len(train) and len(val)
     assert not _pixels_shared(_windows(train), _windows(val))  # no validation pixel in any training chip
-    rows = {r["image"]: r for r in csv.DictReader(open(one / "index.csv"))}
+    with open(one / "index.csv", newline="") as fh:
+        rows = {r["image"]: r for r in csv.DictReader(fh)}
     gap = 8 * 0.5  # the overlap, in metres (0.5 m pixels)
     for t in _windows(train):  # and at least the overlap between them
         for v in _windows(val):
