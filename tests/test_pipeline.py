@@ -377,6 +377,10 @@ def test_tianchi_submission_pipeline(tmp_path: Path, tianchi_dir: Path, rsseg_cl
     assert validate_submission(submission, tianchi_dir / "test_a_samplesubmit.csv") == []
     assert 0 <= score(submission, tianchi_dir / "test_a_mask.csv")["mean_dice"] <= 1
     assert 0 <= summary["stages"]["train"]["threshold"] <= 1
+    masks = summary["stages"]["masks"]
+    assert masks["images"] == 12 and 0 <= masks["empty_share"] <= 1 and masks["bad_rows"] == 0
+    for name in ("masks.csv", "bad_rows.csv", "summary.json", "mosaic.png"):
+        assert (tmp_path / "work" / "masks" / name).is_file()
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def write_report(workdir: Path, name: str, manifests: list[dict[str, Any]]) -> P
     for m in manifests:
         stage_dir = workdir / m["stage"]
         figures += [_img(p) for p in sorted(stage_dir.glob("*.png"))]
-        for js in ("score.json", "evaluation.json"):
+        for js in ("score.json", "evaluation.json", "summary.json"):
             if (stage_dir / js).exists():
                 text = json.dumps(json.loads((stage_dir / js).read_text()), indent=2)
                 metrics.append(f"<h3>{html.escape(m['stage'])}/{js}</h3><pre>{html.escape(text)}</pre>")

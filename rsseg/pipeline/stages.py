@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders, expand_inputs
 from rsseg.synth.options import SceneOptions, TianchiOptions
+from rsseg.tianchi.masks import MaskOptions
 from rsseg.tiling.options import TileOptions
 from rsseg.training.config import LaunchOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
@@ -67,6 +69,33 @@ def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
         futures.append(ctx.submit(make_scene, path, options, progress=False, label=f"scene{i}"))
     counts = [len(gdf) for gdf in ctx.gather(futures)]
     return {"scenes": p.count, "buildings": sum(counts)}
+
+
+# ------------------------------------------------------------------------------------------ Tianchi masks
+class TianchiMasksParams(MaskOptions):
+    """``tianchi_masks``: the options of :func:`rsseg.tianchi.describe_masks` plus the files it reads."""
+
+    masks: str = Field(description="train_mask.csv (name<TAB>rle)")
+    images: str = Field(description="The folder of the images the masks belong to (train/)")
+
+
+def _tianchi_masks(p: TianchiMasksParams, ctx: StageContext) -> dict[str, Any]:
+    """Decode and check every row in blocks on the cluster; the table, figures and mosaic go to the stage folder.
+
+    With bad rows the stage fails with one line naming the first; the full list is kept beside the stage folder
+    (``WORKDIR/<stage>.bad_rows.csv``), since a failed stage's own folder is removed.
+    """
+    from rsseg.tianchi import describe_masks, write_mask_report
+
+    options = MaskOptions(**p.model_dump(include=set(MaskOptions.model_fields)))
+    report = describe_masks(p.masks, p.images, options, executor=ctx.executor())
+    paths = write_mask_report(report, ctx.out_dir)
+    if report.bad_rows or report.table.empty:
+        listing = ctx.out_dir.parent / f"{ctx.name}.bad_rows.csv"
+        shutil.copyfile(paths["bad_rows"], listing)
+        report.raise_if_bad(listing)
+    summary = report.summary()
+    return {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -278,6 +307,7 @@ def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
 STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_tianchi", SynthTianchiParams, _synth_tianchi),
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
+    StageKind("tianchi_masks", TianchiMasksParams, _tianchi_masks),
     StageKind("tile", TileParams, _tile),
     StageKind("train", TrainParams, _train),
     StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
