@@ -496,3 +496,73 @@ def test_task_threads_share_the_host_among_worker_threads(client: Client) -> Non
     assert client.submit(task_threads, threads, 1, pure=False).result() == cores
     assert client.submit(task_threads, threads, 2, pure=False).result() == max(1, cores // 2)
     assert task_threads(threads) == cores  # outside a worker: every core
+
+
+@pytest.mark.parametrize("encoding", ["0/1", "0/255", "3-band 0/255", "rgba 0/255"])
+def test_label_raster_is_a_class_map(tmp_path: Path, encoding: str) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 40, 24, count=1)
+    truth = np.zeros((24, 40), np.uint8)
+    truth[3:9, 5:30] = 1
+    truth[15:20, 2:12] = 1
+    high = 1 if encoding == "0/1" else 255
+    bands = {"0/1": 1, "0/255": 1, "3-band 0/255": 3, "rgba 0/255": 4}[encoding]
+    mask = np.repeat(truth[None] * high, bands, axis=0)
+    if bands >= 3:
+        mask[1:3, 3:9, 5:30] = 0  # any band > 127 is a building
+        mask[:3, 0, :] = 100  # no band > 127: background
+    if bands == 4:
+        mask[3] = 255  # alpha: left out
+    label_raster = tmp_path / "mask.tif"
+    with rasterio.open(label_raster, "w", driver="GTiff", width=40, height=24, count=bands, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM, nodata=0, photometric="RGB" if bands >= 3 else None,
+                       alpha="YES" if bands == 4 else None) as dst:
+        dst.write(mask)
+    write_chips(scene, tmp_path / "out", size=16, overlap=4, labels=label_raster)
+    rows, meta = read_index(tmp_path / "out")
+    assert meta["labels"]["kind"] == "raster" and meta["labels"]["ignore"] is None
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), truth[r : r + 16, c : c + 16], err_msg=row["label"])
+        assert float(row["building_frac"]) == pytest.approx(truth[r : r + 16, c : c + 16].mean(), abs=1e-6)
+
+
+def test_label_nodata_equal_to_background_warns_once_and_label_ignore_overrides(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 64, 48, count=1)
+    mask = np.zeros((1, 48, 64), np.uint8)
+    mask[0, 10:30, 10:50] = 255
+    mask[0, 40:, :] = 9
+    label_raster = tmp_path / "mask.tif"
+    make_scene(label_raster, 64, 48, data=mask, nodata=0)  # SpaceNet's convention: nodata = background = 0
+    with caplog.at_level(logging.WARNING, logger="rsseg"):
+        write_chips(scene, tmp_path / "a", size=16, overlap=0, labels=label_raster)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "nodata value 0 is also its background" in warnings[0].getMessage()
+    assert "--label-ignore" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    rows, meta = read_index(tmp_path / "a")
+    assert len(rows) == 12 and meta["labels"]["ignore"] is None
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "a" / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), (mask[0, r : r + 16, c : c + 16] > 0).astype(np.uint8))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsseg"):
+        write_chips(scene, tmp_path / "b", size=16, overlap=0, labels=label_raster, label_ignore=9)
+    assert not caplog.records
+    rows, meta = read_index(tmp_path / "b")
+    assert meta["labels"]["ignore"] == 9
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "b" / row["label"]) as chip:
+            label = chip.read(1)
+        raw = mask[0, r : r + 16, c : c + 16]
+        assert (label[raw == 9] == 255).all() and (label[raw == 255] == 1).all() and (label[raw == 0] == 0).all()
+    vector = tmp_path / "b.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(*rasterio.transform.array_bounds(48, 64, TRANSFORM))],
+                     crs=CRS).to_file(vector)
+    with pytest.raises(ConfigError, match="label_ignore=9.0: applies to a label raster"):
+        write_chips(scene, tmp_path / "c", size=16, overlap=0, labels=vector, label_ignore=9)
+    assert not (tmp_path / "c").exists()

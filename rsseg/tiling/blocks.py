@@ -2,8 +2,9 @@
 
 A block is a few strips (runs of windows along one grid row) of the same grid columns, top to bottom.
 :func:`write_block` reads each strip with one windowed read, rasterizes the block's footprints into a
-label buffer (:func:`rasterio.features.rasterize`) or reads the label raster, marks nodata, writes the
-chips with a :class:`~rsseg.tiling.writer.ChipWriter` and returns their index rows. It runs sequentially:
+label buffer (:func:`rasterio.features.rasterize`) or reads the label raster as a class map
+(:mod:`rsseg.tiling.labels`), marks nodata, writes the chips with a :class:`~rsseg.tiling.writer.ChipWriter`
+and returns their index rows. It runs sequentially:
 the parallelism is the executor's (one block per task), and GDAL's decoding threads are whatever the
 process's environment says (``GDAL_NUM_THREADS``).
 
@@ -30,6 +31,7 @@ from rasterio.windows import Window
 
 from rsseg.errors import RasterError
 from rsseg.tiling.grid import Tile
+from rsseg.tiling.labels import LabelRaster
 from rsseg.tiling.writer import ChipWriter
 
 __all__ = ["ChipBlock", "ChipJob", "sorted_bounds", "strip_window", "window_transform", "write_block"]
@@ -53,7 +55,7 @@ class ChipJob:
     transform: Affine
     width: int
     height: int
-    label_raster: str | None
+    label_raster: LabelRaster | None
     compress: str | None
 
 
@@ -167,21 +169,6 @@ def _gdal_messages(exc: BaseException) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p))
 
 
-def _raster_labels(path: str, window: Window) -> np.ndarray:
-    """Labels from a label raster: 0 background, its nodata value 255 (ignore), anything else 1."""
-    with rasterio.open(path) as label_src:
-        inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
-        raw = label_src.read(1, window=inside)
-        nodata = label_src.nodata
-    labels = np.full((window.height, window.width), 255, np.uint8)
-    part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
-        : inside.height, : inside.width]
-    part[...] = raw != 0
-    if nodata is not None:
-        part[raw == nodata] = 255
-    return labels
-
-
 def _footprint_labels(block: ChipBlock, window: Window, boxes: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Footprints rasterized into ``out``: 1 where a pixel centre lies in one (holes empty), else 0."""
     out.fill(0)
@@ -227,7 +214,7 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int]]
         data, valid = reader.strip(window.row_off)
         labels = None
         if job.label_raster is not None:
-            labels = _raster_labels(job.label_raster, window)
+            labels = job.label_raster.read(window)
         elif label_out is not None:
             labels = _footprint_labels(block, window, boxes, label_out)
         if labels is not None and valid is not None:

@@ -10,7 +10,8 @@ reads the footprints, runs the blocks through :func:`rsseg.parallel.map_blocks` 
 Output layout (``OUT_DIR``, written atomically)::
 
     images/r0003_c0012.tif    source dtype, selected bands, source CRS, the window's exact transform
-    labels/r0003_c0012.tif    uint8: 0 background, 1 building, 255 ignore (source nodata or padding)
+    labels/r0003_c0012.tif    uint8: 0 background, 1 building, 255 ignore (source nodata, padding or the
+                              label raster's ignore value)
     index.csv                 one row per chip, columns INDEX_COLUMNS, paths relative to OUT_DIR
     index.json                scene, crs, size, overlap, bands, dtype, nodata, labels and counts
 
@@ -40,8 +41,9 @@ from rsseg.fileio import atomic_dir
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window, write_block
-from rsseg.tiling.footprints import Footprints, check_label_raster, load_footprints
+from rsseg.tiling.footprints import Footprints, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
+from rsseg.tiling.labels import LabelRaster, open_label_raster
 from rsseg.tiling.options import TileOptions
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
@@ -106,17 +108,26 @@ def _blocks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
             for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
 
 
-def _label_source(labels: Path | None, info: dict[str, Any]) -> dict | None:
-    """``path`` and ``kind`` of the labels: a label raster (checked against the scene's grid) or footprints."""
+def _label_source(labels: Path | None, info: dict[str, Any], label_ignore: float | None
+                  ) -> tuple[dict | None, LabelRaster | None, Footprints | None]:
+    """What ``index.json`` says of the labels, and the label raster or the footprints (or neither)."""
     if labels is None:
-        return None
+        if label_ignore is not None:
+            raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster; pass one with --labels")
+        return None, None, None
     try:
         lab_cm = rasterio.open(labels)
     except rasterio.errors.RasterioIOError:  # not a raster: footprints (read by load_footprints)
-        return {"path": str(Path(labels).resolve()), "kind": "vector"}
-    with lab_cm as lab_src:
-        check_label_raster(lab_src, info)
-    return {"path": str(Path(labels).resolve()), "kind": "raster"}
+        if label_ignore is not None:
+            raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster, and {labels} is not one "
+                              "(footprints have no ignore value)") from None
+        footprints = load_footprints(labels, info["crs"], info["bounds"])
+        return {"path": str(Path(labels).resolve()), "kind": "vector"}, None, footprints
+    lab_cm.close()
+    raster = open_label_raster(str(labels), info, label_ignore)
+    meta = {"path": str(Path(labels).resolve()), "kind": "raster", "building": raster.rule,
+            "ignore": _json_number(raster.ignore)}
+    return meta, raster, None
 
 
 def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, ...], ...],
@@ -140,7 +151,8 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
             compress); None: the defaults.
         labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS) or a label raster on the
-            scene's grid (0 background, its nodata value ignore, anything else building).
+            scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
+            or any band > 127 for a 3-band mask; ``label_ignore`` or its nodata value unless 0: ignore).
         executor: where the blocks run (e.g. a Dask client's ``get_executor()``; its workers must see
             ``out_dir``'s file system); None runs them in this process.
         **values: :class:`TileOptions` fields by name, overriding ``options``.
@@ -163,9 +175,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         grid = TileGrid(info["width"], info["height"], opts.size, opts.overlap)
     except ConfigError as exc:
         raise ConfigError(f"{scene}: {exc}") from exc
-    label_meta = _label_source(Path(labels) if labels else None, info)
-    vector = label_meta is not None and label_meta["kind"] == "vector"
-    footprints = load_footprints(labels, info["crs"], info["bounds"]) if vector else None
+    label_meta, label_raster, footprints = _label_source(Path(labels) if labels else None, info, opts.label_ignore)
     rows: list[dict[str, Any]] = []
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
@@ -176,7 +186,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       dtype=info["dtype"], nodata=info["nodata"], mask_band=info["mask_band"],
                       max_nodata=opts.max_nodata, crs=info["crs"], transform=info["transform"],
                       width=info["width"], height=info["height"], compress=opts.compress,
-                      label_raster=label_meta["path"] if label_meta and not vector else None)
+                      label_raster=label_raster)
         blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info)) for strips in _blocks(grid)]
         for _, (block_rows, block_counts) in map_blocks(write_block, blocks, executor, desc=f"tiling {scene.name}"):
             rows.extend(block_rows)
