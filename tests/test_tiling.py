@@ -28,6 +28,7 @@ from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
 from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
+from rsseg.tiling.stats import LOG_BINS, LOG_RANGE, BandStats
 from rsseg.tiling.writer import ChipWriter
 
 CRS = "EPSG:32650"
@@ -566,3 +567,59 @@ def test_label_nodata_equal_to_background_warns_once_and_label_ignore_overrides(
     with pytest.raises(ConfigError, match="label_ignore=9.0: applies to a label raster"):
         write_chips(scene, tmp_path / "c", size=16, overlap=0, labels=vector, label_ignore=9)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("uint16", 0), ("int16", -32768),
+                                               ("float32", float("nan"))])
+def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client,
+                                                  dtype: str, nodata: float) -> None:
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 50)  # several blocks, overlapping windows: each pixel counts once
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 2)
+    rng = np.random.default_rng(3)
+    base = rng.integers(1, 256, (3, 90, 130)).astype(np.uint8)  # a generated uint8 scene
+    base[1] = np.clip(rng.gamma(2.0, 20.0, (90, 130)), 1, 255).astype(np.uint8)  # skewed, like real imagery
+    base[2, 40:60, 70:110] = 250
+    data = {"uint8": base, "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
+            "float32": base.astype(np.float32) / 255}[dtype]
+    data[:, :20, :30] = nodata  # nodata corner: left out
+    data[0, 50, 50] = nodata  # one band equal to nodata is still data (GDAL's rule), except NaN in a float band
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 130, 90, data=data, nodata=nodata)
+    with rasterio.open(scene, "r+") as dst:
+        dst.set_band_description(2, "green")
+    write_chips(scene, tmp_path / "out", size=32, overlap=7, bands=[1, 2, 3], executor=client.get_executor())
+    stats = read_index(tmp_path / "out")[1]["band_stats"]
+    valid = ~(np.isnan(data) if dtype == "float32" else data == nodata).all(axis=0)
+    assert [s["band"] for s in stats] == [1, 2, 3] and [s["description"] for s in stats] == [None, "green", None]
+    for s, band in zip(stats, data, strict=True):
+        values = band[valid].astype(np.float64)
+        values = values[np.isfinite(values)]
+        assert s["dtype"] == dtype and s["count"] == values.size
+        assert s["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert s["std"] == pytest.approx(values.std(), rel=1e-9)
+        for key, q in (("p01", 1), ("p99", 99)):
+            expected = np.percentile(values, q)
+            if dtype == "float32":  # log-spaced bins: within a bin's width
+                bin_width = abs(expected) * (10 ** (np.diff(LOG_RANGE)[0] / (LOG_BINS // 2 - 1)) - 1)
+                assert abs(s[key] - expected) <= bin_width, (key, s[key], expected)
+            else:  # one bin per value: exact
+                assert s[key] == pytest.approx(expected, abs=1e-9), (key, s[key], expected)
+
+
+def test_band_stats_of_an_all_nodata_band_and_a_masked_scene(tmp_path: Path) -> None:
+    scene = tmp_path / "masked.tif"
+    data = np.random.default_rng(0).integers(0, 256, (2, 40, 50)).astype(np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=50, height=40, count=2, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM) as dst:
+        dst.write(data)
+        mask = np.full((40, 50), 255, np.uint8)
+        mask[:, :20] = 0
+        dst.write_mask(mask)
+    write_chips(scene, tmp_path / "out", size=64, overlap=0, max_nodata=1.0)  # one padded chip
+    stats = read_index(tmp_path / "out")[1]["band_stats"]
+    for s, band in zip(stats, data, strict=True):
+        assert s["count"] == 40 * 30 and s["mean"] == pytest.approx(band[:, 20:].mean(), rel=1e-12)
+        assert s["p99"] == np.percentile(band[:, 20:], 99)
+    empty = BandStats.empty(1, "float32").summary((1,), (None,))
+    assert empty == [dict(band=1, description=None, mean=None, std=None, p01=None, p99=None, dtype="float32",
+                          count=0)]

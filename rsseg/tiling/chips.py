@@ -13,7 +13,8 @@ Output layout (``OUT_DIR``, written atomically)::
     labels/r0003_c0012.tif    uint8: 0 background, 1 building, 255 ignore (source nodata, padding or the
                               label raster's ignore value)
     index.csv                 one row per chip, columns INDEX_COLUMNS, paths relative to OUT_DIR
-    index.json                scene, crs, size, overlap, bands, dtype, nodata, labels and counts
+    index.json                scene, crs, size, overlap, bands, dtype, nodata, labels, counts and band_stats
+                              (per band: mean, std, p01, p99 of the scene's valid pixels; rsseg.tiling.stats)
 
 A pixel is nodata when every selected band equals the scene's nodata value (GDAL's dataset-mask rule),
 when the scene's per-dataset or alpha mask says so, or when it lies beyond the edge of a scene smaller
@@ -44,6 +45,7 @@ from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window,
 from rsseg.tiling.footprints import Footprints, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
 from rsseg.tiling.labels import LabelRaster, open_label_raster
+from rsseg.tiling.stats import BandStats
 from rsseg.tiling.options import TileOptions
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
@@ -83,6 +85,7 @@ def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dic
         flags = src.mask_flag_enums[chosen[0] - 1]
         return dict(path=str(scene.resolve()), width=src.width, height=src.height, crs=src.crs, transform=src.transform,
                     bounds=tuple(src.bounds), bands=chosen, dtype=dtypes.pop(), nodata=src.nodata,
+                    descriptions=tuple(src.descriptions[b - 1] for b in chosen),
                     mask_band=src.nodata is None and (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags))
 
 
@@ -140,6 +143,31 @@ def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, .
     return footprints.within(sorted_bounds(block, info["transform"]))
 
 
+def _owned(grid: TileGrid, strips: tuple[tuple[Tile, ...], ...]) -> tuple[int, tuple[int, ...]]:
+    """The pixels a block counts in the band statistics (:attr:`ChipBlock.owned`): up to the next column
+    range's first window and each strip up to the next grid row, so each pixel of the scene counts once."""
+    def end(offsets: tuple[int, ...], i: int, length: int) -> int:
+        return offsets[i + 1] if i + 1 < len(offsets) else length
+
+    return (end(grid.col_offsets, strips[0][-1].col, grid.width),
+            tuple(end(grid.row_offsets, strip[0].row, grid.height) for strip in strips))
+
+
+def _run_blocks(blocks: list[ChipBlock], executor: cf.Executor | None, desc: str,
+                counts: dict[str, int]) -> tuple[list[dict[str, Any]], BandStats]:
+    """Run the blocks; return their index rows (in grid order) and merged band statistics; update ``counts``."""
+    rows: list[dict[str, Any]] = []
+    stats = BandStats.empty(len(blocks[0].job.bands), blocks[0].job.dtype)
+    for _, (block_rows, block_counts, block_stats) in map_blocks(write_block, blocks, executor, desc=desc):
+        rows.extend(block_rows)
+        stats += block_stats
+        for key, value in block_counts.items():
+            counts[key] += value
+    rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
+    counts["chips"] = len(rows)
+    return rows, stats
+
+
 def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: TileOptions | None = None,
                 *, labels: str | os.PathLike[str] | None = None, executor: cf.Executor | None = None,
                 **values: Any) -> Path:
@@ -176,7 +204,6 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     except ConfigError as exc:
         raise ConfigError(f"{scene}: {exc}") from exc
     label_meta, label_raster, footprints = _label_source(Path(labels) if labels else None, info, opts.label_ignore)
-    rows: list[dict[str, Any]] = []
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
         (tmp / "images").mkdir()
@@ -187,15 +214,12 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       max_nodata=opts.max_nodata, crs=info["crs"], transform=info["transform"],
                       width=info["width"], height=info["height"], compress=opts.compress,
                       label_raster=label_raster)
-        blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info)) for strips in _blocks(grid)]
-        for _, (block_rows, block_counts) in map_blocks(write_block, blocks, executor, desc=f"tiling {scene.name}"):
-            rows.extend(block_rows)
-            for key, value in block_counts.items():
-                counts[key] += value
-        rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
-        counts["chips"] = len(rows)
+        blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info), _owned(grid, strips))
+                  for strips in _blocks(grid)]
+        rows, stats = _run_blocks(blocks, executor, f"tiling {scene.name}", counts)
         if footprints is not None:
             counts.update(footprints.counts)
+        info["band_stats"] = stats.summary(info["bands"], info["descriptions"])
         _write_index(tmp, rows, info, opts, label_meta, counts, grid)
     log.info("%s: %d chips from %d windows under %s (%s)", scene, len(rows), len(grid), out_dir, counts)
     return out_dir / "index.csv"
@@ -216,5 +240,6 @@ def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], opts: TileOp
                 width=info["width"], height=info["height"], transform=list(info["transform"])[:6],
                 size=grid.size, overlap=grid.overlap, n_rows=grid.n_rows, n_cols=grid.n_cols,
                 bands=list(info["bands"]), dtype=info["dtype"], nodata=_json_number(info["nodata"]),
-                max_nodata=opts.max_nodata, compress=opts.compress, labels=label_meta, counts=counts)
+                max_nodata=opts.max_nodata, compress=opts.compress, labels=label_meta, counts=counts,
+                band_stats=info["band_stats"])
     (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
