@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +19,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import shapely
 from distributed import Client, LocalCluster
 from rasterio.features import rasterize
@@ -28,6 +32,7 @@ from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
 from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
+from rsseg.tiling.sources import display_name, is_remote, source_name
 from rsseg.tiling.stats import LOG_BINS, LOG_RANGE, BandStats
 from rsseg.tiling.writer import ChipWriter
 
@@ -623,3 +628,125 @@ def test_band_stats_of_an_all_nodata_band_and_a_masked_scene(tmp_path: Path) -> 
     empty = BandStats.empty(1, "float32").summary((1,), (None,))
     assert empty == [dict(band=1, description=None, mean=None, std=None, p01=None, p99=None, dtype="float32",
                           count=0)]
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the files under ``server.root`` with HTTP Range support (GDAL's /vsicurl/ reads byte ranges)."""
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = self.server.root / self.path.split("?", 1)[0].lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start, end = 0, len(data) - 1
+        if wanted:
+            start, end = int(wanted[1]), min(int(wanted[2] or end), end)
+        self.server.requests.append((self.command, self.path, self.headers.get("Range")))
+        self.send_response(206 if wanted else 200)
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start : end + 1])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, list]:
+    """A folder served on 127.0.0.1 (with Range requests) for the test's duration, its base URL, the requests."""
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # no directory listing requests
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "20")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.root, server.requests, server.daemon_threads = root, [], True
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    stop = threading.Timer(300, server.shutdown)  # bounded: stops by itself even if the test hangs
+    stop.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", server.requests
+    finally:
+        stop.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _chips(out: Path) -> dict[str, tuple[np.ndarray, Affine, object]]:
+    chips = {}
+    for path in sorted(out.glob("*/*.tif")):
+        with rasterio.open(path) as chip:
+            chips[f"{path.parent.name}/{path.name}"] = (chip.read(), chip.transform, chip.crs)
+    return chips
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_remote_cog_over_http_and_s3_gives_the_local_chips(tmp_path: Path, http_root: tuple[Path, str, list],
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    root, url, requests = http_root
+    local, mask = tmp_path / "scene.tif", tmp_path / "mask.tif"
+    make_scene(local, 300, 200, count=3, seed=5)
+    labels = np.zeros((1, 200, 300), np.uint8)
+    labels[0, 30:90, 40:200] = 255
+    make_scene(mask, 300, 200, data=labels, nodata=0)
+    (root / "bucket").mkdir()
+    for src, name in ((local, "bucket/scene.tif"), (mask, "bucket/mask.tif")):
+        rasterio.shutil.copy(src, root / name, driver="COG", blocksize=64)  # internal tiles, overviews
+    options = TileOptions(size=64, overlap=8)
+    write_chips(local, tmp_path / "local", options, labels=mask)
+    expected = _chips(tmp_path / "local")
+    rows, meta = read_index(tmp_path / "local")
+    remote = f"/vsicurl/{url}/bucket/scene.tif"
+    with ThreadPoolExecutor(2) as executor:
+        write_chips(remote, tmp_path / "http", options, labels=f"/vsicurl/{url}/bucket/mask.tif", executor=executor)
+    assert any(r[2] for r in requests if r[1] == "/bucket/scene.tif"), "read with Range requests"
+    got = _chips(tmp_path / "http")
+    assert got.keys() == expected.keys() and len(got) == 2 * len(rows)
+    for name, (pixels, transform, crs) in expected.items():
+        np.testing.assert_array_equal(got[name][0], pixels, err_msg=name)
+        assert got[name][1:] == (transform, crs), name
+    remote_rows, remote_meta = read_index(tmp_path / "http")
+    assert remote_rows == rows and remote_meta["scene"] == remote  # the name as given, not a local path
+    assert remote_meta["band_stats"] == meta["band_stats"] and remote_meta["labels"]["path"].startswith("/vsicurl/")
+    # s3:// through rasterio (GDAL's /vsis3/), the bucket on the local server; the CLI takes remote names as given.
+    for key, value in dict(AWS_S3_ENDPOINT=url.removeprefix("http://"), AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE",
+                           AWS_NO_SIGN_REQUEST="YES", AWS_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    before = len(requests)
+    for name, scene in (("s3", "s3://bucket/scene.tif"), ("vsis3", "/vsis3/bucket/scene.tif")):
+        main(["tile", scene, str(tmp_path / name), "--size", "64", "--overlap", "8", "--labels", "s3://bucket/mask.tif",
+              "--scheduler", "sync"])
+        assert capsys.readouterr().out.strip() == str(tmp_path / name / "index.csv")
+        assert read_index(tmp_path / name)[0] == rows
+        got = _chips(tmp_path / name)
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[k][0], v[0]) and got[k][1] == v[1] for k, v in expected.items()), name
+    assert any(r[1] == "/bucket/scene.tif" and r[2] for r in requests[before:]), "s3:// read from the endpoint"
+
+
+def test_remote_names_are_kept_as_given() -> None:
+    for name in ("/vsicurl/https://host/a/b.tif", "s3://bucket/k.tif", "gs://b/k.tif", "/vsis3/b/k.tif",
+                 "https://host/x.tif?sig=1//2", "/vsigs/b/k.tif"):
+        assert is_remote(name) and source_name(name) == name, name
+    assert display_name("/vsicurl/https://host/a/b.tif?sig=x/y") == "b.tif"
+    assert not is_remote("scene.tif") and not is_remote(Path("/vsis3/b/k.tif")) and not is_remote("C:/data/x.tif")
+    assert source_name("scene.tif") == str(Path("scene.tif").resolve())

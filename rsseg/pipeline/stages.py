@@ -139,19 +139,22 @@ def _synth_scene(p: SynthSceneParams, ctx: StageContext) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ tiling
 class TileParams(TileOptions):
-    scenes: str
+    scenes: str = Field(description="A scene, a folder of .tif, a glob, or one remote scene (/vsicurl/https://..., "
+                                    "s3://..., gs://..., /vsis3/...)")
     labels: str | None = Field(None, description="A vector/raster file, or a pattern with {stem}")
 
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.tiling import write_chips
+    from rsseg.tiling.sources import display_name, is_remote
 
     options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
     executor = ctx.client.get_executor()
     chips = 0
-    for scene in expand_inputs(p.scenes):
-        labels = p.labels.format(stem=scene.stem) if p.labels else None
-        index = write_chips(scene, ctx.out_dir / scene.stem, options, labels=labels, executor=executor)
+    for scene in [p.scenes] if is_remote(p.scenes) else expand_inputs(p.scenes):  # one remote scene as given
+        stem = Path(display_name(scene)).stem
+        labels = p.labels.format(stem=stem) if p.labels else None
+        index = write_chips(scene, ctx.out_dir / stem, options, labels=labels, executor=executor)
         with open(index) as fh:
             chips += sum(1 for _ in fh) - 1
     return {"chips": chips}

@@ -45,8 +45,9 @@ from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window,
 from rsseg.tiling.footprints import Footprints, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
 from rsseg.tiling.labels import LabelRaster, open_label_raster
-from rsseg.tiling.stats import BandStats
 from rsseg.tiling.options import TileOptions
+from rsseg.tiling.sources import display_name, source_name
+from rsseg.tiling.stats import BandStats
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
 
@@ -63,7 +64,7 @@ STRIP_MAX_PX = 8192
 STRIPS_PER_BLOCK = 16
 
 
-def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dict[str, Any]:
+def _scene_info(scene: str, bands: list[int] | None, allow_no_crs: bool) -> dict[str, Any]:
     """Validate the scene and the band selection; return what the index and the blocks need."""
     try:
         src_cm = rasterio.open(scene)
@@ -83,7 +84,7 @@ def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dic
             raise RasterError(f"{scene}: bands {list(chosen)} mix dtypes {sorted(dtypes)}; select bands "
                               "of one dtype")
         flags = src.mask_flag_enums[chosen[0] - 1]
-        return dict(path=str(scene.resolve()), width=src.width, height=src.height, crs=src.crs, transform=src.transform,
+        return dict(path=source_name(scene), width=src.width, height=src.height, crs=src.crs, transform=src.transform,
                     bounds=tuple(src.bounds), bands=chosen, dtype=dtypes.pop(), nodata=src.nodata,
                     descriptions=tuple(src.descriptions[b - 1] for b in chosen),
                     mask_band=src.nodata is None and (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags))
@@ -111,7 +112,7 @@ def _blocks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
             for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
 
 
-def _label_source(labels: Path | None, info: dict[str, Any], label_ignore: float | None
+def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float | None
                   ) -> tuple[dict | None, LabelRaster | None, Footprints | None]:
     """What ``index.json`` says of the labels, and the label raster or the footprints (or neither)."""
     if labels is None:
@@ -125,10 +126,10 @@ def _label_source(labels: Path | None, info: dict[str, Any], label_ignore: float
             raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster, and {labels} is not one "
                               "(footprints have no ignore value)") from None
         footprints = load_footprints(labels, info["crs"], info["bounds"])
-        return {"path": str(Path(labels).resolve()), "kind": "vector"}, None, footprints
+        return {"path": source_name(labels), "kind": "vector"}, None, footprints
     lab_cm.close()
-    raster = open_label_raster(str(labels), info, label_ignore)
-    meta = {"path": str(Path(labels).resolve()), "kind": "raster", "building": raster.rule,
+    raster = open_label_raster(source_name(labels), info, label_ignore)
+    meta = {"path": raster.path, "kind": "raster", "building": raster.rule,
             "ignore": _json_number(raster.ignore)}
     return meta, raster, None
 
@@ -144,8 +145,12 @@ def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, .
 
 
 def _owned(grid: TileGrid, strips: tuple[tuple[Tile, ...], ...]) -> tuple[int, tuple[int, ...]]:
-    """The pixels a block counts in the band statistics (:attr:`ChipBlock.owned`): up to the next column
-    range's first window and each strip up to the next grid row, so each pixel of the scene counts once."""
+    """The pixels a block counts in the band statistics (:attr:`ChipBlock.owned`).
+
+    Up to the next column range's first window and each strip up to the next grid row, so each pixel of the
+    scene counts once, however the windows overlap.
+    """
+
     def end(offsets: tuple[int, ...], i: int, length: int) -> int:
         return offsets[i + 1] if i + 1 < len(offsets) else length
 
@@ -174,12 +179,13 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     """Cut ``scene`` into ``size`` x ``size`` chips overlapping by ``overlap`` pixels.
 
     Args:
-        scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands.
+        scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands; a local path or a remote name
+            (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.tiling.sources`).
         out_dir: output folder; must not exist unless ``overwrite``. Written atomically.
         options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
             compress); None: the defaults.
-        labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS) or a label raster on the
-            scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
+        labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS; local or remote) or a label
+            raster on the scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
             or any band > 127 for a 3-band mask; ``label_ignore`` or its nodata value unless 0: ignore).
         executor: where the blocks run (e.g. a Dask client's ``get_executor()``; its workers must see
             ``out_dir``'s file system); None runs them in this process.
@@ -195,7 +201,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     opts = resolve(TileOptions, options, values)
-    scene, out_dir = Path(scene), Path(out_dir)
+    scene, out_dir = os.fspath(scene), Path(out_dir)  # a remote scene keeps its name (rsseg.tiling.sources)
     if out_dir.exists() and not opts.overwrite:
         raise FileExistsError(f"{out_dir} exists; remove it, choose another folder or pass --overwrite")
     info = _scene_info(scene, opts.bands, opts.allow_no_crs)
@@ -203,7 +209,8 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         grid = TileGrid(info["width"], info["height"], opts.size, opts.overlap)
     except ConfigError as exc:
         raise ConfigError(f"{scene}: {exc}") from exc
-    label_meta, label_raster, footprints = _label_source(Path(labels) if labels else None, info, opts.label_ignore)
+    label_meta, label_raster, footprints = _label_source(os.fspath(labels) if labels else None, info,
+                                                         opts.label_ignore)
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
         (tmp / "images").mkdir()
@@ -216,7 +223,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       label_raster=label_raster)
         blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info), _owned(grid, strips))
                   for strips in _blocks(grid)]
-        rows, stats = _run_blocks(blocks, executor, f"tiling {scene.name}", counts)
+        rows, stats = _run_blocks(blocks, executor, f"tiling {display_name(scene)}", counts)
         if footprints is not None:
             counts.update(footprints.counts)
         info["band_stats"] = stats.summary(info["bands"], info["descriptions"])

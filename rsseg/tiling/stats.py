@@ -80,6 +80,7 @@ class BandStats:
 
     @classmethod
     def empty(cls, n_bands: int, dtype: str) -> BandStats:
+        """Statistics of no pixels yet, for ``n_bands`` bands of ``dtype``."""
         exact = _exact_bins(np.dtype(dtype))
         bins = exact[0] if exact else LOG_BINS
         zeros = np.zeros(n_bands)
@@ -130,7 +131,7 @@ class BandStats:
         return merged
 
     def _percentile(self, b: int, q: float) -> float:
-        """numpy's linear-interpolation percentile, from the ranks' bins."""
+        """The percentile numpy gives (linear interpolation), from the ranks' bins."""
         cum = np.cumsum(self.hist[b])
         h = (cum[-1] - 1) * q
         below = math.floor(h)
@@ -152,8 +153,11 @@ class BandStats:
         return mean, math.sqrt(float(weights @ (values - mean) ** 2 / self.n[b]))
 
     def summary(self, bands: tuple[int, ...], descriptions: tuple[str | None, ...]) -> list[dict[str, Any]]:
-        """Per band: ``band``, ``description``, ``mean``, ``std``, ``p01``, ``p99``, ``dtype`` and ``count``
-        (valid values; None statistics where there are none)."""
+        """What ``index.json`` holds as ``band_stats``, one dict per band.
+
+        Keys: ``band``, ``description``, ``mean``, ``std``, ``p01``, ``p99``, ``dtype`` and ``count`` (valid
+        values; the statistics are None where there are none).
+        """
         out = []
         for b, (band, description) in enumerate(zip(bands, descriptions, strict=True)):
             row: dict[str, Any] = dict(band=band, description=description, mean=None, std=None, p01=None,
