@@ -120,14 +120,17 @@ def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float 
             raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster; pass one with --labels")
         return None, None, None
     try:
-        lab_cm = rasterio.open(labels)
+        rasterio.open(labels).close()
     except rasterio.errors.RasterioIOError:  # not a raster: footprints (read by load_footprints)
+        is_raster = False
+    else:
+        is_raster = True
+    if not is_raster:
         if label_ignore is not None:
             raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster, and {labels} is not one "
-                              "(footprints have no ignore value)") from None
+                              "(footprints have no ignore value)")
         footprints = load_footprints(labels, info["crs"], info["bounds"])
         return {"path": source_name(labels), "kind": "vector"}, None, footprints
-    lab_cm.close()
     raster = open_label_raster(source_name(labels), info, label_ignore)
     meta = {"path": raster.path, "kind": "raster", "building": raster.rule,
             "ignore": _json_number(raster.ignore)}
