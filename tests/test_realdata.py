@@ -69,3 +69,25 @@ def test_spacenet_masks_give_background_and_buildings(tmp_path: Path, name: str,
         assert float(row["nodata_frac"]) == 0.0
     assert values <= {0, 1} and 0 in values
     assert (1 in values) == bool(mask.any())
+
+
+def test_cli_label_ignore_overrides_on_a_spacenet_mask(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rsseg.cli import cli
+
+    name = TILES[1]
+    image, mask_path = SPACENET / "images" / f"{name}.tif", SPACENET / "masks" / f"{name}.tif"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["tile", str(image), str(out), "--labels", str(mask_path), "--size", "256",
+                                      "--overlap", "0", "--label-ignore", "0", "--scheduler", "sync"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out / "index.csv")
+    with rasterio.open(mask_path) as src:
+        mask = src.read(1)
+    with open(out / "index.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:  # told that 0 means ignore: background becomes 255, buildings stay 1
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(out / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), np.where(mask[r : r + 256, c : c + 256] > 0, 1, 255))
