@@ -112,15 +112,31 @@ def validate(submission: Path, sample: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
+class _Source(click.ParamType):
+    """An existing local file, or a remote name GDAL opens (``/vsicurl/https://...``, ``s3://...``, ...) as given."""
+
+    name = "path|url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from rsseg.tiling.sources import is_remote
+
+        return value if is_remote(value) else _EXISTING.convert(value, param, ctx)
+
+
 @cli.command()
-@click.argument("scene", type=_EXISTING)
+@click.argument("scene", type=_Source())
 @click.argument("out_dir", type=_PATH)
-@click.option("--labels", type=_EXISTING, help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster.")
+@click.option("--labels", type=_Source(), help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster; a local "
+                                               "file or a remote name like SCENE's.")
 @click_options(TileOptions)
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786; 'sync' runs in this process "
                                   "(default: a LocalCluster).")
 def tile(scene: Path, out_dir: Path, labels: Path | None, scheduler: str | None, **params: object) -> None:
-    """Cut SCENE into chips (and label chips) under OUT_DIR, with an index."""
+    """Cut SCENE into chips (and label chips) under OUT_DIR, with an index.
+
+    SCENE is a local raster or a remote one: /vsicurl/https://..., s3://..., gs://..., /vsis3/... (GDAL's
+    AWS_*/GS_*/GDAL_HTTP_* settings apply).
+    """
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.tiling import write_chips
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +19,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import shapely
 from distributed import Client, LocalCluster
 from rasterio.features import rasterize
@@ -28,6 +32,8 @@ from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
 from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
+from rsseg.tiling.sources import display_name, is_remote, source_name
+from rsseg.tiling.stats import LOG_BINS, LOG_RANGE, BandStats
 from rsseg.tiling.writer import ChipWriter
 
 CRS = "EPSG:32650"
@@ -496,3 +502,251 @@ def test_task_threads_share_the_host_among_worker_threads(client: Client) -> Non
     assert client.submit(task_threads, threads, 1, pure=False).result() == cores
     assert client.submit(task_threads, threads, 2, pure=False).result() == max(1, cores // 2)
     assert task_threads(threads) == cores  # outside a worker: every core
+
+
+@pytest.mark.parametrize("encoding", ["0/1", "0/255", "3-band 0/255", "rgba 0/255"])
+def test_label_raster_is_a_class_map(tmp_path: Path, encoding: str) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 40, 24, count=1)
+    truth = np.zeros((24, 40), np.uint8)
+    truth[3:9, 5:30] = 1
+    truth[15:20, 2:12] = 1
+    high = 1 if encoding == "0/1" else 255
+    bands = {"0/1": 1, "0/255": 1, "3-band 0/255": 3, "rgba 0/255": 4}[encoding]
+    mask = np.repeat(truth[None] * high, bands, axis=0)
+    if bands >= 3:
+        mask[1:3, 3:9, 5:30] = 0  # any band > 127 is a building
+        mask[:3, 0, :] = 100  # no band > 127: background
+    if bands == 4:
+        mask[3] = 255  # alpha: left out
+    label_raster = tmp_path / "mask.tif"
+    with rasterio.open(label_raster, "w", driver="GTiff", width=40, height=24, count=bands, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM, nodata=0, photometric="RGB" if bands >= 3 else None,
+                       alpha="YES" if bands == 4 else None) as dst:
+        dst.write(mask)
+    write_chips(scene, tmp_path / "out", size=16, overlap=4, labels=label_raster)
+    rows, meta = read_index(tmp_path / "out")
+    assert meta["labels"]["kind"] == "raster" and meta["labels"]["ignore"] is None
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "out" / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), truth[r : r + 16, c : c + 16], err_msg=row["label"])
+        assert float(row["building_frac"]) == pytest.approx(truth[r : r + 16, c : c + 16].mean(), abs=1e-6)
+
+
+def test_label_nodata_equal_to_background_warns_once_and_label_ignore_overrides(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 64, 48, count=1)
+    mask = np.zeros((1, 48, 64), np.uint8)
+    mask[0, 10:30, 10:50] = 255
+    mask[0, 40:, :] = 9
+    label_raster = tmp_path / "mask.tif"
+    make_scene(label_raster, 64, 48, data=mask, nodata=0)  # SpaceNet's convention: nodata = background = 0
+    with caplog.at_level(logging.WARNING, logger="rsseg"):
+        write_chips(scene, tmp_path / "a", size=16, overlap=0, labels=label_raster)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "nodata value 0 is also its background" in warnings[0].getMessage()
+    assert "--label-ignore" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    rows, meta = read_index(tmp_path / "a")
+    assert len(rows) == 12 and meta["labels"]["ignore"] is None
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "a" / row["label"]) as chip:
+            np.testing.assert_array_equal(chip.read(1), (mask[0, r : r + 16, c : c + 16] > 0).astype(np.uint8))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsseg"):
+        write_chips(scene, tmp_path / "b", size=16, overlap=0, labels=label_raster, label_ignore=9)
+    assert not caplog.records
+    rows, meta = read_index(tmp_path / "b")
+    assert meta["labels"]["ignore"] == 9
+    for row in rows:
+        c, r = int(row["col_off"]), int(row["row_off"])
+        with rasterio.open(tmp_path / "b" / row["label"]) as chip:
+            label = chip.read(1)
+        raw = mask[0, r : r + 16, c : c + 16]
+        assert (label[raw == 9] == 255).all() and (label[raw == 255] == 1).all() and (label[raw == 0] == 0).all()
+    vector = tmp_path / "b.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(*rasterio.transform.array_bounds(48, 64, TRANSFORM))],
+                     crs=CRS).to_file(vector)
+    with pytest.raises(ConfigError, match="label_ignore=9.0: applies to a label raster"):
+        write_chips(scene, tmp_path / "c", size=16, overlap=0, labels=vector, label_ignore=9)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("uint16", 0), ("int16", -32768),
+                                               ("float32", float("nan"))])
+def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client,
+                                                  dtype: str, nodata: float) -> None:
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 50)  # several blocks, overlapping windows: each pixel counts once
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 2)
+    rng = np.random.default_rng(3)
+    base = rng.integers(1, 256, (3, 90, 130)).astype(np.uint8)  # a generated uint8 scene
+    base[1] = np.clip(rng.gamma(2.0, 20.0, (90, 130)), 1, 255).astype(np.uint8)  # skewed, like real imagery
+    base[2, 40:60, 70:110] = 250
+    data = {"uint8": base, "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
+            "float32": base.astype(np.float32) / 255}[dtype]
+    data[:, :20, :30] = nodata  # nodata corner: left out
+    data[0, 50, 50] = nodata  # one band equal to nodata is still data (GDAL's rule), except NaN in a float band
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 130, 90, data=data, nodata=nodata)
+    with rasterio.open(scene, "r+") as dst:
+        dst.set_band_description(2, "green")
+    write_chips(scene, tmp_path / "out", size=32, overlap=7, bands=[1, 2, 3], executor=client.get_executor())
+    stats = read_index(tmp_path / "out")[1]["band_stats"]
+    valid = ~(np.isnan(data) if dtype == "float32" else data == nodata).all(axis=0)
+    assert [s["band"] for s in stats] == [1, 2, 3] and [s["description"] for s in stats] == [None, "green", None]
+    for s, band in zip(stats, data, strict=True):
+        values = band[valid].astype(np.float64)
+        values = values[np.isfinite(values)]
+        assert s["dtype"] == dtype and s["count"] == values.size
+        assert s["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert s["std"] == pytest.approx(values.std(), rel=1e-9)
+        for key, q in (("p01", 1), ("p99", 99)):
+            expected = np.percentile(values, q)
+            if dtype == "float32":  # log-spaced bins: within a bin's width
+                bin_width = abs(expected) * (10 ** (np.diff(LOG_RANGE)[0] / (LOG_BINS // 2 - 1)) - 1)
+                assert abs(s[key] - expected) <= bin_width, (key, s[key], expected)
+            else:  # one bin per value: exact
+                assert s[key] == pytest.approx(expected, abs=1e-9), (key, s[key], expected)
+
+
+def test_band_stats_of_an_all_nodata_band_and_a_masked_scene(tmp_path: Path) -> None:
+    scene = tmp_path / "masked.tif"
+    data = np.random.default_rng(0).integers(0, 256, (2, 40, 50)).astype(np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=50, height=40, count=2, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM) as dst:
+        dst.write(data)
+        mask = np.full((40, 50), 255, np.uint8)
+        mask[:, :20] = 0
+        dst.write_mask(mask)
+    write_chips(scene, tmp_path / "out", size=64, overlap=0, max_nodata=1.0)  # one padded chip
+    stats = read_index(tmp_path / "out")[1]["band_stats"]
+    for s, band in zip(stats, data, strict=True):
+        assert s["count"] == 40 * 30 and s["mean"] == pytest.approx(band[:, 20:].mean(), rel=1e-12)
+        assert s["p99"] == np.percentile(band[:, 20:], 99)
+    empty = BandStats.empty(1, "float32").summary((1,), (None,))
+    assert empty == [dict(band=1, description=None, mean=None, std=None, p01=None, p99=None, dtype="float32",
+                          count=0)]
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the files under ``server.root`` with HTTP Range support (GDAL's /vsicurl/ reads byte ranges)."""
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = self.server.root / self.path.split("?", 1)[0].lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start, end = 0, len(data) - 1
+        if wanted:
+            start, end = int(wanted[1]), min(int(wanted[2] or end), end)
+        self.server.requests.append((self.command, self.path, self.headers.get("Range")))
+        self.send_response(206 if wanted else 200)
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start : end + 1])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, list]:
+    """A folder served on 127.0.0.1 (with Range requests) for the test's duration, its base URL, the requests."""
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # no directory listing requests
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "20")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.root, server.requests, server.daemon_threads = root, [], True
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    stop = threading.Timer(300, server.shutdown)  # bounded: stops by itself even if the test hangs
+    stop.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", server.requests
+    finally:
+        stop.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _chips(out: Path) -> dict[str, tuple[np.ndarray, Affine, object]]:
+    chips = {}
+    for path in sorted(out.glob("*/*.tif")):
+        with rasterio.open(path) as chip:
+            chips[f"{path.parent.name}/{path.name}"] = (chip.read(), chip.transform, chip.crs)
+    return chips
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_remote_cog_over_http_and_s3_gives_the_local_chips(tmp_path: Path, http_root: tuple[Path, str, list],
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    root, url, requests = http_root
+    local, mask = tmp_path / "scene.tif", tmp_path / "mask.tif"
+    make_scene(local, 300, 200, count=3, seed=5)
+    labels = np.zeros((1, 200, 300), np.uint8)
+    labels[0, 30:90, 40:200] = 255
+    make_scene(mask, 300, 200, data=labels, nodata=0)
+    (root / "bucket").mkdir()
+    for src, name in ((local, "bucket/scene.tif"), (mask, "bucket/mask.tif")):
+        rasterio.shutil.copy(src, root / name, driver="COG", blocksize=64)  # internal tiles, overviews
+    options = TileOptions(size=64, overlap=8)
+    write_chips(local, tmp_path / "local", options, labels=mask)
+    expected = _chips(tmp_path / "local")
+    rows, meta = read_index(tmp_path / "local")
+    remote = f"/vsicurl/{url}/bucket/scene.tif"
+    with ThreadPoolExecutor(2) as executor:
+        write_chips(remote, tmp_path / "http", options, labels=f"/vsicurl/{url}/bucket/mask.tif", executor=executor)
+    assert any(r[2] for r in requests if r[1] == "/bucket/scene.tif"), "read with Range requests"
+    got = _chips(tmp_path / "http")
+    assert got.keys() == expected.keys() and len(got) == 2 * len(rows)
+    for name, (pixels, transform, crs) in expected.items():
+        np.testing.assert_array_equal(got[name][0], pixels, err_msg=name)
+        assert got[name][1:] == (transform, crs), name
+    remote_rows, remote_meta = read_index(tmp_path / "http")
+    assert remote_rows == rows and remote_meta["scene"] == remote  # the name as given, not a local path
+    assert remote_meta["band_stats"] == meta["band_stats"] and remote_meta["labels"]["path"].startswith("/vsicurl/")
+    # s3:// through rasterio (GDAL's /vsis3/), the bucket on the local server; the CLI takes remote names as given.
+    for key, value in dict(AWS_S3_ENDPOINT=url.removeprefix("http://"), AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE",
+                           AWS_NO_SIGN_REQUEST="YES", AWS_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    before = len(requests)
+    for name, scene in (("s3", "s3://bucket/scene.tif"), ("vsis3", "/vsis3/bucket/scene.tif")):
+        main(["tile", scene, str(tmp_path / name), "--size", "64", "--overlap", "8", "--labels", "s3://bucket/mask.tif",
+              "--scheduler", "sync"])
+        assert capsys.readouterr().out.strip() == str(tmp_path / name / "index.csv")
+        assert read_index(tmp_path / name)[0] == rows
+        got = _chips(tmp_path / name)
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[k][0], v[0]) and got[k][1] == v[1] for k, v in expected.items()), name
+    assert any(r[1] == "/bucket/scene.tif" and r[2] for r in requests[before:]), "s3:// read from the endpoint"
+
+
+def test_remote_names_are_kept_as_given() -> None:
+    for name in ("/vsicurl/https://host/a/b.tif", "s3://bucket/k.tif", "gs://b/k.tif", "/vsis3/b/k.tif",
+                 "https://host/x.tif?sig=1//2", "/vsigs/b/k.tif"):
+        assert is_remote(name) and source_name(name) == name, name
+    assert display_name("/vsicurl/https://host/a/b.tif?sig=x/y") == "b.tif"
+    assert not is_remote("scene.tif") and not is_remote(Path("/vsis3/b/k.tif")) and not is_remote("C:/data/x.tif")
+    assert source_name("scene.tif") == str(Path("scene.tif").resolve())

@@ -100,19 +100,22 @@ def _tianchi_masks(p: TianchiMasksParams, ctx: StageContext) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ tiling
 class TileParams(TileOptions):
-    scenes: str
+    scenes: str = Field(description="A scene, a folder of .tif, a glob, or one remote scene (/vsicurl/https://..., "
+                                    "s3://..., gs://..., /vsis3/...)")
     labels: str | None = Field(None, description="A vector/raster file, or a pattern with {stem}")
 
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.tiling import write_chips
+    from rsseg.tiling.sources import display_name, is_remote
 
     options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
     executor = ctx.executor()
     chips = 0
-    for scene in expand_inputs(p.scenes):
-        labels = p.labels.format(stem=scene.stem) if p.labels else None
-        index = write_chips(scene, ctx.out_dir / scene.stem, options, labels=labels, executor=executor)
+    for scene in [p.scenes] if is_remote(p.scenes) else expand_inputs(p.scenes):  # one remote scene as given
+        stem = Path(display_name(scene)).stem
+        labels = p.labels.format(stem=stem) if p.labels else None
+        index = write_chips(scene, ctx.out_dir / stem, options, labels=labels, executor=executor)
         with open(index) as rows:  # closed: an open file left to the GC is a ResourceWarning (pytest: an error)
             chips += sum(1 for _ in rows) - 1
     return {"chips": chips}

@@ -2,10 +2,11 @@
 
 A block is a few strips (runs of windows along one grid row) of the same grid columns, top to bottom.
 :func:`write_block` reads each strip with one windowed read, rasterizes the block's footprints into a
-label buffer (:func:`rasterio.features.rasterize`) or reads the label raster, marks nodata, writes the
-chips with a :class:`~rsseg.tiling.writer.ChipWriter` and returns their index rows. It runs sequentially:
-the parallelism is the executor's (one block per task), and GDAL's decoding threads are whatever the
-process's environment says (``GDAL_NUM_THREADS``).
+label buffer (:func:`rasterio.features.rasterize`) or reads the label raster as a class map
+(:mod:`rsseg.tiling.labels`), marks nodata, writes the chips with a :class:`~rsseg.tiling.writer.ChipWriter`
+and returns their index rows and the band statistics (:mod:`rsseg.tiling.stats`) of the pixels it owns.
+It runs sequentially: the parallelism is the executor's (one block per task), and GDAL's decoding threads
+are whatever the process's environment says (``GDAL_NUM_THREADS``).
 
 Memory does not grow with the scene: a :class:`_StripReader` keeps the rows two successive strips share
 (read ahead to the end of the file's block row, so every block of the file is decoded once) and opens
@@ -30,6 +31,8 @@ from rasterio.windows import Window
 
 from rsseg.errors import RasterError
 from rsseg.tiling.grid import Tile
+from rsseg.tiling.labels import LabelRaster
+from rsseg.tiling.stats import BandStats
 from rsseg.tiling.writer import ChipWriter
 
 __all__ = ["ChipBlock", "ChipJob", "sorted_bounds", "strip_window", "window_transform", "write_block"]
@@ -53,7 +56,7 @@ class ChipJob:
     transform: Affine
     width: int
     height: int
-    label_raster: str | None
+    label_raster: LabelRaster | None
     compress: str | None
 
 
@@ -65,11 +68,15 @@ class ChipBlock:
         job: the scene's settings.
         strips: runs of windows, one per grid row.
         footprints: polygons (scene CRS) that intersect the block, or None without vector labels.
+        owned: the pixels whose band statistics this block counts (each pixel of the scene in one block):
+            the end column (exclusive; they start at the first window's) and each strip's end row
+            (they start at the strip's top).
     """
 
     job: ChipJob
     strips: tuple[tuple[Tile, ...], ...]
     footprints: np.ndarray | None
+    owned: tuple[int, tuple[int, ...]]
 
 
 def strip_window(strip: tuple[Tile, ...]) -> Window:
@@ -167,21 +174,6 @@ def _gdal_messages(exc: BaseException) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p))
 
 
-def _raster_labels(path: str, window: Window) -> np.ndarray:
-    """Labels from a label raster: 0 background, its nodata value 255 (ignore), anything else 1."""
-    with rasterio.open(path) as label_src:
-        inside = window.intersection(Window(0, 0, label_src.width, label_src.height))
-        raw = label_src.read(1, window=inside)
-        nodata = label_src.nodata
-    labels = np.full((window.height, window.width), 255, np.uint8)
-    part = labels[inside.row_off - window.row_off :, inside.col_off - window.col_off :][
-        : inside.height, : inside.width]
-    part[...] = raw != 0
-    if nodata is not None:
-        part[raw == nodata] = 255
-    return labels
-
-
 def _footprint_labels(block: ChipBlock, window: Window, boxes: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Footprints rasterized into ``out``: 1 where a pixel centre lies in one (holes empty), else 0."""
     out.fill(0)
@@ -205,11 +197,12 @@ def _column_counts(mask: np.ndarray) -> np.ndarray:
     return np.cumsum(counts, out=counts)
 
 
-def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int], BandStats]:
     """Write the chips (and label chips) of a block's strips; module level, so it pickles by reference.
 
     Returns:
-        The index rows of the chips written, and the counts of windows skipped for nodata.
+        The index rows of the chips written, the counts of windows skipped for nodata, and the band
+        statistics of the pixels the block owns.
     """
     job, columns = block.job, strip_window(block.strips[0])
     reader = _StripReader(job, columns)
@@ -222,18 +215,21 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int]]
     boxes = shapely.bounds(block.footprints) if block.footprints is not None else None
     counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
     rows: list[dict[str, Any]] = []
-    for strip in block.strips:
+    stats, own_cols = BandStats.empty(len(job.bands), job.dtype), block.owned[0] - columns.col_off
+    for strip, row_end in zip(block.strips, block.owned[1], strict=True):
         window = strip_window(strip)
         data, valid = reader.strip(window.row_off)
+        own_rows = row_end - window.row_off
+        stats.add(data[:, :own_rows, :own_cols], None if valid is None else valid[:own_rows, :own_cols])
         labels = None
         if job.label_raster is not None:
-            labels = _raster_labels(job.label_raster, window)
+            labels = job.label_raster.read(window)
         elif label_out is not None:
             labels = _footprint_labels(block, window, boxes, label_out)
         if labels is not None and valid is not None:
             labels[~valid] = 255
         rows += _write_strip(job, strip, window, (data, valid, labels), writers, counts)
-    return rows, counts
+    return rows, counts, stats
 
 
 def _write_strip(job: ChipJob, strip: tuple[Tile, ...], extent: Window,

@@ -10,9 +10,11 @@ reads the footprints, runs the blocks through :func:`rsseg.parallel.map_blocks` 
 Output layout (``OUT_DIR``, written atomically)::
 
     images/r0003_c0012.tif    source dtype, selected bands, source CRS, the window's exact transform
-    labels/r0003_c0012.tif    uint8: 0 background, 1 building, 255 ignore (source nodata or padding)
+    labels/r0003_c0012.tif    uint8: 0 background, 1 building, 255 ignore (source nodata, padding or the
+                              label raster's ignore value)
     index.csv                 one row per chip, columns INDEX_COLUMNS, paths relative to OUT_DIR
-    index.json                scene, crs, size, overlap, bands, dtype, nodata, labels and counts
+    index.json                scene, crs, size, overlap, bands, dtype, nodata, labels, counts and band_stats
+                              (per band: mean, std, p01, p99 of the scene's valid pixels; rsseg.tiling.stats)
 
 A pixel is nodata when every selected band equals the scene's nodata value (GDAL's dataset-mask rule),
 when the scene's per-dataset or alpha mask says so, or when it lies beyond the edge of a scene smaller
@@ -40,9 +42,12 @@ from rsseg.fileio import atomic_dir
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window, write_block
-from rsseg.tiling.footprints import Footprints, check_label_raster, load_footprints
+from rsseg.tiling.footprints import Footprints, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
+from rsseg.tiling.labels import LabelRaster, open_label_raster
 from rsseg.tiling.options import TileOptions
+from rsseg.tiling.sources import display_name, source_name
+from rsseg.tiling.stats import BandStats
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
 
@@ -59,7 +64,7 @@ STRIP_MAX_PX = 8192
 STRIPS_PER_BLOCK = 16
 
 
-def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dict[str, Any]:
+def _scene_info(scene: str, bands: list[int] | None, allow_no_crs: bool) -> dict[str, Any]:
     """Validate the scene and the band selection; return what the index and the blocks need."""
     try:
         src_cm = rasterio.open(scene)
@@ -79,8 +84,9 @@ def _scene_info(scene: Path, bands: list[int] | None, allow_no_crs: bool) -> dic
             raise RasterError(f"{scene}: bands {list(chosen)} mix dtypes {sorted(dtypes)}; select bands "
                               "of one dtype")
         flags = src.mask_flag_enums[chosen[0] - 1]
-        return dict(path=str(scene.resolve()), width=src.width, height=src.height, crs=src.crs, transform=src.transform,
+        return dict(path=source_name(scene), width=src.width, height=src.height, crs=src.crs, transform=src.transform,
                     bounds=tuple(src.bounds), bands=chosen, dtype=dtypes.pop(), nodata=src.nodata,
+                    descriptions=tuple(src.descriptions[b - 1] for b in chosen),
                     mask_band=src.nodata is None and (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags))
 
 
@@ -106,17 +112,29 @@ def _blocks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
             for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
 
 
-def _label_source(labels: Path | None, info: dict[str, Any]) -> dict | None:
-    """``path`` and ``kind`` of the labels: a label raster (checked against the scene's grid) or footprints."""
+def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float | None
+                  ) -> tuple[dict | None, LabelRaster | None, Footprints | None]:
+    """What ``index.json`` says of the labels, and the label raster or the footprints (or neither)."""
     if labels is None:
-        return None
+        if label_ignore is not None:
+            raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster; pass one with --labels")
+        return None, None, None
     try:
-        lab_cm = rasterio.open(labels)
+        rasterio.open(labels).close()
     except rasterio.errors.RasterioIOError:  # not a raster: footprints (read by load_footprints)
-        return {"path": str(Path(labels).resolve()), "kind": "vector"}
-    with lab_cm as lab_src:
-        check_label_raster(lab_src, info)
-    return {"path": str(Path(labels).resolve()), "kind": "raster"}
+        is_raster = False
+    else:
+        is_raster = True
+    if not is_raster:
+        if label_ignore is not None:
+            raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster, and {labels} is not one "
+                              "(footprints have no ignore value)")
+        footprints = load_footprints(labels, info["crs"], info["bounds"])
+        return {"path": source_name(labels), "kind": "vector"}, None, footprints
+    raster = open_label_raster(source_name(labels), info, label_ignore)
+    meta = {"path": raster.path, "kind": "raster", "building": raster.rule,
+            "ignore": _json_number(raster.ignore)}
+    return meta, raster, None
 
 
 def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, ...], ...],
@@ -129,18 +147,49 @@ def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, .
     return footprints.within(sorted_bounds(block, info["transform"]))
 
 
+def _owned(grid: TileGrid, strips: tuple[tuple[Tile, ...], ...]) -> tuple[int, tuple[int, ...]]:
+    """The pixels a block counts in the band statistics (:attr:`ChipBlock.owned`).
+
+    Up to the next column range's first window and each strip up to the next grid row, so each pixel of the
+    scene counts once, however the windows overlap.
+    """
+
+    def end(offsets: tuple[int, ...], i: int, length: int) -> int:
+        return offsets[i + 1] if i + 1 < len(offsets) else length
+
+    return (end(grid.col_offsets, strips[0][-1].col, grid.width),
+            tuple(end(grid.row_offsets, strip[0].row, grid.height) for strip in strips))
+
+
+def _run_blocks(blocks: list[ChipBlock], executor: cf.Executor | None, desc: str,
+                counts: dict[str, int]) -> tuple[list[dict[str, Any]], BandStats]:
+    """Run the blocks; return their index rows (in grid order) and merged band statistics; update ``counts``."""
+    rows: list[dict[str, Any]] = []
+    stats = BandStats.empty(len(blocks[0].job.bands), blocks[0].job.dtype)
+    for _, (block_rows, block_counts, block_stats) in map_blocks(write_block, blocks, executor, desc=desc):
+        rows.extend(block_rows)
+        stats += block_stats
+        for key, value in block_counts.items():
+            counts[key] += value
+    rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
+    counts["chips"] = len(rows)
+    return rows, stats
+
+
 def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: TileOptions | None = None,
                 *, labels: str | os.PathLike[str] | None = None, executor: cf.Executor | None = None,
                 **values: Any) -> Path:
     """Cut ``scene`` into ``size`` x ``size`` chips overlapping by ``overlap`` pixels.
 
     Args:
-        scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands.
+        scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands; a local path or a remote name
+            (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.tiling.sources`).
         out_dir: output folder; must not exist unless ``overwrite``. Written atomically.
         options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
             compress); None: the defaults.
-        labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS) or a label raster on the
-            scene's grid (0 background, its nodata value ignore, anything else building).
+        labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS; local or remote) or a label
+            raster on the scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
+            or any band > 127 for a 3-band mask; ``label_ignore`` or its nodata value unless 0: ignore).
         executor: where the blocks run (e.g. a Dask client's ``get_executor()``; its workers must see
             ``out_dir``'s file system); None runs them in this process.
         **values: :class:`TileOptions` fields by name, overriding ``options``.
@@ -155,7 +204,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     opts = resolve(TileOptions, options, values)
-    scene, out_dir = Path(scene), Path(out_dir)
+    scene, out_dir = os.fspath(scene), Path(out_dir)  # a remote scene keeps its name (rsseg.tiling.sources)
     if out_dir.exists() and not opts.overwrite:
         raise FileExistsError(f"{out_dir} exists; remove it, choose another folder or pass --overwrite")
     info = _scene_info(scene, opts.bands, opts.allow_no_crs)
@@ -163,10 +212,8 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         grid = TileGrid(info["width"], info["height"], opts.size, opts.overlap)
     except ConfigError as exc:
         raise ConfigError(f"{scene}: {exc}") from exc
-    label_meta = _label_source(Path(labels) if labels else None, info)
-    vector = label_meta is not None and label_meta["kind"] == "vector"
-    footprints = load_footprints(labels, info["crs"], info["bounds"]) if vector else None
-    rows: list[dict[str, Any]] = []
+    label_meta, label_raster, footprints = _label_source(os.fspath(labels) if labels else None, info,
+                                                         opts.label_ignore)
     counts = {"windows": len(grid), "chips": 0, "skipped_all_nodata": 0, "skipped_max_nodata": 0}
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
         (tmp / "images").mkdir()
@@ -176,16 +223,13 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                       dtype=info["dtype"], nodata=info["nodata"], mask_band=info["mask_band"],
                       max_nodata=opts.max_nodata, crs=info["crs"], transform=info["transform"],
                       width=info["width"], height=info["height"], compress=opts.compress,
-                      label_raster=label_meta["path"] if label_meta and not vector else None)
-        blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info)) for strips in _blocks(grid)]
-        for _, (block_rows, block_counts) in map_blocks(write_block, blocks, executor, desc=f"tiling {scene.name}"):
-            rows.extend(block_rows)
-            for key, value in block_counts.items():
-                counts[key] += value
-        rows.sort(key=lambda r: (r["row_off"], r["col_off"]))
-        counts["chips"] = len(rows)
+                      label_raster=label_raster)
+        blocks = [ChipBlock(job, strips, _block_footprints(footprints, strips, info), _owned(grid, strips))
+                  for strips in _blocks(grid)]
+        rows, stats = _run_blocks(blocks, executor, f"tiling {display_name(scene)}", counts)
         if footprints is not None:
             counts.update(footprints.counts)
+        info["band_stats"] = stats.summary(info["bands"], info["descriptions"])
         _write_index(tmp, rows, info, opts, label_meta, counts, grid)
     log.info("%s: %d chips from %d windows under %s (%s)", scene, len(rows), len(grid), out_dir, counts)
     return out_dir / "index.csv"
@@ -206,5 +250,6 @@ def _write_index(tmp: Path, rows: list[dict], info: dict[str, Any], opts: TileOp
                 width=info["width"], height=info["height"], transform=list(info["transform"])[:6],
                 size=grid.size, overlap=grid.overlap, n_rows=grid.n_rows, n_cols=grid.n_cols,
                 bands=list(info["bands"]), dtype=info["dtype"], nodata=_json_number(info["nodata"]),
-                max_nodata=opts.max_nodata, compress=opts.compress, labels=label_meta, counts=counts)
+                max_nodata=opts.max_nodata, compress=opts.compress, labels=label_meta, counts=counts,
+                band_stats=info["band_stats"])
     (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -21,6 +21,9 @@ class TileOptions(Options):
     overwrite: bool = Field(False, description="Replace OUT_DIR if it exists (once the new one is complete).")
     compress: str | None = Field(None, description="GDAL compression for the chips, e.g. deflate "
                                                    "(default: uncompressed, fastest to write and read).")
+    label_ignore: float | None = Field(None, description="Value of a label raster that marks pixels to ignore "
+                                                         "(255 in label chips); overrides the raster's nodata "
+                                                         "value (default: its nodata value unless that is 0).")
 
     @field_validator("max_nodata")
     @classmethod
