@@ -94,6 +94,34 @@ def test_cuda_matches_cpu(tmp_path, scene):
     assert (read(bf16) == read(cpu)).mean() > 0.95
 
 
+def test_default_batches_sized_in_views_equal_an_explicit_batch(tmp_path, scene, monkeypatch):
+    """The default plan (views sized by free memory) and a window's views split over passes change nothing."""
+    from rsseg.inference import batching
+
+    src, _ = scene
+    kwargs = dict(tile=128, overlap=32, tta="d4", device="cpu", output="prob", prob_dtype="float32")
+    explicit = read(predict_raster(fcn(), src, tmp_path / "explicit.tif", batch_size=4, **kwargs))
+    default = read(predict_raster(fcn(), src, tmp_path / "default.tif", **kwargs))
+    np.testing.assert_allclose(default, explicit, atol=1e-6, rtol=0)
+    monkeypatch.setattr(batching, "free_memory", lambda device: 12 * batching.BYTES_PER_PIXEL * 128 * 128)
+    split = read(predict_raster(fcn(), src, tmp_path / "split.tif", **kwargs))  # 3 views per pass
+    np.testing.assert_allclose(split, explicit, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_index_with_default_batches_matches_cpu(tmp_path, scene):
+    src, _ = scene
+    kwargs = dict(tile=128, overlap=32, tta="d4", output="both", prob_dtype="float32")
+    cpu = predict_raster(fcn(), src, tmp_path / "cpu.tif", device="cpu", **kwargs)
+    gpu = predict_raster(fcn(), src, tmp_path / "gpu.tif", device="cuda:0", **kwargs)
+    np.testing.assert_allclose(read(prob_path(gpu)), read(prob_path(cpu)), atol=2e-3)
+    assert torch.cuda.current_device() == 0
+    last = torch.cuda.device_count() - 1
+    gpu_n = predict_raster(fcn(), src, tmp_path / "gpu_n.tif", device=f"cuda:{last}", **kwargs)
+    np.testing.assert_allclose(read(prob_path(gpu_n)), read(prob_path(cpu)), atol=2e-3)
+    assert torch.cuda.current_device() == 0  # the process's current device is left as it was
+
+
 def test_raster_smaller_than_a_window(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8)
     src = write_raster(tmp_path / "small.tif", image)
