@@ -379,3 +379,48 @@ def test_bad_options_are_config_errors_naming_the_field(tmp_path, scene):
         predict_raster(fcn(), src, tmp_path / "o.tif", window=64, overlap=64, device="cpu")
     assert isinstance(info.value.__cause__, ValueError)  # the grid's own message, chained
     assert not list(tmp_path.glob("o*"))
+
+
+def test_row_copies_are_waited_for_on_the_stream_of_their_device(monkeypatch):
+    """The writer's event is recorded on the stream the copy was queued on: the rows' GPU, not the current one."""
+    import contextlib
+
+    from rsseg.inference import streams
+
+    calls = []
+
+    class Host:
+        def copy_(self, src, non_blocking=False):
+            calls.append(("copy", src.device, non_blocking))
+            return self
+
+    class Event:
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+    def device(dev):
+        calls.append(("current", dev))
+        return contextlib.nullcontext()
+
+    class Rows:
+        device, shape, dtype = torch.device("cuda", 1), (2, 3), torch.float32
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: f"stream of {dev}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: Host() if pin_memory else None)
+    host, event = streams._copy_to_host(Rows())
+    assert isinstance(host, Host) and isinstance(event, Event)
+    assert calls == [("current", torch.device("cuda", 1)), ("copy", torch.device("cuda", 1), True),
+                     ("record", "stream of cuda:1")]
+
+
+@pytest.mark.gpu
+def test_row_copies_from_the_last_gpu_arrive_whole():
+    from rsseg.inference.streams import _copy_to_host
+
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    rows = torch.rand((512, 4096), device=dev)
+    host, event = _copy_to_host(rows)
+    event.synchronize()
+    assert host.is_pinned() and torch.equal(host, rows.cpu())

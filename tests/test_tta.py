@@ -242,3 +242,20 @@ def test_out_of_memory_halving_on_a_real_gpu():
     assert predictor.max_views < windows * 8
     small = Predictor(model, device, "d4", max_views=predictor.max_views)(image[:1])
     torch.testing.assert_close(got[:1], small, atol=1e-5, rtol=0)
+
+
+def test_cuda_devices_resolve_with_their_index(monkeypatch):
+    """cuda and auto name the current GPU by index; an index the process does not see is a ConfigError."""
+    from rsseg.inference.tta import on_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"sees 2 CUDA device\(s\) \(cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:2")
+    guard = on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # set_device for the block, restored after
+    with on_device(torch.device("cpu")):
+        pass

@@ -110,6 +110,21 @@ def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, 
             yield chunk, batch.pin_memory() if pin else batch
 
 
+def _copy_to_host(probs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue a copy of CUDA ``probs`` to pinned host memory; the event completes when it is filled.
+
+    The copy is queued on the current stream of the tensor's device (whatever device is current in this
+    thread), and the event is recorded on that same stream, so that waiting on it waits for the copy.
+    """
+    with torch.cuda.device(probs.device):
+        stream = torch.cuda.current_stream(probs.device)
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return host, event
+
+
 class RowWriter:
     """Encode and write finished rows of blended probabilities from a thread, in whole 512-row blocks.
 
@@ -147,10 +162,7 @@ class RowWriter:
             raise self._error
         event = None
         if isinstance(probs, torch.Tensor) and probs.device.type == "cuda":
-            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-            probs = host.copy_(probs, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            probs, event = _copy_to_host(probs)
         while True:
             try:
                 self._queue.put((row0, probs, event), timeout=0.5)
