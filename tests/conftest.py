@@ -28,3 +28,15 @@ def _entry_point_settings_stay_out_of_pytest(monkeypatch):
     from rsseg.pipeline import process
 
     monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests selected (``-m gpu``) on a machine without CUDA are skipped, not failed."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA device")
+            for item in gpu:
+                item.add_marker(skip)
