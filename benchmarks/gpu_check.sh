@@ -167,13 +167,13 @@ pipeline_part() {
 import json, sys
 rc, sets = int(sys.argv[1]), sys.argv[4]
 result = {"command": f"rsseg run pipelines/demo.yaml {sets}", "rsseg_rc": rc}
-try:
-    summary = json.load(open(sys.argv[2]))
-    result["summary"] = {k: v for k, v in summary.items() if k != "stages"} if isinstance(summary, dict) else summary
-    stages = summary.get("stages") if isinstance(summary, dict) else None
-    if isinstance(stages, dict):
-        result["stages"] = {k: v.get("status", "?") if isinstance(v, dict) else v for k, v in stages.items()}
-except ValueError:
+try:  # the summary: from the first line that opens a JSON object (a dashboard line may come first)
+    lines = open(sys.argv[2], errors="replace").read().splitlines()
+    summary = json.loads("\n".join(lines[next(i for i, l in enumerate(lines) if l.startswith("{")):]))
+    result.update({k: v for k, v in summary.items() if k != "stages"})
+    result["stage_seconds"] = {k: round(v.get("seconds", 0), 1) for k, v in summary.get("stages", {}).items()}
+    result["evaluate"] = summary.get("stages", {}).get("evaluate")
+except (ValueError, StopIteration, AttributeError):
     result["log_tail"] = open(sys.argv[3], errors="replace").read().splitlines()[-15:]
 if rc != 0:
     result["error"] = "rsseg run failed"

@@ -424,3 +424,25 @@ def test_row_copies_from_the_last_gpu_arrive_whole():
     host, event = _copy_to_host(rows)
     event.synchronize()
     assert host.is_pinned() and torch.equal(host, rows.cpu())
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_smoke_prints_json_lines(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-smoke: a JSON line per part, ok or not, and a summary line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORKDIR": str(tmp_path),
+           "GPU_CHECK_PARTS": "predict bogus", "PYTHONPATH": str(root)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line.get("part", line.get("gpu_check")) for line in lines] == ["start", "predict", "bogus", "done"]
+    predict = lines[1]
+    assert predict["ok"] and predict["device"] == "cpu" and predict["d4_views_per_forward"] == 8
+    assert predict["none_windows_per_s"] > 0 and predict["d4_bare_forward_s"] > 0
+    assert lines[2]["ok"] is False and "unknown part" in lines[2]["error"]
+    assert lines[3] == {"gpu_check": "done", "ok": False} and done.returncode == 1

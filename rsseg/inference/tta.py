@@ -1,8 +1,9 @@
 """Test-time augmentation and the device-side forward pass of inference.
 
 A TTA mode is a set of D4 elements (see :mod:`rsseg.training.augment`): every window is transformed by each
-element, all the views go through the model as one batch, each prediction is mapped back with the
-inverse element, and the probabilities (after the sigmoid) are averaged:
+element, the views go through the model (``max_views`` per forward pass: see
+:mod:`rsseg.inference.batching`), each prediction is mapped back with the inverse element, and the
+probabilities (after the sigmoid) are averaged:
 
 * ``none``: identity (1 view);
 * ``flip``: identity, left-right flip, up-down flip, both flips (4 views: D4 elements 0, 4, 6, 2);
@@ -10,7 +11,10 @@ inverse element, and the probabilities (after the sigmoid) are averaged:
 
 :class:`Predictor` runs a model the fast way on its device: ``torch.inference_mode``, channels-last
 memory format, optional bf16 autocast; on CUDA the raw windows (uint8 as read) travel from pinned memory
-with ``non_blocking`` copies and are normalised on the GPU by :class:`~rsseg.models.Segmenter`.
+with ``non_blocking`` copies and are normalised on the GPU by :class:`~rsseg.models.Segmenter`. A
+``torch.OutOfMemoryError`` halves the views per forward pass and the pass is retried (logged).
+:func:`on_device` makes ``cuda:N`` the current device of a block (``torch.cuda.set_device`` for its
+duration, restored after), so that streams, events and pinned buffers belong to GPU N.
 """
 
 from __future__ import annotations
