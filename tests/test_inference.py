@@ -446,3 +446,25 @@ def test_gpu_check_script_cpu_smoke_prints_json_lines(tmp_path):
     assert predict["none_windows_per_s"] > 0 and predict["d4_bare_forward_s"] > 0
     assert lines[2]["ok"] is False and "unknown part" in lines[2]["error"]
     assert lines[3] == {"gpu_check": "done", "ok": False} and done.returncode == 1
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_batches_read_in_threads_equal_one_reader(tmp_path, threads):
+    from rsseg.inference.streams import read_batches
+    from rsseg.tiling.grid import TileGrid
+
+    image = np.random.default_rng(7).integers(0, 256, (3, 300, 410), dtype=np.uint8)
+    src = write_raster(tmp_path / "s.tif", image)
+    grid = TileGrid(410, 300, 128, 32)
+    one = list(read_batches(src, grid, 3, pin=False))
+    many = list(read_batches(src, grid, 3, pin=False, threads=threads))
+    assert [w for w, _ in many] == [w for w, _ in one] and len(one) == -(-len(grid) // 3)
+    for (_, a), (_, b) in zip(one, many, strict=True):
+        assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
+    window, pixels = one[-1][0][-1], one[-1][1][-1]  # the last window: zero-padded beyond the raster
+    h, w = 300 - window.row_off, 410 - window.col_off
+    assert np.array_equal(pixels[:, :h, :w].numpy(), image[:, window.row_off :, window.col_off :])
+    assert not pixels[:, h:].any() and not pixels[:, :, w:].any()
+    stopped = read_batches(src, grid, 1, pin=False, threads=threads)
+    next(stopped)
+    stopped.close()  # leaving early shuts the readers down

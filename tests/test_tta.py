@@ -259,3 +259,10 @@ def test_cuda_devices_resolve_with_their_index(monkeypatch):
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # set_device for the block, restored after
     with on_device(torch.device("cpu")):
         pass
+
+
+def test_reader_threads_feed_a_gpu_and_stay_single_on_cpu():
+    from rsseg.inference.batching import reader_threads
+
+    assert reader_threads(torch.device("cpu")) == 1
+    assert 2 <= reader_threads(torch.device("cuda", 0)) <= 4

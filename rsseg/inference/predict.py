@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
-from rsseg.inference.batching import batch_plan
+from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
@@ -236,8 +236,9 @@ def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, 
     """The main loop: batches in, blended rows out."""
     strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
-    with (Prefetch(lambda: on_device_iter(predictor.device, read_batches(src, grid, batch_size, pin)),
-                   depth=3) as batches,
+    threads = reader_threads(predictor.device)
+    reads = lambda: on_device_iter(predictor.device, read_batches(src, grid, batch_size, pin, threads))  # noqa: E731
+    with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):
         for windows, pixels in batches:
