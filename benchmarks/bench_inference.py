@@ -15,6 +15,14 @@ Figures (issue 5):
 * memory: peak resident memory of a fresh process predicting a 16384x16384 scene over that of a
   4096x4096 scene (target <= 1.3), with a tiny two-layer conv stand-in model (the network's own
   activations do not depend on the scene size), sampled every 20 ms with psutil.
+* memory, TTA (``--parts memory``): peak resident memory of fresh processes predicting a generated scene
+  (``--tta-mem-size``, default 2048x2048) with ``create_model("unet", "resnet34")`` in fp32 on CPU at the
+  default batches (sized in views by the free memory, :mod:`rsseg.inference.batching`), ``--tta none``
+  against ``--tta d4`` (target: d4 <= 1.5x none), and d4 at an explicit ``batch_size=8`` (the old default:
+  8 windows x 8 views per forward pass) for its memory and its time (target: the default within 10%).
+* io (``--parts io``): the read / decode / blend / encode / write path of ``predict_raster`` alone, with a
+  zero-cost model (a constant), on a generated scene (``--io-size``, default 8192x8192), tta none:
+  windows/s, and windows per CPU-second of the process (per core: what a GPU's feeding costs in cores).
 * CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
 * cluster (``--parts cluster``): two 1536x1536 scenes predicted at once on a LocalCluster of two
   single-threaded workers (:func:`rsseg.pipeline.cluster.local_cluster`, set up as entry points), torch on every
@@ -185,10 +193,10 @@ def d4_and_bf16(workdir: Path, device: torch.device, checkpoint: Path | None, ba
             "bf16_prob_mean_abs_diff": round(float(diff.mean()), 6)}
 
 
-def peak_rss_mb(src: Path, dst: Path) -> tuple[float, float]:
+def peak_rss_mb(src: Path, dst: Path, *child_args: str) -> tuple[float, float]:
     """Run predict_raster on ``src`` in a fresh process; return (peak RSS MB, seconds)."""
     start = time.perf_counter()
-    proc = psutil.Popen([sys.executable, __file__, "--memory-child", str(src), str(dst)])
+    proc = psutil.Popen([sys.executable, __file__, "--memory-child", str(src), str(dst), *child_args])
     peak = 0
     while proc.poll() is None:
         try:
@@ -210,6 +218,58 @@ def memory(workdir: Path, sizes: list[int]) -> dict:
         out[f"memory_run_s_{size}"] = round(seconds, 1)
     out["memory_ratio"] = round(peaks[sizes[-1]] / peaks[sizes[0]], 3)
     return out
+
+
+def tta_memory(workdir: Path, size: int) -> dict:
+    """Peak RSS and time of fresh processes: resnet34 U-Net fp32 on CPU, tta none vs d4 (default batches)."""
+    src = scene(workdir, size)
+    out: dict = {"tta_memory_model": "unet/resnet34 fp32 (random init)", "tta_memory_scene_px": size}
+    runs = (("none", "none", "default"), ("d4", "d4", "default"), ("d4_batch8", "d4", "8"))
+    for name, tta, batch in runs:
+        peak, seconds = peak_rss_mb(src, workdir / f"mem_{name}.tif", "--child-tta", tta, "--child-batch", batch,
+                                    "--child-model", "resnet34")
+        out[f"peak_rss_mb_tta_{name}"], out[f"tta_memory_run_s_{name}"] = round(peak, 1), round(seconds, 1)
+    out["tta_memory_ratio_d4_over_none"] = round(out["peak_rss_mb_tta_d4"] / out["peak_rss_mb_tta_none"], 3)
+    out["tta_time_ratio_d4_default_over_batch8"] = round(out["tta_memory_run_s_d4"] /
+                                                         out["tta_memory_run_s_d4_batch8"], 3)
+    return out
+
+
+def memory_child(src: Path, dst: Path, model_name: str, tta: str, batch: str) -> None:
+    """Predict ``src`` as ``rsseg predict`` would (CPU, both outputs) for :func:`peak_rss_mb`."""
+    if model_name == "resnet34":
+        torch.manual_seed(0)
+        model = create_model("unet", "resnet34").eval()
+    else:
+        model = tiny_model()
+    predict_raster(model, src, dst, tile=TILE, overlap=OVERLAP, tta=tta, device="cpu", output="both",
+                   batch_size=None if batch == "default" else int(batch), overwrite=True)
+
+
+class ConstantModel(nn.Module):
+    """A zero-cost model: logits 0 everywhere (probability 0.5), so only the I/O path is timed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros ``(N, 1, H, W)`` on the input's device."""
+        return torch.zeros((x.shape[0], 1, *x.shape[-2:]), device=x.device)
+
+
+def io_path(workdir: Path, size: int, device: torch.device) -> dict:
+    """Windows/s of predict_raster's read / decode / blend / write path with a zero-cost model."""
+    src = scene(workdir, size)
+    with rasterio.open(src) as ds:
+        n = len(TileGrid(ds.width, ds.height, TILE, OVERLAP))
+    proc = psutil.Process()
+    cpu0, start = proc.cpu_times(), time.perf_counter()
+    predict_raster(ConstantModel(), src, workdir / "io.tif", tile=TILE, overlap=OVERLAP, tta="none", device=device,
+                   output="both", overwrite=True)
+    wall, cpu1 = time.perf_counter() - start, proc.cpu_times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    cores = len(os.sched_getaffinity(0))
+    return {"io_scene_px": size, "io_windows": n, "io_model": "constant (zero-cost)", "io_output": "both (uint8)",
+            "io_wall_s": round(wall, 2), "io_cpu_s": round(cpu, 2), "io_cores": cores,
+            "io_windows_per_s": round(n / wall, 1), "io_windows_per_cpu_s": round(n / cpu, 1),
+            "io_windows_per_s_per_core": round(n / wall / cores, 1)}
 
 
 def gpu_windows_per_s(batch_size: int = 32, steps: int = 20) -> dict:
@@ -307,12 +367,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rsseg-bench-inference")
     parser.add_argument("--size", type=int, default=8192, help="scene size of the overhead run")
     parser.add_argument("--mem-sizes", type=int, nargs=2, default=[4096, 16384])
+    parser.add_argument("--tta-mem-size", type=int, default=2048, help="scene size of the d4 vs none memory runs")
+    parser.add_argument("--io-size", type=int, default=8192, help="scene size of the io run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, help="windows per batch (default: 8 on CPU, 32 on CUDA)")
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the bf16 agreement check")
     parser.add_argument("--quick", action="store_true", help="small scenes, to check the script itself")
-    parser.add_argument("--parts", default="overhead,d4,memory", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="overhead,d4,memory",
+                        help="comma-separated subset: overhead, d4, memory, io, cluster, busy")
     parser.add_argument("--memory-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", default="tiny", help=argparse.SUPPRESS)
+    parser.add_argument("--child-tta", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--busy-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument(DEFAULTS_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -320,12 +386,10 @@ def main() -> None:
         busy_child(*args.busy_child)
         return
     if args.memory_child:
-        src, dst = args.memory_child
-        predict_raster(tiny_model(), src, dst, tile=TILE, overlap=OVERLAP, tta="none", device="cpu",
-                       output="both", overwrite=True)
+        memory_child(*args.memory_child, args.child_model, args.child_tta, args.child_batch)
         return
     if args.quick:
-        args.size, args.mem_sizes = 2048, [1024, 2048]
+        args.size, args.mem_sizes, args.tta_mem_size, args.io_size = 2048, [1024, 2048], 512, 1024
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     parts = set(args.parts.split(","))
@@ -338,6 +402,9 @@ def main() -> None:
         result.update(d4_and_bf16(args.workdir, device, args.checkpoint, 2))
     if "memory" in parts:
         result.update(memory(args.workdir, args.mem_sizes))
+        result.update(tta_memory(args.workdir, args.tta_mem_size))
+    if "io" in parts:
+        result.update(io_path(args.workdir, args.io_size, device))
     if "cluster" in parts:
         result.update(cluster_share(args.workdir))
     if "busy" in parts:
@@ -347,7 +414,8 @@ def main() -> None:
     else:
         result["gpu_windows_per_s_tta_none"] = None
         result["gpu_note"] = "no CUDA device here; run this script on one to report it (target >= 1500 on H100)"
-    result["targets"] = {"overhead_ratio_max": 1.1, "memory_ratio_max": 1.3, "gpu_windows_per_s_min": 1500}
+    result["targets"] = {"overhead_ratio_max": 1.1, "memory_ratio_max": 1.3, "gpu_windows_per_s_min": 1500,
+                         "tta_memory_ratio_d4_over_none_max": 1.5, "tta_time_ratio_d4_default_over_batch8_max": 1.1}
     result["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result))
 

@@ -115,3 +115,13 @@ def dask_cluster() -> Iterator[str]:
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster.scheduler_address
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests selected (``-m gpu``) on a machine without CUDA are skipped, not failed."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA device")
+            for item in gpu:
+                item.add_marker(skip)

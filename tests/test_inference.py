@@ -94,6 +94,34 @@ def test_cuda_matches_cpu(tmp_path, scene):
     assert (read(bf16) == read(cpu)).mean() > 0.95
 
 
+def test_default_batches_sized_in_views_equal_an_explicit_batch(tmp_path, scene, monkeypatch):
+    """The default plan (views sized by free memory) and a window's views split over passes change nothing."""
+    from rsseg.inference import batching
+
+    src, _ = scene
+    kwargs = dict(tile=128, overlap=32, tta="d4", device="cpu", output="prob", prob_dtype="float32")
+    explicit = read(predict_raster(fcn(), src, tmp_path / "explicit.tif", batch_size=4, **kwargs))
+    default = read(predict_raster(fcn(), src, tmp_path / "default.tif", **kwargs))
+    np.testing.assert_allclose(default, explicit, atol=1e-6, rtol=0)
+    monkeypatch.setattr(batching, "free_memory", lambda device: 12 * batching.BYTES_PER_PIXEL * 128 * 128)
+    split = read(predict_raster(fcn(), src, tmp_path / "split.tif", **kwargs))  # 3 views per pass
+    np.testing.assert_allclose(split, explicit, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_index_with_default_batches_matches_cpu(tmp_path, scene):
+    src, _ = scene
+    kwargs = dict(tile=128, overlap=32, tta="d4", output="both", prob_dtype="float32")
+    cpu = predict_raster(fcn(), src, tmp_path / "cpu.tif", device="cpu", **kwargs)
+    gpu = predict_raster(fcn(), src, tmp_path / "gpu.tif", device="cuda:0", **kwargs)
+    np.testing.assert_allclose(read(prob_path(gpu)), read(prob_path(cpu)), atol=2e-3)
+    assert torch.cuda.current_device() == 0
+    last = torch.cuda.device_count() - 1
+    gpu_n = predict_raster(fcn(), src, tmp_path / "gpu_n.tif", device=f"cuda:{last}", **kwargs)
+    np.testing.assert_allclose(read(prob_path(gpu_n)), read(prob_path(cpu)), atol=2e-3)
+    assert torch.cuda.current_device() == 0  # the process's current device is left as it was
+
+
 def test_raster_smaller_than_a_window(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8)
     src = write_raster(tmp_path / "small.tif", image)
@@ -351,3 +379,92 @@ def test_bad_options_are_config_errors_naming_the_field(tmp_path, scene):
         predict_raster(fcn(), src, tmp_path / "o.tif", window=64, overlap=64, device="cpu")
     assert isinstance(info.value.__cause__, ValueError)  # the grid's own message, chained
     assert not list(tmp_path.glob("o*"))
+
+
+def test_row_copies_are_waited_for_on_the_stream_of_their_device(monkeypatch):
+    """The writer's event is recorded on the stream the copy was queued on: the rows' GPU, not the current one."""
+    import contextlib
+
+    from rsseg.inference import streams
+
+    calls = []
+
+    class Host:
+        def copy_(self, src, non_blocking=False):
+            calls.append(("copy", src.device, non_blocking))
+            return self
+
+    class Event:
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+    def device(dev):
+        calls.append(("current", dev))
+        return contextlib.nullcontext()
+
+    class Rows:
+        device, shape, dtype = torch.device("cuda", 1), (2, 3), torch.float32
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: f"stream of {dev}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: Host() if pin_memory else None)
+    host, event = streams._copy_to_host(Rows())
+    assert isinstance(host, Host) and isinstance(event, Event)
+    assert calls == [("current", torch.device("cuda", 1)), ("copy", torch.device("cuda", 1), True),
+                     ("record", "stream of cuda:1")]
+
+
+@pytest.mark.gpu
+def test_row_copies_from_the_last_gpu_arrive_whole():
+    from rsseg.inference.streams import _copy_to_host
+
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    rows = torch.rand((512, 4096), device=dev)
+    host, event = _copy_to_host(rows)
+    event.synchronize()
+    assert host.is_pinned() and torch.equal(host, rows.cpu())
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_smoke_prints_json_lines(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-smoke: a JSON line per part, ok or not, and a summary line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORKDIR": str(tmp_path),
+           "GPU_CHECK_PARTS": "predict bogus", "PYTHONPATH": str(root)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line.get("part", line.get("gpu_check")) for line in lines] == ["start", "predict", "bogus", "done"]
+    predict = lines[1]
+    assert predict["ok"] and predict["device"] == "cpu" and predict["d4_views_per_forward"] == 8
+    assert predict["none_windows_per_s"] > 0 and predict["d4_bare_forward_s"] > 0
+    assert lines[2]["ok"] is False and "unknown part" in lines[2]["error"]
+    assert lines[3] == {"gpu_check": "done", "ok": False} and done.returncode == 1
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_batches_read_in_threads_equal_one_reader(tmp_path, threads):
+    from rsseg.inference.streams import read_batches
+    from rsseg.tiling.grid import TileGrid
+
+    image = np.random.default_rng(7).integers(0, 256, (3, 300, 410), dtype=np.uint8)
+    src = write_raster(tmp_path / "s.tif", image)
+    grid = TileGrid(410, 300, 128, 32)
+    one = list(read_batches(src, grid, 3, pin=False))
+    many = list(read_batches(src, grid, 3, pin=False, threads=threads))
+    assert [w for w, _ in many] == [w for w, _ in one] and len(one) == -(-len(grid) // 3)
+    for (_, a), (_, b) in zip(one, many, strict=True):
+        assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
+    window, pixels = one[-1][0][-1], one[-1][1][-1]  # the last window: zero-padded beyond the raster
+    h, w = 300 - window.row_off, 410 - window.col_off
+    assert np.array_equal(pixels[:, :h, :w].numpy(), image[:, window.row_off :, window.col_off :])
+    assert not pixels[:, h:].any() and not pixels[:, :, w:].any()
+    stopped = read_batches(src, grid, 1, pin=False, threads=threads)
+    next(stopped)
+    stopped.close()  # leaving early shuts the readers down

@@ -156,3 +156,113 @@ def test_total_weight_is_positive_over_a_grid(width, height, size, data):
         total[tile.row_off : tile.row_off + size, tile.col_off : tile.col_off + size] += window_weights(grid, tile)
     assert (total[:height, :width] > 0).all()
     assert all(0 <= window_weights(grid, t).min() and window_weights(grid, t).max() <= 1 for t in grid)
+
+
+# ------------------------------------------------------------------------------------------ forward batches
+@pytest.mark.parametrize(("mode", "max_views"), [("d4", 1), ("d4", 3), ("d4", 8), ("flip", 5), ("none", 2)])
+def test_views_in_chunks_equal_all_at_once(mode, max_views):
+    image = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (3, 3, 24, 24), dtype=np.uint8))
+    whole = Predictor(skewed_model(), torch.device("cpu"), mode)(image)
+    chunked = Predictor(skewed_model(), torch.device("cpu"), mode, max_views=max_views)(image)
+    assert chunked.shape == whole.shape == (3, 24, 24)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+class OomAbove(nn.Module):
+    """Raises a real ``torch.OutOfMemoryError`` for batches above ``limit``; records every batch it was given."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.batches = model, limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's logits, or an out-of-memory error."""
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (stub: batch {x.shape[0]} > {self.limit})")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_views_and_retries(caplog):
+    image = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (2, 3, 24, 24), dtype=np.uint8))
+    expected = Predictor(skewed_model(), torch.device("cpu"), "d4")(image)
+    stub = OomAbove(skewed_model(), limit=5)
+    predictor = Predictor(stub, torch.device("cpu"), "d4", max_views=16)
+    with caplog.at_level("WARNING", logger="rsseg.inference.tta"):
+        got = predictor(image)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert stub.batches[:3] == [16, 8, 4] and set(stub.batches[2:]) == {4}  # 2 windows x 8 views: 16 -> 8 -> 4
+    assert predictor.max_views == 4  # kept for the next batches
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of memory on cpu with 16 views per forward pass; retrying with 8",
+        "out of memory on cpu with 8 views per forward pass; retrying with 4"]
+    stub.batches.clear()
+    predictor(image)
+    assert stub.batches == [4, 4, 4, 4]
+
+
+def test_out_of_memory_at_one_view_is_raised():
+    predictor = Predictor(OomAbove(skewed_model(), limit=0), torch.device("cpu"), "flip", max_views=2)
+    with pytest.raises(torch.OutOfMemoryError, match="stub"):
+        predictor(torch.zeros((1, 3, 8, 8), dtype=torch.uint8))
+    assert predictor.max_views == 1
+    with pytest.raises(ConfigError, match="max_views"):
+        Predictor(skewed_model(), torch.device("cpu"), "none", max_views=0)
+
+
+def test_forward_batches_are_sized_in_views_by_free_memory():
+    from rsseg.inference.batching import BYTES_PER_PIXEL, MAX_VIEWS, batch_plan, views_per_forward
+
+    cpu, view = torch.device("cpu"), BYTES_PER_PIXEL * 512 * 512
+    assert views_per_forward(cpu, 512, free=64 * 2**30) == MAX_VIEWS["cpu"] == 8
+    assert views_per_forward(cpu, 512, free=12 * view) == 3  # a quarter of the free memory
+    assert views_per_forward(cpu, 512, "bf16", free=12 * view) == 6
+    assert views_per_forward(cpu, 512, free=0) == 1
+    # d4 gets the views of none: 8 views -> 1 window x 8 views, 8 windows x 1 view
+    assert batch_plan(None, 8, cpu, 512, free=64 * 2**30) == (1, 8)
+    assert batch_plan(None, 1, cpu, 512, free=64 * 2**30) == (8, 8)
+    assert batch_plan(None, 8, cpu, 512, free=12 * view) == (1, 3)  # a window's views in several passes
+    assert batch_plan(5, 8, cpu, 512, free=0) == (5, 40)  # an explicit batch size wins
+    assert views_per_forward(torch.device("cuda"), 512, "bf16", free=80 * 2**30) == MAX_VIEWS["cuda"]
+    assert views_per_forward(cpu, 512) >= 1  # the machine's own available memory
+
+
+@pytest.mark.gpu
+def test_out_of_memory_halving_on_a_real_gpu():
+    """A forward pass too big for the GPU is halved until it fits and equals the small batches' result."""
+    device = torch.device("cuda")
+    free = torch.cuda.mem_get_info(device)[0]
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 1, 1))
+    model = Segmenter(net, (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)).eval()
+    side = 1024  # 64 x 1024^2 fp32 activations: 256 MiB a view; the first pass asks for about 4x the free memory
+    windows = max(1, int(4 * free // (256 * 2**20) // 8))
+    image = torch.randint(0, 256, (windows, 3, side, side), dtype=torch.uint8)
+    predictor = Predictor(model, device, "d4", max_views=windows * 8)
+    got = predictor(image)
+    assert predictor.max_views < windows * 8
+    small = Predictor(model, device, "d4", max_views=predictor.max_views)(image[:1])
+    torch.testing.assert_close(got[:1], small, atol=1e-5, rtol=0)
+
+
+def test_cuda_devices_resolve_with_their_index(monkeypatch):
+    """cuda and auto name the current GPU by index; an index the process does not see is a ConfigError."""
+    from rsseg.inference.tta import on_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"sees 2 CUDA device\(s\) \(cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:2")
+    guard = on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # set_device for the block, restored after
+    with on_device(torch.device("cpu")):
+        pass
+
+
+def test_reader_threads_feed_a_gpu_and_stay_single_on_cpu():
+    from rsseg.inference.batching import reader_threads
+
+    assert reader_threads(torch.device("cpu")) == 1
+    assert 2 <= reader_threads(torch.device("cuda", 0)) <= 4

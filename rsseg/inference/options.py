@@ -40,7 +40,8 @@ class PredictOptions(Options):
     overlap: int = Field(128, ge=0, description="Pixels shared by neighbouring windows (rasters).")
     tta: TtaMode = Field("d4", description="Test-time augmentation: 1, 4 or 8 views per window, probabilities "
                                            "averaged.")
-    batch_size: int = Field(8, ge=1, description="Windows per forward pass (times the TTA views).")
+    batch_size: int | None = Field(None, ge=1, description="Windows per forward pass (times the TTA views; "
+                                                            "default: views sized by the device's free memory).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Precision = Field("fp32", description="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX).")
     threshold: float | None = Field(None, description="Building probability threshold (default: the "

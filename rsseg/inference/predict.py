@@ -51,10 +51,11 @@ from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
+from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
-from rsseg.inference.tta import Predictor, resolve_device
+from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
 from rsseg.models import Segmenter, model_from_checkpoint
 from rsseg.options import resolve
 from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
@@ -203,7 +204,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     with raster_env():
         info = _source_info(src, in_channels)
     grid = _grid(src, info, opts)
-    predictor = Predictor(model, dev, opts.tta, opts.precision)
+    windows_per_batch, predictor = _predictor(model, dev, opts)
     tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
             "source": str(src.resolve()), "tile": str(opts.window), "overlap": str(opts.overlap),
             "output": opts.output_kind}
@@ -212,7 +213,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
         writer = RowWriter(src if info["masked"] else None, _profiles(info, tmp, opts.prob_dtype), tags, threshold)
         try:
-            _stream(predictor, grid, src, writer, opts.batch_size)
+            with on_device(dev):
+                _stream(predictor, grid, src, writer, windows_per_batch)
         except BaseException:
             writer.close(ok=False)
             raise
@@ -222,11 +224,21 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     return dst
 
 
+def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tuple[int, Predictor]:
+    """``(windows per batch, predictor)``: an explicit batch size, else views sized by the device's memory."""
+    n_views = len(tta_views(opts.tta))
+    windows, views = batch_plan(opts.batch_size, n_views, dev, opts.window, opts.precision)
+    log.debug("%d window(s) per batch, %d view(s) per forward pass on %s", windows, views, dev)
+    return windows, Predictor(model, dev, opts.tta, opts.precision, max_views=views)
+
+
 def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
     """The main loop: batches in, blended rows out."""
     strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
-    with (Prefetch(lambda: read_batches(src, grid, batch_size, pin), depth=3) as batches,
+    threads = reader_threads(predictor.device)
+    reads = lambda: on_device_iter(predictor.device, read_batches(src, grid, batch_size, pin, threads))  # noqa: E731
+    with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):
         for windows, pixels in batches:
@@ -278,7 +290,8 @@ def _tianchi_rles(predictor: Predictor, image_dir: Path, names: list[str], batch
     """RLE of each image's mask: ``probability > threshold``, emptied below ``min_pixels`` building pixels."""
     rles: dict[str, str] = {}
     pin = predictor.device.type == "cuda"
-    with (Prefetch(lambda: _read_jpg_batches(image_dir, names, batch_size, pin), depth=3) as batches,
+    reads = lambda: on_device_iter(predictor.device, _read_jpg_batches(image_dir, names, batch_size, pin))  # noqa: E731
+    with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(names), desc=f"predict {image_dir.name}", unit="image", disable=None) as bar):
         for chunk, pixels in batches:
             masks = (predictor(pixels) > threshold).cpu().numpy()
@@ -344,8 +357,9 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG images have 3 (RGB)")
     threshold = _setting(opts.threshold, meta, "threshold", 0.5)
     min_pixels = int(_setting(opts.min_pixels, meta, "min_pixels", 0))
-    predictor = Predictor(model, dev, opts.tta, opts.precision)
-    rles = _tianchi_rles(predictor, image_dir, names, opts.batch_size, threshold, min_pixels)
+    windows_per_batch, predictor = _predictor(model, dev, opts.model_copy(update={"window": TIANCHI_SHAPE[0]}))
+    with on_device(dev):
+        rles = _tianchi_rles(predictor, image_dir, names, windows_per_batch, threshold, min_pixels)
     _write_checked_submission(rles, names, output_csv, sample, opts.overwrite)
     log.info("%s: %d images (%s TTA, threshold %g, min_pixels %d) -> %s", image_dir, len(names), opts.tta,
              threshold, min_pixels, output_csv)

@@ -8,12 +8,14 @@ error in either thread is re-raised in the caller's thread.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,26 +90,83 @@ def source_has_mask(src: rasterio.DatasetReader) -> bool:
         for flags in src.mask_flag_enums)
 
 
-def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool) -> Iterator[
-        tuple[list[Tile], torch.Tensor]]:
+def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool,
+                 threads: int = 1) -> Iterator[tuple[list[Tile], torch.Tensor]]:
     """Yield ``(windows, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
 
     uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
     Windows reaching beyond a raster smaller than ``size`` are zero-padded. With ``pin``, batches are in
-    page-locked memory for asynchronous copies to a GPU.
+    page-locked memory for asynchronous copies to a GPU (allocated in the calling thread). With ``threads``
+    > 1, that many batches are read and decoded at once, each thread with its own dataset handle (GDAL
+    releases the GIL), and still yielded in order: what a GPU needs to be fed.
     """
     windows = list(grid)
-    size = grid.size
+    chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
     with raster_env(), rasterio.open(path) as src:
-        dtype = np.uint8 if src.dtypes[0] == "uint8" else np.float32
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start : start + batch_size]
-            pixels = np.zeros((len(chunk), src.count, size, size), dtype=dtype)
-            for i, window in enumerate(chunk):
-                h, w = min(size, grid.height - window.row_off), min(size, grid.width - window.col_off)
-                pixels[i, :, :h, :w] = src.read(window=Window(window.col_off, window.row_off, w, h))
-            batch = torch.from_numpy(pixels)
-            yield chunk, batch.pin_memory() if pin else batch
+        dtype, count = torch.uint8 if src.dtypes[0] == "uint8" else torch.float32, src.count
+
+        def empty(chunk: list[Tile]) -> torch.Tensor:
+            return torch.zeros((len(chunk), count, grid.size, grid.size), dtype=dtype, pin_memory=pin)
+
+        if threads <= 1:
+            for chunk in chunks:
+                yield chunk, _fill(src, grid, chunk, empty(chunk))
+            return
+        yield from _read_in_threads(path, grid, chunks, empty, threads)
+
+
+def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor) -> torch.Tensor:
+    """Read the windows of ``chunk`` into ``batch`` (zero-initialised) and return it."""
+    pixels = batch.numpy()
+    for i, window in enumerate(chunk):
+        h, w = min(grid.size, grid.height - window.row_off), min(grid.size, grid.width - window.col_off)
+        pixels[i, :, :h, :w] = src.read(window=Window(window.col_off, window.row_off, w, h))
+    return batch
+
+
+def _read_in_threads(path: str | os.PathLike[str], grid: TileGrid, chunks: list[list[Tile]],
+                     empty: Callable[[list[Tile]], torch.Tensor], threads: int) -> Iterator[
+                         tuple[list[Tile], torch.Tensor]]:
+    """:func:`read_batches` with ``threads`` batches in flight, one dataset handle per thread."""
+    local, handles, lock = threading.local(), [], threading.Lock()
+
+    def read(chunk: list[Tile], batch: torch.Tensor) -> tuple[list[Tile], torch.Tensor]:
+        if not hasattr(local, "src"):
+            local.src = rasterio.open(path)
+            with lock:
+                handles.append(local.src)
+        return chunk, _fill(local.src, grid, chunk, batch)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="rsseg-read")
+    pending: collections.deque = collections.deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(read, chunk, empty(chunk)))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        for handle in handles:
+            handle.close()
+
+
+def _copy_to_host(probs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue a copy of CUDA ``probs`` to pinned host memory; the event completes when it is filled.
+
+    The copy is queued on the current stream of the tensor's device (whatever device is current in this
+    thread), and the event is recorded on that same stream, so that waiting on it waits for the copy.
+    """
+    with torch.cuda.device(probs.device):
+        stream = torch.cuda.current_stream(probs.device)
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return host, event
 
 
 class RowWriter:
@@ -147,10 +206,7 @@ class RowWriter:
             raise self._error
         event = None
         if isinstance(probs, torch.Tensor) and probs.device.type == "cuda":
-            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-            probs = host.copy_(probs, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            probs, event = _copy_to_host(probs)
         while True:
             try:
                 self._queue.put((row0, probs, event), timeout=0.5)
