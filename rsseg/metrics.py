@@ -9,37 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dice", "iou", "mean_image_dice"]
+from rsseg.errors import DatasetError
+
+__all__ = ["dice", "mean_image_dice"]
 
 
-def _counts(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None) -> tuple[int, int, int]:
-    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
-    if p.shape != t.shape:
-        raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
-    if valid is not None:
-        v = np.asarray(valid, dtype=bool)
-        p, t = p & v, t & v
-    return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
-
-
-def dice(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -> float:
-    """Dice ``2|X∩Y| / (|X| + |Y|)`` of two masks (non-zero = building); 1.0 when both are empty.
-
-    Args:
-        pred: predicted mask.
-        truth: true mask of the same shape.
-        valid: optional mask of pixels to score (others, e.g. nodata, are left out).
-    """
-    inter, n_pred, n_truth = _counts(pred, truth, valid)
-    total = n_pred + n_truth
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
-def iou(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -> float:
-    """Intersection over union ``|X∩Y| / |X∪Y|`` of two masks; 1.0 when both are empty."""
-    inter, n_pred, n_truth = _counts(pred, truth, valid)
-    union = n_pred + n_truth - inter
-    return 1.0 if union == 0 else inter / union
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice ``2|X∩Y| / (|X| + |Y|)`` of two masks of one shape (non-zero = building); 1.0 when both are empty."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise DatasetError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}; "
+                           "score masks of the same (height, width)")
+    return mean_image_dice(pred[None], truth[None])
 
 
 def mean_image_dice(preds: np.ndarray, truths: np.ndarray) -> float:
