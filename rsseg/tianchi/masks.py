@@ -79,32 +79,11 @@ class BadRow:
 
 @dataclass(frozen=True, slots=True)
 class _Block:
-    """The rows one task checks: a :class:`MaskTable` indexing only them; the task reads their RLE itself."""
+    """The rows one task checks: a :class:`MaskTable` of them only; the task reads their RLE where it runs."""
 
     rows: MaskTable
     images_dir: Path | None
     shape: tuple[int, int]
-
-
-class _IndexedTable(MaskTable):
-    """A :class:`MaskTable` that keeps its format problems as :class:`BadRow` records (line and name).
-
-    It hooks the table's per-line ``_add`` (the one pass that indexes the file); were ``MaskTable.problems``
-    structured (line, name, message), this subclass could go.
-    """
-
-    def __init__(self, path: PathLike) -> None:
-        self.bad_rows: list[BadRow] = []
-        super().__init__(path, strict=False)
-
-    def _add(self, raw: bytes, number: int, offset: int, strict: bool) -> None:
-        before = len(self.problems)
-        super()._add(raw, number, offset, strict)
-        if len(self.problems) > before:
-            message = self.problems[-1]
-            name = raw.partition(b"\t")[0].strip().decode("utf-8", errors="replace")
-            self.bad_rows.append(BadRow(number, name, "duplicate" if " duplicates line " in message else "format",
-                                        message.partition(": ")[2] or message))
 
 
 @dataclass(frozen=True)
@@ -196,13 +175,14 @@ def describe_masks(
     images = Path(images_dir) if images_dir is not None else None
     if images is not None and not images.is_dir():
         raise DatasetError(f"{images} is not a folder; expected the folder of the images {mask_csv.name} names")
-    index = _IndexedTable(mask_csv)
+    index = MaskTable(mask_csv, strict=False)
     shape = (opts.image_size[0], opts.image_size[1])
     names = list(index)
-    blocks = [_Block(_subtable(index, names[i : i + opts.chunk_rows]), images, shape)
+    blocks = [_Block(index.subset(names[i : i + opts.chunk_rows]), images, shape)
               for i in range(0, len(names), opts.chunk_rows)]
     good: list[tuple[Any, ...]] = []
-    bad = list(index.bad_rows)
+    bad = [BadRow(line, name, "duplicate" if " duplicates line " in problem else "format", problem)
+           for line, name, problem in index.problem_rows]
     for _, (block_good, block_bad) in map_blocks(_check_block, blocks, executor, desc="tianchi masks"):
         good.extend(block_good)
         bad.extend(block_bad)
@@ -212,19 +192,6 @@ def describe_masks(
     unlisted = sorted(p.name for p in images.glob("*.jpg") if p.name not in listed) if images else []
     return MaskReport(mask_csv, images, opts, table, tuple(sorted(bad, key=lambda r: (r.line, r.kind))),
                       tuple(unlisted))
-
-
-def _subtable(table: MaskTable, names: list[str]) -> MaskTable:
-    """A :class:`MaskTable` of ``names`` only, built through the table's pickle state.
-
-    A block then ships its rows' line numbers and byte ranges (~40 bytes a row), not the RLE text (kilobytes
-    a row), and reads the text where it runs.
-    """
-    state = table.__getstate__()
-    rows = state["rows"]
-    sub = MaskTable.__new__(MaskTable)
-    sub.__setstate__({**state, "rows": {name: rows[name] for name in names}, "problems": []})  # type: ignore[index]
-    return sub
 
 
 def _check_block(block: _Block) -> tuple[list[tuple[Any, ...]], list[BadRow]]:
