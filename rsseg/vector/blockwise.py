@@ -211,8 +211,7 @@ def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptio
     """
     opts = resolve(VectorizeOptions, options, values)
     crs = "EPSG:4326" if check_output(out, opts.overwrite) == "GeoJSON" else None
-    blocks, provenance = _plan(Path(mask), opts, prob, crs)
-    gdf = _assemble(blocks, _run(blocks, executor), provenance)
+    gdf = vectorize(mask, opts, prob=prob, crs=crs, executor=executor)
     write_vectors(gdf, out, overwrite=opts.overwrite)
     return len(gdf)
 

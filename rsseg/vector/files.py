@@ -1,20 +1,13 @@
-"""Writing building polygons for GIS: GeoJSON (RFC 7946), GeoPackage, FlatGeobuf and GeoParquet, atomically.
+"""Vector files for GIS: GeoJSON (RFC 7946), GeoPackage, FlatGeobuf and GeoParquet, written atomically.
 
-Every vector file rsseg writes goes through this module, written by pyogrio in one call (through Arrow
-when pyarrow is installed). GeoJSON is written in EPSG:4326 with longitude first and rings oriented by
-GDAL's ``RFC7946`` option; the other formats keep the polygons' CRS. GeoParquet (``.parquet``) is written
-by geopandas (this GDAL has no Parquet driver) as GeoParquet 1.1 with a ``bbox`` covering column, so that
-readers can skip row groups by extent. A file is written under a temporary name beside its final one and
-renamed when complete.
-
-Merged files (:func:`merge_vectors`) hold every scene's buildings with ids unique across scenes
-(``scene-number``, e.g. ``scene_a-17``) and record the file name and SHA-256 of each scene file they
-were made from.
+Every vector file rsseg writes goes through this module: by pyogrio (through Arrow) in one call, GeoParquet
+1.1 by geopandas (this GDAL has no Parquet driver). :func:`write_vectors` says what each format keeps;
+:func:`merge_vectors` puts the buildings of several scenes in one layer, with ids unique across scenes
+(``scene-number``, e.g. ``scene_a-17``) and the name and SHA-256 of each scene file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -46,8 +39,6 @@ _TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "M
 #: Merged in one write: GeoParquet cannot be appended to, and GDAL's FlatGeobuf append drops the layer
 #: metadata (its writer holds every feature in memory for the spatial index anyway).
 _WRITTEN_AT_ONCE = {"Parquet", "FlatGeobuf"}
-#: Write through Arrow (pyogrio's fast path) when pyarrow is there.
-_USE_ARROW = importlib.util.find_spec("pyarrow") is not None
 
 
 def output_driver(path: Path) -> str:
@@ -126,7 +117,7 @@ def _write(gdf: gpd.GeoDataFrame, options: dict, tmp: Path, append: bool = False
         gdf.attrs = {"provenance": options["provenance"]} if options["provenance"] else {}
         gdf.to_parquet(tmp, index=False, write_covering_bbox=True, schema_version=GEOPARQUET_VERSION)
     else:
-        pyogrio.write_dataframe(gdf, tmp, append=append, use_arrow=_USE_ARROW, **options)
+        pyogrio.write_dataframe(gdf, tmp, append=append, use_arrow=True, **options)
 
 
 def read_vectors(path: str | Path, role: str = "vector") -> gpd.GeoDataFrame:
