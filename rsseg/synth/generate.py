@@ -1,14 +1,8 @@
 """Generated data for the demo, the tests and the benchmarks, deterministic by seed.
 
-* :func:`make_scene` writes a large georeferenced RGB GeoTIFF of an aerial-looking area (textured ground,
-  roads, trees, shadows, rectangle and L-shaped buildings) and its true building footprints. Features are
-  placed once as vectors; pixels are rendered window by window, so memory does not grow with the scene.
-* :func:`make_tianchi` writes a dataset in the layout of the Tianchi building-segmentation competition
-  (512x512 JPG images and run-length masks), each image a patch of a small scene with its own look; blocks
-  of images can be rendered on any executor.
-
-Options are defined in :mod:`rsseg.synth.options`; layout and rendering live in :mod:`rsseg.synth.layout`
-and :mod:`rsseg.synth.render`.
+:func:`make_scene` writes a large georeferenced RGB GeoTIFF and its true footprints, rendered window by
+window; :func:`make_tianchi` writes a dataset in the Tianchi layout (512x512 JPGs and RLE masks). Options:
+:mod:`rsseg.synth.options`; placement: :mod:`rsseg.synth.layout`; pixels: :mod:`rsseg.synth.render`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Describe and validate ``train_mask.csv``: every bad row, a per-image table, the dataset's figures.
 
-:func:`describe_masks` decodes the mask file in blocks of rows (in this process, or on any
-``concurrent.futures.Executor``, e.g. a Dask client's ``get_executor()``) and checks each row:
-
-- the line is ``name<TAB>rle`` and the name is not a duplicate (the index of :class:`~rsseg.tianchi.MaskTable`);
-- the RLE decodes (:func:`rsseg.tianchi.rle.decode`), no run past the image's pixel count;
-- the image exists in ``images_dir`` and has the expected size (only the JPEG header is read).
-
-It returns a :class:`MaskReport`: the good rows as a table (``name``, ``line``, ``building_fraction``,
-``empty``, ``buildings`` = 4-connected building components), EVERY bad row (line, image, kind, what is
-wrong), and figures (images, empty share, building-fraction histogram). :func:`write_mask_report` writes
-it to a folder; :meth:`MaskReport.raise_if_bad` turns bad rows into one :class:`~rsseg.errors.DatasetError`.
+:func:`describe_masks` checks the rows in blocks (in this process or on any executor) and returns a
+:class:`MaskReport`; :func:`write_mask_report` writes it to a folder; :meth:`MaskReport.raise_if_bad`
+turns bad rows into one :class:`~rsseg.errors.DatasetError`.
 """
 
 from __future__ import annotations
@@ -94,7 +86,8 @@ class MaskReport:
         mask_csv: the mask file described.
         images_dir: the folder of its images (None: images not checked).
         options: the options it was described with.
-        table: one row per good mask, in file order, columns :data:`TABLE_COLUMNS`.
+        table: one row per good mask, in file order, columns :data:`TABLE_COLUMNS` (``buildings``: the
+            4-connected building components).
         bad_rows: every bad row, sorted by line (a row may appear once per problem).
         unlisted_images: JPGs in ``images_dir`` that no row names (not an error: figures only).
     """
@@ -152,6 +145,9 @@ def describe_masks(
     executor: Executor | None = None, **values: Any,
 ) -> MaskReport:
     """Decode and validate a Tianchi mask file block by block; every bad row is reported, none raises.
+
+    A row must be ``name<TAB>rle`` with a new name, its RLE must decode inside the image, and the image must
+    exist with the expected size (only its JPEG header is read); :class:`BadRow` lists the kinds of problem.
 
     Args:
         mask_csv: ``train_mask.csv`` (``name<TAB>rle`` rows, no header).

@@ -1,17 +1,10 @@
-"""Building masks to map polygons, block by block, cleaned, attributed and written for GIS.
+"""Building masks to map polygons, block by block: the vector stage's parallel part.
 
-The mask GeoTIFF is read in blocks of ``block`` x ``block`` pixels, each one unit of parallel work
-(:func:`rsseg.parallel.map_blocks`: in this process, or on any executor, a Dask client's included). A
-block checks its values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
-coordinates (:mod:`rsseg.vector.polygonize`), sums the probability raster under each polygon, and
-finishes every building that does not touch an inner block border (:mod:`rsseg.vector.cleaning`): it
-maps it to the raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies
-and regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
-block borders come back in pixel coordinates; the caller joins them exactly and finishes them the same
-way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the block size. :mod:`rsseg.vector.files` writes the result.
-
-Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.vector.cleaning`).
+Each ``block`` x ``block`` window of the mask is one unit of parallel work (:func:`rsseg.parallel.map_blocks`):
+it checks its values and polygonises its buildings in integer pixel coordinates (:mod:`rsseg.vector.polygonize`),
+sums the probability raster under each, and finishes the buildings off its inner borders
+(:mod:`rsseg.vector.cleaning`). The caller joins the pieces cut by block borders exactly and finishes them
+the same way: the same polygons as polygonising the whole raster at once, with memory bounded by the block.
 """
 
 from __future__ import annotations
