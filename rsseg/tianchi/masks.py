@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from rsseg.errors import ConfigError, DatasetError, RLEError
 from rsseg.fileio import atomic_path
+from rsseg.metrics import count_buildings
 from rsseg.options import Options, resolve
 from rsseg.parallel import map_blocks
 from rsseg.tianchi.files import MaskTable
@@ -231,48 +232,6 @@ def _check_image(path: Path, line: int, name: str, shape: tuple[int, int]) -> li
         return [BadRow(line, name, "wrong_size", f"image {path.name} is {height}x{width} (height x width); "
                                                  f"expected {shape[0]}x{shape[1]}")]
     return []
-
-
-def count_buildings(mask: np.ndarray) -> int:
-    """The number of 4-connected building components of a 2-D mask (non-zero = building).
-
-    A building with a courtyard is one; two touching only at a corner are two. Plain numpy (no labelling
-    library is a dependency; :func:`rasterio.features.shapes` would count the same but swaps process-wide
-    warning filters, which races between the threads of one worker): each column's vertical runs of
-    building pixels are nodes, runs overlapping in neighbouring columns are joined, and the components
-    of that graph are counted by hooking roots together until every edge joins one root.
-    """
-    building = np.asarray(mask) != 0
-    height = building.shape[0]
-    edges = np.diff(np.pad(building.T.view(np.int8), ((0, 0), (1, 1))), axis=1)  # one row per column
-    (col_s, row_s), (col_e, row_e) = np.nonzero(edges == 1), np.nonzero(edges == -1)
-    if not col_s.size:
-        return 0
-    # Runs of column c overlap run (c + 1, s, e) iff their end > s and their start < e: both searches in
-    # one sorted key space where column c's keys lie in [c * (height + 1), c * (height + 1) + height].
-    stride = height + 1
-    start_key, end_key = col_s * stride + row_s, col_e * stride + row_e
-    left = col_s - 1
-    lo = np.searchsorted(end_key, left * stride + row_s, side="right")
-    hi = np.searchsorted(start_key, left * stride + row_e, side="left")
-    degree = np.where(col_s > 0, np.maximum(hi - lo, 0), 0)
-    b = np.repeat(np.arange(col_s.size), degree)
-    a = np.arange(degree.sum()) - np.repeat(np.cumsum(degree) - degree, degree) + np.repeat(lo, degree)
-    return _count_components(col_s.size, a, b)
-
-
-def _count_components(nodes: int, a: np.ndarray, b: np.ndarray) -> int:
-    """Connected components of a graph of ``nodes`` nodes and edges ``a[i] - b[i]`` (min-label hooking)."""
-    labels = np.arange(nodes)
-    while True:
-        la, lb = labels[a], labels[b]
-        if np.array_equal(la, lb):
-            return int(np.count_nonzero(labels == np.arange(nodes)))
-        low = np.minimum(la, lb)
-        np.minimum.at(labels, la, low)
-        np.minimum.at(labels, lb, low)
-        while not np.array_equal(jumped := labels[labels], labels):  # point every node at its root
-            labels = jumped
 
 
 def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool = False) -> dict[str, Path]:
