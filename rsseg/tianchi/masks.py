@@ -7,7 +7,6 @@ turns bad rows into one :class:`~rsseg.errors.DatasetError`.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -253,12 +252,10 @@ def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool 
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
-    with atomic_path(paths["bad_rows"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["line", "name", "kind", "problem"])
-        writer.writerows((r.line, r.name, r.kind, r.problem) for r in report.bad_rows)
-    with atomic_path(paths["table"]) as tmp:
-        report.table.to_csv(tmp, index=False)
+    bad_rows = pd.DataFrame(report.bad_rows, columns=["line", "name", "kind", "problem"])
+    for key, frame in (("bad_rows", bad_rows), ("table", report.table)):
+        with atomic_path(paths[key]) as tmp:
+            frame.to_csv(tmp, index=False)
     with atomic_path(paths["summary"]) as tmp:
         tmp.write_text(json.dumps(report.summary(), indent=2) + "\n", encoding="utf-8")
     picks = mosaic_picks(report.table, report.options.mosaic_images)
