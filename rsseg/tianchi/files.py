@@ -3,10 +3,7 @@
 Layout of ``train_mask.csv``, the truth files and submissions: one row per image, ``name<TAB>rle``, no
 header, no index; an empty RLE field (or no field) means "no building". RLE strings follow
 :mod:`rsseg.tianchi.rle` (column-major, 1-based starts). A submission has one row per test image, in the order
-of the sample submission (``test_a_samplesubmit.csv``).
-
-:class:`MaskTable` reads such a file lazily: it indexes the rows once (name -> line and byte range) and
-reads and decodes a mask only when asked for.
+of the sample submission (``test_a_samplesubmit.csv``). :class:`MaskTable` reads such a file lazily.
 """
 
 from __future__ import annotations

@@ -195,27 +195,20 @@ def _check_block(block: _Block) -> tuple[list[tuple[Any, ...]], list[BadRow]]:
     good, bad = [], []
     with block.rows as table:
         for name in table:
-            _check_row(table, name, block, good, bad)
+            line, problems = table.line(name), []
+            try:
+                mask = decode(table[name], block.shape)
+            except RLEError as exc:
+                kind = "run_past_end" if "past the end" in str(exc) else "rle"
+                problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
+            if block.images_dir is not None:
+                problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
+            if problems:
+                bad.extend(problems)
+                continue
+            pixels = int(np.count_nonzero(mask))
+            good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
     return good, bad
-
-
-def _check_row(table: MaskTable, name: str, block: _Block, good: list[tuple[Any, ...]], bad: list[BadRow]) -> None:
-    """Check one row: append its table row to ``good``, or each of its problems to ``bad``."""
-    line = table.line(name)
-    problems = []
-    try:
-        mask = decode(table[name], block.shape)
-    except RLEError as exc:
-        mask = None
-        kind = "run_past_end" if "past the end" in str(exc) else "rle"
-        problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
-    if block.images_dir is not None:
-        problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
-    if problems or mask is None:
-        bad.extend(problems)
-        return
-    pixels = int(np.count_nonzero(mask))
-    good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
 
 
 def _check_image(path: Path, line: int, name: str, shape: tuple[int, int]) -> list[BadRow]:

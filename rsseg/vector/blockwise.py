@@ -189,7 +189,8 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
     """
     opts = resolve(VectorizeOptions, options, values)
     blocks, provenance = _plan(Path(mask_raster), opts, prob, crs)
-    return _assemble(blocks, _run(blocks, executor), provenance)
+    results = sorted(map_blocks(_run_block, blocks, executor, desc="vectorize"), key=lambda done: done[0])
+    return _assemble(blocks, [result for _, result in results], provenance)
 
 
 def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptions | None = None, *,
@@ -214,14 +215,6 @@ def block_count(mask: str | Path, options: VectorizeOptions | None = None, **val
     opts = resolve(VectorizeOptions, options, values)
     with _open(Path(mask)) as src:
         return len(block_windows(src.width, src.height, opts.block))
-
-
-def _run(blocks: list[_Block], executor: Executor | None) -> list[_BlockResult]:
-    """The blocks' results, in block order (run here when ``executor`` is None)."""
-    results: list[Any] = [None] * len(blocks)
-    for i, result in map_blocks(_run_block, blocks, executor, desc="vectorize"):
-        results[i] = result
-    return results
 
 
 def _plan(path: Path, opts: VectorizeOptions, prob: str | Path | None, crs: str | None
