@@ -182,16 +182,11 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
     target = crss.pop() if len(crss) == 1 and driver != "GeoJSON" else "EPSG:4326"
     provenance = {"code_version": version("rsseg"), "sources": json.dumps(
         [{"scene": f.stem, "file": f.name, "sha256": file_sha256(f)} for f in files])}
-    one_go = driver in _WRITTEN_AT_ONCE
+    frames = (_scene_frame(f, target) for f in files or [None])  # no files: one empty layer
+    if driver in _WRITTEN_AT_ONCE:
+        frames = [gpd.GeoDataFrame(pd.concat(list(frames), ignore_index=True), geometry="geometry", crs=target)]
     with atomic_path(out, overwrite=overwrite) as tmp:
-        if one_go:
-            frames = [_scene_frame(f, target) for f in files]
-            merged = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True) if frames else _scene_frame(None, target),
-                                      geometry="geometry", crs=target)
-            merged.attrs["provenance"] = provenance
-            _write(*_layer(merged, out, driver, layer), tmp)
-        for i, path in enumerate([] if one_go else files):
-            gdf = _scene_frame(path, target)
+        for i, gdf in enumerate(frames):
             gdf.attrs["provenance"] = provenance
             _write(*_layer(gdf, out, driver, layer), tmp, append=i > 0)
     return out
@@ -199,7 +194,7 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
 
 def _scene_frame(path: Path | None, target: str) -> gpd.GeoDataFrame:
     """One file's buildings in ``target`` with ``id`` (``scene-number``), ``scene`` and ``number`` first."""
-    if path is None:  # no files: an empty layer
+    if path is None:
         return gpd.GeoDataFrame({"id": [], "scene": [], "number": []}, geometry=[], crs=target)
     gdf = read_vectors(path).to_crs(target)
     number = (gdf["id"].to_numpy() if "id" in gdf and gdf["id"].dtype.kind in "iu"
