@@ -45,7 +45,7 @@ ANCHOR_LONLAT = (114.30, 30.59)
 METRES_PER_DEGREE = 111_320.0
 #: Tianchi images: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
 TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.10, 90
-_BLOCK = 20  # images per rendering task when an executor is given
+_BLOCK = 20  # images per block (one rendering task)
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
 
 
