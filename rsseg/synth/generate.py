@@ -25,7 +25,7 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, OutputExistsError
 from rsseg.fileio import atomic_dir, atomic_path, raster_env
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
@@ -241,13 +241,13 @@ def make_tianchi(
         ``sample_submission``) and counts (``n_train``, ``n_test``, ``n_train_empty``, ``n_test_empty``).
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not an empty folder.
+        OutputExistsError: ``out_dir`` exists and is not an empty folder.
         ConfigError: negative counts.
     """
     opts = resolve(TianchiOptions, options, values)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
+        raise OutputExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
     name_seq, *image_seqs = np.random.SeedSequence(opts.seed).spawn(1 + opts.n_train + opts.n_test)
     rng = np.random.default_rng(name_seq)
     names = _names(rng, opts.n_train + opts.n_test)

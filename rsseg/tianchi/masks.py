@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 
-from rsseg.errors import ConfigError, DatasetError, RLEError
+from rsseg.errors import ConfigError, DatasetError, OutputExistsError, RLEError
 from rsseg.fileio import atomic_path
 from rsseg.metrics import count_buildings
 from rsseg.options import Options, resolve
@@ -237,13 +237,13 @@ def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool 
         The paths written, keyed ``table``, ``bad_rows``, ``summary`` and (when drawn) ``mosaic``.
 
     Raises:
-        FileExistsError: one of the files exists and ``overwrite`` is False.
+        OutputExistsError: one of the files exists and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
     paths = {key: out_dir / name for key, name in REPORT_FILES.items()}
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
+        raise OutputExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
     bad_rows = pd.DataFrame(report.bad_rows, columns=["line", "name", "kind", "problem"])
     for key, frame in (("bad_rows", bad_rows), ("table", report.table)):

@@ -200,7 +200,7 @@ def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptio
     GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the blocks).
 
     Raises:
-        FileExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
+        OutputExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
         VectorError: ``out`` has an unsupported extension (checked before any work).
     """
     opts = resolve(VectorizeOptions, options, values)

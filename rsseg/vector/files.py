@@ -23,7 +23,7 @@ import shapely
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
-from rsseg.errors import VectorError
+from rsseg.errors import OutputExistsError, VectorError
 from rsseg.fileio import atomic_path, file_sha256
 
 __all__ = ["FORMATS", "check_output", "merge_vectors", "output_driver", "read_vectors", "write_vectors"]
@@ -55,11 +55,11 @@ def check_output(path: str | Path, overwrite: bool = False) -> str:
 
     Raises:
         VectorError: an unsupported extension.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
     """
     driver = output_driver(Path(path))
     if not overwrite and Path(path).exists():
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return driver
 
 
@@ -101,7 +101,7 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Fal
 
     Raises:
         VectorError: an unsupported extension, or polygons without a CRS.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
     gdf, options = _layer(gdf, path, output_driver(path), path.stem)
@@ -169,7 +169,7 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
 
     Raises:
         VectorError: an unsupported extension, two files of one scene name, or a file without a CRS.
-        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        OutputExistsError: ``out`` exists and ``overwrite`` is False.
     """
     out, files = Path(out), [Path(f) for f in files]
     driver = output_driver(out)
