@@ -59,19 +59,9 @@ class _Block:
 class _BlockResult:
     values: frozenset[int]
     buildings: Buildings
-    pieces: np.ndarray  # pixel polygons touching an inner block border
+    pieces: np.ndarray  # WKB of the pixel polygons touching an inner block border (one array: cheap to pickle)
     piece_sum: np.ndarray
     piece_count: np.ndarray
-
-    def __reduce__(self) -> tuple:
-        """Pickle the pieces as one WKB array (see :meth:`Buildings.__reduce__`)."""
-        return _result_from_wkb, (self.values, self.buildings, shapely.to_wkb(self.pieces), self.piece_sum,
-                                  self.piece_count)
-
-
-def _result_from_wkb(values: frozenset[int], buildings: Buildings, pieces: np.ndarray, *sums: np.ndarray
-                     ) -> _BlockResult:
-    return _BlockResult(values, buildings, shapely.from_wkb(pieces), *sums)
 
 
 def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +99,7 @@ def _run_block(block: _Block) -> _BlockResult:
     edge = on_inner_border(pixels, block.window, block.width, block.height)
     inside = ~edge
     return _BlockResult(present, finish(pixels[inside], prob_sum[inside], prob_count[inside], block.cleaning),
-                        pixels[edge], prob_sum[edge], prob_count[edge])
+                        shapely.to_wkb(pixels[edge]), prob_sum[edge], prob_count[edge])
 
 
 def _open(path: Path) -> rasterio.DatasetReader:
@@ -240,7 +230,7 @@ def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dic
         raise RasterError(f"{path}: some blocks mark buildings with 1, others with 255; a building mask "
                           "uses one convention, 0/1 or 0/255")
     log.info("%s: mask convention 0/%d", path, 255 if 255 in present else 1)
-    merged, group = merge_pieces(np.concatenate([r.pieces for r in results]))
+    merged, group = merge_pieces(shapely.from_wkb(np.concatenate([r.pieces for r in results])))
     sums = [np.bincount(group, np.concatenate([getattr(r, name) for r in results]), len(merged))
             for name in ("piece_sum", "piece_count")]
     found = Buildings.concat([r.buildings for r in results] + [finish(merged, *sums, cleaning)])
