@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "OutputExistsError",
     "PipelineError",
     "RasterError",
     "RLEError",
@@ -41,6 +42,10 @@ class ConfigError(RssegError, ValueError):
 
 class DatasetError(RssegError, ValueError):
     """A dataset that is empty, inconsistent or has images of the wrong size."""
+
+
+class OutputExistsError(RssegError, FileExistsError):
+    """An output that exists and is not to be replaced (``overwrite`` is off)."""
 
 
 class RasterError(RssegError, OSError):

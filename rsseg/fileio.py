@@ -17,6 +17,8 @@ from pathlib import Path
 
 import rasterio
 
+from rsseg.errors import OutputExistsError
+
 __all__ = ["atomic_dir", "atomic_path", "file_sha256", "raster_env"]
 
 #: GDAL block cache for rsseg's readers and writers, in MB: small, so memory does not follow the scene size
@@ -37,11 +39,11 @@ def atomic_path(final: str | os.PathLike[str], overwrite: bool = True) -> Iterat
 
     Args:
         final: the path the output must end up at.
-        overwrite: if False and ``final`` exists, raise :class:`FileExistsError` before writing anything.
+        overwrite: if False and ``final`` exists, raise :class:`~rsseg.errors.OutputExistsError` first.
     """
     final = Path(final)
     if not overwrite and final.exists():
-        raise FileExistsError(f"{final} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{final} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
     try:
@@ -59,11 +61,11 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     Args:
         final: the folder the output must end up at.
         overwrite: replace an existing ``final`` (after the new one is complete); otherwise an existing
-            ``final`` raises :class:`FileExistsError` before anything is written.
+            ``final`` raises :class:`~rsseg.errors.OutputExistsError` before anything is written.
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; remove it or choose another output folder")
+        raise OutputExistsError(f"{final} exists; remove it or choose another output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(final)
     tmp.mkdir()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rsseg.errors import ConfigError, DatasetError
+from rsseg.metrics import count_buildings
 from rsseg.synth import make_tianchi
 from rsseg.tianchi import (
     FoldOptions,
@@ -24,7 +25,7 @@ from rsseg.tianchi import (
     stratified_folds,
     write_mask_report,
 )
-from rsseg.tianchi.masks import count_buildings, mosaic_picks
+from rsseg.tianchi.masks import mosaic_picks
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,8 @@
 """Generated data for the demo, the tests and the benchmarks, deterministic by seed.
 
-* :func:`make_scene` writes a large georeferenced RGB GeoTIFF of an aerial-looking area (textured ground,
-  roads, trees, shadows, rectangle and L-shaped buildings) and its true building footprints. Features are
-  placed once as vectors; pixels are rendered window by window, so memory does not grow with the scene.
-* :func:`make_tianchi` writes a dataset in the layout of the Tianchi building-segmentation competition
-  (512x512 JPG images and run-length masks), each image a patch of a small scene with its own look; blocks
-  of images can be rendered on any executor.
-
-Options are defined in :mod:`rsseg.synth.options`; layout and rendering live in :mod:`rsseg.synth.layout`
-and :mod:`rsseg.synth.render`.
+:func:`make_scene` writes a large georeferenced RGB GeoTIFF and its true footprints, rendered window by
+window; :func:`make_tianchi` writes a dataset in the Tianchi layout (512x512 JPGs and RLE masks). Options:
+:mod:`rsseg.synth.options`; placement: :mod:`rsseg.synth.layout`; pixels: :mod:`rsseg.synth.render`.
 """
 
 from __future__ import annotations
@@ -31,9 +25,10 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, OutputExistsError
 from rsseg.fileio import atomic_dir, atomic_path, raster_env
 from rsseg.options import resolve
+from rsseg.parallel import map_blocks
 from rsseg.synth.layout import Layout, Style, place, random_style, value_noise_at
 from rsseg.synth.options import COMPRESSION, GTIFF_TILE, SceneOptions, TianchiOptions, parse_crs
 from rsseg.synth.render import Renderer
@@ -50,7 +45,7 @@ ANCHOR_LONLAT = (114.30, 30.59)
 METRES_PER_DEGREE = 111_320.0
 #: Tianchi images: size in pixels, fraction without any building, JPEG quality, name alphabet and length.
 TIANCHI_SIZE, TIANCHI_EMPTY, TIANCHI_QUALITY = 512, 0.10, 90
-_BLOCK = 20  # images per rendering task when an executor is given
+_BLOCK = 20  # images per block (one rendering task)
 NAME_ALPHABET, NAME_LENGTH = np.array(list(string.digits + string.ascii_uppercase)), 10
 
 
@@ -151,7 +146,8 @@ def make_scene(
     path = Path(path)
     with raster_env(), atomic_path(path) as tmp, atomic_path(footprints_path(path)) as tmp_vec:
         with rasterio.open(tmp, "w", **_scene_profile(opts, crs_obj, transform)) as dst:
-            for window in tqdm(windows, desc=f"synth {path.name}", unit="window", disable=_quiet(progress)):
+            quiet = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+            for window in tqdm(windows, desc=f"synth {path.name}", unit="window", disable=quiet):
                 rendered = renderer.render(window.row_off, window.col_off, window.height, window.width)
                 dst.write(rendered.rgb, window=window)
         footprints = _footprints_frame(layout, transform, crs_obj, opts.gsd)
@@ -181,11 +177,6 @@ def _scene_profile(opts: SceneOptions, crs: CRS, transform: Affine) -> dict[str,
     }
 
 
-def _quiet(progress: bool | None) -> bool | None:
-    """The ``disable`` argument of tqdm for a ``progress`` flag (None: tqdm shows it on a terminal only)."""
-    return None if progress is None else not progress
-
-
 def render_image(seed: int | np.random.SeedSequence, *, empty: bool = False, size: int = TIANCHI_SIZE):
     """One Tianchi-style image: a ``size`` x ``size`` patch of a small scene with a look of its own.
 
@@ -212,9 +203,9 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     return sorted(names)
 
 
-def _render_block(folder: Path, names: list[str], seqs: list[np.random.SeedSequence],
-                  empty: list[bool]) -> list[str]:
-    """Render a block of images into ``folder`` as JPG files; returns their masks as RLE strings."""
+def _render_block(block: tuple[Path, list[str], list[np.random.SeedSequence], list[bool]]) -> list[str]:
+    """Render a block ``(folder, names, seeds, empty)`` of images as JPG files; returns their masks as RLE strings."""
+    folder, names, seqs, empty = block
     codes = []
     for name, seq, is_empty in zip(names, seqs, empty, strict=True):
         rgb, mask = render_image(seq, empty=is_empty)
@@ -239,7 +230,7 @@ def make_tianchi(
         out_dir: the folder to create; it must not exist, or be empty.
         options: a :class:`~rsseg.synth.options.TianchiOptions` (``n_train``, ``n_test``, ``seed``); None
             for the defaults.
-        progress: show a progress bar (None: only on a terminal).
+        progress: False: no progress bar; otherwise one of the blocks, shown on a terminal.
         executor: render blocks of images on it (e.g. a Dask client's ``get_executor()`` or a process
             pool; its workers must see ``out_dir``); default: one after the other in this process. Every
             image has its own seed, so the files are the same either way.
@@ -250,13 +241,13 @@ def make_tianchi(
         ``sample_submission``) and counts (``n_train``, ``n_test``, ``n_train_empty``, ``n_test_empty``).
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not an empty folder.
+        OutputExistsError: ``out_dir`` exists and is not an empty folder.
         ConfigError: negative counts.
     """
     opts = resolve(TianchiOptions, options, values)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
+        raise OutputExistsError(f"{out_dir} exists and is not empty; remove it or choose another output folder")
     name_seq, *image_seqs = np.random.SeedSequence(opts.seed).spawn(1 + opts.n_train + opts.n_test)
     rng = np.random.default_rng(name_seq)
     names = _names(rng, opts.n_train + opts.n_test)
@@ -264,16 +255,15 @@ def make_tianchi(
               "test_a": (names[opts.n_train :], image_seqs[opts.n_train :])}
     info: dict[str, object] = {"root": out_dir}
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        blocks = {split: _image_blocks(tmp / split, *splits[split], rng) for split in splits}
-        jobs = {split: [executor.submit(_render_block, *b) for b in bl] if executor else bl
-                for split, bl in blocks.items()}
-        with tqdm(total=len(names), desc=f"synth {out_dir.name}", unit="image", disable=_quiet(progress)) as bar:
-            for split, (split_names, _) in splits.items():
-                codes = _gather(jobs, split, executor, bar)
-                key, truth = ("train", "train_mask.csv") if split == "train" else ("test", "test_a_mask.csv")
-                tianchi.write_mask_csv(zip(split_names, codes, strict=True), tmp / truth)
-                info |= {f"{key}_dir": out_dir / split, f"{key}_mask": out_dir / truth, f"n_{key}": len(codes),
-                         f"n_{key}_empty": sum(not code for code in codes)}
+        blocks = [b for split in splits for b in _image_blocks(tmp / split, *splits[split], rng)]
+        desc = None if progress is False else f"synth {out_dir.name}"
+        codes = [code for _, block in sorted(map_blocks(_render_block, blocks, executor, desc=desc)) for code in block]
+        for split, (split_names, _) in splits.items():
+            split_codes, codes = codes[: len(split_names)], codes[len(split_names) :]
+            key, truth = ("train", "train_mask.csv") if split == "train" else ("test", "test_a_mask.csv")
+            tianchi.write_mask_csv(zip(split_names, split_codes, strict=True), tmp / truth)
+            info |= {f"{key}_dir": out_dir / split, f"{key}_mask": out_dir / truth, f"n_{key}": len(split_codes),
+                     f"n_{key}_empty": sum(not code for code in split_codes)}
         tianchi.write_mask_csv(((name, "") for name in splits["test_a"][0]), tmp / "test_a_samplesubmit.csv")
         info["sample_submission"] = out_dir / "test_a_samplesubmit.csv"
     log.info("wrote %s (%d train, %d test images)", out_dir, opts.n_train, opts.n_test)
@@ -291,23 +281,3 @@ def _image_blocks(folder: Path, names: list[str], seqs: list[np.random.SeedSeque
     flags = [i in empty for i in range(len(names))]
     return [(folder, names[i : i + _BLOCK], seqs[i : i + _BLOCK], flags[i : i + _BLOCK])
             for i in range(0, len(names), _BLOCK)]
-
-
-def _gather(jobs: dict[str, list[Any]], split: str, executor: Executor | None, bar: tqdm) -> list[str]:
-    """The RLE strings of ``split``'s images in order, rendering its blocks here when there is no executor.
-
-    On a failure the blocks not yet started are cancelled: nothing more is written into the folder about
-    to be removed.
-    """
-    codes: list[str] = []
-    for job in jobs[split]:
-        try:
-            block = job.result() if executor else _render_block(*job)
-        except BaseException:
-            if executor:
-                for pending in (j for js in jobs.values() for j in js):
-                    pending.cancel()
-            raise
-        codes += block
-        bar.update(len(block))
-    return codes

@@ -1,7 +1,7 @@
 """Vector layout of a generated aerial scene: roads, buildings and their shadows placed globally; trees per cell.
 
 Everything here is in *pixel* coordinates of the scene (x = column, y = row, y down; a pixel's centre is
-at ``(col + 0.5, row + 0.5)``), so the same layout renders identically whatever block size is used.
+at ``(col + 0.5, row + 0.5)``), so the same layout renders identically whatever window size is used.
 Sizes are drawn in metres and converted with the ground sampling distance ``gsd`` (metres per pixel).
 
 Placement is cheap and vectorised (shapely 2 arrays and :class:`shapely.STRtree` queries); only the
@@ -46,7 +46,7 @@ ROAD_RGB = np.array([(92, 92, 94), (112, 110, 106), (78, 80, 84)], dtype=np.floa
 
 @dataclass(frozen=True, slots=True)
 class Style:
-    """Look of one scene or tile: colours, densities, sun; all drawn from one seed.
+    """Look of one scene or Tianchi image: colours, densities, sun; all drawn from one seed.
 
     Attributes:
         seed: seed of the noise fields (texture, land cover) of this scene.
@@ -152,7 +152,7 @@ def value_noise_at(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.
 
 def random_style(rng: np.random.Generator, *, empty: bool = False, urban_scale_px: float | None = None,
                  roads: bool | None = None) -> Style:
-    """Draw the look of a scene or tile; ``empty``: no buildings; ``roads``: force or forbid roads (None: 80%)."""
+    """Draw the look of a scene or image; ``empty``: no buildings; ``roads``: force or forbid roads (None: 80%)."""
     azimuth = rng.uniform(0, 2 * np.pi)
     return Style(
         seed=int(rng.integers(1, 2**31)),
@@ -305,7 +305,7 @@ def place(
         rng: the random generator (the only source of randomness).
         keep_within: keep only buildings entirely inside this geometry (a scene's extent or valid area).
         min_visible: keep only buildings with at least half their area (and 40 m2) inside this geometry
-            (a tile cut from a larger area).
+            (an image cut from a larger area).
         valid: the scene's valid (not nodata) area, kept for rendering.
     """
     x0, y0, x1, y1 = bounds

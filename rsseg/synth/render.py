@@ -2,7 +2,7 @@
 
 Every pixel value is a function of the global pixel position, the layout and the style only: noise is
 hashed from global lattice coordinates and features are rasterised from the same global geometries, so
-windows of any size tile seamlessly (rendering with two block sizes gives identical pixels).
+windows of any size tile seamlessly (rendering with two window sizes gives identical pixels).
 
 Drawing order: ground (two-colour land cover with texture and grain), roads, shadows of buildings and
 trees, roofs (gable roofs shaded by side with a ridge line, flat roofs with a parapet, darker eaves), then

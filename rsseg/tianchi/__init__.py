@@ -1,8 +1,4 @@
-"""The Tianchi building data: codec, mask files and submissions, mask reports, stratified folds.
-
-The RLE codec, ``train_mask.csv`` and submissions, validation, the competition score, the description of a
-mask file (every bad row, a per-image table, figures) and stratified K-fold splits.
-"""
+"""The Tianchi building data: RLE codec, mask files and submissions, mask reports, stratified folds."""
 
 from rsseg.tianchi.files import (
     MaskTable,

@@ -1,21 +1,12 @@
 """Describe and validate ``train_mask.csv``: every bad row, a per-image table, the dataset's figures.
 
-:func:`describe_masks` decodes the mask file in blocks of rows (in this process, or on any
-``concurrent.futures.Executor``, e.g. a Dask client's ``get_executor()``) and checks each row:
-
-- the line is ``name<TAB>rle`` and the name is not a duplicate (the index of :class:`~rsseg.tianchi.MaskTable`);
-- the RLE decodes (:func:`rsseg.tianchi.rle.decode`), no run past the image's pixel count;
-- the image exists in ``images_dir`` and has the expected size (only the JPEG header is read).
-
-It returns a :class:`MaskReport`: the good rows as a table (``name``, ``line``, ``building_fraction``,
-``empty``, ``buildings`` = 4-connected building components), EVERY bad row (line, image, kind, what is
-wrong), and figures (images, empty share, building-fraction histogram). :func:`write_mask_report` writes
-it to a folder; :meth:`MaskReport.raise_if_bad` turns bad rows into one :class:`~rsseg.errors.DatasetError`.
+:func:`describe_masks` checks the rows in blocks (in this process or on any executor) and returns a
+:class:`MaskReport`; :func:`write_mask_report` writes it to a folder; :meth:`MaskReport.raise_if_bad`
+turns bad rows into one :class:`~rsseg.errors.DatasetError`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -29,8 +20,9 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 
-from rsseg.errors import ConfigError, DatasetError, RLEError
+from rsseg.errors import ConfigError, DatasetError, OutputExistsError, RLEError
 from rsseg.fileio import atomic_path
+from rsseg.metrics import count_buildings
 from rsseg.options import Options, resolve
 from rsseg.parallel import map_blocks
 from rsseg.tianchi.files import MaskTable
@@ -79,32 +71,11 @@ class BadRow:
 
 @dataclass(frozen=True, slots=True)
 class _Block:
-    """The rows one task checks: a :class:`MaskTable` indexing only them; the task reads their RLE itself."""
+    """The rows one task checks: a :class:`MaskTable` of them only; the task reads their RLE where it runs."""
 
     rows: MaskTable
     images_dir: Path | None
     shape: tuple[int, int]
-
-
-class _IndexedTable(MaskTable):
-    """A :class:`MaskTable` that keeps its format problems as :class:`BadRow` records (line and name).
-
-    It hooks the table's per-line ``_add`` (the one pass that indexes the file); were ``MaskTable.problems``
-    structured (line, name, message), this subclass could go.
-    """
-
-    def __init__(self, path: PathLike) -> None:
-        self.bad_rows: list[BadRow] = []
-        super().__init__(path, strict=False)
-
-    def _add(self, raw: bytes, number: int, offset: int, strict: bool) -> None:
-        before = len(self.problems)
-        super()._add(raw, number, offset, strict)
-        if len(self.problems) > before:
-            message = self.problems[-1]
-            name = raw.partition(b"\t")[0].strip().decode("utf-8", errors="replace")
-            self.bad_rows.append(BadRow(number, name, "duplicate" if " duplicates line " in message else "format",
-                                        message.partition(": ")[2] or message))
 
 
 @dataclass(frozen=True)
@@ -115,7 +86,8 @@ class MaskReport:
         mask_csv: the mask file described.
         images_dir: the folder of its images (None: images not checked).
         options: the options it was described with.
-        table: one row per good mask, in file order, columns :data:`TABLE_COLUMNS`.
+        table: one row per good mask, in file order, columns :data:`TABLE_COLUMNS` (``buildings``: the
+            4-connected building components).
         bad_rows: every bad row, sorted by line (a row may appear once per problem).
         unlisted_images: JPGs in ``images_dir`` that no row names (not an error: figures only).
     """
@@ -174,6 +146,9 @@ def describe_masks(
 ) -> MaskReport:
     """Decode and validate a Tianchi mask file block by block; every bad row is reported, none raises.
 
+    A row must be ``name<TAB>rle`` with a new name, its RLE must decode inside the image, and the image must
+    exist with the expected size (only its JPEG header is read); :class:`BadRow` lists the kinds of problem.
+
     Args:
         mask_csv: ``train_mask.csv`` (``name<TAB>rle`` rows, no header).
         images_dir: the folder of the images the rows name (``train/``); None skips the image checks.
@@ -196,13 +171,14 @@ def describe_masks(
     images = Path(images_dir) if images_dir is not None else None
     if images is not None and not images.is_dir():
         raise DatasetError(f"{images} is not a folder; expected the folder of the images {mask_csv.name} names")
-    index = _IndexedTable(mask_csv)
+    index = MaskTable(mask_csv, strict=False)
     shape = (opts.image_size[0], opts.image_size[1])
     names = list(index)
-    blocks = [_Block(_subtable(index, names[i : i + opts.chunk_rows]), images, shape)
+    blocks = [_Block(index.subset(names[i : i + opts.chunk_rows]), images, shape)
               for i in range(0, len(names), opts.chunk_rows)]
     good: list[tuple[Any, ...]] = []
-    bad = list(index.bad_rows)
+    bad = [BadRow(line, name, "duplicate" if " duplicates line " in problem else "format", problem)
+           for line, name, problem in index.problem_rows]
     for _, (block_good, block_bad) in map_blocks(_check_block, blocks, executor, desc="tianchi masks"):
         good.extend(block_good)
         bad.extend(block_bad)
@@ -214,45 +190,25 @@ def describe_masks(
                       tuple(unlisted))
 
 
-def _subtable(table: MaskTable, names: list[str]) -> MaskTable:
-    """A :class:`MaskTable` of ``names`` only, built through the table's pickle state.
-
-    A block then ships its rows' line numbers and byte ranges (~40 bytes a row), not the RLE text (kilobytes
-    a row), and reads the text where it runs.
-    """
-    state = table.__getstate__()
-    rows = state["rows"]
-    sub = MaskTable.__new__(MaskTable)
-    sub.__setstate__({**state, "rows": {name: rows[name] for name in names}, "problems": []})  # type: ignore[index]
-    return sub
-
-
 def _check_block(block: _Block) -> tuple[list[tuple[Any, ...]], list[BadRow]]:
     """One task: decode and check the block's rows; good rows as table rows, every problem as a BadRow."""
     good, bad = [], []
     with block.rows as table:
         for name in table:
-            _check_row(table, name, block, good, bad)
+            line, problems = table.line(name), []
+            try:
+                mask = decode(table[name], block.shape)
+            except RLEError as exc:
+                kind = "run_past_end" if "past the end" in str(exc) else "rle"
+                problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
+            if block.images_dir is not None:
+                problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
+            if problems:
+                bad.extend(problems)
+                continue
+            pixels = int(np.count_nonzero(mask))
+            good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
     return good, bad
-
-
-def _check_row(table: MaskTable, name: str, block: _Block, good: list[tuple[Any, ...]], bad: list[BadRow]) -> None:
-    """Check one row: append its table row to ``good``, or each of its problems to ``bad``."""
-    line = table.line(name)
-    problems = []
-    try:
-        mask = decode(table[name], block.shape)
-    except RLEError as exc:
-        mask = None
-        kind = "run_past_end" if "past the end" in str(exc) else "rle"
-        problems.append(BadRow(line, name, kind, f"bad RLE: {exc}"))
-    if block.images_dir is not None:
-        problems.extend(_check_image(block.images_dir / name, line, name, block.shape))
-    if problems or mask is None:
-        bad.extend(problems)
-        return
-    pixels = int(np.count_nonzero(mask))
-    good.append((name, line, pixels / mask.size, pixels == 0, count_buildings(mask) if pixels else 0))
 
 
 def _check_image(path: Path, line: int, name: str, shape: tuple[int, int]) -> list[BadRow]:
@@ -270,48 +226,6 @@ def _check_image(path: Path, line: int, name: str, shape: tuple[int, int]) -> li
     return []
 
 
-def count_buildings(mask: np.ndarray) -> int:
-    """The number of 4-connected building components of a 2-D mask (non-zero = building).
-
-    A building with a courtyard is one; two touching only at a corner are two. Plain numpy (no labelling
-    library is a dependency; :func:`rasterio.features.shapes` would count the same but swaps process-wide
-    warning filters, which races between the threads of one worker): each column's vertical runs of
-    building pixels are nodes, runs overlapping in neighbouring columns are joined, and the components
-    of that graph are counted by hooking roots together until every edge joins one root.
-    """
-    building = np.asarray(mask) != 0
-    height = building.shape[0]
-    edges = np.diff(np.pad(building.T.view(np.int8), ((0, 0), (1, 1))), axis=1)  # one row per column
-    (col_s, row_s), (col_e, row_e) = np.nonzero(edges == 1), np.nonzero(edges == -1)
-    if not col_s.size:
-        return 0
-    # Runs of column c overlap run (c + 1, s, e) iff their end > s and their start < e: both searches in
-    # one sorted key space where column c's keys lie in [c * (height + 1), c * (height + 1) + height].
-    stride = height + 1
-    start_key, end_key = col_s * stride + row_s, col_e * stride + row_e
-    left = col_s - 1
-    lo = np.searchsorted(end_key, left * stride + row_s, side="right")
-    hi = np.searchsorted(start_key, left * stride + row_e, side="left")
-    degree = np.where(col_s > 0, np.maximum(hi - lo, 0), 0)
-    b = np.repeat(np.arange(col_s.size), degree)
-    a = np.arange(degree.sum()) - np.repeat(np.cumsum(degree) - degree, degree) + np.repeat(lo, degree)
-    return _count_components(col_s.size, a, b)
-
-
-def _count_components(nodes: int, a: np.ndarray, b: np.ndarray) -> int:
-    """Connected components of a graph of ``nodes`` nodes and edges ``a[i] - b[i]`` (min-label hooking)."""
-    labels = np.arange(nodes)
-    while True:
-        la, lb = labels[a], labels[b]
-        if np.array_equal(la, lb):
-            return int(np.count_nonzero(labels == np.arange(nodes)))
-        low = np.minimum(la, lb)
-        np.minimum.at(labels, la, low)
-        np.minimum.at(labels, lb, low)
-        while not np.array_equal(jumped := labels[labels], labels):  # point every node at its root
-            labels = jumped
-
-
 def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool = False) -> dict[str, Path]:
     """Write a report to ``out_dir``: the table, every bad row, the figures and a quick-look mosaic.
 
@@ -323,20 +237,18 @@ def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool 
         The paths written, keyed ``table``, ``bad_rows``, ``summary`` and (when drawn) ``mosaic``.
 
     Raises:
-        FileExistsError: one of the files exists and ``overwrite`` is False.
+        OutputExistsError: one of the files exists and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
     paths = {key: out_dir / name for key, name in REPORT_FILES.items()}
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
+        raise OutputExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
-    with atomic_path(paths["bad_rows"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["line", "name", "kind", "problem"])
-        writer.writerows((r.line, r.name, r.kind, r.problem) for r in report.bad_rows)
-    with atomic_path(paths["table"]) as tmp:
-        report.table.to_csv(tmp, index=False)
+    bad_rows = pd.DataFrame(report.bad_rows, columns=["line", "name", "kind", "problem"])
+    for key, frame in (("bad_rows", bad_rows), ("table", report.table)):
+        with atomic_path(paths[key]) as tmp:
+            frame.to_csv(tmp, index=False)
     with atomic_path(paths["summary"]) as tmp:
         tmp.write_text(json.dumps(report.summary(), indent=2) + "\n", encoding="utf-8")
     picks = mosaic_picks(report.table, report.options.mosaic_images)

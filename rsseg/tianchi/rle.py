@@ -7,11 +7,7 @@ spaces; a mask with no building is the empty string. Runs continue across column
 rows 510-511 of column 0 plus rows 0-1 of column 1 are the single run ``"511 4"``.
 
 Known vectors for 512x512: only (0, 0) set -> ``"1 1"``; only (1, 0) -> ``"2 1"``; only (0, 1) ->
-``"513 1"``; everything set -> ``"1 262144"``.
-
-Both directions are plain vectorised numpy: :func:`encode` finds where the column-major pixel sequence
-changes, :func:`decode` repeats alternating 0/1 values over the run boundaries. :func:`decode` validates
-its input and raises :class:`~rsseg.errors.RLEError` naming the run or token at fault.
+``"513 1"``; everything set -> ``"1 262144"``. Both directions are plain vectorised numpy.
 """
 
 from __future__ import annotations
@@ -128,11 +124,8 @@ def _parse(rle: str) -> np.ndarray:
     digits, all of which :class:`int` would take). A number too large for int64 reads as the int64 maximum,
     which is past the end of any image; the error then names the exact number.
     """
-    try:
-        data = rle.encode("ascii")
-    except UnicodeEncodeError:
-        data = None
-    if data is None or data.translate(None, _DIGITS_AND_SPACE):
+    data = rle.encode("ascii", errors="replace")  # any other character becomes "?", a bad byte
+    if data.translate(None, _DIGITS_AND_SPACE):
         tokens = re.split(r"[ \t\n\r\v\f]+", rle.strip(" \t\n\r\v\f"))
         bad = next(i for i, tok in enumerate(tokens) if not (tok.isascii() and tok.isdigit()))
         raise RLEError(f"token {bad + 1} ({tokens[bad]!r}) is not a non-negative integer; "

@@ -1,11 +1,7 @@
 """Vectorising building masks: blockwise polygons, cleaning, regularisation, vector files, object scores.
 
-``vectorize`` / ``vectorize_to_file`` turn a mask GeoTIFF into polygons (:mod:`rsseg.vector.blockwise`),
-``write_vectors`` / ``merge_vectors`` write them and ``read_vectors`` reads any of them back
-(:mod:`rsseg.vector.files`: GeoJSON, GeoPackage, FlatGeobuf, GeoParquet), ``evaluate_vectors`` scores
-them against truth polygons (:mod:`rsseg.vector.evaluate`); :class:`VectorizeOptions` and
-:class:`EvaluateOptions` are what they can be asked. The names are imported on first use, so that
-``rsseg --help`` and ``rsseg.vector.options`` stay free of geopandas and GDAL.
+The names are imported on first use, so that ``rsseg --help`` and ``rsseg.vector.options`` stay free of
+geopandas and GDAL.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""Building masks to map polygons, block by block, cleaned, attributed and written for GIS.
+"""Building masks to map polygons, block by block: the vector stage's parallel part.
 
-The mask GeoTIFF is read in blocks of ``block`` x ``block`` pixels, each one unit of parallel work
-(:func:`rsseg.parallel.map_blocks`: in this process, or on any executor, a Dask client's included). A
-block checks its values (0/1 or 0/255, nodata ignored), polygonises its buildings in integer pixel
-coordinates (:mod:`rsseg.vector.polygonize`), sums the probability raster under each polygon, and
-finishes every building that does not touch an inner block border (:mod:`rsseg.vector.cleaning`): it
-maps it to the raster's CRS, computes its ground area, drops it if smaller than ``min_area``, simplifies
-and regularises it, reprojects it to the output CRS and repairs it if needed. Pieces of buildings cut by
-block borders come back in pixel coordinates; the caller joins them exactly and finishes them the same
-way. The result is the same set of polygons as polygonising the whole raster at once, with memory
-bounded by the block size. :mod:`rsseg.vector.files` writes the result.
-
-Areas and tolerances are in metres whatever the CRS (:mod:`rsseg.vector.cleaning`).
+Each ``block`` x ``block`` window of the mask is one unit of parallel work (:func:`rsseg.parallel.map_blocks`):
+it checks its values and polygonises its buildings in integer pixel coordinates (:mod:`rsseg.vector.polygonize`),
+sums the probability raster under each, and finishes the buildings off its inner borders
+(:mod:`rsseg.vector.cleaning`). The caller joins the pieces cut by block borders exactly and finishes them
+the same way: the same polygons as polygonising the whole raster at once, with memory bounded by the block.
 """
 
 from __future__ import annotations
@@ -66,19 +59,9 @@ class _Block:
 class _BlockResult:
     values: frozenset[int]
     buildings: Buildings
-    pieces: np.ndarray  # pixel polygons touching an inner block border
+    pieces: np.ndarray  # WKB of the pixel polygons touching an inner block border (one array: cheap to pickle)
     piece_sum: np.ndarray
     piece_count: np.ndarray
-
-    def __reduce__(self) -> tuple:
-        """Pickle the pieces as one WKB array (see :meth:`Buildings.__reduce__`)."""
-        return _result_from_wkb, (self.values, self.buildings, shapely.to_wkb(self.pieces), self.piece_sum,
-                                  self.piece_count)
-
-
-def _result_from_wkb(values: frozenset[int], buildings: Buildings, pieces: np.ndarray, *sums: np.ndarray
-                     ) -> _BlockResult:
-    return _BlockResult(values, buildings, shapely.from_wkb(pieces), *sums)
 
 
 def _prob_sums(block: _Block, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +99,7 @@ def _run_block(block: _Block) -> _BlockResult:
     edge = on_inner_border(pixels, block.window, block.width, block.height)
     inside = ~edge
     return _BlockResult(present, finish(pixels[inside], prob_sum[inside], prob_count[inside], block.cleaning),
-                        pixels[edge], prob_sum[edge], prob_count[edge])
+                        shapely.to_wkb(pixels[edge]), prob_sum[edge], prob_count[edge])
 
 
 def _open(path: Path) -> rasterio.DatasetReader:
@@ -196,7 +179,8 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
     """
     opts = resolve(VectorizeOptions, options, values)
     blocks, provenance = _plan(Path(mask_raster), opts, prob, crs)
-    return _assemble(blocks, _run(blocks, executor), provenance)
+    results = sorted(map_blocks(_run_block, blocks, executor, desc="vectorize"), key=lambda done: done[0])
+    return _assemble(blocks, [result for _, result in results], provenance)
 
 
 def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptions | None = None, *,
@@ -206,13 +190,12 @@ def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptio
     GeoJSON output is computed in EPSG:4326 directly (reprojection happens in the blocks).
 
     Raises:
-        FileExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
+        OutputExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
         VectorError: ``out`` has an unsupported extension (checked before any work).
     """
     opts = resolve(VectorizeOptions, options, values)
     crs = "EPSG:4326" if check_output(out, opts.overwrite) == "GeoJSON" else None
-    blocks, provenance = _plan(Path(mask), opts, prob, crs)
-    gdf = _assemble(blocks, _run(blocks, executor), provenance)
+    gdf = vectorize(mask, opts, prob=prob, crs=crs, executor=executor)
     write_vectors(gdf, out, overwrite=opts.overwrite)
     return len(gdf)
 
@@ -222,14 +205,6 @@ def block_count(mask: str | Path, options: VectorizeOptions | None = None, **val
     opts = resolve(VectorizeOptions, options, values)
     with _open(Path(mask)) as src:
         return len(block_windows(src.width, src.height, opts.block))
-
-
-def _run(blocks: list[_Block], executor: Executor | None) -> list[_BlockResult]:
-    """The blocks' results, in block order (run here when ``executor`` is None)."""
-    results: list[Any] = [None] * len(blocks)
-    for i, result in map_blocks(_run_block, blocks, executor, desc="vectorize"):
-        results[i] = result
-    return results
 
 
 def _plan(path: Path, opts: VectorizeOptions, prob: str | Path | None, crs: str | None
@@ -255,7 +230,7 @@ def _assemble(blocks: list[_Block], results: list[_BlockResult], provenance: dic
         raise RasterError(f"{path}: some blocks mark buildings with 1, others with 255; a building mask "
                           "uses one convention, 0/1 or 0/255")
     log.info("%s: mask convention 0/%d", path, 255 if 255 in present else 1)
-    merged, group = merge_pieces(np.concatenate([r.pieces for r in results]))
+    merged, group = merge_pieces(shapely.from_wkb(np.concatenate([r.pieces for r in results])))
     sums = [np.bincount(group, np.concatenate([getattr(r, name) for r in results]), len(merged))
             for name in ("piece_sum", "piece_count")]
     found = Buildings.concat([r.buildings for r in results] + [finish(merged, *sums, cleaning)])

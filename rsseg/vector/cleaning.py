@@ -105,19 +105,16 @@ def make_cleaning(crs: str, transform: Affine, width: int, height: int, out_crs:
 
 def ground_area(geoms: np.ndarray, cleaning: Cleaning) -> np.ndarray:
     """Ground areas in m2 of polygons in the work CRS of ``cleaning``."""
-    area = shapely.area(geoms) * cleaning.metres**2
-    if cleaning.scale_correct and len(geoms):
-        xy = shapely.get_coordinates(shapely.centroid(geoms))
-        lon, lat = _transformer(cleaning.work_crs, "EPSG:4326").transform(xy[:, 0], xy[:, 1])
-        area = area / _proj(cleaning.work_crs).get_factors(lon, lat).areal_scale
-    return area
+    if cleaning.scale_correct:
+        return projected_ground_area(geoms, cleaning.work_crs)
+    return shapely.area(geoms) * cleaning.metres**2
 
 
 def projected_ground_area(geoms: np.ndarray, crs: str) -> np.ndarray:
     """Ground areas in m2 of polygons in a projected ``crs`` (WKT or any string pyproj reads).
 
     Planar areas, CRS units converted to metres, divided by the projection's areal scale at each centroid
-    (as :func:`ground_area` does for a mask's work frame).
+    (where it is finite and positive).
     """
     parsed = CRS.from_user_input(crs)
     metres = parsed.axis_info[0].unit_conversion_factor if parsed.axis_info else 1.0

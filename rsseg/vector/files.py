@@ -1,20 +1,13 @@
-"""Writing building polygons for GIS: GeoJSON (RFC 7946), GeoPackage, FlatGeobuf and GeoParquet, atomically.
+"""Vector files for GIS: GeoJSON (RFC 7946), GeoPackage, FlatGeobuf and GeoParquet, written atomically.
 
-Every vector file rsseg writes goes through this module, written by pyogrio in one call (through Arrow
-when pyarrow is installed). GeoJSON is written in EPSG:4326 with longitude first and rings oriented by
-GDAL's ``RFC7946`` option; the other formats keep the polygons' CRS. GeoParquet (``.parquet``) is written
-by geopandas (this GDAL has no Parquet driver) as GeoParquet 1.1 with a ``bbox`` covering column, so that
-readers can skip row groups by extent. A file is written under a temporary name beside its final one and
-renamed when complete.
-
-Merged files (:func:`merge_vectors`) hold every scene's buildings with ids unique across scenes
-(``scene-number``, e.g. ``scene_a-17``) and record the file name and SHA-256 of each scene file they
-were made from.
+Every vector file rsseg writes goes through this module: by pyogrio (through Arrow) in one call, GeoParquet
+1.1 by geopandas (this GDAL has no Parquet driver). :func:`write_vectors` says what each format keeps;
+:func:`merge_vectors` puts the buildings of several scenes in one layer, with ids unique across scenes
+(``scene-number``, e.g. ``scene_a-17``) and the name and SHA-256 of each scene file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -30,7 +23,7 @@ import shapely
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
-from rsseg.errors import VectorError
+from rsseg.errors import OutputExistsError, VectorError
 from rsseg.fileio import atomic_path, file_sha256
 
 __all__ = ["FORMATS", "check_output", "merge_vectors", "output_driver", "read_vectors", "write_vectors"]
@@ -46,8 +39,6 @@ _TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "M
 #: Merged in one write: GeoParquet cannot be appended to, and GDAL's FlatGeobuf append drops the layer
 #: metadata (its writer holds every feature in memory for the spatial index anyway).
 _WRITTEN_AT_ONCE = {"Parquet", "FlatGeobuf"}
-#: Write through Arrow (pyogrio's fast path) when pyarrow is there.
-_USE_ARROW = importlib.util.find_spec("pyarrow") is not None
 
 
 def output_driver(path: Path) -> str:
@@ -64,11 +55,11 @@ def check_output(path: str | Path, overwrite: bool = False) -> str:
 
     Raises:
         VectorError: an unsupported extension.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
     """
     driver = output_driver(Path(path))
     if not overwrite and Path(path).exists():
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return driver
 
 
@@ -110,7 +101,7 @@ def write_vectors(gdf: gpd.GeoDataFrame, path: str | Path, overwrite: bool = Fal
 
     Raises:
         VectorError: an unsupported extension, or polygons without a CRS.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
     gdf, options = _layer(gdf, path, output_driver(path), path.stem)
@@ -126,7 +117,7 @@ def _write(gdf: gpd.GeoDataFrame, options: dict, tmp: Path, append: bool = False
         gdf.attrs = {"provenance": options["provenance"]} if options["provenance"] else {}
         gdf.to_parquet(tmp, index=False, write_covering_bbox=True, schema_version=GEOPARQUET_VERSION)
     else:
-        pyogrio.write_dataframe(gdf, tmp, append=append, use_arrow=_USE_ARROW, **options)
+        pyogrio.write_dataframe(gdf, tmp, append=append, use_arrow=True, **options)
 
 
 def read_vectors(path: str | Path, role: str = "vector") -> gpd.GeoDataFrame:
@@ -178,7 +169,7 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
 
     Raises:
         VectorError: an unsupported extension, two files of one scene name, or a file without a CRS.
-        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        OutputExistsError: ``out`` exists and ``overwrite`` is False.
     """
     out, files = Path(out), [Path(f) for f in files]
     driver = output_driver(out)
@@ -191,16 +182,11 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
     target = crss.pop() if len(crss) == 1 and driver != "GeoJSON" else "EPSG:4326"
     provenance = {"code_version": version("rsseg"), "sources": json.dumps(
         [{"scene": f.stem, "file": f.name, "sha256": file_sha256(f)} for f in files])}
-    one_go = driver in _WRITTEN_AT_ONCE
+    frames = (_scene_frame(f, target) for f in files or [None])  # no files: one empty layer
+    if driver in _WRITTEN_AT_ONCE:
+        frames = [gpd.GeoDataFrame(pd.concat(list(frames), ignore_index=True), geometry="geometry", crs=target)]
     with atomic_path(out, overwrite=overwrite) as tmp:
-        if one_go:
-            frames = [_scene_frame(f, target) for f in files]
-            merged = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True) if frames else _scene_frame(None, target),
-                                      geometry="geometry", crs=target)
-            merged.attrs["provenance"] = provenance
-            _write(*_layer(merged, out, driver, layer), tmp)
-        for i, path in enumerate([] if one_go else files):
-            gdf = _scene_frame(path, target)
+        for i, gdf in enumerate(frames):
             gdf.attrs["provenance"] = provenance
             _write(*_layer(gdf, out, driver, layer), tmp, append=i > 0)
     return out
@@ -208,7 +194,7 @@ def merge_vectors(files: Sequence[Path], out: str | Path, layer: str = "building
 
 def _scene_frame(path: Path | None, target: str) -> gpd.GeoDataFrame:
     """One file's buildings in ``target`` with ``id`` (``scene-number``), ``scene`` and ``number`` first."""
-    if path is None:  # no files: an empty layer
+    if path is None:
         return gpd.GeoDataFrame({"id": [], "scene": [], "number": []}, geometry=[], crs=target)
     gdf = read_vectors(path).to_crs(target)
     number = (gdf["id"].to_numpy() if "id" in gdf and gdf["id"].dtype.kind in "iu"

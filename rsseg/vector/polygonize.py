@@ -19,6 +19,7 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 
 from rsseg.errors import ConfigError, RasterError
+from rsseg.metrics import components
 
 __all__ = ["block_windows", "building_pixels", "merge_pieces", "on_inner_border", "polygonize_pixels"]
 
@@ -138,20 +139,6 @@ def on_inner_border(polygons: np.ndarray, window: Window, width: int, height: in
             | ((top == row0) & (row0 > 0)) | ((bottom == row1) & (row1 < height)))
 
 
-def _components(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Label the connected components of a graph of ``n`` nodes given as edge arrays (min-label spread)."""
-    labels = np.arange(n)
-    while True:
-        low = np.minimum(labels[first], labels[second])
-        updated = labels.copy()
-        np.minimum.at(updated, first, low)
-        np.minimum.at(updated, second, low)
-        updated = updated[updated]
-        if np.array_equal(updated, labels):
-            return np.unique(labels, return_inverse=True)[1]
-        labels = updated
-
-
 def merge_pieces(pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Join pieces of buildings cut by block borders.
 
@@ -172,7 +159,7 @@ def merge_pieces(pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = first < second
     first, second = first[keep], second[keep]
     shared = shapely.relate_pattern(pieces[first], pieces[second], "****1****")
-    group = _components(len(pieces), first[shared], second[shared])
+    group = components(len(pieces), first[shared], second[shared])
     order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.diff(group[order], prepend=-1))
     merged = pieces[order[starts]]

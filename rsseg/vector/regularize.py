@@ -105,15 +105,11 @@ def _drop_straight(corners: np.ndarray) -> np.ndarray:
     return corners
 
 
-def _rotation(angle: float) -> np.ndarray:
-    """Row vectors times this matrix are rotated by ``-angle``; times its transpose, by ``angle``."""
-    cos, sin = np.cos(angle), np.sin(angle)
-    return np.array([[cos, -sin], [sin, cos]])
-
-
 def _squared(polygon: shapely.Polygon, smooth: shapely.Polygon, angle: float) -> shapely.Geometry | None:
+    """``polygon`` squared along ``angle`` (None when a ring has nothing rectangular to make of it)."""
     centre = np.asarray(polygon.exterior.coords[0])
-    turn = _rotation(angle)
+    cos, sin = np.cos(angle), np.sin(angle)
+    turn = np.array([[cos, -sin], [sin, cos]])  # row vectors times it turn by -angle, times its transpose back
     rings = []
     pairs = zip([polygon.exterior, *polygon.interiors], [smooth.exterior, *smooth.interiors], strict=True)
     for ring, simple in pairs:
