@@ -424,3 +424,73 @@ def test_resume_reruns_what_changed_behind_globs_and_stem_patterns(tmp_path: Pat
     footprints = scenes / "scene_000.buildings.geojson"  # a footprint file behind {stem} edited
     footprints.write_text(footprints.read_text().replace('"type"', '"type" ', 1))
     assert ran() == ["chips"]
+
+
+# ------------------------------------------------------------------------------------ training in a pipeline
+def _train_pipeline(tmp_path: Path, data: Path, arch: str, epochs: int = 3, **run: object) -> Path:
+    """One train stage on a Tianchi folder: the stand-in net, CPU, fp32, deterministic, ``epochs`` epochs."""
+    spec = {"name": "train_only", "workdir": str(tmp_path / "work"), "retries": 1, "stages": {"train": {
+        "uses": "train", "with": {"config": {
+            "data": {"source": "tianchi", "root": str(data), "val_fraction": 0.25, "seed": 0, "batch_size": 3,
+                     "num_workers": 0},
+            "model": {"arch": arch},
+            "run": {"epochs": epochs, "device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1,
+                    **run}}}}}}
+    path = tmp_path / "train_only.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _weights(path: Path) -> dict:
+    from rsseg.models import load_checkpoint
+
+    return load_checkpoint(path)["state_dict"]
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 a process and everything it started (Dask nannies, workers, the trainer child)."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi_dir: Path, stand_ins) -> None:
+    import torch
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    done = _rsseg("run", _train_pipeline(ref, tianchi_dir, stand_ins))
+    assert done.returncode == 0, done.stderr
+    uninterrupted = _weights(ref / "work" / "train" / "last.pt")
+
+    path = _train_pipeline(tmp_path, tianchi_dir, stand_ins)
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(work.glob(".train.*.partial/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    _kill_tree(proc.pid)  # epoch 1 written, epoch 2 under way
+    proc.wait()
+    partial = list(work.glob(".train.*.partial"))
+    assert len(partial) == 1 and not (work / "train").exists()
+    assert torch.load(partial[0] / "last.pt", weights_only=True)["meta"]["epoch"] == 1
+
+    resumed = _rsseg("run", path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage train: resumed at epoch 2/3" in resumed.stderr
+    assert not list(work.glob(".train.*"))  # the partial folder became the stage's folder
+    summary = json.loads(resumed.stdout.split("\n", 1)[1])
+    assert 1 <= summary["stages"]["train"]["epoch"] <= 3  # best.pt's epoch
+    assert torch.load(work / "train" / "last.pt", weights_only=True)["meta"]["epoch"] == 3
+    final = _weights(work / "train" / "last.pt")
+    assert final.keys() == uninterrupted.keys()
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in final)

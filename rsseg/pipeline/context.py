@@ -120,6 +120,9 @@ class StageKind:
     name: str
     params: type[Params]
     run: Callable[[Any, StageContext], dict[str, Any]]
+    #: The stage continues a crashed attempt: its in-progress folder (``WORKDIR/.<stage>.<fp12>.partial``)
+    #: survives a failure or a kill, and the next run with the same fingerprint works on in it (``train``).
+    resumable: bool = False
 
 
 def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:

@@ -13,8 +13,9 @@ A pipeline file names its stages, each with a kind from :data:`rsseg.pipeline.st
 makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overrides a variable
 (``data_dir=...``), a stage parameter (``train.config.optim.epochs=3``) or a top-level field.
 
-Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success, with a
-``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
+Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success (a ``train``
+stage through ``WORKDIR/.<stage>.<fp12>.partial``, kept when it fails or is killed: the next run with the
+same fingerprint continues from its ``last.pt``), with a ``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
 (:mod:`rsseg.pipeline.fingerprint`) covers the stage kind, its parameters, its external inputs (globs and
 ``{stem}`` patterns expanded), the fingerprints of the stages it uses and a hash of rsseg's sources, so
 :func:`run` skips a stage whose manifest matches and re-runs what changed or never finished: a run killed
@@ -232,15 +233,34 @@ def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+def _work_folder(pipe: Pipeline, st: Stage, fingerprint: str) -> Path:
+    """Where a stage writes until it succeeds: a fresh temporary folder, or for a resumable kind one named by
+    the stage and its fingerprint (``.<stage>.<fp12>.partial``) that a re-run of the same stage finds again."""
+    if STAGES[st.uses].resumable:
+        return pipe.workdir / f".{st.name}.{fingerprint[:12]}.partial"
+    return pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_stale(pipe: Pipeline, heads: dict[str, Any]) -> None:
+    """Delete what killed runs left: temporary folders, and partial folders no stage of this run continues."""
+    keep = {_work_folder(pipe, st, heads[st.name]["fingerprint"]).name
+            for st in pipe.stages if STAGES[st.uses].resumable}
+    for stale in [*pipe.workdir.glob(".*.tmp-*"), *pipe.workdir.glob(".*.partial")]:
+        if stale.name not in keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, ctx: StageContext) -> dict[str, Any]:
     final = pipe.workdir / st.name
     tmp = ctx.out_dir
-    tmp.mkdir(parents=True)
+    resumable = STAGES[st.uses].resumable
+    tmp.mkdir(parents=True, exist_ok=resumable)
     start = time.perf_counter()
     try:
         summary = STAGES[st.uses].run(st.params, ctx)
     except BaseException as exc:  # also a cancelled task's CancelledError: no partial output stays
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:  # a resumable stage's folder stays for the next run to continue
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
         task = f", task {ctx.failed_task}" if ctx.failed_task else ""
@@ -275,9 +295,8 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
             run's tasks are cancelled: other work on the same client goes on.
     """
     pipe.workdir.mkdir(parents=True, exist_ok=True)
-    for stale in pipe.workdir.glob(".*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     heads = fingerprints(pipe)
+    _remove_stale(pipe, heads)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for st in pipe.stages:
@@ -319,7 +338,7 @@ def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: 
         while pending or running:
             for name, st in list(pending.items()):
                 if all(dep in results for dep in st.needs):
-                    tmp = pipe.workdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+                    tmp = _work_folder(pipe, st, heads[name]["fingerprint"])
                     ctx = StageContext(name, client, tmp, retries=pipe.retries, gpu_workers=gpus)
                     running[pool.submit(_run_stage, st, heads[name], pipe, ctx)] = ctx
                     del pending[name]

@@ -135,11 +135,25 @@ def train_subprocess(config_path: Path, nproc: int) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def _resuming(ctx: StageContext, epochs: int) -> None:
+    """Say so when the stage's folder holds a crashed attempt's ``last.pt`` that the trainer will continue."""
+    last = ctx.out_dir / "last.pt"
+    if last.exists():
+        from rsseg.models import load_checkpoint
+
+        done = int(load_checkpoint(last)["meta"]["epoch"])
+        log.info("stage %s: resumed at epoch %d/%d from %s", ctx.name, done + 1, epochs, last)
+
+
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     cfg = p.train_config(ctx.out_dir)
     if cfg.data.source == "chips":  # the tile stage's folder holds a chip folder per scene
         chips = expand_chip_folders(cfg.data.chips)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chips": chips})})
+    # The folder is the stage's own (.<stage>.<fp12>.partial): a last.pt in it is a crashed attempt of this
+    # very stage, continued (and a retried task continues its first attempt instead of refusing the folder).
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+    _resuming(ctx, cfg.run.epochs)
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     gpu = ctx.wants_gpu(cfg.run.device)
@@ -277,7 +291,7 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_tianchi", SynthTianchiParams, _synth_tianchi),
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
     StageKind("tile", TileParams, _tile),
-    StageKind("train", TrainParams, _train),
+    StageKind("train", TrainParams, _train, resumable=True),
     StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
     StageKind("predict_scenes", PredictScenesParams, _predict_scenes),
