@@ -15,7 +15,8 @@ makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overri
 
 Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success (a ``train``
 stage through ``WORKDIR/.<stage>.<fp12>.partial``, kept when it fails or is killed: the next run with the
-same fingerprint continues from its ``last.pt``), with a ``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
+same fingerprint continues from its ``last.pt``), with a ``manifest.json`` (inputs with sizes and hashes,
+parameters, fingerprint) written last. The fingerprint
 (:mod:`rsseg.pipeline.fingerprint`) covers the stage kind, its parameters, its external inputs (globs and
 ``{stem}`` patterns expanded), the fingerprints of the stages it uses and a hash of rsseg's sources, so
 :func:`run` skips a stage whose manifest matches and re-runs what changed or never finished: a run killed
@@ -234,8 +235,11 @@ def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
 
 # ------------------------------------------------------------------------------------------------ running
 def _work_folder(pipe: Pipeline, st: Stage, fingerprint: str) -> Path:
-    """Where a stage writes until it succeeds: a fresh temporary folder, or for a resumable kind one named by
-    the stage and its fingerprint (``.<stage>.<fp12>.partial``) that a re-run of the same stage finds again."""
+    """Where a stage writes until it succeeds.
+
+    A fresh temporary folder, or for a resumable kind one named by the stage and its fingerprint
+    (``.<stage>.<fp12>.partial``) that a re-run of the same stage finds again.
+    """
     if STAGES[st.uses].resumable:
         return pipe.workdir / f".{st.name}.{fingerprint[:12]}.partial"
     return pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
