@@ -487,6 +487,9 @@ def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi
     resumed = _rsseg("run", path)
     assert resumed.returncode == 0, resumed.stderr
     assert "stage train: resumed at epoch 2/3" in resumed.stderr
+    # the trainer's epochs show as they come (log lines from the runner) and its whole log is kept
+    assert "stage train: epoch 3/3: train loss" in resumed.stderr and "val Dice" in resumed.stderr
+    assert "epoch 2/3: train loss" in (work / "train" / "train.log").read_text()
     assert not list(work.glob(".train.*"))  # the partial folder became the stage's folder
     summary = json.loads(resumed.stdout.split("\n", 1)[1])
     assert 1 <= summary["stages"]["train"]["epoch"] <= 3  # best.pt's epoch
@@ -494,3 +497,24 @@ def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi
     final = _weights(work / "train" / "last.pt")
     assert final.keys() == uninterrupted.keys()
     assert all(torch.equal(final[k], uninterrupted[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_failed_training_shows_the_trainers_own_error(tmp_path: Path, tianchi_dir: Path, stand_ins) -> None:
+    # 9 training images in batches of 3: the 5th training step (in epoch 2, after last.pt) fails; the retry
+    # continues that last.pt and fails the same way (not with "already holds a run").
+    path = _train_pipeline(tmp_path, tianchi_dir, "stand_ins:FailingNet")
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"]["train"]["with"]["config"]["model"]["kwargs"] = {"fail_after": 4}
+    path.write_text(yaml.safe_dump(spec))
+    done = _rsseg("run", path)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("rsseg: error: stage train (train, task train-torchrun-0) failed: ")
+    assert line.endswith("RuntimeError: CUDA out of memory (stand-in failure)")
+    assert "already holds a run" not in done.stderr
+    assert "stage train: training failed; the last lines of train.log:" in done.stderr
+    assert "stage train: epoch 1/3: train loss" in done.stderr
+    partial = list((tmp_path / "work").glob(".train.*.partial"))
+    assert len(partial) == 1 and (partial[0] / "last.pt").exists()
+    assert "Traceback" in (partial[0] / "train.log").read_text()
