@@ -518,3 +518,75 @@ def test_failed_training_shows_the_trainers_own_error(tmp_path: Path, tianchi_di
     partial = list((tmp_path / "work").glob(".train.*.partial"))
     assert len(partial) == 1 and (partial[0] / "last.pt").exists()
     assert "Traceback" in (partial[0] / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- packaging
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ["demo", "scenes_to_buildings", "tianchi_submission", "train_on_scenes"]
+
+
+def test_pyproject_lists_every_package_and_maps_the_yaml_folders() -> None:
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rsseg").rglob("__init__.py")}
+    assert set(tool["packages"]) == tree | {"rsseg.pipelines", "rsseg.configs"}
+    assert tool["package-dir"] == {"rsseg.pipelines": "pipelines", "rsseg.configs": "configs"}
+    assert tool["package-data"] == {"rsseg.pipelines": ["*.yaml"], "rsseg.configs": ["*.yaml"]}
+
+
+def test_shipped_pipelines_load_by_name_and_unknown_names_list_them(rsseg_cli) -> None:
+    from rsseg.shipped import shipped_names
+
+    assert shipped_names("pipelines") == SHIPPED
+    assert {"train_tianchi", "train_chips"} <= set(shipped_names("configs"))
+    assert [load_pipeline(name).name for name in SHIPPED] == SHIPPED
+    done = rsseg_cli("run", "nosuch")
+    assert done.exit_code == 2 and done.stderr.strip().endswith(f"expected a YAML file or one of {', '.join(SHIPPED)}")
+
+
+_WHEEL_CHECK = """
+import sys
+from pathlib import Path
+import rsseg
+from rsseg.pipeline.runner import load_pipeline
+from rsseg.shipped import shipped_folder, shipped_names
+assert Path(rsseg.__file__).is_relative_to(sys.prefix), rsseg.__file__
+assert sys.prefix + "/" in str(shipped_folder("pipelines")), shipped_folder("pipelines")  # the wheel's data
+print(shipped_names("pipelines"), shipped_names("configs"))
+print([load_pipeline(name).name for name in shipped_names("pipelines")])
+"""
+
+
+@pytest.mark.slow
+def test_built_wheel_ships_the_pipelines_and_configs(tmp_path: Path) -> None:
+    import sysconfig
+
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".*cache", "demo-run", "runs"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            tmp_path / "dist", source], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout + built.stderr
+    wheel = next((tmp_path / "dist").glob("rsseg-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # the dependencies (torch, GDAL...) from this interpreter's site-packages, without its .pth files
+    (Path(site) / "rsseg_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checked = subprocess.run([python, "-c", _WHEEL_CHECK], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert checked.returncode == 0, checked.stderr
+    names, loaded = checked.stdout.splitlines()[:2]
+    assert names.startswith(str(SHIPPED)) and "train_tianchi" in names and loaded == str(SHIPPED)
+    for args in (["run", "--help"], ["demo", "--help"], ["run", "nosuch"]):
+        done = subprocess.run([venv / "bin" / "rsseg", *args], capture_output=True, text=True, cwd=elsewhere, env=env)
+        assert done.returncode == (2 if "nosuch" in args else 0), done.stderr
+    assert done.stderr.strip().endswith(f"one of {', '.join(SHIPPED)}")

@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,12 @@ from rsseg.pipeline.cluster import dask_client
 from rsseg.pipeline.context import Params, StageContext, check_devices, workers_with_gpu
 from rsseg.pipeline.fingerprint import completed, fingerprints
 from rsseg.pipeline.stages import STAGES
+from rsseg.shipped import file_or_shipped
 
 __all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -152,15 +153,15 @@ def _error_path(prefix: str, err: dict[str, Any]) -> str:
     return ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
 
 
-def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
-    """The pipeline file's path (None for a mapping) and a copy of its content."""
+def _read_source(source: str | os.PathLike[str] | Traversable | dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The pipeline file (None for a mapping) and a copy of its content."""
     if isinstance(source, dict):
         return None, copy.deepcopy(source)
-    path = Path(source)
-    if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
-        path = PIPELINES_DIR / f"{source}.yaml"
+    path = file_or_shipped("pipelines", source) if isinstance(source, str | os.PathLike) else source
     try:
         raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"pipeline file {path} not found") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -168,12 +169,13 @@ def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path 
     return path, raw
 
 
-def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, str] | None = None,
-                  workdir: str | os.PathLike[str] | None = None) -> Pipeline:
+def load_pipeline(source: str | os.PathLike[str] | Traversable | dict[str, Any],
+                  overrides: dict[str, str] | None = None, workdir: str | os.PathLike[str] | None = None) -> Pipeline:
     """Read, override, interpolate and validate a pipeline definition.
 
     Args:
-        source: a YAML file (a bare name like ``demo`` means ``pipelines/demo.yaml``) or a mapping.
+        source: a YAML file, the name of a shipped pipeline (``demo``: rsseg's ``pipelines/demo.yaml``,
+            package data of an installed rsseg) or a mapping.
         overrides: ``--set`` values: ``var=...``, ``stage.param.sub=...`` or a top-level field.
         workdir: replaces the file's ``workdir``.
 
@@ -362,8 +364,8 @@ def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: 
 
 def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None = None,
              on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
-    pipe = load_pipeline(PIPELINES_DIR / "demo.yaml", workdir=workdir)
+    """Run the shipped ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
+    pipe = load_pipeline(file_or_shipped("pipelines", "demo"), workdir=workdir)
     summary = run(pipe, scheduler=scheduler, on_start=on_start)
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for st in pipe.stages:
