@@ -313,7 +313,10 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
             todo.append(st)
     log.info("pipeline %s: %d stages to run, %d already done", pipe.name, len(todo), len(results))
     started = time.perf_counter()
-    with dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}), dask_client(scheduler) as client:
+    # on a GPU box, rsseg's own cluster gives the largest DDP training a worker with its nproc GPUs
+    group = max((getattr(st.params, "nproc", 1) for st in todo), default=1)
+    with (dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}),
+          dask_client(scheduler, gpu_group=group) as client):
         log.info("rsseg run %s: Dask dashboard at %s", pipe.name, client.dashboard_link)
         if on_start is not None:
             on_start(client.dashboard_link)

@@ -204,7 +204,7 @@ def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     _resuming(ctx, cfg.run.epochs)
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    gpu = ctx.wants_gpu(cfg.run.device)
+    gpu = p.nproc if ctx.wants_gpu(cfg.run.device) else 0  # DDP on nproc GPUs: one task holds them all
     log_path = ctx.out_dir / "train.log"
     _follow(ctx, ctx.submit(train_subprocess, config_path, p.nproc, log_path, gpu=gpu, label="torchrun"), log_path)
     best = ctx.out_dir / "best.pt"
