@@ -18,6 +18,10 @@ def _visible() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def _wait_policy() -> str | None:
+    return os.environ.get("OMP_WAIT_POLICY")
+
+
 def _held(seconds: float) -> tuple[str | None, float, float]:
     start = time.time()
     time.sleep(seconds)
@@ -47,7 +51,7 @@ def test_gpu_box_gets_a_worker_per_gpu_plus_cpu_workers(monkeypatch) -> None:
         assert sorted(visible[a] for a in gpu_workers) == ["0", "1"]
         assert [visible[a] for a in info if a not in gpu_workers] == [""]  # CPU workers see no GPU
         assert all(w["nthreads"] == 1 for w in info.values())
-        assert set(client.run(os.environ.get, "OMP_WAIT_POLICY").values()) == {"PASSIVE"}  # entry-point settings
+        assert set(client.run(_wait_policy).values()) == {"PASSIVE"}  # the workers' entry-point settings
         # GPU-annotated tasks run, one per GPU worker at a time, each on its worker's device
         futures = [client.submit(_held, 0.5, resources={"GPU": 1}, pure=False) for _ in range(4)]
         results = client.gather(futures)
