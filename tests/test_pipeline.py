@@ -590,3 +590,58 @@ def test_built_wheel_ships_the_pipelines_and_configs(tmp_path: Path) -> None:
         done = subprocess.run([venv / "bin" / "rsseg", *args], capture_output=True, text=True, cwd=elsewhere, env=env)
         assert done.returncode == (2 if "nosuch" in args else 0), done.stderr
     assert done.stderr.strip().endswith(f"one of {', '.join(SHIPPED)}")
+
+
+# ---------------------------------------------------------------------------------------- a lost worker
+def _start_dask_cluster(port: int) -> list[subprocess.Popen]:
+    """``dask scheduler`` and two single-worker ``dask worker`` processes (no nanny: kill -9 loses the worker)."""
+    bin_dir = Path(sys.executable).parent
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], **quiet)]
+    procs += [subprocess.Popen([bin_dir / "dask", "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
+                                "--no-nanny", "--dashboard-address", ":0", "--preload", "rsseg.pipeline.process"],
+                               **quiet) for _ in range(2)]
+    return procs
+
+
+@pytest.mark.slow
+def test_separate_cluster_survives_a_lost_worker(tmp_path: Path, scenes_dir: Path, checkpoint: Path,
+                                                 rsseg_cli) -> None:
+    from distributed import Client
+
+    sets = [f"scenes={scenes_dir}", f"checkpoint={checkpoint}", "predict.tile=128", "predict.overlap=32"]
+    work = tmp_path / "work"  # the same folder for both runs: the vector files record their mask's path
+    _run_shipped(rsseg_cli, "scenes_to_buildings", work, *sets)  # on a LocalCluster
+    reference = _digest(work), _vectors(work)
+    shutil.rmtree(work)
+
+    port = _free_port()
+    procs = _start_dask_cluster(port)
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+            args = [a for s in sets for a in ("--set", s)]
+            run = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", "scenes_to_buildings", "--workdir",
+                                    str(work), "--scheduler", address, *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+            lost = None
+            deadline = time.monotonic() + 300
+            while lost is None and run.poll() is None and time.monotonic() < deadline:
+                busy = client.processing()
+                lost = next((w for w, keys in busy.items() if any(k.startswith("predict-") for k in keys)), None)
+                time.sleep(0.02)
+            assert lost is not None, "no predict task was seen running"
+            os.kill(pids[lost], signal.SIGKILL)  # a worker lost in the middle of a predict task
+            out, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+            proc.wait(timeout=30)
+    summary = json.loads(out.split("\n", 1)[1])
+    assert summary["stages"]["predict"]["scenes"] == 2 and not list(work.glob(".*.tmp-*"))
+    assert (_digest(work), _vectors(work)) == reference
