@@ -645,3 +645,20 @@ def test_separate_cluster_survives_a_lost_worker(tmp_path: Path, scenes_dir: Pat
     summary = json.loads(out.split("\n", 1)[1])
     assert summary["stages"]["predict"]["scenes"] == 2 and not list(work.glob(".*.tmp-*"))
     assert (_digest(work), _vectors(work)) == reference
+
+
+def test_stale_temporary_and_partial_folders_are_removed(tmp_path: Path) -> None:
+    from rsseg.pipeline.runner import _remove_stale, fingerprints
+
+    spec = {"name": "t", "workdir": str(tmp_path / "w"), "stages": {"train": {"uses": "train", "with": {
+        "config": {"data": {"source": "tianchi", "root": str(tmp_path)}, "run": {"device": "cpu"}}}}}}
+    pipe = load_pipeline(spec)
+    heads = fingerprints(pipe)
+    mine = pipe.workdir / f".train.{heads['train']['fingerprint'][:12]}.partial"
+    stale = [pipe.workdir / ".train.0123456789ab.partial", pipe.workdir / ".chips.tmp-1234abcd"]
+    for folder in (mine, *stale):
+        folder.mkdir(parents=True)
+    _remove_stale(pipe, heads, resume=True)
+    assert mine.exists() and not any(p.exists() for p in stale)  # the same stage's crashed attempt stays
+    _remove_stale(pipe, heads, resume=False)
+    assert not mine.exists()  # --no-resume: from scratch

@@ -247,10 +247,13 @@ def _work_folder(pipe: Pipeline, st: Stage, fingerprint: str) -> Path:
     return pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def _remove_stale(pipe: Pipeline, heads: dict[str, Any]) -> None:
-    """Delete what killed runs left: temporary folders, and partial folders no stage of this run continues."""
+def _remove_stale(pipe: Pipeline, heads: dict[str, Any], resume: bool) -> None:
+    """Delete what killed runs left: temporary folders, and partial folders no stage of this run continues.
+
+    Without ``resume`` every partial folder goes: the stages start from scratch.
+    """
     keep = {_work_folder(pipe, st, heads[st.name]["fingerprint"]).name
-            for st in pipe.stages if STAGES[st.uses].resumable}
+            for st in pipe.stages if STAGES[st.uses].resumable and resume}
     for stale in [*pipe.workdir.glob(".*.tmp-*"), *pipe.workdir.glob(".*.partial")]:
         if stale.name not in keep:
             shutil.rmtree(stale, ignore_errors=True)
@@ -290,7 +293,8 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
     Args:
         pipe: from :func:`load_pipeline`.
         scheduler: a ``tcp://`` scheduler address or a Client (default: a LocalCluster sized to the machine).
-        resume: skip stages whose manifest matches their fingerprint.
+        resume: skip stages whose manifest matches their fingerprint, and continue a crashed training's
+            partial folder; False re-runs every stage from scratch.
         report: write ``report.html`` into the work directory at the end.
         on_start: called with the Dask dashboard's address once the cluster is up (the CLI prints it).
 
@@ -302,7 +306,7 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
     """
     pipe.workdir.mkdir(parents=True, exist_ok=True)
     heads = fingerprints(pipe)
-    _remove_stale(pipe, heads)
+    _remove_stale(pipe, heads, resume)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for st in pipe.stages:
