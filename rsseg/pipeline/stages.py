@@ -178,8 +178,9 @@ def _follow(ctx: StageContext, fut: Any, log_path: Path) -> None:
     try:
         ctx.gather([fut])
     except Exception:
-        tail = "\n".join(_last_lines(log_path, 20))
-        log.error("stage %s: training failed; the last lines of %s:\n%s", ctx.name, log_path.name, tail)
+        if not ctx.cancelled:  # cancelled because another stage failed: that stage's error is the story
+            tail = "\n".join(_last_lines(log_path, 20))
+            log.error("stage %s: training failed; the last lines of %s:\n%s", ctx.name, log_path.name, tail)
         raise
 
 
