@@ -227,14 +227,14 @@ def evaluate(pred: Path, truth: Path, **params: Any) -> None:
 
 # ---------------------------------------------------------------------------------------- pipelines
 @cli.command()
-@click.argument("pipeline_file", metavar="PIPELINE", type=_EXISTING)
+@click.argument("pipeline_file", metavar="PIPELINE")
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster).")
 @click.option("--workdir", type=_PATH, help="Work directory (default: from the pipeline file).")
 @click.option("--set", "sets", multiple=True, help="Override a pipeline value: key=value (dotted keys).")
 @click.option("--no-resume", is_flag=True, help="Re-run every stage even if its manifest matches.")
-def run(pipeline_file: Path, scheduler: str | None, workdir: Path | None, sets: tuple[str, ...],
+def run(pipeline_file: str, scheduler: str | None, workdir: Path | None, sets: tuple[str, ...],
         no_resume: bool) -> None:
-    """Run a pipeline definition (YAML) on Dask."""
+    """Run a pipeline on Dask: a YAML file or a shipped one's name (demo, scenes_to_buildings, ...)."""
     from rsseg.pipeline.runner import load_pipeline
     from rsseg.pipeline.runner import run as run_pipeline
 

@@ -30,3 +30,19 @@ class TinyNet(nn.Module):
         """Logits ``(N, classes, H, W)`` of a normalised ``(N, C, H, W)`` input (H, W even)."""
         skip = self.enc1(x)
         return self.dec(torch.cat([skip, self.up(self.enc2(skip))], dim=1))
+
+
+class FailingNet(TinyNet):
+    """:class:`TinyNet` whose ``fail_after + 1``-th training forward pass in a process raises, like a CUDA OOM."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 1, fail_after: int = 4) -> None:
+        super().__init__(in_channels, classes)
+        self.fail_after, self.calls = fail_after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """TinyNet's logits, until the training pass after ``fail_after`` of them."""
+        if self.training:
+            self.calls += 1
+            if self.calls > self.fail_after:
+                raise RuntimeError("CUDA out of memory (stand-in failure)")
+        return super().forward(x)

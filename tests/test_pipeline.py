@@ -428,3 +428,241 @@ def test_resume_reruns_what_changed_behind_globs_and_stem_patterns(tmp_path: Pat
     footprints = scenes / "scene_000.buildings.geojson"  # a footprint file behind {stem} edited
     footprints.write_text(footprints.read_text().replace('"type"', '"type" ', 1))
     assert ran() == ["chips"]
+
+
+# ------------------------------------------------------------------------------------ training in a pipeline
+def _train_pipeline(tmp_path: Path, data: Path, arch: str, epochs: int = 3, **run: object) -> Path:
+    """One train stage on a Tianchi folder: the stand-in net, CPU, fp32, deterministic, ``epochs`` epochs."""
+    spec = {"name": "train_only", "workdir": str(tmp_path / "work"), "retries": 1, "stages": {"train": {
+        "uses": "train", "with": {"config": {
+            "data": {"source": "tianchi", "root": str(data), "val_fraction": 0.25, "seed": 0, "batch_size": 3,
+                     "num_workers": 0},
+            "model": {"arch": arch},
+            "run": {"epochs": epochs, "device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1,
+                    **run}}}}}}
+    path = tmp_path / "train_only.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _weights(path: Path) -> dict:
+    from rsseg.models import load_checkpoint
+
+    return load_checkpoint(path)["state_dict"]
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 a process and everything it started (Dask nannies, workers, the trainer child)."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi_dir: Path, stand_ins) -> None:
+    import torch
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    done = _rsseg("run", _train_pipeline(ref, tianchi_dir, stand_ins))
+    assert done.returncode == 0, done.stderr
+    uninterrupted = _weights(ref / "work" / "train" / "last.pt")
+
+    path = _train_pipeline(tmp_path, tianchi_dir, stand_ins)
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(work.glob(".train.*.partial/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    _kill_tree(proc.pid)  # epoch 1 written, epoch 2 under way
+    proc.wait()
+    partial = list(work.glob(".train.*.partial"))
+    assert len(partial) == 1 and not (work / "train").exists()
+    assert torch.load(partial[0] / "last.pt", weights_only=True)["meta"]["epoch"] == 1
+
+    resumed = _rsseg("run", path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage train: resumed at epoch 2/3" in resumed.stderr
+    # the trainer's epochs show as they come (log lines from the runner) and its whole log is kept
+    assert "stage train: epoch 3/3: train loss" in resumed.stderr and "val Dice" in resumed.stderr
+    assert "epoch 2/3: train loss" in (work / "train" / "train.log").read_text()
+    assert not list(work.glob(".train.*"))  # the partial folder became the stage's folder
+    summary = json.loads(resumed.stdout.split("\n", 1)[1])
+    assert 1 <= summary["stages"]["train"]["epoch"] <= 3  # best.pt's epoch
+    assert torch.load(work / "train" / "last.pt", weights_only=True)["meta"]["epoch"] == 3
+    final = _weights(work / "train" / "last.pt")
+    assert final.keys() == uninterrupted.keys()
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_failed_training_shows_the_trainers_own_error(tmp_path: Path, tianchi_dir: Path, stand_ins) -> None:
+    # 9 training images in batches of 3: the 5th training step (in epoch 2, after last.pt) fails; the retry
+    # continues that last.pt and fails the same way (not with "already holds a run").
+    path = _train_pipeline(tmp_path, tianchi_dir, "stand_ins:FailingNet")
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"]["train"]["with"]["config"]["model"]["kwargs"] = {"fail_after": 4}
+    path.write_text(yaml.safe_dump(spec))
+    done = _rsseg("run", path)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("rsseg: error: stage train (train, task train-torchrun-0) failed: ")
+    assert line.endswith("RuntimeError: CUDA out of memory (stand-in failure)")
+    assert "already holds a run" not in done.stderr
+    assert "stage train: training failed; the last lines of train.log:" in done.stderr
+    assert "stage train: epoch 1/3: train loss" in done.stderr
+    partial = list((tmp_path / "work").glob(".train.*.partial"))
+    assert len(partial) == 1 and (partial[0] / "last.pt").exists()
+    assert "Traceback" in (partial[0] / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- packaging
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ["demo", "scenes_to_buildings", "tianchi_submission", "train_on_scenes"]
+
+
+def test_pyproject_lists_every_package_and_maps_the_yaml_folders() -> None:
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rsseg").rglob("__init__.py")}
+    assert set(tool["packages"]) == tree | {"rsseg.pipelines", "rsseg.configs"}
+    assert tool["package-dir"] == {"rsseg.pipelines": "pipelines", "rsseg.configs": "configs"}
+    assert tool["package-data"] == {"rsseg.pipelines": ["*.yaml"], "rsseg.configs": ["*.yaml"]}
+
+
+def test_shipped_pipelines_load_by_name_and_unknown_names_list_them(rsseg_cli) -> None:
+    from rsseg.shipped import shipped_names
+
+    assert shipped_names("pipelines") == SHIPPED
+    assert {"train_tianchi", "train_chips"} <= set(shipped_names("configs"))
+    assert [load_pipeline(name).name for name in SHIPPED] == SHIPPED
+    done = rsseg_cli("run", "nosuch")
+    assert done.exit_code == 2 and done.stderr.strip().endswith(f"expected a YAML file or one of {', '.join(SHIPPED)}")
+
+
+_WHEEL_CHECK = """
+import sys
+from pathlib import Path
+import rsseg
+from rsseg.pipeline.runner import load_pipeline
+from rsseg.shipped import shipped_folder, shipped_names
+assert Path(rsseg.__file__).is_relative_to(sys.prefix), rsseg.__file__
+assert sys.prefix + "/" in str(shipped_folder("pipelines")), shipped_folder("pipelines")  # the wheel's data
+print(shipped_names("pipelines"), shipped_names("configs"))
+print([load_pipeline(name).name for name in shipped_names("pipelines")])
+"""
+
+
+@pytest.mark.slow
+def test_built_wheel_ships_the_pipelines_and_configs(tmp_path: Path) -> None:
+    import sysconfig
+
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".*cache", "demo-run", "runs"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            tmp_path / "dist", source], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout + built.stderr
+    wheel = next((tmp_path / "dist").glob("rsseg-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # the dependencies (torch, GDAL...) from this interpreter's site-packages, without its .pth files
+    (Path(site) / "rsseg_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checked = subprocess.run([python, "-c", _WHEEL_CHECK], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert checked.returncode == 0, checked.stderr
+    names, loaded = checked.stdout.splitlines()[:2]
+    assert names.startswith(str(SHIPPED)) and "train_tianchi" in names and loaded == str(SHIPPED)
+    for args in (["run", "--help"], ["demo", "--help"], ["run", "nosuch"]):
+        done = subprocess.run([venv / "bin" / "rsseg", *args], capture_output=True, text=True, cwd=elsewhere, env=env)
+        assert done.returncode == (2 if "nosuch" in args else 0), done.stderr
+    assert done.stderr.strip().endswith(f"one of {', '.join(SHIPPED)}")
+
+
+# ---------------------------------------------------------------------------------------- a lost worker
+def _start_dask_cluster(port: int) -> list[subprocess.Popen]:
+    """``dask scheduler`` and two single-worker ``dask worker`` processes (no nanny: kill -9 loses the worker)."""
+    bin_dir = Path(sys.executable).parent
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], **quiet)]
+    procs += [subprocess.Popen([bin_dir / "dask", "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
+                                "--no-nanny", "--dashboard-address", ":0", "--preload", "rsseg.pipeline.process"],
+                               **quiet) for _ in range(2)]
+    return procs
+
+
+@pytest.mark.slow
+def test_separate_cluster_survives_a_lost_worker(tmp_path: Path, scenes_dir: Path, checkpoint: Path,
+                                                 rsseg_cli) -> None:
+    from distributed import Client
+
+    sets = [f"scenes={scenes_dir}", f"checkpoint={checkpoint}", "predict.tile=128", "predict.overlap=32"]
+    work = tmp_path / "work"  # the same folder for both runs: the vector files record their mask's path
+    _run_shipped(rsseg_cli, "scenes_to_buildings", work, *sets)  # on a LocalCluster
+    reference = _digest(work), _vectors(work)
+    shutil.rmtree(work)
+
+    port = _free_port()
+    procs = _start_dask_cluster(port)
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+            args = [a for s in sets for a in ("--set", s)]
+            run = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", "scenes_to_buildings", "--workdir",
+                                    str(work), "--scheduler", address, *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+            lost = None
+            deadline = time.monotonic() + 300
+            while lost is None and run.poll() is None and time.monotonic() < deadline:
+                busy = client.processing()
+                lost = next((w for w, keys in busy.items() if any(k.startswith("predict-") for k in keys)), None)
+                time.sleep(0.02)
+            assert lost is not None, "no predict task was seen running"
+            os.kill(pids[lost], signal.SIGKILL)  # a worker lost in the middle of a predict task
+            out, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+            proc.wait(timeout=30)
+    summary = json.loads(out.split("\n", 1)[1])
+    assert summary["stages"]["predict"]["scenes"] == 2 and not list(work.glob(".*.tmp-*"))
+    assert (_digest(work), _vectors(work)) == reference
+
+
+def test_stale_temporary_and_partial_folders_are_removed(tmp_path: Path) -> None:
+    from rsseg.pipeline.runner import _remove_stale, fingerprints
+
+    spec = {"name": "t", "workdir": str(tmp_path / "w"), "stages": {"train": {"uses": "train", "with": {
+        "config": {"data": {"source": "tianchi", "root": str(tmp_path)}, "run": {"device": "cpu"}}}}}}
+    pipe = load_pipeline(spec)
+    heads = fingerprints(pipe)
+    mine = pipe.workdir / f".train.{heads['train']['fingerprint'][:12]}.partial"
+    stale = [pipe.workdir / ".train.0123456789ab.partial", pipe.workdir / ".chips.tmp-1234abcd"]
+    for folder in (mine, *stale):
+        folder.mkdir(parents=True)
+    _remove_stale(pipe, heads, resume=True)
+    assert mine.exists() and not any(p.exists() for p in stale)  # the same stage's crashed attempt stays
+    _remove_stale(pipe, heads, resume=False)
+    assert not mine.exists()  # --no-resume: from scratch

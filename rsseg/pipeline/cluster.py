@@ -10,12 +10,15 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster, default_client, get_worker
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
+from rsseg.errors import ConfigError
 from rsseg.pipeline.process import available_cores, worker_environ
 
-__all__ = ["dask_client", "dask_executor", "local_cluster", "task_threads", "threads_by_host"]
+__all__ = [
+    "dask_client", "dask_executor", "gpu_count", "gpu_layout", "local_cluster", "task_threads", "threads_by_host",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +31,16 @@ def _current_client() -> Client | None:
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | Client | None = None, n_workers: int | None = None) -> Iterator[Client]:
+def dask_client(scheduler: str | Client | None = None, n_workers: int | None = None,
+                gpu_group: int = 1) -> Iterator[Client]:
     """Yield a Dask client, closing only what this call started.
 
     Args:
         scheduler: a :class:`distributed.Client` to use as is, a scheduler address (``tcp://host:8786``),
-            or None: the client already current in this process if there is one, else a new
-            :class:`~distributed.LocalCluster` of single-threaded worker processes.
-        n_workers: workers of a new LocalCluster (default: the number of CPUs).
+            or None: the client already current in this process if there is one, else a new local cluster
+            (:func:`local_cluster`: single-threaded worker processes, one per GPU if there are GPUs).
+        n_workers: workers of a new local cluster (default: the number of CPUs).
+        gpu_group: GPUs of the first GPU worker of a new local cluster (a DDP training's ``nproc``).
     """
     if isinstance(scheduler, Client):
         yield scheduler
@@ -50,9 +55,28 @@ def dask_client(scheduler: str | Client | None = None, n_workers: int | None = N
         yield current
         return
     workers = n_workers or os.cpu_count() or 1
-    with local_cluster(workers) as cluster, Client(cluster) as client:
-        log.info("started a LocalCluster of %d workers (dashboard %s)", workers, client.dashboard_link)
+    with local_cluster(workers, gpu_group=gpu_group) as cluster, Client(cluster) as client:
+        log.info("started a local cluster of %d workers (dashboard %s)", len(cluster.worker_spec),
+                 client.dashboard_link)
         yield client
+
+
+def gpu_count() -> int:
+    """CUDA devices on this machine: ``RSSEG_FAKE_GPUS`` if set (tests fake a GPU box on a CPU), else torch's count."""
+    fake = os.environ.get("RSSEG_FAKE_GPUS", "").strip()
+    if fake:
+        if not fake.isdigit():
+            raise ConfigError(f"RSSEG_FAKE_GPUS={fake!r}: expected a number of GPUs, e.g. 2")
+        return int(fake)
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_layout(gpus: int, gpu_group: int = 1) -> list[list[int]]:
+    """The GPUs of each GPU worker: the first ``gpu_group`` together (for a DDP training), then one each."""
+    first = max(1, min(gpu_group, gpus))
+    return ([list(range(first))] if gpus else []) + [[i] for i in range(first, gpus)]
 
 
 @contextlib.contextmanager
@@ -70,8 +94,8 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def local_cluster(workers: int) -> LocalCluster:
-    """A LocalCluster of ``workers`` single-threaded processes, each set up as an entry point.
+def local_cluster(workers: int, gpus: int | None = None, gpu_group: int = 1) -> SpecCluster:
+    """A local cluster of single-threaded worker processes, each set up as an entry point.
 
     Each worker gets its share of this host's cores (:func:`rsseg.pipeline.process.available_cores`) for
     torch, OpenMP and GDAL, glibc's allocator tuning and a passive OpenMP wait policy through its
@@ -79,11 +103,31 @@ def local_cluster(workers: int) -> LocalCluster:
     which replaces Dask's own ``OMP_NUM_THREADS=1`` and 64 KiB heap trim), and runs
     :func:`rsseg.pipeline.process.configure_process` when it starts (the module is a worker preload; a
     separate ``dask worker`` can take ``--preload rsseg.pipeline.process`` too).
+
+    On a GPU box (``gpus``, default :func:`gpu_count`) the GPUs are laid out by :func:`gpu_layout`: one worker
+    per GPU (``CUDA_VISIBLE_DEVICES`` pinned to it, ``resources={"GPU": 1}``), except that the first holds
+    ``gpu_group`` GPUs (``resources={"GPU": gpu_group}``) when a DDP training asks for that many: its task
+    then holds all of them, and no other GPU task runs on them meanwhile. The other ``workers`` are CPU
+    workers (``CUDA_VISIBLE_DEVICES`` empty); CPU tasks run on any worker.
     """
-    environ = worker_environ(available_cores(workers))
+    gpus = gpu_count() if gpus is None else gpus
+    layout = gpu_layout(gpus, gpu_group)
+    total = len(layout) + max(0, workers - len(layout))
+    environ = worker_environ(available_cores(total))
+    if not gpus:
+        with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                preload=["rsseg.pipeline.process"])
+    options = {"nthreads": 1, "host": "127.0.0.1", "dashboard_address": ":0", "preload": ["rsseg.pipeline.process"],
+               "silence_logs": logging.ERROR}
+    specs = {f"gpu-{i}": {"cls": Nanny, "options": {**options, "resources": {"GPU": len(devices)},
+                                                    "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}}}
+             for i, devices in enumerate(layout)}
+    specs |= {f"cpu-{i}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
+              for i in range(total - len(layout))}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
     with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            preload=["rsseg.pipeline.process"])
+        return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="rsseg-gpu-box")
 
 
 class _OnFirstSubmit(Executor):

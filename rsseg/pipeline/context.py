@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from rsseg.errors import ConfigError, PipelineError
 
 __all__ = [
-    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "expand_inputs", "workers_with_gpu",
+    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "expand_inputs", "gpus_by_worker",
+    "workers_with_gpu",
 ]
 
 
@@ -30,10 +31,16 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def gpus_by_worker(client: Client) -> dict[str, float]:
+    """The ``GPU`` resource of each worker that offers one (``dask worker --resources GPU=1``), by address."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    offered = {a: (w.get("resources") or {}).get("GPU", 0) for a, w in workers.items()}
+    return {a: n for a, n in sorted(offered.items()) if n > 0}
+
+
 def workers_with_gpu(client: Client) -> list[str]:
     """Addresses of the workers that offer a ``GPU`` resource (``dask worker --resources GPU=1``)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) > 0)
+    return list(gpus_by_worker(client))
 
 
 @dataclass
@@ -69,14 +76,15 @@ class StageContext:
         """
         return device.startswith("cuda") or (device == "auto" and bool(self.gpu_workers))
 
-    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool = False, label: str = "", **kwargs: Any) -> Future:
-        """Submit one task of this stage (named after it, retried, with a GPU resource if asked)."""
+    def submit(self, fn: Callable[..., Any], *args: Any, gpu: bool | int = False, label: str = "",
+               **kwargs: Any) -> Future:
+        """Submit one task of this stage (named after it, retried, holding ``gpu`` GPUs: ``True`` is one)."""
         with self._lock:
             self._check_running()
             key = f"{self.name}-{label or fn.__name__}-{len(self.task_keys)}"
             self.task_keys.append(key)
             fut = self.client.submit(fn, *args, key=key, retries=self.retries, pure=False,
-                                     resources={"GPU": 1} if gpu else None, **kwargs)
+                                     resources={"GPU": int(gpu)} if gpu else None, **kwargs)
             self.futures.append(fut)
         return fut
 
@@ -120,6 +128,9 @@ class StageKind:
     name: str
     params: type[Params]
     run: Callable[[Any, StageContext], dict[str, Any]]
+    #: The stage continues a crashed attempt: its in-progress folder (``WORKDIR/.<stage>.<fp12>.partial``)
+    #: survives a failure or a kill, and the next run with the same fingerprint works on in it (``train``).
+    resumable: bool = False
 
 
 def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
@@ -181,18 +192,24 @@ def _devices(params: Any) -> set[str]:
 
 
 def check_devices(stages: list[Any], client: Client) -> None:
-    """Refuse, before anything is submitted, stages asking for ``cuda`` on a cluster without a GPU worker.
+    """Refuse, before anything is submitted, stages that would wait for ever for GPUs no worker offers.
 
     Raises:
-        ConfigError: a stage's device is ``cuda`` (or ``cuda:N``) and no worker offers a ``GPU`` resource.
+        ConfigError: a stage's device is ``cuda`` (or ``cuda:N``) and no worker offers a ``GPU`` resource, or a
+            training's ``nproc`` exceeds the GPUs of every worker (its one task holds ``nproc`` GPUs).
     """
-    if workers_with_gpu(client):
-        return
+    most = max(gpus_by_worker(client).values(), default=0)
     for st in stages:
         config = st.params.train_config(Path(".")) if hasattr(st.params, "train_config") else None
         devices = _devices(st.params.model_dump(mode="json")) | ({config.run.device} if config else set())
         cuda = sorted(d for d in devices if d.startswith("cuda"))
-        if cuda:
+        nproc = getattr(st.params, "nproc", 1)
+        if most and nproc > most and config is not None and config.run.device != "cpu":
+            raise ConfigError(
+                f"stage {st.name}: nproc={nproc} holds {nproc} GPUs in one task, but the largest Dask worker offers "
+                f"{most:g}; start one with CUDA_VISIBLE_DEVICES listing {nproc} GPUs and `dask worker ... "
+                f"--resources GPU={nproc}` (rsseg's own local cluster does so by itself), or lower nproc")
+        if cuda and not most:
             raise ConfigError(
                 f"stage {st.name}: device={cuda[0]} but no Dask worker offers a GPU resource; start GPU workers "
                 "with `dask worker tcp://SCHEDULER:8786 --resources GPU=1` (one per GPU) and pass --scheduler "

@@ -13,8 +13,10 @@ A pipeline file names its stages, each with a kind from :data:`rsseg.pipeline.st
 makes this stage depend on it), or by ``${workdir}``. ``--set key=value`` overrides a variable
 (``data_dir=...``), a stage parameter (``train.config.optim.epochs=3``) or a top-level field.
 
-Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success, with a
-``manifest.json`` (inputs with sizes and hashes, parameters, fingerprint) written last. The fingerprint
+Each stage writes into ``WORKDIR/<stage>/`` through a temporary folder renamed on success (a ``train``
+stage through ``WORKDIR/.<stage>.<fp12>.partial``, kept when it fails or is killed: the next run with the
+same fingerprint continues from its ``last.pt``), with a ``manifest.json`` (inputs with sizes and hashes,
+parameters, fingerprint) written last. The fingerprint
 (:mod:`rsseg.pipeline.fingerprint`) covers the stage kind, its parameters, its external inputs (globs and
 ``{stem}`` patterns expanded), the fingerprints of the stages it uses and a hash of rsseg's sources, so
 :func:`run` skips a stage whose manifest matches and re-runs what changed or never finished: a run killed
@@ -34,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +50,12 @@ from rsseg.pipeline.cluster import dask_client
 from rsseg.pipeline.context import Params, StageContext, check_devices, workers_with_gpu
 from rsseg.pipeline.fingerprint import completed, fingerprints
 from rsseg.pipeline.stages import STAGES
+from rsseg.shipped import file_or_shipped
 
 __all__ = ["Pipeline", "Stage", "fingerprints", "load_pipeline", "run", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -150,15 +153,15 @@ def _error_path(prefix: str, err: dict[str, Any]) -> str:
     return ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
 
 
-def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
-    """The pipeline file's path (None for a mapping) and a copy of its content."""
+def _read_source(source: str | os.PathLike[str] | Traversable | dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The pipeline file (None for a mapping) and a copy of its content."""
     if isinstance(source, dict):
         return None, copy.deepcopy(source)
-    path = Path(source)
-    if not path.exists() and (PIPELINES_DIR / f"{source}.yaml").exists():
-        path = PIPELINES_DIR / f"{source}.yaml"
+    path = file_or_shipped("pipelines", source) if isinstance(source, str | os.PathLike) else source
     try:
         raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"pipeline file {path} not found") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -166,12 +169,13 @@ def _read_source(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Path 
     return path, raw
 
 
-def load_pipeline(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, str] | None = None,
-                  workdir: str | os.PathLike[str] | None = None) -> Pipeline:
+def load_pipeline(source: str | os.PathLike[str] | Traversable | dict[str, Any],
+                  overrides: dict[str, str] | None = None, workdir: str | os.PathLike[str] | None = None) -> Pipeline:
     """Read, override, interpolate and validate a pipeline definition.
 
     Args:
-        source: a YAML file (a bare name like ``demo`` means ``pipelines/demo.yaml``) or a mapping.
+        source: a YAML file, the name of a shipped pipeline (``demo``: rsseg's ``pipelines/demo.yaml``,
+            package data of an installed rsseg) or a mapping.
         overrides: ``--set`` values: ``var=...``, ``stage.param.sub=...`` or a top-level field.
         workdir: replaces the file's ``workdir``.
 
@@ -232,15 +236,40 @@ def _topological(stages: dict[str, Stage], label: str) -> tuple[Stage, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+def _work_folder(pipe: Pipeline, st: Stage, fingerprint: str) -> Path:
+    """Where a stage writes until it succeeds.
+
+    A fresh temporary folder, or for a resumable kind one named by the stage and its fingerprint
+    (``.<stage>.<fp12>.partial``) that a re-run of the same stage finds again.
+    """
+    if STAGES[st.uses].resumable:
+        return pipe.workdir / f".{st.name}.{fingerprint[:12]}.partial"
+    return pipe.workdir / f".{st.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_stale(pipe: Pipeline, heads: dict[str, Any], resume: bool) -> None:
+    """Delete what killed runs left: temporary folders, and partial folders no stage of this run continues.
+
+    Without ``resume`` every partial folder goes: the stages start from scratch.
+    """
+    keep = {_work_folder(pipe, st, heads[st.name]["fingerprint"]).name
+            for st in pipe.stages if STAGES[st.uses].resumable and resume}
+    for stale in [*pipe.workdir.glob(".*.tmp-*"), *pipe.workdir.glob(".*.partial")]:
+        if stale.name not in keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _run_stage(st: Stage, head: dict[str, Any], pipe: Pipeline, ctx: StageContext) -> dict[str, Any]:
     final = pipe.workdir / st.name
     tmp = ctx.out_dir
-    tmp.mkdir(parents=True)
+    resumable = STAGES[st.uses].resumable
+    tmp.mkdir(parents=True, exist_ok=resumable)
     start = time.perf_counter()
     try:
         summary = STAGES[st.uses].run(st.params, ctx)
     except BaseException as exc:  # also a cancelled task's CancelledError: no partial output stays
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:  # a resumable stage's folder stays for the next run to continue
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
         task = f", task {ctx.failed_task}" if ctx.failed_task else ""
@@ -264,7 +293,8 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
     Args:
         pipe: from :func:`load_pipeline`.
         scheduler: a ``tcp://`` scheduler address or a Client (default: a LocalCluster sized to the machine).
-        resume: skip stages whose manifest matches their fingerprint.
+        resume: skip stages whose manifest matches their fingerprint, and continue a crashed training's
+            partial folder; False re-runs every stage from scratch.
         report: write ``report.html`` into the work directory at the end.
         on_start: called with the Dask dashboard's address once the cluster is up (the CLI prints it).
 
@@ -275,9 +305,8 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
             run's tasks are cancelled: other work on the same client goes on.
     """
     pipe.workdir.mkdir(parents=True, exist_ok=True)
-    for stale in pipe.workdir.glob(".*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     heads = fingerprints(pipe)
+    _remove_stale(pipe, heads, resume)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for st in pipe.stages:
@@ -288,7 +317,10 @@ def run(pipe: Pipeline, scheduler: str | Any | None = None, resume: bool = True,
             todo.append(st)
     log.info("pipeline %s: %d stages to run, %d already done", pipe.name, len(todo), len(results))
     started = time.perf_counter()
-    with dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}), dask_client(scheduler) as client:
+    # on a GPU box, rsseg's own cluster gives the largest DDP training a worker with its nproc GPUs
+    group = max((getattr(st.params, "nproc", 1) for st in todo), default=1)
+    with (dask.config.set({"distributed.scheduler.allowed-failures": pipe.retries}),
+          dask_client(scheduler, gpu_group=group) as client):
         log.info("rsseg run %s: Dask dashboard at %s", pipe.name, client.dashboard_link)
         if on_start is not None:
             on_start(client.dashboard_link)
@@ -319,7 +351,7 @@ def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: 
         while pending or running:
             for name, st in list(pending.items()):
                 if all(dep in results for dep in st.needs):
-                    tmp = pipe.workdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+                    tmp = _work_folder(pipe, st, heads[name]["fingerprint"])
                     ctx = StageContext(name, client, tmp, retries=pipe.retries, gpu_workers=gpus)
                     running[pool.submit(_run_stage, st, heads[name], pipe, ctx)] = ctx
                     del pending[name]
@@ -339,8 +371,8 @@ def _execute(pipe: Pipeline, todo: list[Stage], heads: dict[str, Any], results: 
 
 def run_demo(workdir: str | os.PathLike[str] = "demo-run", scheduler: str | None = None,
              on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
-    pipe = load_pipeline(PIPELINES_DIR / "demo.yaml", workdir=workdir)
+    """Run the shipped ``pipelines/demo.yaml`` in ``workdir`` and return its headline figures and output paths."""
+    pipe = load_pipeline(file_or_shipped("pipelines", "demo"), workdir=workdir)
     summary = run(pipe, scheduler=scheduler, on_start=on_start)
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for st in pipe.stages:

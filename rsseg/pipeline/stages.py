@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -153,18 +154,76 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def train_subprocess(config_path: Path, nproc: int) -> str:
-    """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside)."""
+def train_subprocess(config_path: Path, nproc: int, log_path: Path) -> None:
+    """Run ``rsseg train`` in a child process (Dask workers are daemons: no DataLoader workers inside).
+
+    Its output (stdout and stderr) is appended to ``log_path`` as it comes, so that the runner can show the
+    epochs while it trains and a retried attempt's log follows the first one's.
+
+    Raises:
+        PipelineError: the trainer failed; the message ends with the last line of its own output.
+    """
     cmd = [sys.executable, "-m", "rsseg.cli", "train", str(config_path), "--nproc", str(nproc)]
     # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
     # process of its own and uses every core (run.threads in the config still sets it explicitly). Dask's
     # 64 KiB heap trim, which it inherits too, is overridden by `rsseg train` (process.configure_process).
-    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS} | {"PYTHONUNBUFFERED": "1"}
+    with open(log_path, "a") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     if done.returncode:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PipelineError(f"rsseg train exited with {done.returncode}: {tail}")
-    return done.stdout.strip().splitlines()[-1]
+        last = (_last_lines(log_path, 1) or ["(no output)"])[-1].removeprefix("rsseg: error: ")
+        raise PipelineError(f"rsseg train exited with {done.returncode}: {last}")
+
+
+def _last_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-empty lines of a text file (none if it is missing)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return [line for line in lines if line.strip()][-count:]
+
+
+def _relay(log_path: Path, offset: int, stage: str) -> int:
+    """Log the trainer's own log lines written since ``offset`` (epochs, validation Dice); the new offset."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return offset
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        level, _, rest = line.partition(" ")
+        if level in ("INFO", "WARNING", "ERROR") and rest.startswith("rsseg"):
+            log.log(logging.getLevelName(level), "stage %s: %s", stage, rest.partition(": ")[2])
+    return offset + len(complete)
+
+
+def _follow(ctx: StageContext, fut: Any, log_path: Path) -> None:
+    """Wait for the trainer task, relaying its log as it grows; on failure, log the trainer's last lines."""
+    offset = 0
+    while not fut.done():
+        offset = _relay(log_path, offset, ctx.name)
+        time.sleep(0.5)
+    _relay(log_path, offset, ctx.name)
+    try:
+        ctx.gather([fut])
+    except Exception:
+        if not ctx.cancelled:  # cancelled because another stage failed: that stage's error is the story
+            tail = "\n".join(_last_lines(log_path, 20))
+            log.error("stage %s: training failed; the last lines of %s:\n%s", ctx.name, log_path.name, tail)
+        raise
+
+
+def _resuming(ctx: StageContext, epochs: int) -> None:
+    """Say so when the stage's folder holds a crashed attempt's ``last.pt`` that the trainer will continue."""
+    last = ctx.out_dir / "last.pt"
+    if last.exists():
+        from rsseg.models import load_checkpoint
+
+        done = int(load_checkpoint(last)["meta"]["epoch"])
+        log.info("stage %s: resumed at epoch %d/%d from %s", ctx.name, done + 1, epochs, last)
 
 
 def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
@@ -172,10 +231,16 @@ def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     if cfg.data.source == "chips":  # the tile stage's folder holds a chip folder per scene
         chips = expand_chip_folders(cfg.data.chips)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chips": chips})})
+    # The folder is the stage's own (.<stage>.<fp12>.partial): a last.pt in it is a crashed attempt of this
+    # very stage, continued (and a retried task continues its first attempt instead of refusing the folder).
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+    _resuming(ctx, cfg.run.epochs)
     config_path = ctx.out_dir / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    gpu = ctx.wants_gpu(cfg.run.device)
-    best = Path(ctx.gather([ctx.submit(train_subprocess, config_path, p.nproc, gpu=gpu, label="torchrun")])[0])
+    gpu = p.nproc if ctx.wants_gpu(cfg.run.device) else 0  # DDP on nproc GPUs: one task holds them all
+    log_path = ctx.out_dir / "train.log"
+    _follow(ctx, ctx.submit(train_subprocess, config_path, p.nproc, log_path, gpu=gpu, label="torchrun"), log_path)
+    best = ctx.out_dir / "best.pt"
     from rsseg.models import load_checkpoint
 
     meta = load_checkpoint(best)["meta"]
@@ -312,7 +377,7 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
     StageKind("tianchi_masks", TianchiMasksParams, _tianchi_masks),
     StageKind("tile", TileParams, _tile),
-    StageKind("train", TrainParams, _train),
+    StageKind("train", TrainParams, _train, resumable=True),
     StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
     StageKind("predict_scenes", PredictScenesParams, _predict_scenes),
