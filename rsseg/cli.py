@@ -112,38 +112,70 @@ def validate(submission: Path, sample: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
-class _Source(click.ParamType):
-    """An existing local file, or a remote name GDAL opens (``/vsicurl/https://...``, ``s3://...``, ...) as given."""
+def _per_input(inputs: tuple[str, ...], out: Path, pattern: str | None, what: str, suffix: str = "",
+               skip: str | None = None, shared: bool = True) -> list[tuple[str | Path, Path, str | Path | None]]:
+    """(input, output, ``pattern`` filled in for it) per input named by ``inputs`` (files, folders, globs).
 
-    name = "path|url"
+    One input writes ``out`` itself; several write ``out/<stem><suffix>`` each (``out`` a folder). Names
+    ending in ``skip`` are left out of several; ``shared``: one file without ``{stem}`` may serve every
+    input. Every input and every file a ``{stem}`` pattern names is checked here, before any cluster starts.
+    """
+    from rsseg.errors import ConfigError
+    from rsseg.fileio import expand_paths, fill_stem, stem_of
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from rsseg.tiling.sources import is_remote
+    names = expand_paths(list(inputs))
+    if skip and len(names) > 1:
+        names = [n for n in names if not str(n).endswith(skip)]
+    stems: dict[str, str | Path] = {}
+    for name in names:
+        if (first := stems.setdefault(stem_of(name), name)) is not name:
+            raise ConfigError(f"{first} and {name} have the same name {stem_of(name)!r}; their outputs would "
+                              "collide in one folder: name them differently or run them in separate calls")
+    if pattern and len(names) > 1 and not shared and "{stem}" not in pattern:
+        raise ConfigError(f"{what} {pattern}: several inputs need one file each; use a pattern with {{stem}}, "
+                          "like 'DIR/{stem}.prob.tif'")
+    return [(name, out if len(names) == 1 else out / f"{stem}{suffix}",
+             fill_stem(pattern, stem, what) if pattern else None) for stem, name in stems.items()]
 
-        return value if is_remote(value) else _EXISTING.convert(value, param, ctx)
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; remove it, choose another folder or pass --overwrite")
 
 
 @cli.command()
-@click.argument("scene", type=_Source())
+@click.argument("scenes", nargs=-1, required=True, metavar="SCENE...")
 @click.argument("out_dir", type=_PATH)
-@click.option("--labels", type=_Source(), help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster; a local "
-                                               "file or a remote name like SCENE's.")
+@click.option("--labels", help="Footprints (GeoJSON/GPKG/Shapefile) or a label raster; a local file or a remote "
+                               "name like SCENE's; with several scenes one file for all or a pattern with {stem} "
+                               "(the scene's name without suffix), e.g. 'labels/{stem}.geojson'.")
 @click_options(TileOptions)
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786; 'sync' runs in this process "
                                   "(default: a LocalCluster).")
-def tile(scene: Path, out_dir: Path, labels: Path | None, scheduler: str | None, **params: object) -> None:
-    """Cut SCENE into chips (and label chips) under OUT_DIR, with an index.
+def tile(scenes: tuple[str, ...], out_dir: Path, labels: str | None, scheduler: str | None,
+         **params: object) -> None:
+    """Cut each SCENE into chips (and label chips) with an index: under OUT_DIR, or OUT_DIR/<stem>/ when several.
 
-    SCENE is a local raster or a remote one: /vsicurl/https://..., s3://..., gs://..., /vsis3/... (GDAL's
-    AWS_*/GS_*/GDAL_HTTP_* settings apply).
+    SCENE is a raster file, a folder of .tif, a glob ('data/*.tif'), or a remote raster: /vsicurl/https://...,
+    s3://..., gs://..., /vsis3/... (GDAL's AWS_*/GS_*/GDAL_HTTP_* settings apply). One cluster serves all
+    scenes; with several, OUT_DIR appears only when every scene is done.
     """
+    from rsseg.fileio import atomic_dir
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.tiling import write_chips
 
     options = options_from_click(TileOptions, params)
+    jobs = _per_input(scenes, out_dir, labels, "--labels")
+    _refuse_existing(out_dir, options.overwrite)
     with dask_executor(scheduler) as executor:
-        index = write_chips(scene, out_dir, options, labels=labels, executor=executor)
-    click.echo(f"{index}")
+        if len(jobs) == 1:
+            click.echo(f"{write_chips(jobs[0][0], out_dir, options, labels=jobs[0][2], executor=executor)}")
+            return
+        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+            for scene, out, scene_labels in jobs:
+                write_chips(scene, tmp / out.name, options, labels=scene_labels, executor=executor)
+    for _, out, _ in jobs:
+        click.echo(f"{out / 'index.csv'}")
 
 
 @cli.command()
@@ -186,28 +218,45 @@ def predict(checkpoint: Path, input_path: Path, output: Path, sample: Path | Non
 
 
 @cli.command()
-@click.argument("mask", type=_EXISTING)
+@click.argument("masks", nargs=-1, required=True, metavar="MASK...")
 @click.argument("out", type=_PATH)
-@click.option("--prob", type=_EXISTING, help="Probability raster for a mean-confidence attribute.")
+@click.option("--prob", help="Probability raster for a mean-confidence attribute; with several masks a pattern "
+                             "with {stem} (the mask's name without suffix), e.g. 'pred/{stem}.prob.tif'.")
+@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "fgb", "parquet"]), default="gpkg",
+              show_default=True, help="Format of OUT/<stem>.<format> when several masks are given.")
 @click_options(VectorizeOptions)
 @click.option("--scheduler", help="Dask scheduler address, or 'sync' to run in this process (default: a "
-              "LocalCluster; a single block runs in this process).")
-def vectorize(mask: Path, out: Path, prob: Path | None, scheduler: str | None, **params: Any) -> None:
-    """Turn a building mask GeoTIFF into polygons: OUT.geojson, OUT.gpkg, OUT.fgb or OUT.parquet.
+              "LocalCluster; masks of a single block each run in this process).")
+def vectorize(masks: tuple[str, ...], out: Path, prob: str | None, fmt: str, scheduler: str | None,
+              **params: Any) -> None:
+    """Turn building mask GeoTIFFs into polygons: OUT.geojson, OUT.gpkg, OUT.fgb or OUT.parquet.
 
-    GeoJSON is written in EPSG:4326; GeoPackage, FlatGeobuf and GeoParquet (1.1) keep the mask's CRS.
+    MASK is a file, a folder (its .tif, less *.prob.tif) or a glob; with several, OUT is a folder of
+    <stem>.<format> files that appears only when all are written. GeoJSON is written in EPSG:4326;
+    GeoPackage, FlatGeobuf and GeoParquet (1.1) keep the mask's CRS.
     """
+    from rsseg.fileio import atomic_dir
     from rsseg.pipeline.cluster import dask_executor
     from rsseg.vector import block_count, vectorize_to_file
     from rsseg.vector.files import check_output
 
     options = options_from_click(VectorizeOptions, params)
-    check_output(out, options.overwrite)  # refuse before starting any cluster
-    if scheduler is None and block_count(mask, options) == 1:
+    jobs = _per_input(masks, out, prob, "--prob", suffix=f".{fmt}", skip=".prob.tif", shared=False)
+    if len(jobs) > 1:
+        _refuse_existing(out, options.overwrite)
+    for _, target, _ in jobs:  # refuse before starting any cluster
+        check_output(target, options.overwrite or len(jobs) > 1)
+    if scheduler is None and all(block_count(mask, options) == 1 for mask, _, _ in jobs):
         scheduler = "sync"
     with dask_executor(scheduler) as executor:
-        n = vectorize_to_file(mask, out, options, prob=prob, executor=executor)
-    click.echo(json.dumps({"output": str(out), "buildings": n}))
+        if len(jobs) == 1:
+            n = vectorize_to_file(jobs[0][0], out, options, prob=jobs[0][2], executor=executor)
+            click.echo(json.dumps({"output": str(out), "buildings": n}))
+            return
+        with atomic_dir(out, overwrite=options.overwrite) as tmp:
+            counts = {target.stem: vectorize_to_file(mask, tmp / target.name, options, prob=mask_prob,
+                                                     executor=executor) for mask, target, mask_prob in jobs}
+    click.echo(json.dumps({"output": str(out), "buildings": sum(counts.values()), "per_mask": counts}))
 
 
 @cli.command()

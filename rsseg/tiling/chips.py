@@ -38,7 +38,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from rsseg.errors import ConfigError, RasterError
-from rsseg.fileio import atomic_dir
+from rsseg.fileio import atomic_dir, display_name, source_name
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.tiling.blocks import ChipBlock, ChipJob, sorted_bounds, strip_window, write_block
@@ -46,7 +46,6 @@ from rsseg.tiling.footprints import Footprints, load_footprints
 from rsseg.tiling.grid import Tile, TileGrid
 from rsseg.tiling.labels import LabelRaster, open_label_raster
 from rsseg.tiling.options import TileOptions
-from rsseg.tiling.sources import display_name, source_name
 from rsseg.tiling.stats import BandStats
 
 __all__ = ["INDEX_COLUMNS", "STRIPS_PER_BLOCK", "STRIP_MAX_PX", "TileOptions", "write_chips"]
@@ -183,7 +182,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
 
     Args:
         scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands; a local path or a remote name
-            (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.tiling.sources`).
+            (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.fileio`).
         out_dir: output folder; must not exist unless ``overwrite``. Written atomically.
         options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
             compress); None: the defaults.
@@ -204,7 +203,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     opts = resolve(TileOptions, options, values)
-    scene, out_dir = os.fspath(scene), Path(out_dir)  # a remote scene keeps its name (rsseg.tiling.sources)
+    scene, out_dir = os.fspath(scene), Path(out_dir)  # a remote scene keeps its name (rsseg.fileio)
     if out_dir.exists() and not opts.overwrite:
         raise FileExistsError(f"{out_dir} exists; remove it, choose another folder or pass --overwrite")
     info = _scene_info(scene, opts.bands, opts.allow_no_crs)
