@@ -13,9 +13,9 @@ import rasterio
 from rasterio.transform import Affine
 
 from rsseg.errors import ConfigError
-from rsseg.fileio import display_name, expand_paths, fill_stem, is_remote, stem_of
+from rsseg.fileio import expand_paths, fill_stem, stem_of
 from rsseg.pipeline import cluster
-from rsseg.tiling import sources, write_chips
+from rsseg.tiling import write_chips
 
 
 def _touch(*paths: Path) -> None:
@@ -53,7 +53,6 @@ def test_expand_paths_errors_name_the_entry(tmp_path: Path) -> None:
 
 
 def test_remote_names_and_stems_live_in_fileio(tmp_path: Path) -> None:
-    assert sources.is_remote is is_remote and sources.display_name is display_name  # tiling keeps importing
     assert stem_of("/vsicurl/https://host/a/scene_1.tif?sig=x/y") == "scene_1" == stem_of(tmp_path / "scene_1.tif")
     _touch(tmp_path / "labels" / "a.geojson")
     assert fill_stem(f"{tmp_path}/labels/{{stem}}.geojson", "a") == tmp_path / "labels" / "a.geojson"

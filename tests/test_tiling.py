@@ -28,11 +28,11 @@ from rasterio.windows import Window
 
 from rsseg.cli import main
 from rsseg.errors import ConfigError, RasterError
+from rsseg.fileio import display_name, is_remote, source_name
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
 from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
-from rsseg.tiling.sources import display_name, is_remote, source_name
 from rsseg.tiling.stats import LOG_BINS, LOG_RANGE, BandStats
 from rsseg.tiling.writer import ChipWriter
 

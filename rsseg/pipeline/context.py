@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from rsseg.errors import ConfigError, PipelineError
 
 __all__ = [
-    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "expand_inputs", "gpus_by_worker",
+    "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "gpus_by_worker",
     "workers_with_gpu",
 ]
 
@@ -131,20 +131,6 @@ class StageKind:
     #: The stage continues a crashed attempt: its in-progress folder (``WORKDIR/.<stage>.<fp12>.partial``)
     #: survives a failure or a kill, and the next run with the same fingerprint works on in it (``train``).
     resumable: bool = False
-
-
-def expand_inputs(spec: str | Path, suffixes: tuple[str, ...] = (".tif", ".tiff")) -> list[Path]:
-    """A file, a folder (its files with ``suffixes``, sorted) or a glob pattern, as a list of files."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(spec)))
-    if not files:
-        raise ConfigError(f"{spec}: no input files (expected a file, a folder of {'/'.join(suffixes)} or a glob)")
-    return files
 
 
 def expand_chip_folders(entries: list[str | Path]) -> list[Path]:

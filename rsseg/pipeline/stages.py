@@ -26,9 +26,10 @@ import yaml
 from pydantic import Field, model_validator
 
 from rsseg.errors import PipelineError
+from rsseg.fileio import expand_paths, stem_of
 from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
-from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders, expand_inputs
+from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.tianchi.masks import MaskOptions
 from rsseg.tiling.options import TileOptions
@@ -108,13 +109,12 @@ class TileParams(TileOptions):
 
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.tiling import write_chips
-    from rsseg.tiling.sources import display_name, is_remote
 
     options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
     executor = ctx.executor()
     chips = 0
-    for scene in [p.scenes] if is_remote(p.scenes) else expand_inputs(p.scenes):  # one remote scene as given
-        stem = Path(display_name(scene)).stem
+    for scene in expand_paths(p.scenes):  # remote names pass through as given
+        stem = stem_of(scene)
         labels = p.labels.format(stem=stem) if p.labels else None
         index = write_chips(scene, ctx.out_dir / stem, options, labels=labels, executor=executor)
         with open(index) as rows:  # closed: an open file left to the GC is a ResourceWarning (pytest: an error)
@@ -306,11 +306,12 @@ class PredictScenesParams(PredictOptions):
 def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.inference.predict import predict_raster
 
-    scenes = expand_inputs(p.scenes)
+    scenes = expand_paths(p.scenes)
     threads_on = threads_by_host(ctx.client)
     options = _predict_options(p)
     futures = [ctx.submit(_in_task_share, threads_on, len(scenes), predict_raster, p.checkpoint, scene,
-                          ctx.out_dir / f"{scene.stem}.tif", options, gpu=ctx.wants_gpu(p.device), label=scene.stem)
+                          ctx.out_dir / f"{stem_of(scene)}.tif", options, gpu=ctx.wants_gpu(p.device),
+                          label=stem_of(scene))
                for scene in scenes]
     ctx.gather(futures)
     return {"scenes": len(scenes)}
@@ -331,7 +332,7 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.pipeline.report import scene_quicklook
     from rsseg.vector import merge_vectors, vectorize, write_vectors
 
-    masks = [m for m in expand_inputs(p.masks) if not m.name.endswith(".prob.tif")]
+    masks = [Path(m) for m in expand_paths(p.masks) if not str(m).endswith(".prob.tif")]
     options = VectorizeOptions(**p.model_dump(include=set(VectorizeOptions.model_fields)))
     counts: dict[str, int] = {}
     for mask in masks:
@@ -346,10 +347,10 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
                       overwrite=p.overwrite)
     drawable = [fmt for fmt in p.formats if fmt != "parquet"]  # the quick-look reads through pyogrio
     if p.scenes and drawable:
-        for scene in expand_inputs(p.scenes)[:4]:
-            vectors = ctx.out_dir / f"{scene.stem}.{drawable[0]}"
+        for scene in expand_paths(p.scenes)[:4]:
+            vectors = ctx.out_dir / f"{stem_of(scene)}.{drawable[0]}"
             if vectors.exists():
-                scene_quicklook(scene, vectors, ctx.out_dir / f"quicklook_{scene.stem}.png")
+                scene_quicklook(scene, vectors, ctx.out_dir / f"quicklook_{stem_of(scene)}.png")
     return {"buildings": sum(counts.values()), "per_scene": counts}
 
 
@@ -364,7 +365,7 @@ class EvaluateParams(Params, EvaluateOptions):
 def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.vector import evaluate_vectors
 
-    stems = [s.stem for s in expand_inputs(p.scenes)] if p.scenes else [""]
+    stems = [stem_of(s) for s in expand_paths(p.scenes)] if p.scenes else [""]
     options = EvaluateOptions(**p.model_dump(include=set(EvaluateOptions.model_fields)))
     results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem), options)
                for stem in stems}
