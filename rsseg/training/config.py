@@ -32,6 +32,7 @@ __all__ = [
     "LaunchOptions",
     "LossConfig",
     "ModelConfig",
+    "NodeOptions",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
@@ -169,6 +170,25 @@ class LaunchOptions(Options):
     """How a run is started (the options of ``rsseg train`` and of a pipeline's train stage)."""
 
     nproc: int = Field(1, ge=1, description="Processes (one per GPU); >1 starts torchrun.")
+
+
+class NodeOptions(LaunchOptions):
+    """``rsseg train``'s options for a run across machines: torchrun's static rendezvous on ``master_addr``.
+
+    Start the same command on every node with its own ``node_rank`` (0 on the node at ``master_addr``).
+    """
+
+    nnodes: int = Field(1, ge=1, description="Machines (nodes) taking part; each runs --nproc processes.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank among the nodes (0: the master's).")
+    master_addr: str = Field("127.0.0.1", description="Host name or address of node 0 (the rendezvous).")
+    master_port: int | None = Field(None, ge=1, le=65535, description=(
+        "TCP port of the rendezvous on node 0 (default: a free port with one node, 29500 with several)."))
+
+    @model_validator(mode="after")
+    def _node_rank(self) -> NodeOptions:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} with nnodes={self.nnodes}: expected node_rank < nnodes")
+        return self
 
 
 def _keys(model: type[BaseModel]) -> list[str]:

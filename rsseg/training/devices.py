@@ -13,6 +13,7 @@ and the CPU's flags:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from rsseg.errors import ConfigError
 
 __all__ = ["DeviceFacts", "choose_precision", "cpu_has_bf16", "device_facts", "saved_rng",
-           "sync_batchnorm"]
+           "loader_workers", "sync_batchnorm", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,18 @@ def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_r
         raise ConfigError(f"run.sync_batchnorm=true with {world} CPU processes: torch's SyncBatchNorm "
                           "synchronises CUDA tensors only; set run.sync_batchnorm=false (or leave it unset)")
     return setting
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one); at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(setting: int | None, device: torch.device, local_world: int, cores: int | None = None) -> int:
+    """DataLoader workers per process: ``data.num_workers``, or by default 0 on a CPU (the model needs the
+    cores) and on a GPU this machine's usable cores shared among its ``local_world`` processes (at most 8)."""
+    if setting is not None:
+        return setting
+    if device.type == "cpu":
+        return 0
+    return min(8, max(1, (cores or usable_cores()) // max(1, local_world)))

@@ -31,7 +31,7 @@ from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.config import TrainConfig
-from rsseg.training.devices import choose_precision, device_facts, saved_rng, sync_batchnorm
+from rsseg.training.devices import choose_precision, device_facts, loader_workers, saved_rng, sync_batchnorm
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Rank:
-    """This process's place in a run: global rank, rank on this machine, number of processes."""
+    """This process's place in a run: global rank, rank on this machine, processes in all and on this machine."""
 
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    local_world: int = 1
 
     @property
     def main(self) -> bool:
@@ -56,10 +57,12 @@ class Rank:
 
     @classmethod
     def from_env(cls) -> Rank:
-        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE), or a single process."""
+        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), or a single
+        process. Without LOCAL_WORLD_SIZE (launchers other than torchrun) this process is alone on its machine."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class WarmupCosine:
@@ -153,8 +156,7 @@ class Trainer:
     def _loaders(self, per_rank: int) -> None:
         """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
         cfg, device, env = self.cfg, self.device, self.env
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
-            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        workers = loader_workers(cfg.data.num_workers, device, env.local_world)
         if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
             log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
             workers = 0
