@@ -145,16 +145,15 @@ def test_chip_dataset_bad_input(tmp_path):
 @pytest.fixture(scope="module")
 def scene_chips(tmp_path_factory):
     """Chips of one generated scene (256 px, 32-px chips overlapping by 8) and of a second scene, by write_chips."""
-    from rsseg.tiling.tiler import write_chips
-
     from rsseg.synth.generate import footprints_path, make_scene
+    from rsseg.tiling import write_chips
 
     root = tmp_path_factory.mktemp("scenes")
     folders = []
     for seed in (1, 2):
         scene = root / f"scene{seed}.tif"
         make_scene(scene, size=256, seed=seed, progress=False)
-        write_chips(scene, root / f"chips{seed}", size=32, overlap=8, labels=footprints_path(scene), n_workers=1)
+        write_chips(scene, root / f"chips{seed}", size=32, overlap=8, labels=footprints_path(scene))
         folders.append(root / f"chips{seed}")
     return folders
 
@@ -180,7 +179,8 @@ def test_one_scene_splits_by_blocks_with_a_gap_and_no_shared_pixel(scene_chips, 
     val = ChipDataset(one, "val", val_fraction=0.2, seed=0)
     assert train.unit == "block" and len(train) and len(val)
     assert not _pixels_shared(_windows(train), _windows(val))  # no validation pixel in any training chip
-    rows = {r["image"]: r for r in csv.DictReader(open(one / "index.csv"))}
+    with open(one / "index.csv", newline="") as fh:
+        rows = {r["image"]: r for r in csv.DictReader(fh)}
     gap = 8 * 0.5  # the overlap, in metres (0.5 m pixels)
     for t in _windows(train):  # and at least the overlap between them
         for v in _windows(val):

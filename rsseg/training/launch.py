@@ -9,7 +9,10 @@ writes (see :mod:`rsseg.training.trainer`). :func:`launch` starts ``torch.distri
 Each epoch writes to ``run.out_dir`` (all atomically): ``last.pt``; ``best.pt`` when the validation mean
 per-image Dice improves; ``metrics.csv``; ``curves.png``; and ``config.yaml`` (the resolved config) at the
 start. A checkpoint's ``meta`` holds the epoch, ``val_dice``, ``best_dice``, the validation-chosen
-``threshold``, the data source, the rsseg version, ``in_channels`` and ``tile_size``; ``last.pt`` also holds
+``threshold``, the data source, the rsseg version, ``in_channels``, ``tile_size`` and what inference needs
+to know of the data: ``bands`` (the source bands' indexes and descriptions), ``band_stats`` (per band: mean,
+std, 1st/99th percentiles, dtype; the model's normalisation unless ``model.mean/std`` are set) and ``gsd_m``
+(the chips' pixel size in metres; None for ungeoreferenced images); ``last.pt`` also holds
 the optimizer, scheduler, step and RNG states (as tensors and lists: ``weights_only`` loading), from which
 ``run.resume`` continues exactly where the run stopped.
 """
@@ -96,7 +99,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
     aug = data.augment
     train = kind(split="train", transform=TrainTransform(
         d4=aug.d4, crop=aug.crop, brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation,
-        hue=aug.hue, max_value=val.max_value), **common)
+        hue=aug.hue, min_value=val.min_value, max_value=val.max_value), **common)
     if not len(val):
         raise DatasetError(f"the validation split of {data_source(cfg)['path']} is empty: raise data.val_fraction "
                            "or use data.folds")

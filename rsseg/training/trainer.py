@@ -30,6 +30,7 @@ from tqdm import tqdm
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
+from rsseg.training.bandstats import normalisation
 from rsseg.training.config import TrainConfig
 from rsseg.training.devices import choose_precision, device_facts, loader_workers, saved_rng, sync_batchnorm
 from rsseg.training.losses import DiceBCELoss
@@ -125,8 +126,9 @@ class Trainer:
         reserved = {"arch", "encoder", "encoder_weights", "in_channels", "mean", "std"} & set(cfg.model.kwargs)
         if reserved:
             raise ConfigError(f"model.kwargs repeats {sorted(reserved)}: set them in the model section itself")
+        mean, std = self._normalisation(train_ds)
         kwargs = dict(arch=cfg.model.arch, encoder=cfg.model.encoder, encoder_weights=cfg.model.encoder_weights,
-                      in_channels=train_ds.bands, mean=cfg.model.mean, std=cfg.model.std, **cfg.model.kwargs)
+                      in_channels=train_ds.bands, mean=mean, std=std, **cfg.model.kwargs)
         with self.session():
             self.module = create_model(**kwargs)
         if cfg.model.init:
@@ -152,6 +154,21 @@ class Trainer:
             total, round(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
         self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
+
+    def _normalisation(self, train_ds: Dataset) -> tuple[list[float] | None, list[float] | None]:
+        """``model.mean/std`` where the config sets them, else the training data's band statistics (None for
+        sources without them: the model's default)."""
+        self.band_stats = getattr(train_ds, "band_stats", None)
+        mean, std = self.cfg.model.mean, self.cfg.model.std
+        if self.band_stats is not None and (mean is None or std is None):
+            stats_mean, stats_std = normalisation(self.band_stats)
+            mean, std = mean if mean is not None else stats_mean, std if std is not None else stats_std
+        return mean, std
+
+    def data_meta(self) -> dict[str, Any]:
+        """What inference needs to know of the training data: source bands, band statistics, GSD in metres."""
+        return {"bands": getattr(self.train_ds, "source_bands", None), "band_stats": self.band_stats,
+                "gsd_m": getattr(self.train_ds, "gsd", None)}
 
     def _loaders(self, per_rank: int) -> None:
         """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
@@ -346,7 +363,7 @@ class Trainer:
                 "best_epoch": self.best_epoch, "data": data_source(self.cfg), "rsseg_version": _rsseg_version(),
                 "in_channels": val.bands,
                 "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
-                "precision": self.precision}
+                "precision": self.precision, **self.data_meta()}
         state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
                  "history": self.history, "rng": rngs}
         last = save_checkpoint(self.out / "last.pt", self.module, self.model_cfg, meta,
