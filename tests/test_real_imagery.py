@@ -1,12 +1,14 @@
 """Training on real-world imagery: band statistics per data type, source bands and GSD in the checkpoint."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import rasterio
 import rasterio.features
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from stand_ins import TINY_ARCH
 
@@ -179,3 +181,99 @@ def test_checkpoint_records_bands_stats_and_gsd(scene, tmp_path, stand_ins):
     assert ckpt["model"]["mean"] == [1.0, 2.0, 3.0] and ckpt["model"]["std"] == [4.0, 5.0, 6.0]
     train, _ = build_datasets(load_config(cfg))
     assert torch.is_tensor(train[0]["image"])
+
+
+def write_patches(root, image, labels, fmt="png", mask_kind="0/255", georef=None, size=128):
+    """The scene cut into size^2 image/mask patch files (PNG without georeferencing by default)."""
+    (root / "img").mkdir(parents=True)
+    (root / "gt").mkdir()
+    ext = {"png": "png", "GTiff": "tif"}[fmt]
+    driver = {"png": "PNG", "GTiff": "GTiff"}[fmt]
+    for row in range(0, image.shape[0], size):
+        for col in range(0, image.shape[1], size):
+            patch = np.moveaxis(image[row:row + size, col:col + size], -1, 0)
+            lab = labels[row:row + size, col:col + size]
+            mask = {"0/1": lab[None], "0/255": lab[None] * 255, "rgb": np.repeat(lab[None] * 255, 3, axis=0)}[
+                mask_kind].astype(np.uint8)
+            mask[0, :2] = 7  # an ignore value on the first two rows
+            extra = {} if georef is None else {"crs": georef[0], "transform": georef[1] @ Affine.translation(col, row)}
+            for folder, array in (("img", patch), ("gt", mask)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain PNG patches
+                    with rasterio.open(root / folder / f"p{row}_{col}.{ext}", "w", driver=driver, width=size,
+                                       height=size, count=array.shape[0], dtype=array.dtype, **extra) as dst:
+                        dst.write(array)
+    return root
+
+
+def images_config(root, out, epochs=3, **data):
+    cfg = chips_config(root, out, epochs)
+    cfg["data"] = dict(source="images", images=str(root / "img"), masks=str(root / "gt" / "*"), batch_size=4,
+                       val_fraction=0.25, augment={"brightness": 0.2, "contrast": 0.2}, **data)
+    return cfg
+
+
+@pytest.mark.parametrize("mask_kind", ["0/1", "0/255", "rgb"])
+def test_image_folder_pairs_by_stem_and_reads_every_mask_kind(scene, tmp_path, mask_kind):
+    from rsseg.training.imagefolders import ImageFolderDataset
+
+    image, labels, crs, transform = scene
+    root = write_patches(tmp_path, image, labels, mask_kind=mask_kind)
+    (root / "img" / "p0_0.png.aux.xml").write_text("<PAMDataset/>")  # a GDAL sidecar is not an image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NotGeoreferencedWarning escapes
+        ds = ImageFolderDataset(root / "img", root / "gt", mask_ignore=7)
+        item = ds[0]
+    assert len(ds) == 16 and ds.bands == 3 and ds.size == 128 and ds.gsd is None
+    assert item["image"].shape == (3, 128, 128) and item["valid"][0, :2].sum() == 0
+    np.testing.assert_array_equal(item["mask"][0, 2:].numpy(), labels[2:128, :128])
+    train = ImageFolderDataset(root / "img", str(root / "gt" / "*.png"), "train", val_fraction=0.25)
+    val = ImageFolderDataset(root / "img", root / "gt", "val", val_fraction=0.25)
+    assert len(train) == 12 and len(val) == 4 and not {p for p, _ in train.items} & {p for p, _ in val.items}
+    assert [s["dtype"] for s in val.band_stats] == ["uint8"] * 3 and val.band_stats == train.band_stats
+
+
+def test_image_folder_band_stats_are_of_the_training_images(scene, tmp_path):
+    from rsseg.training.imagefolders import ImageFolderDataset
+
+    image, labels, crs, transform = scene
+    root = write_patches(tmp_path, image, labels)
+    train = ImageFolderDataset(root / "img", root / "gt", "train", val_fraction=0.25)
+    pixels = np.concatenate([train.load(i)[0].reshape(-1, 3) for i in range(len(train))]).astype(np.float64)
+    assert [s["mean"] for s in train.band_stats] == pytest.approx(pixels.mean(axis=0).tolist())
+    assert [s["std"] for s in train.band_stats] == pytest.approx(pixels.std(axis=0).tolist(), rel=1e-6)
+
+
+def test_image_folder_unmatched_stems_are_one_error(scene, tmp_path):
+    from rsseg.training.imagefolders import ImageFolderDataset
+
+    image, labels, crs, transform = scene
+    root = write_patches(tmp_path, image, labels)
+    (root / "gt" / "p0_0.png").rename(root / "gt" / "p0_0_mask.png")
+    (root / "gt" / "p0_128.png").unlink()
+    with pytest.raises(DatasetError, match=r"unmatched stems .*: 2 images without a mask \(p0_0, p0_128\); "
+                                           r"1 masks without an image \(p0_0_mask\)") as err:
+        ImageFolderDataset(root / "img", root / "gt")
+    assert "\n" not in str(err.value)
+    with pytest.raises(DatasetError, match="matches no files"):
+        ImageFolderDataset(root / "img", str(root / "nothing" / "*.png"))
+
+
+def test_training_on_georeferenced_tiff_patches_records_their_gsd(scene, tmp_path, stand_ins):
+    image, labels, crs, transform = scene
+    root = write_patches(tmp_path / "data", image, labels, fmt="GTiff", mask_kind="0/1", georef=(crs, transform))
+    ckpt = load_checkpoint(fit(load_config(images_config(root, tmp_path / "run", epochs=1, mask_ignore=7))))
+    meta = ckpt["meta"]
+    assert meta["gsd_m"] == pytest.approx(0.3) and meta["data"]["source"] == "images"
+    assert len(meta["bands"]) == 3 and meta["band_stats"][0]["dtype"] == "uint8"
+    with open(tmp_path / "run" / "split.csv", newline="") as fh:
+        sides = [line.split(",")[-1].strip() for line in fh.readlines()[1:]]
+    assert sorted(set(sides)) == ["train", "val"] and len(sides) == 16
+
+
+@pytest.mark.slow  # a short training run on PNG patches (~10 s)
+def test_training_on_png_patches_learns(scene, tmp_path, stand_ins):
+    image, labels, crs, transform = scene
+    root = write_patches(tmp_path / "data", image, labels)
+    ckpt = load_checkpoint(fit(load_config(images_config(root, tmp_path / "run", epochs=4, mask_ignore=7))))
+    assert ckpt["meta"]["val_dice"] > 0.3 and ckpt["meta"]["gsd_m"] is None

@@ -213,7 +213,8 @@ def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
         "accumulate, grad_clip, lr, min_lr_ratio, warmup_fraction, weight_decay"]
 
 
-@pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml"])
+@pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml",
+                                  "train_images.yaml"])
 def test_example_configs_are_valid(name):
     from pathlib import Path
 

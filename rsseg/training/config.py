@@ -2,7 +2,7 @@
 
 A config has five sections, each strict (``extra="forbid"``)::
 
-    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, stratify, split_block, seed,
+    data:  {source: tianchi | chips | images, root, chips, images, masks, mask_ignore, val_fraction, folds, fold, stratify, split_block, seed,
             batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
@@ -58,9 +58,15 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Where the images come from and how they are split and batched."""
 
-    source: Literal["tianchi", "chips"]
+    source: Literal["tianchi", "chips", "images"]
     root: Path | None = Field(None, description="Tianchi folder (train/ and train_mask.csv)")
     chips: list[Path] = Field(default_factory=list, description="chip folders or index.csv files (rsseg tile)")
+    images: str | None = Field(None, description="source images: image patches, a folder or a glob pattern")
+    masks: str | None = Field(None, description=(
+        "source images: their masks (paired by file stem), a folder or a glob pattern; 0 background, > 0 "
+        "building, 3-band masks: building where any band > 127"))
+    mask_ignore: int | None = Field(None, ge=0, le=255, description=(
+        "source images: a mask value marking pixels left out of loss and metrics"))
     mask_csv: str = "train_mask.csv"
     image_dir: str = "train"
     tile_size: int = Field(512, gt=0, description="Tianchi tile size (checked on every image)")
@@ -85,6 +91,9 @@ class DataConfig(_Strict):
             raise ValueError("data.source=tianchi needs data.root (the folder holding train/ and train_mask.csv)")
         if self.source == "chips" and not self.chips:
             raise ValueError("data.source=chips needs data.chips (one or more folders written by `rsseg tile`)")
+        if self.source == "images" and not (self.images and self.masks):
+            raise ValueError("data.source=images needs data.images and data.masks (folders or glob patterns of "
+                             "image and mask patches, paired by file stem)")
         if self.folds is not None and self.fold >= self.folds:
             raise ValueError(f"data.fold={self.fold} with data.folds={self.folds}: expected fold < folds")
         return self

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch.utils.data import Dataset
 
 from rsseg.errors import ConfigError, DatasetError, PipelineError
 from rsseg.options import resolve
@@ -40,6 +41,7 @@ from rsseg.training.augment import TrainTransform
 from rsseg.training.config import LaunchOptions, NodeOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
 from rsseg.training.devices import usable_cores
+from rsseg.training.imagefolders import ImageFolderDataset
 from rsseg.training.splits import tianchi_folds
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
@@ -79,7 +81,7 @@ def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torc
     return torch.device("cuda", local_rank)
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, TianchiDataset | ChipDataset]:
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The training (augmented) and validation (whole images) datasets of ``cfg.data``."""
     data = cfg.data
     common: dict[str, Any] = dict(val_fraction=data.val_fraction, seed=data.seed, folds=data.folds, fold=data.fold)
@@ -91,7 +93,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
                 raise DatasetError(f"{csv_path} not found: expected a Tianchi folder with {data.mask_csv} and "
                                    f"{data.image_dir}/")
             common.update(fold_of=tianchi_folds(csv_path, data.folds, data.stratify, data.seed, data.tile_size))
-        kind: type[TianchiDataset] | type[ChipDataset] = TianchiDataset
+        kind: type[TianchiDataset] | type[ChipDataset] | type[ImageFolderDataset] = TianchiDataset
+    elif data.source == "images":
+        common.update(images=data.images, masks=data.masks, mask_ignore=data.mask_ignore)
+        kind = ImageFolderDataset
     else:
         common.update(indexes=data.chips, split_block=data.split_block)
         kind = ChipDataset

@@ -82,6 +82,8 @@ class WarmupCosine:
 
 def data_source(cfg: TrainConfig) -> dict[str, Any]:
     """Where a run's data comes from, for checkpoints' meta: ``{"source": ..., "path": ...}``."""
+    if cfg.data.source == "images":
+        return {"source": "images", "path": str(cfg.data.images), "masks": str(cfg.data.masks)}
     paths = [str(cfg.data.root)] if cfg.data.source == "tianchi" else [str(p) for p in cfg.data.chips]
     return {"source": cfg.data.source, "path": paths[0] if len(paths) == 1 else paths}
 
