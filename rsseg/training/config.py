@@ -144,6 +144,9 @@ class RunConfig(_Strict):
         "auto: bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling) below, bf16 on CPUs with "
         "AVX512-BF16/AMX, else fp32"))
     channels_last: bool = True
+    compile: bool = Field(False, description=(
+        "torch.compile the training model (skipped with a warning where it cannot run: no triton on CUDA, "
+        "no C++ compiler on CPU)"))
     sync_batchnorm: bool | None = Field(None, description=(
         "SyncBatchNorm across DDP processes; None: on under multi-GPU DDP when the per-GPU batch is below 8"))
     threads: int | None = Field(None, gt=0, description=(

@@ -92,6 +92,9 @@ class _MaskDataset(Dataset):
         # Shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch sets here.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.sides: dict[str, str] = {}
+        #: items as uint8 tensors (uint8 data bound for a GPU, which normalises them): see
+        #: :func:`rsseg.training.devices.uint8_batches`
+        self.uint8_items = False
 
     @property
     def epoch(self) -> int:
@@ -111,12 +114,15 @@ class _MaskDataset(Dataset):
         if self.transform is not None:
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
             image, (labels,) = self.transform(image.astype(np.float32, copy=False), (labels,), rng)
-        image = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
+        if self.uint8_items:  # augmented values are in 0-255 (clipped): round them back
+            image = np.rint(image).astype(np.uint8) if image.dtype != np.uint8 else image
+        out_dtype = np.uint8 if self.uint8_items else np.float32
+        image = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=out_dtype)
         labels = np.ascontiguousarray(labels)
         valid = labels != IGNORE
         return {"image": torch.from_numpy(image),
-                "mask": torch.from_numpy(((labels == 1) & valid)[None].astype(np.float32)),
-                "valid": torch.from_numpy(valid[None].astype(np.float32))}
+                "mask": torch.from_numpy(((labels == 1) & valid)[None].astype(out_dtype)),
+                "valid": torch.from_numpy(valid[None].astype(out_dtype))}
 
 
 class TianchiDataset(_MaskDataset):

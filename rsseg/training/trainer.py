@@ -32,7 +32,8 @@ from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
 from rsseg.training.bandstats import normalisation
 from rsseg.training.config import TrainConfig
-from rsseg.training.devices import choose_precision, device_facts, loader_workers, saved_rng, sync_batchnorm
+from rsseg.training.devices import (choose_precision, compile_model, device_facts, loader_workers, saved_rng,
+                                    sync_batchnorm, uint8_batches)
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
@@ -145,6 +146,9 @@ class Trainer:
         if env.world > 1:
             self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
                                                  else None)
+        self.model = compile_model(self.model, cfg.run.compile, device)
+        if uint8_batches(device, (train_ds, val_ds)):  # before any DataLoader worker starts
+            train_ds.uint8_items = val_ds.uint8_items = True
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
         self._loaders(per_rank)
         self.accumulate = cfg.optim.accumulate
@@ -221,8 +225,8 @@ class Trainer:
 
     def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return (image, batch["mask"].to(self.device, non_blocking=True),
-                batch["valid"].to(self.device, non_blocking=True))
+        return (image, batch["mask"].to(self.device, non_blocking=True).float(),  # uint8 items: 0/1 -> float
+                batch["valid"].to(self.device, non_blocking=True).float())
 
     def resume(self, path: Path) -> None:
         """Restore model, optimizer, scheduler, counters, history and RNG states from ``path`` (a last.pt)."""
