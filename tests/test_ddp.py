@@ -182,7 +182,7 @@ def test_two_torchrun_nodes_train_as_one_process(tianchi, tmp_path, stand_ins):
                                "--nproc", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     outs = [node.communicate(timeout=300) for node in nodes]
-    for node, (out, err) in zip(nodes, outs, strict=True):
+    for node, (_, err) in zip(nodes, outs, strict=True):
         assert node.returncode == 0, err[-2000:]
     assert outs[0][0].strip().endswith("best.pt")
     two = load_checkpoint(tmp_path / "nodes" / "best.pt")

@@ -94,8 +94,9 @@ class TrainTransform:
     (a uniform draw among the 8; among the 4 that keep the shape if the image is not square), then
     photometric changes to the image only: hue rotation and saturation (3-band images only), contrast
     around the image mean and brightness gain, each drawn uniformly within ``1 +- value`` (hue: ``+-value``
-    turns), finally clipped to ``[min_value, max_value]`` (the data type's range). All randomness comes from the ``rng`` argument, so a
-    caller that seeds it per item gets the same result in any worker and after a resume.
+    turns), finally clipped to ``[min_value, max_value]`` (the data type's range). All randomness comes
+    from the ``rng`` argument, so a caller that seeds it per item gets the same result in any worker and
+    after a resume.
 
     Attributes:
         d4: apply a random D4 element.

@@ -2,7 +2,8 @@
 
 A config has five sections, each strict (``extra="forbid"``)::
 
-    data:  {source: tianchi | chips | images, root, chips, images, masks, mask_ignore, val_fraction, folds, fold, stratify, split_block, seed,
+    data:  {source: tianchi | chips | images, root, chips, images, masks, mask_ignore, val_fraction,
+            folds, fold, stratify, split_block, seed,
             batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}

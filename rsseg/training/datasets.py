@@ -254,8 +254,10 @@ class ChipDataset(_MaskDataset):
 
     @property
     def band_stats(self) -> list[dict[str, Any]]:
-        """Band statistics of the chip folders, combined (computed from a folder's chips where its
-        ``index.json`` has no ``band_stats``; cached)."""
+        """Band statistics of the chip folders, combined (cached).
+
+        A folder whose ``index.json`` has no ``band_stats`` gets them computed from its chips.
+        """
         if self._stats is None:
             parts = []
             for meta, images in zip(self.metas, self._folder_images, strict=True):

@@ -121,8 +121,11 @@ def usable_cores() -> int:
 
 
 def loader_workers(setting: int | None, device: torch.device, local_world: int, cores: int | None = None) -> int:
-    """DataLoader workers per process: ``data.num_workers``, or by default 0 on a CPU (the model needs the
-    cores) and on a GPU this machine's usable cores shared among its ``local_world`` processes (at most 8)."""
+    """DataLoader workers per process: ``data.num_workers``, or by default as the device suggests.
+
+    0 on a CPU (the model needs the cores); on a GPU this machine's usable cores shared among its
+    ``local_world`` processes (at most 8).
+    """
     if setting is not None:
         return setting
     if device.type == "cpu":

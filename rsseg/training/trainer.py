@@ -30,10 +30,9 @@ from tqdm import tqdm
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
+from rsseg.training import devices
 from rsseg.training.bandstats import normalisation
 from rsseg.training.config import TrainConfig
-from rsseg.training.devices import (choose_precision, compile_model, device_facts, loader_workers, saved_rng,
-                                    sync_batchnorm, uint8_batches)
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
@@ -59,8 +58,10 @@ class Rank:
 
     @classmethod
     def from_env(cls) -> Rank:
-        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), or a single
-        process. Without LOCAL_WORLD_SIZE (launchers other than torchrun) this process is alone on its machine."""
+        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), or a single one.
+
+        Without LOCAL_WORLD_SIZE (launchers other than torchrun) this process is alone on its machine.
+        """
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls()
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
@@ -120,7 +121,7 @@ class Trainer:
                  per_rank: int) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.out = Path(cfg.run.out_dir)
-        self.precision = choose_precision(cfg.run.precision, device_facts(device))
+        self.precision = devices.choose_precision(cfg.run.precision, devices.device_facts(device))
         # fp16 needs loss scaling (its range is small); a disabled scaler passes losses and steps through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
@@ -139,15 +140,15 @@ class Trainer:
             log.info("starting from the weights of %s", cfg.model.init)
         self.module = self.module.to(device, memory_format=self.memory_format)
         self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
-        self.sync_bn = sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
+        self.sync_bn = devices.sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
         if self.sync_bn:
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.model = self.module
         if env.world > 1:
             self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
                                                  else None)
-        self.model = compile_model(self.model, cfg.run.compile, device)
-        if uint8_batches(device, (train_ds, val_ds)):  # before any DataLoader worker starts
+        self.model = devices.compile_model(self.model, cfg.run.compile, device)
+        if devices.uint8_batches(device, (train_ds, val_ds)):  # before any DataLoader worker starts
             train_ds.uint8_items = val_ds.uint8_items = True
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
         self._loaders(per_rank)
@@ -162,8 +163,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     def _normalisation(self, train_ds: Dataset) -> tuple[list[float] | None, list[float] | None]:
-        """``model.mean/std`` where the config sets them, else the training data's band statistics (None for
-        sources without them: the model's default)."""
+        """``model.mean/std`` where the config sets them, else the training data's band statistics.
+
+        Sources without statistics (Tianchi JPGs) give None: the model's default.
+        """
         self.band_stats = getattr(train_ds, "band_stats", None)
         mean, std = self.cfg.model.mean, self.cfg.model.std
         if self.band_stats is not None and (mean is None or std is None):
@@ -179,7 +182,7 @@ class Trainer:
     def _loaders(self, per_rank: int) -> None:
         """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
         cfg, device, env = self.cfg, self.device, self.env
-        workers = loader_workers(cfg.data.num_workers, device, env.local_world)
+        workers = devices.loader_workers(cfg.data.num_workers, device, env.local_world)
         if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
             log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
             workers = 0
@@ -252,7 +255,7 @@ class Trainer:
         self.history = [dict(r) for r in state["history"]]
         if "scaler" in ckpt and self.scaler.is_enabled() and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.rng.update(saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
+        self.rng.update(devices.saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
