@@ -21,7 +21,7 @@ from rsseg.inference.options import PredictOptions
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.tiling.options import TileOptions
-from rsseg.training.config import LaunchOptions
+from rsseg.training.config import NodeOptions
 from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 
 __all__ = ["main"]
@@ -180,7 +180,7 @@ def tile(scenes: tuple[str, ...], out_dir: Path, labels: str | None, scheduler: 
 
 @cli.command()
 @click.argument("config", type=_EXISTING)
-@click_options(LaunchOptions)
+@click_options(NodeOptions)
 @click.option("--set", "sets", multiple=True, help="Override a config value: key=value (dotted keys).")
 def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
     """Train a model from CONFIG.yaml (also what torchrun runs in each process of a multi-process run)."""
@@ -189,7 +189,7 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
     from rsseg.training.launch import launch
     from rsseg.training.trainer import Rank
 
-    opts = options_from_click(LaunchOptions, params)
+    opts = options_from_click(NodeOptions, params)
     cfg = load_config(config, _parse_sets(sets))
     # each torchrun rank on this host takes its share of the cores
     configure_process(threads=cfg.run.threads, tasks=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)

@@ -2,7 +2,9 @@
 
 :func:`create_model` builds a segmentation-models-pytorch network inside a :class:`Segmenter`, which
 holds the input normalisation as buffers: it takes raw pixel values (uint8 or float, any device) and
-returns logits, so callers never normalise by hand and checkpoints carry their own normalisation.
+returns logits, so callers never normalise by hand and checkpoints carry their own normalisation (training
+sets it from the data's band statistics, :mod:`rsseg.training.bandstats`, unless ``model.mean/std`` are
+given; prediction feeds raw pixels of any data type, so this is the one place where inputs are normalised).
 Besides smp's architectures, ``arch`` may name a network class of your own as ``"package.module:Class"``.
 
 A checkpoint is a plain dict of tensors and JSON-able values (loadable with ``weights_only=True``)::

@@ -153,3 +153,73 @@ def test_sync_batchnorm_by_default_only_under_multi_gpu_ddp_with_small_batches(t
     kinds = {type(m) for m in trainer.module.modules()}
     assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
     assert trainer.train_epoch()["step"] == 1  # one process: SyncBatchNorm falls back to BatchNorm
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.slow  # two console-script `rsseg train` processes, each starting torchrun
+def test_two_torchrun_nodes_train_as_one_process(tianchi, tmp_path, stand_ins):
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "config.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(config(tianchi, tmp_path / "nodes")))
+    port = _free_ports(1)[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "rsseg.cli", "train", str(cfg_path), "--nnodes", "2",
+                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "--nproc", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outs, strict=True):
+        assert node.returncode == 0, err[-2000:]
+    assert outs[0][0].strip().endswith("best.pt")
+    two = load_checkpoint(tmp_path / "nodes" / "best.pt")
+    one = load_checkpoint(fit(load_config(config(tianchi, tmp_path / "one"))))
+    assert two["meta"]["world_size"] == 2 and one["meta"]["world_size"] == 1
+    for key, value in two["state_dict"].items():
+        assert torch.allclose(value, one["state_dict"][key], atol=ATOL), key
+    assert two["meta"]["val_dice"] == pytest.approx(one["meta"]["val_dice"], abs=1e-4)
+
+
+def test_device_checks_count_this_nodes_processes_not_the_world(monkeypatch):
+    from rsseg.training.devices import loader_workers
+    from rsseg.training.launch import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    # 2 nodes x 4 processes: WORLD_SIZE 8 but 4 per node, each on its local rank's GPU
+    assert resolve_device("auto", 3, 4) == torch.device("cuda", 3)
+    with pytest.raises(ConfigError, match="5 processes on this machine .* but 4 CUDA devices"):
+        resolve_device("cuda", 0, 5)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per process (srun, CUDA_VISIBLE_DEVICES)
+    assert resolve_device("cuda", 2, 4) == torch.device("cuda", 0)
+    assert resolve_device("cpu", 2, 4) == torch.device("cpu")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Rank.from_env() == Rank(5, 1, 8, 4)
+    gpu = torch.device("cuda", 0)
+    assert loader_workers(None, gpu, 4, cores=16) == 4  # this node's cores shared by its 4 processes
+    assert loader_workers(None, gpu, 1, cores=64) == 8 and loader_workers(None, gpu, 8, cores=4) == 1
+    assert loader_workers(None, torch.device("cpu"), 1, cores=16) == 0 and loader_workers(3, gpu, 4) == 3
+
+
+def test_node_options_are_checked():
+    from rsseg.training.config import NodeOptions
+
+    with pytest.raises(ValueError, match="node_rank=2 with nnodes=2"):
+        NodeOptions(nnodes=2, node_rank=2)
+    assert NodeOptions().nnodes == 1 and NodeOptions().master_port is None

@@ -213,7 +213,8 @@ def test_a_config_typo_exits_2_from_the_console_script(tmp_path):
         "accumulate, grad_clip, lr, min_lr_ratio, warmup_fraction, weight_decay"]
 
 
-@pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml"])
+@pytest.mark.parametrize("name", ["train_tianchi.yaml", "train_tianchi_quick.yaml", "train_chips.yaml",
+                                  "train_images.yaml"])
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
@@ -337,3 +338,50 @@ def test_cuda_training_uses_the_device_precision_and_resumes(tianchi, tmp_path):
     assert ckpt["meta"]["precision"] == expected and isinstance(ckpt["train_state"]["rng"][0]["cuda"], torch.Tensor)
     fit(load_config(tiny_config(tianchi, out, device="cuda", resume=True)))
     assert load_checkpoint(out / "last.pt")["meta"]["epoch"] == 2
+
+
+def test_uint8_items_for_gpu_batches_match_the_float_ones(tianchi, tmp_path):
+    from rsseg.training.devices import uint8_batches
+    from rsseg.training.launch import build_datasets
+    from rsseg.training.trainer import Rank, Trainer
+
+    cfg = load_config(tiny_config(tianchi, tmp_path / "u8", device="cpu", precision="fp32"))
+    train, val = build_datasets(cfg)
+    cuda = torch.device("cuda", 0)
+    assert uint8_batches(cuda, (train, val)) and not uint8_batches(torch.device("cpu"), (train, val))
+    floats = [train[i] for i in range(2)] + [val[0]]
+    train.uint8_items = val.uint8_items = True
+    for got, want in zip([train[i] for i in range(2)] + [val[0]], floats, strict=True):
+        assert got["image"].dtype == got["mask"].dtype == torch.uint8  # 4x fewer bytes to the GPU
+        assert torch.equal(got["image"].float(), want["image"].round())  # augmented values rounded, in 0-255
+        assert torch.equal(got["mask"].float(), want["mask"]) and torch.equal(got["valid"].float(), want["valid"])
+    trainer = Trainer(cfg, Rank(), torch.device("cpu"), train, val, 4)  # the model normalises uint8 input
+    image, mask, valid = trainer._batch(next(iter(trainer.loader)))
+    assert image.dtype == torch.uint8 and mask.dtype == valid.dtype == torch.float32
+    assert math.isfinite(trainer.train_epoch()["train_loss"])
+
+
+def test_compile_is_skipped_with_a_warning_where_it_cannot_run(tianchi, tmp_path, monkeypatch, caplog):
+    from rsseg.training import devices
+
+    monkeypatch.setattr(devices, "compile_unavailable", lambda device: "no C++ compiler on PATH")
+    model = torch.nn.Conv2d(1, 1, 1)
+    with caplog.at_level("WARNING", logger="rsseg.training.devices"):
+        assert devices.compile_model(model, True, torch.device("cpu")) is model
+    assert "run.compile=true skipped: no C++ compiler on PATH" in caplog.text
+    assert devices.compile_model(model, False, torch.device("cpu")) is model
+
+
+@pytest.mark.slow  # inductor compiles CPU kernels (tens of seconds)
+def test_compiled_training_runs(tianchi, tmp_path):
+    from rsseg.training.devices import compile_unavailable
+
+    reason = compile_unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(f"torch.compile unavailable here: {reason}")
+    eager = load_checkpoint(fit(load_config(tiny_config(tianchi, tmp_path / "eager", device="cpu",
+                                                        precision="fp32", epochs=1))))
+    compiled = load_checkpoint(fit(load_config(tiny_config(tianchi, tmp_path / "compiled", device="cpu",
+                                                           precision="fp32", epochs=1, compile=True))))
+    for key, value in eager["state_dict"].items():
+        assert torch.allclose(compiled["state_dict"][key], value, atol=1e-4), key

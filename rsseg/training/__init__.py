@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING
 from rsseg.lazy import attach
 
 if TYPE_CHECKING:
-    from rsseg.training.config import LaunchOptions, TrainConfig, load_config
+    from rsseg.training.config import LaunchOptions, NodeOptions, TrainConfig, load_config
     from rsseg.training.datasets import ChipDataset, TianchiDataset
+    from rsseg.training.imagefolders import ImageFolderDataset
     from rsseg.training.launch import fit, launch
     from rsseg.training.losses import DiceBCELoss
 
 __getattr__, __dir__, __all__ = attach(__name__, {
-    "LaunchOptions": "config", "TrainConfig": "config", "load_config": "config",
-    "ChipDataset": "datasets", "TianchiDataset": "datasets",
+    "LaunchOptions": "config", "NodeOptions": "config", "TrainConfig": "config", "load_config": "config",
+    "ChipDataset": "datasets", "TianchiDataset": "datasets", "ImageFolderDataset": "imagefolders",
     "fit": "launch", "launch": "launch",
     "DiceBCELoss": "losses",
 })

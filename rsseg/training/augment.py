@@ -94,8 +94,9 @@ class TrainTransform:
     (a uniform draw among the 8; among the 4 that keep the shape if the image is not square), then
     photometric changes to the image only: hue rotation and saturation (3-band images only), contrast
     around the image mean and brightness gain, each drawn uniformly within ``1 +- value`` (hue: ``+-value``
-    turns), finally clipped to ``[0, max_value]``. All randomness comes from the ``rng`` argument, so a
-    caller that seeds it per item gets the same result in any worker and after a resume.
+    turns), finally clipped to ``[min_value, max_value]`` (the data type's range). All randomness comes
+    from the ``rng`` argument, so a caller that seeds it per item gets the same result in any worker and
+    after a resume.
 
     Attributes:
         d4: apply a random D4 element.
@@ -104,7 +105,10 @@ class TrainTransform:
         contrast: maximum relative contrast change.
         saturation: maximum relative saturation change (RGB only).
         hue: maximum hue rotation in turns (0.02 = 7.2 degrees; RGB only).
-        max_value: clip photometric results to ``[0, max_value]`` (255 for uint8 data); None: no clip.
+        max_value: clip photometric results to at most ``max_value`` (the data type's: 255 for uint8, 65535
+            for uint16); None: no upper clip (float data).
+        min_value: clip photometric results to at least ``min_value`` (0 for unsigned types, -32768 for
+            int16); None: no lower clip.
     """
 
     d4: bool = True
@@ -114,6 +118,7 @@ class TrainTransform:
     saturation: float = 0.0
     hue: float = 0.0
     max_value: float | None = 255.0
+    min_value: float | None = 0.0
 
     def __call__(self, image: np.ndarray, masks: tuple[np.ndarray, ...],
                  rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
@@ -140,7 +145,9 @@ class TrainTransform:
             out = (out - mean) * np.float32(rng.uniform(1.0 - self.contrast, 1.0 + self.contrast)) + mean
         if self.brightness:
             out = out * np.float32(rng.uniform(1.0 - self.brightness, 1.0 + self.brightness))
-        return np.clip(out, 0.0, self.max_value) if self.max_value is not None else out
+        if self.min_value is None and self.max_value is None:
+            return out
+        return np.clip(out, self.min_value, self.max_value)
 
 
 def random_crop(image: np.ndarray, masks: tuple[np.ndarray, ...], size: int,

@@ -2,7 +2,8 @@
 
 A config has five sections, each strict (``extra="forbid"``)::
 
-    data:  {source: tianchi | chips, root, chips, val_fraction, folds, fold, stratify, split_block, seed,
+    data:  {source: tianchi | chips | images, root, chips, images, masks, mask_ignore, val_fraction,
+            folds, fold, stratify, split_block, seed,
             batch_size, augment: {...}}
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
@@ -32,6 +33,7 @@ __all__ = [
     "LaunchOptions",
     "LossConfig",
     "ModelConfig",
+    "NodeOptions",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
@@ -57,9 +59,15 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Where the images come from and how they are split and batched."""
 
-    source: Literal["tianchi", "chips"]
+    source: Literal["tianchi", "chips", "images"]
     root: Path | None = Field(None, description="Tianchi folder (train/ and train_mask.csv)")
     chips: list[Path] = Field(default_factory=list, description="chip folders or index.csv files (rsseg tile)")
+    images: str | None = Field(None, description="source images: image patches, a folder or a glob pattern")
+    masks: str | None = Field(None, description=(
+        "source images: their masks (paired by file stem), a folder or a glob pattern; 0 background, > 0 "
+        "building, 3-band masks: building where any band > 127"))
+    mask_ignore: int | None = Field(None, ge=0, le=255, description=(
+        "source images: a mask value marking pixels left out of loss and metrics"))
     mask_csv: str = "train_mask.csv"
     image_dir: str = "train"
     tile_size: int = Field(512, gt=0, description="Tianchi tile size (checked on every image)")
@@ -84,6 +92,9 @@ class DataConfig(_Strict):
             raise ValueError("data.source=tianchi needs data.root (the folder holding train/ and train_mask.csv)")
         if self.source == "chips" and not self.chips:
             raise ValueError("data.source=chips needs data.chips (one or more folders written by `rsseg tile`)")
+        if self.source == "images" and not (self.images and self.masks):
+            raise ValueError("data.source=images needs data.images and data.masks (folders or glob patterns of "
+                             "image and mask patches, paired by file stem)")
         if self.folds is not None and self.fold >= self.folds:
             raise ValueError(f"data.fold={self.fold} with data.folds={self.folds}: expected fold < folds")
         return self
@@ -134,6 +145,9 @@ class RunConfig(_Strict):
         "auto: bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling) below, bf16 on CPUs with "
         "AVX512-BF16/AMX, else fp32"))
     channels_last: bool = True
+    compile: bool = Field(False, description=(
+        "torch.compile the training model (skipped with a warning where it cannot run: no triton on CUDA, "
+        "no C++ compiler on CPU)"))
     sync_batchnorm: bool | None = Field(None, description=(
         "SyncBatchNorm across DDP processes; None: on under multi-GPU DDP when the per-GPU batch is below 8"))
     threads: int | None = Field(None, gt=0, description=(
@@ -169,6 +183,25 @@ class LaunchOptions(Options):
     """How a run is started (the options of ``rsseg train`` and of a pipeline's train stage)."""
 
     nproc: int = Field(1, ge=1, description="Processes (one per GPU); >1 starts torchrun.")
+
+
+class NodeOptions(LaunchOptions):
+    """``rsseg train``'s options for a run across machines: torchrun's static rendezvous on ``master_addr``.
+
+    Start the same command on every node with its own ``node_rank`` (0 on the node at ``master_addr``).
+    """
+
+    nnodes: int = Field(1, ge=1, description="Machines (nodes) taking part; each runs --nproc processes.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank among the nodes (0: the master's).")
+    master_addr: str = Field("127.0.0.1", description="Host name or address of node 0 (the rendezvous).")
+    master_port: int | None = Field(None, ge=1, le=65535, description=(
+        "TCP port of the rendezvous on node 0 (default: a free port with one node, 29500 with several)."))
+
+    @model_validator(mode="after")
+    def _node_rank(self) -> NodeOptions:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} with nnodes={self.nnodes}: expected node_rank < nnodes")
+        return self
 
 
 def _keys(model: type[BaseModel]) -> list[str]:

@@ -35,9 +35,10 @@ from torch.utils.data import Dataset
 from rsseg.errors import DatasetError
 from rsseg.tianchi.files import read_masks_csv
 from rsseg.training.augment import TrainTransform
+from rsseg.training.bandstats import StatsAccumulator, combine_stats, gsd_metres
 from rsseg.training.splits import ChipPlaces, chip_sides, split_indices, tianchi_folds
 
-__all__ = ["ChipDataset", "TianchiDataset"]
+__all__ = ["ChipDataset", "TianchiDataset", "value_range"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,19 @@ def _places(rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> ChipPlac
                       dtype=object), window, bounds, stride, overlap)
 
 
+def _nodata(value: Any) -> float | None:
+    """index.json's nodata (JSON has no NaN: tiling writes it as the string "nan")."""
+    return None if value is None else float(value)
+
+
+def value_range(dtype: np.dtype) -> tuple[float | None, float | None]:
+    """The range photometric augmentation keeps pixels in: an integer type's own, none for floats."""
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return None, None
+
+
 class _MaskDataset(Dataset):
     """Shared item assembly: load (image HWC, labels HW), transform, tensors."""
 
@@ -78,6 +92,9 @@ class _MaskDataset(Dataset):
         # Shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch sets here.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.sides: dict[str, str] = {}
+        #: items as uint8 tensors (uint8 data bound for a GPU, which normalises them): see
+        #: :func:`rsseg.training.devices.uint8_batches`
+        self.uint8_items = False
 
     @property
     def epoch(self) -> int:
@@ -97,12 +114,15 @@ class _MaskDataset(Dataset):
         if self.transform is not None:
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
             image, (labels,) = self.transform(image.astype(np.float32, copy=False), (labels,), rng)
-        image = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
+        if self.uint8_items:  # augmented values are in 0-255 (clipped): round them back
+            image = np.rint(image).astype(np.uint8) if image.dtype != np.uint8 else image
+        out_dtype = np.uint8 if self.uint8_items else np.float32
+        image = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=out_dtype)
         labels = np.ascontiguousarray(labels)
         valid = labels != IGNORE
         return {"image": torch.from_numpy(image),
-                "mask": torch.from_numpy(((labels == 1) & valid)[None].astype(np.float32)),
-                "valid": torch.from_numpy(valid[None].astype(np.float32))}
+                "mask": torch.from_numpy(((labels == 1) & valid)[None].astype(out_dtype)),
+                "valid": torch.from_numpy(valid[None].astype(out_dtype))}
 
 
 class TianchiDataset(_MaskDataset):
@@ -155,7 +175,10 @@ class TianchiDataset(_MaskDataset):
             self.sides = {name: "val" if i in val else "train" for i, name in enumerate(names)}
         self.names = [n for n in names if split == "all" or self.sides[n] == split]
         self._check_images(csv_path)
-        self.bands, self.max_value = 3, 255.0
+        self.bands, self.min_value, self.max_value = 3, 0.0, 255.0
+        # JPG RGB: no georeferencing; the model keeps its default (ImageNet) normalisation
+        self.band_stats, self.gsd = None, None
+        self.source_bands = [{"band": i + 1, "description": d} for i, d in enumerate(("red", "green", "blue"))]
 
     def _check_images(self, csv_path: Path) -> None:
         missing = [n for n in self.names if not (self.image_dir / n).is_file()]
@@ -204,12 +227,14 @@ class ChipDataset(_MaskDataset):
             raise DatasetError("no chip index given: expected one or more chip folders or index.csv files")
         rows: list[dict[str, Any]] = []
         metas: list[dict[str, Any]] = []
+        per_folder: list[list[dict[str, Any]]] = []
         for path in map(Path, paths):
             index = path / "index.csv" if path.is_dir() or path.suffix != ".csv" else path
             found = self._read_index(index)
             meta = self._read_meta(index)
             rows.extend(dict(r, scene=meta["scene"], crs=meta["crs"]) for r in found)
             metas.append(meta)
+            per_folder.append(found)
         shapes = {(len(m["bands"]), m["size"]) for m in metas}
         if len(shapes) > 1:
             raise DatasetError(f"chip folders disagree on (bands, chip size): {sorted(shapes)}; train on one kind")
@@ -222,8 +247,46 @@ class ChipDataset(_MaskDataset):
             self.sides = {r["image"]: side for r, side in zip(rows, sides, strict=True)}
         self.items = [(r["image"], r["label"]) for r in rows if split == "all" or self.sides[r["image"]] == split]
         self.bands, self.size = shapes.pop()
-        dtype = np.dtype(metas[0]["dtype"])
-        self.max_value = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
+        self.metas, self._folder_images = metas, [[r["image"] for r in found] for found in per_folder]
+        self.dtype = np.dtype(metas[0]["dtype"])
+        self.min_value, self.max_value = value_range(self.dtype)
+        self._stats: list[dict[str, Any]] | None = None
+
+    @property
+    def band_stats(self) -> list[dict[str, Any]]:
+        """Band statistics of the chip folders, combined (cached).
+
+        A folder whose ``index.json`` has no ``band_stats`` gets them computed from its chips.
+        """
+        if self._stats is None:
+            parts = []
+            for meta, images in zip(self.metas, self._folder_images, strict=True):
+                if meta.get("band_stats"):
+                    parts.append(meta["band_stats"])
+                    continue
+                log.info("%s has no band_stats: computing them from its %d chips", meta["path"], len(images))
+                acc = StatsAccumulator(self.bands, meta["dtype"], meta.get("nodata"))
+                descriptions = None
+                for path in images:
+                    with rasterio.open(path) as src:
+                        acc.add(np.moveaxis(src.read(), 0, -1))
+                        descriptions = descriptions or list(src.descriptions)
+                parts.append(acc.stats(descriptions, meta["bands"]))
+            self._stats = combine_stats(parts)
+        return self._stats
+
+    @property
+    def source_bands(self) -> list[dict[str, Any]]:
+        """The scene bands the chips hold: ``[{"band": index, "description": str | None}, ...]``."""
+        return [{"band": s["band"], "description": s.get("description")} for s in self.band_stats]
+
+    @property
+    def gsd(self) -> float | None:
+        """The chips' pixel size in metres (the folders' mean; None where no folder has a CRS and transform)."""
+        found = [gsd_metres(m["crs"], m["transform"], m["width"], m["height"]) for m in self.metas
+                 if m.get("transform")]
+        found = [g for g in found if g is not None]
+        return float(np.mean(found)) if found else None
 
     @staticmethod
     def _read_index(index: Path) -> list[dict[str, Any]]:
@@ -252,7 +315,10 @@ class ChipDataset(_MaskDataset):
             meta = json.loads(meta_path.read_text())
             return {"bands": list(meta["bands"]), "size": int(meta["size"]), "dtype": str(meta["dtype"]),
                     "overlap": int(meta.get("overlap", 0)), "scene": str(meta.get("scene") or index.parent),
-                    "crs": str(meta.get("crs") or "")}
+                    "crs": str(meta.get("crs") or ""), "nodata": _nodata(meta.get("nodata")),
+                    "band_stats": meta.get("band_stats"), "transform": meta.get("transform"),
+                    "width": int(meta.get("width") or 0), "height": int(meta.get("height") or 0),
+                    "path": str(meta_path)}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{meta_path}: cannot read bands/size/dtype ({type(exc).__name__}: {exc})") from exc
 

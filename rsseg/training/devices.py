@@ -13,6 +13,7 @@ and the CPU's flags:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import torch
 from rsseg.errors import ConfigError
 
 __all__ = ["DeviceFacts", "choose_precision", "cpu_has_bf16", "device_facts", "saved_rng",
-           "sync_batchnorm"]
+           "compile_model", "compile_unavailable", "loader_workers", "sync_batchnorm",
+           "uint8_batches", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +113,63 @@ def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_r
         raise ConfigError(f"run.sync_batchnorm=true with {world} CPU processes: torch's SyncBatchNorm "
                           "synchronises CUDA tensors only; set run.sync_batchnorm=false (or leave it unset)")
     return setting
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one); at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(setting: int | None, device: torch.device, local_world: int, cores: int | None = None) -> int:
+    """DataLoader workers per process: ``data.num_workers``, or by default as the device suggests.
+
+    0 on a CPU (the model needs the cores); on a GPU this machine's usable cores shared among its
+    ``local_world`` processes (at most 8).
+    """
+    if setting is not None:
+        return setting
+    if device.type == "cpu":
+        return 0
+    return min(8, max(1, (cores or usable_cores()) // max(1, local_world)))
+
+
+def uint8_batches(device: torch.device, datasets: tuple[Any, ...]) -> bool:
+    """Whether batches cross to ``device`` as uint8 (4x fewer bytes than float32) and are normalised there.
+
+    On CUDA, for datasets of uint8 data (Tianchi JPGs, uint8 chips or patches); the model (``Segmenter``)
+    normalises on the GPU. Photometric augmentation's results are rounded back to uint8 (they stay in
+    0-255). The CPU path keeps float32 items (nothing crosses a bus there).
+    """
+    if device.type != "cuda":
+        return False
+    return all(str(getattr(ds, "dtype", "uint8")) == "uint8" for ds in datasets)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run here (None: it can): no dynamo, or no compiler for inductor."""
+    import shutil
+
+    try:
+        import torch._dynamo as dynamo
+    except ImportError as exc:  # pragma: no cover - torch builds without dynamo
+        return f"torch._dynamo cannot be imported ({exc})"
+    if not dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python/platform"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed"
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cc")):
+        return "no C++ compiler on PATH (inductor builds CPU kernels with one)"
+    return None
+
+
+def compile_model(model: torch.nn.Module, setting: bool, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``run.compile`` asks for it and it can run here, else ``model`` itself."""
+    if not setting:
+        return model
+    reason = compile_unavailable(device)
+    if reason is not None:
+        log.warning("run.compile=true skipped: %s; training runs eagerly", reason)
+        return model
+    return torch.compile(model)

@@ -9,7 +9,10 @@ writes (see :mod:`rsseg.training.trainer`). :func:`launch` starts ``torch.distri
 Each epoch writes to ``run.out_dir`` (all atomically): ``last.pt``; ``best.pt`` when the validation mean
 per-image Dice improves; ``metrics.csv``; ``curves.png``; and ``config.yaml`` (the resolved config) at the
 start. A checkpoint's ``meta`` holds the epoch, ``val_dice``, ``best_dice``, the validation-chosen
-``threshold``, the data source, the rsseg version, ``in_channels`` and ``tile_size``; ``last.pt`` also holds
+``threshold``, the data source, the rsseg version, ``in_channels``, ``tile_size`` and what inference needs
+to know of the data: ``bands`` (the source bands' indexes and descriptions), ``band_stats`` (per band: mean,
+std, 1st/99th percentiles, dtype; the model's normalisation unless ``model.mean/std`` are set) and ``gsd_m``
+(the chips' pixel size in metres; None for ungeoreferenced images); ``last.pt`` also holds
 the optimizer, scheduler, step and RNG states (as tensors and lists: ``weights_only`` loading), from which
 ``run.resume`` continues exactly where the run stopped.
 """
@@ -30,12 +33,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch.utils.data import Dataset
 
 from rsseg.errors import ConfigError, DatasetError, PipelineError
 from rsseg.options import resolve
 from rsseg.training.augment import TrainTransform
-from rsseg.training.config import LaunchOptions, TrainConfig, load_config
+from rsseg.training.config import LaunchOptions, NodeOptions, TrainConfig, load_config
 from rsseg.training.datasets import ChipDataset, TianchiDataset
+from rsseg.training.devices import usable_cores
+from rsseg.training.imagefolders import ImageFolderDataset
 from rsseg.training.splits import tianchi_folds
 from rsseg.training.trainer import Rank, Trainer, WarmupCosine, data_source
 
@@ -47,24 +53,35 @@ RANK_ENTRY = ("-m", "rsseg.cli", "train")
 
 log = logging.getLogger(__name__)
 
+#: torchrun's default rendezvous port, used across nodes when --master-port is not given.
+DEFAULT_PORT = 29500
+
 #: Minutes a collective (the end-of-epoch barrier) may wait: rank 0 validates while the others wait there.
 COLLECTIVE_TIMEOUT_MIN = 120
 
 
-def resolve_device(name: str, local_rank: int = 0, nproc: int = 1) -> torch.device:
-    """The torch device for ``run.device`` ("auto", "cpu", "cuda") and this process's local rank."""
+def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """The torch device for ``run.device`` ("auto", "cpu", "cuda") and this process's place on its machine.
+
+    ``local_rank`` and ``local_world`` are torchrun's ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``: the processes
+    of *this* node share its GPUs (the other nodes have their own). A launcher that gives each process one
+    GPU (``CUDA_VISIBLE_DEVICES=i``, e.g. srun) leaves one visible device: every local rank takes it.
+    """
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA GPU is available (torch.cuda.is_available() is False); "
                           "use run.device=cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if nproc > torch.cuda.device_count():
-        raise ConfigError(f"{nproc} processes but {torch.cuda.device_count()} CUDA devices: use --nproc "
-                          f"<= {torch.cuda.device_count()}, or run.device=cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_world > count or local_rank >= count:
+        raise ConfigError(f"{local_world} processes on this machine (local rank {local_rank}) but {count} CUDA "
+                          f"devices: use --nproc <= {count} per node, or run.device=cpu")
     return torch.device("cuda", local_rank)
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, TianchiDataset | ChipDataset]:
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The training (augmented) and validation (whole images) datasets of ``cfg.data``."""
     data = cfg.data
     common: dict[str, Any] = dict(val_fraction=data.val_fraction, seed=data.seed, folds=data.folds, fold=data.fold)
@@ -76,7 +93,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
                 raise DatasetError(f"{csv_path} not found: expected a Tianchi folder with {data.mask_csv} and "
                                    f"{data.image_dir}/")
             common.update(fold_of=tianchi_folds(csv_path, data.folds, data.stratify, data.seed, data.tile_size))
-        kind: type[TianchiDataset] | type[ChipDataset] = TianchiDataset
+        kind: type[TianchiDataset] | type[ChipDataset] | type[ImageFolderDataset] = TianchiDataset
+    elif data.source == "images":
+        common.update(images=data.images, masks=data.masks, mask_ignore=data.mask_ignore)
+        kind = ImageFolderDataset
     else:
         common.update(indexes=data.chips, split_block=data.split_block)
         kind = ChipDataset
@@ -84,7 +104,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[TianchiDataset | ChipDataset, Tian
     aug = data.augment
     train = kind(split="train", transform=TrainTransform(
         d4=aug.d4, crop=aug.crop, brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation,
-        hue=aug.hue, max_value=val.max_value), **common)
+        hue=aug.hue, min_value=val.min_value, max_value=val.max_value), **common)
     if not len(val):
         raise DatasetError(f"the validation split of {data_source(cfg)['path']} is empty: raise data.val_fraction "
                            "or use data.folds")
@@ -129,7 +149,7 @@ def fit(cfg: TrainConfig) -> Path:
         FileExistsError: ``run.out_dir`` holds a run and neither ``run.resume`` nor ``run.overwrite`` is set.
     """
     env = Rank.from_env()
-    device = resolve_device(cfg.run.device, env.local_rank, env.world)
+    device = resolve_device(cfg.run.device, env.local_rank, env.local_world)
     train_ds, val_ds = build_datasets(cfg)
     per_rank = _per_rank_batch(cfg, env.world, len(train_ds))
     resume_from = _resume_path(cfg)
@@ -155,16 +175,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, options: LaunchOptions | None = None,
-           *, overrides: Mapping[str, str] | None = None, **values: Any) -> Path:
-    """Train from a config file, mapping or :class:`TrainConfig`; ``nproc > 1`` runs DDP via torchrun.
+def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig,
+           options: LaunchOptions | NodeOptions | None = None, *, overrides: Mapping[str, str] | None = None,
+           **values: Any) -> Path:
+    """Train from a config file, mapping or :class:`TrainConfig`; ``nproc > 1`` or ``nnodes > 1`` runs DDP.
 
-    ``options`` (or keywords such as ``nproc=2``) are :class:`LaunchOptions`; ``overrides`` are dotted
+    ``options`` (or keywords such as ``nproc=2``) are :class:`NodeOptions`; ``overrides`` are dotted
     config keys with YAML values, as ``--set`` takes them.
 
-    With ``nproc > 1`` the config, device and data are checked here first (so bad input fails with one
-    message before any worker starts), then ``python -m torch.distributed.run --nproc_per_node N -m
-    rsseg.cli train CONFIG`` runs on a free local port and this call waits for it.
+    With ``nproc > 1`` or ``nnodes > 1`` the config, device and data are checked here first (so bad input
+    fails with one message before any worker starts), then ``python -m torch.distributed.run
+    --nproc_per_node N --nnodes M --node_rank R --master_addr HOST --master_port P -m rsseg.cli train CONFIG``
+    runs and this call waits for it. Across nodes every node runs this with its own ``node_rank``; the data
+    paths and ``run.out_dir`` must be the same on all of them (node 0's rank 0 writes).
 
     Returns:
         The path of ``best.pt``.
@@ -176,26 +199,29 @@ def launch(config: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig, opt
         cfg = load_config(config.model_dump(mode="json"), overrides) if overrides else config
     else:
         cfg = load_config(config, overrides)
-    nproc = resolve(LaunchOptions, options, values).nproc
-    if nproc == 1:
+    opts = resolve(NodeOptions, NodeOptions(**options.model_dump()) if options is not None else None, values)
+    nproc = opts.nproc
+    if nproc == 1 and opts.nnodes == 1:
         return fit(cfg)
     device = resolve_device(cfg.run.device, 0, nproc)
     train_ds, _ = build_datasets(cfg)
-    _per_rank_batch(cfg, nproc, len(train_ds))
-    _resume_path(cfg)
+    _per_rank_batch(cfg, nproc * opts.nnodes, len(train_ds))
+    if opts.node_rank == 0:
+        _resume_path(cfg)
     env = dict(os.environ)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in env:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))  # the children's threads: the cores shared out
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))  # the children's threads: the cores shared out
+    port = opts.master_port or (_free_port() if opts.nnodes == 1 else DEFAULT_PORT)
     with tempfile.TemporaryDirectory(prefix="rsseg-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               *RANK_ENTRY, str(resolved)]
-        log.info("starting %d training processes: %s", nproc, " ".join(cmd))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--nnodes", str(opts.nnodes), "--node_rank", str(opts.node_rank),
+               "--master_addr", opts.master_addr, "--master_port", str(port), *RANK_ENTRY, str(resolved)]
+        log.info("starting %d training processes (node %d of %d): %s", nproc, opts.node_rank, opts.nnodes,
+                 " ".join(cmd))
         result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
-        raise PipelineError(f"training with {nproc} processes failed (exit status {result.returncode}); "
-                            "the workers' own messages are above")
+        raise PipelineError(f"training with {nproc} processes on node {opts.node_rank} of {opts.nnodes} failed "
+                            f"(exit status {result.returncode}); the workers' own messages are above")
     return Path(cfg.run.out_dir) / "best.pt"

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.fileio import atomic_path
 from rsseg.models import create_model, load_checkpoint, load_weights, model_config, model_name, save_checkpoint
+from rsseg.training import devices
+from rsseg.training.bandstats import normalisation
 from rsseg.training.config import TrainConfig
-from rsseg.training.devices import choose_precision, device_facts, saved_rng, sync_batchnorm
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import ThresholdDice, write_curves, write_metrics
 from rsseg.training.splits import write_split
@@ -43,11 +44,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Rank:
-    """This process's place in a run: global rank, rank on this machine, number of processes."""
+    """This process's place in a run: global rank, rank on this machine, processes in all and on this machine."""
 
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    local_world: int = 1
 
     @property
     def main(self) -> bool:
@@ -56,10 +58,14 @@ class Rank:
 
     @classmethod
     def from_env(cls) -> Rank:
-        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE), or a single process."""
+        """The rank torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), or a single one.
+
+        Without LOCAL_WORLD_SIZE (launchers other than torchrun) this process is alone on its machine.
+        """
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class WarmupCosine:
@@ -78,6 +84,8 @@ class WarmupCosine:
 
 def data_source(cfg: TrainConfig) -> dict[str, Any]:
     """Where a run's data comes from, for checkpoints' meta: ``{"source": ..., "path": ...}``."""
+    if cfg.data.source == "images":
+        return {"source": "images", "path": str(cfg.data.images), "masks": str(cfg.data.masks)}
     paths = [str(cfg.data.root)] if cfg.data.source == "tianchi" else [str(p) for p in cfg.data.chips]
     return {"source": cfg.data.source, "path": paths[0] if len(paths) == 1 else paths}
 
@@ -113,7 +121,7 @@ class Trainer:
                  per_rank: int) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.out = Path(cfg.run.out_dir)
-        self.precision = choose_precision(cfg.run.precision, device_facts(device))
+        self.precision = devices.choose_precision(cfg.run.precision, devices.device_facts(device))
         # fp16 needs loss scaling (its range is small); a disabled scaler passes losses and steps through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
@@ -122,8 +130,9 @@ class Trainer:
         reserved = {"arch", "encoder", "encoder_weights", "in_channels", "mean", "std"} & set(cfg.model.kwargs)
         if reserved:
             raise ConfigError(f"model.kwargs repeats {sorted(reserved)}: set them in the model section itself")
+        mean, std = self._normalisation(train_ds)
         kwargs = dict(arch=cfg.model.arch, encoder=cfg.model.encoder, encoder_weights=cfg.model.encoder_weights,
-                      in_channels=train_ds.bands, mean=cfg.model.mean, std=cfg.model.std, **cfg.model.kwargs)
+                      in_channels=train_ds.bands, mean=mean, std=std, **cfg.model.kwargs)
         with self.session():
             self.module = create_model(**kwargs)
         if cfg.model.init:
@@ -131,13 +140,16 @@ class Trainer:
             log.info("starting from the weights of %s", cfg.model.init)
         self.module = self.module.to(device, memory_format=self.memory_format)
         self.model_cfg = model_config(self.module, **{k: v for k, v in kwargs.items() if k not in ("mean", "std")})
-        self.sync_bn = sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
+        self.sync_bn = devices.sync_batchnorm(cfg.run.sync_batchnorm, device, env.world, per_rank)
         if self.sync_bn:
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.model = self.module
         if env.world > 1:
             self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda"
                                                  else None)
+        self.model = devices.compile_model(self.model, cfg.run.compile, device)
+        if devices.uint8_batches(device, (train_ds, val_ds)):  # before any DataLoader worker starts
+            train_ds.uint8_items = val_ds.uint8_items = True
         self.criterion = DiceBCELoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.per_image, cfg.loss.smooth)
         self._loaders(per_rank)
         self.accumulate = cfg.optim.accumulate
@@ -150,11 +162,27 @@ class Trainer:
         self.epoch, self.step, self.best_dice, self.best_epoch = 0, 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
 
+    def _normalisation(self, train_ds: Dataset) -> tuple[list[float] | None, list[float] | None]:
+        """``model.mean/std`` where the config sets them, else the training data's band statistics.
+
+        Sources without statistics (Tianchi JPGs) give None: the model's default.
+        """
+        self.band_stats = getattr(train_ds, "band_stats", None)
+        mean, std = self.cfg.model.mean, self.cfg.model.std
+        if self.band_stats is not None and (mean is None or std is None):
+            stats_mean, stats_std = normalisation(self.band_stats)
+            mean, std = mean if mean is not None else stats_mean, std if std is not None else stats_std
+        return mean, std
+
+    def data_meta(self) -> dict[str, Any]:
+        """What inference needs to know of the training data: source bands, band statistics, GSD in metres."""
+        return {"bands": getattr(self.train_ds, "source_bands", None), "band_stats": self.band_stats,
+                "gsd_m": getattr(self.train_ds, "gsd", None)}
+
     def _loaders(self, per_rank: int) -> None:
         """The training loader (this rank's shard, ``per_rank`` images a batch) and the validation loader."""
         cfg, device, env = self.cfg, self.device, self.env
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (
-            0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // env.world)))
+        workers = devices.loader_workers(cfg.data.num_workers, device, env.local_world)
         if workers and multiprocessing.current_process().daemon:  # e.g. a Dask worker: no child processes
             log.warning("data.num_workers=%d ignored: this process is a daemon and cannot start workers", workers)
             workers = 0
@@ -200,8 +228,8 @@ class Trainer:
 
     def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return (image, batch["mask"].to(self.device, non_blocking=True),
-                batch["valid"].to(self.device, non_blocking=True))
+        return (image, batch["mask"].to(self.device, non_blocking=True).float(),  # uint8 items: 0/1 -> float
+                batch["valid"].to(self.device, non_blocking=True).float())
 
     def resume(self, path: Path) -> None:
         """Restore model, optimizer, scheduler, counters, history and RNG states from ``path`` (a last.pt)."""
@@ -227,7 +255,7 @@ class Trainer:
         self.history = [dict(r) for r in state["history"]]
         if "scaler" in ckpt and self.scaler.is_enabled() and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.rng.update(saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
+        self.rng.update(devices.saved_rng(state["rng"], self.env.rank, self.env.world, self.device))
         if self.env.main:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
@@ -344,7 +372,7 @@ class Trainer:
                 "best_epoch": self.best_epoch, "data": data_source(self.cfg), "rsseg_version": _rsseg_version(),
                 "in_channels": val.bands,
                 "tile_size": val.size, "train_crop": self.cfg.data.augment.crop, "world_size": self.env.world,
-                "precision": self.precision}
+                "precision": self.precision, **self.data_meta()}
         state = {"epoch": self.epoch, "step": self.step, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
                  "history": self.history, "rng": rngs}
         last = save_checkpoint(self.out / "last.pt", self.module, self.model_cfg, meta,
