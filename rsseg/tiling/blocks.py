@@ -27,7 +27,7 @@ from rasterio.crs import CRS
 from rasterio.enums import MergeAlg
 from rasterio.features import rasterize
 from rasterio.transform import Affine
-from rasterio.windows import Window
+from rasterio.windows import Window, union
 
 from rsseg.errors import RasterError
 from rsseg.tiling.grid import Tile
@@ -81,8 +81,7 @@ class ChipBlock:
 
 def strip_window(strip: tuple[Tile, ...]) -> Window:
     """The window covering a strip: a run of windows of one grid row."""
-    first, last = strip[0], strip[-1]
-    return Window(first.col_off, first.row_off, last.col_off + last.width - first.col_off, first.height)
+    return union(strip[0].window(), strip[-1].window())
 
 
 def window_transform(window: Window, transform: Affine) -> Affine:
