@@ -180,8 +180,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands; a local path or a remote name
             (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.tiling.sources`).
         out_dir: output folder; must not exist unless ``overwrite``. Written atomically.
-        options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
-            compress); None: the defaults.
+        options: a :class:`TileOptions`; None: the defaults.
         labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS; local or remote) or a label
             raster on the scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
             or any band > 127 for a 3-band mask; ``label_ignore`` or its nodata value unless 0: ignore).
