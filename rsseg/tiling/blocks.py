@@ -6,12 +6,8 @@ label buffer (:func:`rasterio.features.rasterize`) or reads the label raster as 
 (:mod:`rsseg.tiling.labels`), marks nodata, writes the chips with a :class:`~rsseg.tiling.writer.ChipWriter`
 and returns their index rows and the band statistics (:mod:`rsseg.tiling.stats`) of the pixels it owns.
 It runs sequentially: the parallelism is the executor's (one block per task), and GDAL's decoding threads
-are whatever the process's environment says (``GDAL_NUM_THREADS``).
-
-Memory does not grow with the scene: a :class:`_StripReader` keeps the rows two successive strips share
-(read ahead to the end of the file's block row, so every block of the file is decoded once) and opens
-the dataset afresh for each read, so GDAL's block cache never holds more than one read's blocks, whatever
-the process-wide cache size is.
+are whatever the process's environment says (``GDAL_NUM_THREADS``). Memory does not grow with the scene
+(:class:`_StripReader`).
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from rasterio.crs import CRS
 from rasterio.enums import MergeAlg
 from rasterio.features import rasterize
 from rasterio.transform import Affine
-from rasterio.windows import Window
+from rasterio.windows import Window, union
 
 from rsseg.errors import RasterError
 from rsseg.tiling.grid import Tile
@@ -64,13 +60,10 @@ class ChipJob:
 class ChipBlock:
     """One unit of parallel work: strips of the same grid columns, top to bottom, and their footprints.
 
-    Attributes:
-        job: the scene's settings.
-        strips: runs of windows, one per grid row.
-        footprints: polygons (scene CRS) that intersect the block, or None without vector labels.
-        owned: the pixels whose band statistics this block counts (each pixel of the scene in one block):
-            the end column (exclusive; they start at the first window's) and each strip's end row
-            (they start at the strip's top).
+    ``strips`` are runs of windows, one per grid row; ``footprints`` the polygons (scene CRS) that intersect
+    them, or None without vector labels. ``owned`` are the pixels whose band statistics this block counts
+    (each pixel of the scene in one block): the end column (exclusive; they start at the first window's)
+    and each strip's end row (from its top).
     """
 
     job: ChipJob
@@ -81,8 +74,7 @@ class ChipBlock:
 
 def strip_window(strip: tuple[Tile, ...]) -> Window:
     """The window covering a strip: a run of windows of one grid row."""
-    first, last = strip[0], strip[-1]
-    return Window(first.col_off, first.row_off, last.col_off + last.width - first.col_off, first.height)
+    return union(strip[0].window(), strip[-1].window())
 
 
 def window_transform(window: Window, transform: Affine) -> Affine:
@@ -106,7 +98,8 @@ class _StripReader:
 
     Rows ``[lo, hi)`` of the scene are held in ``data[:, : hi - lo]``. A strip keeps the rows it shares
     with the previous one and reads the rest, up to the end of the file's block row (those rows are kept
-    for the next strip), so each block of the file is decoded once without GDAL's cache holding it.
+    for the next strip), so each block of the file is decoded once. Each read opens the dataset afresh, so
+    GDAL's block cache never holds more than one read's blocks, whatever the process-wide cache size is.
     Columns or rows beyond a scene smaller than one window stay filled with nodata (or 0) and invalid.
     """
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import MaskFlags
-from rasterio.windows import Window
+from rasterio.windows import union
 
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import atomic_dir, display_name, source_name
@@ -104,11 +104,11 @@ def _blocks(grid: TileGrid) -> list[tuple[tuple[Tile, ...], ...]]:
     """
     stride = grid.size - grid.overlap
     per_strip = max(1, (STRIP_MAX_PX - grid.size) // stride + 1)
-    n_bands = -(-grid.n_cols // per_strip)
+    n_ranges = -(-grid.n_cols // per_strip)
     n_groups = -(-grid.n_rows // STRIPS_PER_BLOCK)
     return [tuple(tuple(grid.tile(int(i), int(j)) for j in cols) for i in rows)
             for rows in np.array_split(np.arange(grid.n_rows), n_groups)
-            for cols in np.array_split(np.arange(grid.n_cols), n_bands)]
+            for cols in np.array_split(np.arange(grid.n_cols), n_ranges)]
 
 
 def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float | None
@@ -120,14 +120,10 @@ def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float 
         return None, None, None
     try:
         rasterio.open(labels).close()
-    except rasterio.errors.RasterioIOError:  # not a raster: footprints (read by load_footprints)
-        is_raster = False
-    else:
-        is_raster = True
-    if not is_raster:
+    except rasterio.errors.RasterioIOError as exc:  # not a raster: footprints (read by load_footprints)
         if label_ignore is not None:
             raise ConfigError(f"label_ignore={label_ignore}: applies to a label raster, and {labels} is not one "
-                              "(footprints have no ignore value)")
+                              "(footprints have no ignore value)") from exc
         footprints = load_footprints(labels, info["crs"], info["bounds"])
         return {"path": source_name(labels), "kind": "vector"}, None, footprints
     raster = open_label_raster(source_name(labels), info, label_ignore)
@@ -141,8 +137,7 @@ def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, .
     """The footprints that intersect a block's windows (None without footprints)."""
     if footprints is None:
         return None
-    first, last = strip_window(strips[0]), strip_window(strips[-1])
-    block = Window(first.col_off, first.row_off, first.width, last.row_off + last.height - first.row_off)
+    block = union(strip_window(strips[0]), strip_window(strips[-1]))
     return footprints.within(sorted_bounds(block, info["transform"]))
 
 
@@ -184,8 +179,7 @@ def write_chips(scene: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         scene: a raster GDAL can read (GeoTIFF), any dtype, 1-N bands; a local path or a remote name
             (``/vsicurl/https://...``, ``s3://...``, ``gs://...``, ``/vsis3/...``; :mod:`rsseg.fileio`).
         out_dir: output folder; must not exist unless ``overwrite``. Written atomically.
-        options: a :class:`TileOptions` (size, overlap, bands, max_nodata, allow_no_crs, overwrite,
-            compress); None: the defaults.
+        options: a :class:`TileOptions`; None: the defaults.
         labels: building footprints (GeoJSON, GeoPackage, Shapefile; any CRS; local or remote) or a label
             raster on the scene's grid, read as a class map (:mod:`rsseg.tiling.labels`: 0 background, > 0 building,
             or any band > 127 for a 3-band mask; ``label_ignore`` or its nodata value unless 0: ignore).

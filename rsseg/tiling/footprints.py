@@ -1,4 +1,4 @@
-"""Building footprints and label rasters prepared for a scene's pixel grid.
+"""Building footprints prepared for a scene's pixel grid.
 
 Footprints are read with pyogrio (geometry only); those whose envelope can touch the scene (a test in the
 file's own CRS) are reprojected to the scene's CRS, repaired (:func:`shapely.make_valid`, polygonal parts
@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import pyogrio
-import rasterio
 import shapely
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
-from rsseg.errors import RasterError, VectorError
+from rsseg.errors import VectorError
 
-__all__ = ["Footprints", "check_label_raster", "load_footprints"]
+__all__ = ["Footprints", "load_footprints"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,9 @@ class Footprints:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", shapely.STRtree(self.geoms))
 
-    def query(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
-        """Indexes (ascending) of the footprints that intersect the rectangle (minx, miny, maxx, maxy)."""
-        return np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
-
     def within(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
         """The footprints that intersect the rectangle (minx, miny, maxx, maxy), in file order."""
-        return self.geoms[self.query(bounds)]
+        return self.geoms[np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))]
 
 
 _COUNTS = ("geometries_read", "geometries_empty", "geometries_outside", "geometries_repaired",
@@ -122,21 +117,3 @@ def load_footprints(path: str | os.PathLike[str], crs: CRS | None,
     log.info("%s: %d footprints near the scene (%s)", path, int(keep.sum()), counts)
     return Footprints(geoms[keep], counts)
 
-
-def check_label_raster(labels: rasterio.DatasetReader, scene: dict[str, Any]) -> None:
-    """Raise :class:`RasterError` unless ``labels`` lies on the scene's pixel grid.
-
-    Args:
-        labels: the open label raster.
-        scene: ``width``, ``height``, ``transform`` and ``crs`` of the scene.
-    """
-    found = (labels.width, labels.height)
-    expected = (scene["width"], scene["height"])
-    if found != expected:
-        raise RasterError(f"{labels.name}: label raster is {found[0]}x{found[1]} px; expected the scene's "
-                          f"{expected[0]}x{expected[1]}")
-    if not labels.transform.almost_equals(scene["transform"]):
-        raise RasterError(f"{labels.name}: label raster transform {tuple(labels.transform)[:6]} differs from "
-                          f"the scene's {tuple(scene['transform'])[:6]}")
-    if labels.crs != scene["crs"]:
-        raise RasterError(f"{labels.name}: label raster CRS {labels.crs} differs from the scene's {scene['crs']}")

@@ -10,8 +10,8 @@ Example:
     >>> grid = TileGrid(width=1000, height=600, size=512, overlap=64)
     >>> grid.n_rows, grid.n_cols, len(grid)
     (2, 3, 6)
-    >>> [t.col_off for t in grid.row(0)]
-    [0, 448, 488]
+    >>> grid.col_offsets
+    (0, 448, 488)
 """
 
 from __future__ import annotations
@@ -37,24 +37,13 @@ def _check(size: int, overlap: int) -> None:
 
 
 def grid_offsets(length: int, size: int, overlap: int) -> tuple[int, ...]:
-    """Offsets of the windows along one axis of ``length`` pixels.
+    """Offsets of the windows along one axis of ``length`` pixels: ``min(i * stride, length - size)``.
 
-    With ``stride = size - overlap`` and ``n = ceil((length - size) / stride) + 1`` windows
-    (``n = 1`` when ``length <= size``)::
-
-        offset[i] = min(i * stride, length - size)    for i in 0 .. n - 1
-
-    so the offsets are strictly increasing, the last window ends exactly at ``length`` (shifted inward:
-    it overlaps its neighbour by ``overlap`` pixels or more) and no window starts beyond the raster.
-    A raster shorter than ``size`` gives ``(0,)``: one window that extends past the edge.
-
-    Args:
-        length: pixels along the axis (at least 1).
-        size: window size in pixels (at least 1).
-        overlap: pixels shared by neighbouring windows (0 <= overlap < size).
+    ``n = ceil((length - size) / stride) + 1`` windows, strictly increasing, the last one ending at ``length``;
+    ``(0,)`` when ``length <= size``.
 
     Raises:
-        ConfigError: a value out of range, named in the message (a ``ValueError``).
+        ConfigError: ``length < 1`` or ``size``/``overlap`` out of range, named in the message (a ``ValueError``).
     """
     _check(size, overlap)
     if length < 1:
@@ -69,16 +58,7 @@ def grid_offsets(length: int, size: int, overlap: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Tile:
-    """One window of a :class:`TileGrid`.
-
-    Attributes:
-        row: grid row index (0-based, top to bottom).
-        col: grid column index (0-based, left to right).
-        col_off: pixel column of the window's left edge in the raster.
-        row_off: pixel row of the window's top edge in the raster.
-        width: window width in pixels (always the grid's ``size``).
-        height: window height in pixels (always the grid's ``size``).
-    """
+    """One window of a :class:`TileGrid`: grid ``row``/``col`` (0-based), pixel offsets and size in the raster."""
 
     row: int
     col: int
@@ -101,14 +81,7 @@ class Tile:
 class TileGrid:
     """Square windows of ``size`` pixels with stride ``size - overlap`` over a ``width`` x ``height`` raster.
 
-    Column offsets are ``grid_offsets(width, size, overlap)`` and row offsets
-    ``grid_offsets(height, size, overlap)``; iteration is row-major.
-
-    Attributes:
-        width: raster width in pixels.
-        height: raster height in pixels.
-        size: window width and height in pixels.
-        overlap: pixels shared by neighbouring windows.
+    Offsets per axis are :func:`grid_offsets`; iteration is row-major.
 
     Raises:
         ConfigError: (a ``ValueError``) ``size < 1``, ``overlap < 0``, ``overlap >= size``, ``width < 1`` or

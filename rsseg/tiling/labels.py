@@ -24,7 +24,6 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from rsseg.errors import RasterError
-from rsseg.tiling.footprints import check_label_raster
 
 __all__ = ["BACKGROUND", "IGNORE", "LabelRaster", "open_label_raster"]
 
@@ -84,8 +83,22 @@ def _ignore_value(name: str, nodata: float | None, label_ignore: float | None) -
     return nodata
 
 
+def _check_grid(labels: rasterio.DatasetReader, scene: dict[str, Any]) -> None:
+    """Raise :class:`RasterError` unless ``labels`` lies on the scene's pixel grid (size, transform, CRS)."""
+    found = (labels.width, labels.height)
+    expected = (scene["width"], scene["height"])
+    if found != expected:
+        raise RasterError(f"{labels.name}: label raster is {found[0]}x{found[1]} px; expected the scene's "
+                          f"{expected[0]}x{expected[1]}")
+    if not labels.transform.almost_equals(scene["transform"]):
+        raise RasterError(f"{labels.name}: label raster transform {tuple(labels.transform)[:6]} differs from "
+                          f"the scene's {tuple(scene['transform'])[:6]}")
+    if labels.crs != scene["crs"]:
+        raise RasterError(f"{labels.name}: label raster CRS {labels.crs} differs from the scene's {scene['crs']}")
+
+
 def open_label_raster(path: str, scene: dict[str, Any], label_ignore: float | None) -> LabelRaster:
-    """Check the label raster at ``path`` against ``scene`` (its grid, see :func:`check_label_raster`).
+    """Check the label raster at ``path`` against ``scene`` (same size, transform and CRS).
 
     Args:
         path: what rasterio opens.
@@ -96,7 +109,7 @@ def open_label_raster(path: str, scene: dict[str, Any], label_ignore: float | No
         RasterError: another grid, or no band besides an alpha band.
     """
     with rasterio.open(path) as src:
-        check_label_raster(src, scene)
+        _check_grid(src, scene)
         bands = tuple(i for i, ci in enumerate(src.colorinterp, 1) if ci != ColorInterp.alpha)
         if not bands:
             raise RasterError(f"{path}: label raster has only an alpha band; expected a class map "
