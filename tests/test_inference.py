@@ -161,8 +161,45 @@ def test_georeferencing_nodata_and_tags(tmp_path):
     assert (mask[~nodata][p > 0.45 + 0.5 / 255] == 1).all() and (mask[~nodata][p < 0.45 - 0.5 / 255] == 0).all()
     tags = read_tags(out)
     assert tags["rsseg:tta"] == "flip" and tags["rsseg:threshold"] == "0.45"
-    assert tags["rsseg:source"] == str(src.resolve()) and len(tags["rsseg:checkpoint_sha256"]) == 64
+    assert tags["rsseg:source"] == src.name and len(tags["rsseg:checkpoint_sha256"]) == 64
+    assert tags["rsseg:source_sha256"] == file_sha256(src)
+    assert not any(str(tmp_path) in value for value in tags.values())  # no absolute local paths
     assert read_tags(prob_path(out)) == tags
+
+
+@pytest.mark.parametrize("prob_dtype", ["uint8", "float32"])
+def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_dtype):
+    """Both outputs: GDAL's COG layout, 512 px internal tiles, overviews; the mask has a colour table;
+    values equal a plain streamed run's (the windowed prediction without the conversion)."""
+    image = np.random.default_rng(7).integers(1, 256, (3, 1100, 1300), dtype=np.uint8)
+    image[:, :40, :] = 0
+    src = write_raster(tmp_path / "big.tif", image, nodata=0)
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "mask.tif", tile=256, overlap=32, tta="none", device="cpu",
+                         output="both", prob_dtype=prob_dtype, threshold=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "mask.prob.tif", "mask.tif"]
+    prob_model = whole_image_prob(model, image)
+    for path in (out, prob_path(out)):
+        with rasterio.open(path) as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (512, 512) and ds.compression is not None
+            assert ds.overviews(1) and max(ds.width, ds.height) / ds.overviews(1)[-1] <= 512  # down to one tile
+            assert ds.tags(ns="rsseg")["tta"] == "none"
+    with rasterio.open(out) as ds:
+        colors = ds.colormap(1)
+        assert colors[1][:3] == (255, 0, 0) and colors[0][:3] == (0, 0, 0)
+        mask = ds.read(1)
+    with rasterio.open(prob_path(out)) as ds:
+        prob, valid = ds.read(1), ds.dataset_mask() > 0
+    nodata = (image == 0).all(axis=0)
+    np.testing.assert_array_equal(mask == 255, nodata)
+    np.testing.assert_array_equal(valid, ~nodata)
+    if prob_dtype == "float32":
+        np.testing.assert_array_equal(np.isnan(prob), nodata)
+        np.testing.assert_array_equal(mask[~nodata], (prob[~nodata] > 0.5).astype(np.uint8))
+    # blended windows away from the no-data border equal the whole-image prediction (values unchanged)
+    got = prob[100:, :].astype(np.float32) / (255 if prob_dtype == "uint8" else 1)
+    np.testing.assert_allclose(got, prob_model[100:, :], atol=0.5 / 255 + 1e-5 if prob_dtype == "uint8" else 1e-5)
 
 
 def test_a_mask_band_marks_nodata_too(tmp_path):

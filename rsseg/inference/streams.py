@@ -26,6 +26,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from rsseg.fileio import raster_env
+from rsseg.inference.outputs import MASK_COLORS
 from rsseg.tiling.grid import Tile, TileGrid
 
 __all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
@@ -183,7 +184,8 @@ class RowWriter:
     Args:
         source: the raster being predicted (for its dataset mask); None if it has no nodata.
         outputs: ``{"mask" | "prob": (path, profile)}``; the profile's dtype selects the encoding.
-        tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`.
+        tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`; masks also get
+            the colour table :data:`~rsseg.inference.outputs.MASK_COLORS`.
         threshold: the mask's probability threshold.
     """
 
@@ -244,6 +246,8 @@ class RowWriter:
                 for key, (path, profile) in self._outputs.items():
                     dsts[key] = stack.enter_context(rasterio.open(path, "w", **profile))
                     dsts[key].update_tags(ns=TAG_NS, **self._tags)
+                    if key == "mask":
+                        dsts[key].write_colormap(1, MASK_COLORS)
                 while (item := self._queue.get()) is not None:
                     if self._error is None:
                         row0, probs, event = item
