@@ -21,9 +21,9 @@ from rsseg.tianchi.files import read_masks_csv, validate_submission
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
 
-def write_raster(path, data, nodata=None, crs="EPSG:32650"):
+def write_raster(path, data, nodata=None, crs="EPSG:32650", **options):
     profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                   dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata)
+                   dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata, **options)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
@@ -273,6 +273,80 @@ def test_band_count_must_match_the_model(tmp_path, checkpoint):
     with pytest.raises(RasterError, match="4 band.*trained on 3"):
         predict_raster(checkpoint, src, tmp_path / "out.tif", device="cpu")
     assert not (tmp_path / "out.tif").exists()
+
+
+def write_described(path, data, descriptions):
+    write_raster(path, data, photometric="minisblack")
+    with rasterio.open(path, "r+") as ds:
+        ds.descriptions = tuple(descriptions)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb_checkpoint(tmp_path_factory):
+    """A checkpoint whose meta records its source bands (red, green, blue: bands 1-3 of its scenes)."""
+    torch.manual_seed(0)
+    model = create_model("unet", "resnet18")
+    path = tmp_path_factory.mktemp("ckpt") / "rgb.pt"
+    bands = [{"band": i, "description": d} for i, d in enumerate(("red", "green", "blue"), start=1)]
+    save_checkpoint(path, model, model_config(model, arch="unet", encoder="resnet18", in_channels=3),
+                    meta={"threshold": 0.5, "bands": bands})
+    return path
+
+
+def test_bands_select_and_order_the_scene_bands(tmp_path):
+    image = np.random.default_rng(11).integers(0, 256, (4, 96, 128), dtype=np.uint8)
+    src = write_raster(tmp_path / "rgbn.tif", image, photometric="minisblack")  # GDAL: 4 uint8 bands = RGBA
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "p.tif", tile=128, overlap=32, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32", bands=[4, 3, 2])
+    want = predict_raster(model, write_raster(tmp_path / "nir_r_g.tif", image[[3, 2, 1]]), tmp_path / "w.tif",
+                          tile=128, overlap=32, tta="none", device="cpu", output="prob", prob_dtype="float32")
+    np.testing.assert_array_equal(read(out), read(want))
+    with pytest.raises(RasterError, match=r"has 4 bands \(no descriptions\); --bands 1,5 names band\(s\) 5"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[1, 5])
+    with pytest.raises(RasterError, match="--bands selects 2; the model was trained on 3"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[1, 2])
+    with pytest.raises(ConfigError, match="bands"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[0, 1, 2])
+
+
+def test_recorded_bands_are_found_by_description_or_refused_in_one_line(tmp_path, rgb_checkpoint):
+    image = np.random.default_rng(12).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    # described in another order, with a fourth band: the model's red, green, blue are found by name
+    src = write_described(tmp_path / "bgrn.tif", image, ["Blue", "green", "red", "nir"])
+    out = predict_raster(rgb_checkpoint, src, tmp_path / "a.tif", tile=64, overlap=16, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32")
+    want = predict_raster(rgb_checkpoint, write_raster(tmp_path / "rgb.tif", image[[2, 1, 0]]), tmp_path / "b.tif",
+                          tile=64, overlap=16, tta="none", device="cpu", output="prob", prob_dtype="float32")
+    np.testing.assert_allclose(read(out), read(want), atol=1e-6)
+    # no descriptions: the recorded indexes 1-3 of a 4-band scene
+    plain = write_raster(tmp_path / "plain.tif", image, photometric="minisblack")
+    got = predict_raster(rgb_checkpoint, plain, tmp_path / "c.tif", tile=64, overlap=16, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32")
+    np.testing.assert_allclose(read(got), read(predict_raster(
+        rgb_checkpoint, write_raster(tmp_path / "first3.tif", image[:3]), tmp_path / "d.tif", tile=64, overlap=16,
+        tta="none", device="cpu", output="prob", prob_dtype="float32")), atol=1e-6)
+    # a described scene without a blue band: one line naming what it has
+    pan = write_described(tmp_path / "pan.tif", image[:2], ["red", "pan"])
+    with pytest.raises(RasterError) as err:
+        predict_raster(rgb_checkpoint, pan, tmp_path / "e.tif", device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "has 2 bands (1 red, 2 pan)" in message and "lacks green, blue" in message
+    assert not (tmp_path / "e.tif").exists()
+    # --bands overrides the recorded bands (a differing description is only logged)
+    predict_raster(rgb_checkpoint, src, tmp_path / "f.tif", tile=64, overlap=16, tta="none", device="cpu",
+                   bands=[1, 2, 4])
+
+
+def test_bands_through_the_cli(tmp_path, rgb_checkpoint):
+    image = np.random.default_rng(13).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    src = write_described(tmp_path / "s.tif", image, ["red", "green", "blue", "nir"])
+    result = CliRunner().invoke(cli, ["predict", str(rgb_checkpoint), str(src), str(tmp_path / "m.tif"),
+                                      "--bands", "3,2,1", "--tta", "none", "--device", "cpu", "--tile", "64",
+                                      "--overlap", "16"])
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "m.tif").shape == (64, 64)
 
 
 # ------------------------------------------------------------------------------------------- Tianchi

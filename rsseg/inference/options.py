@@ -38,6 +38,8 @@ class PredictOptions(Options):
     window: int = Field(512, ge=1, validation_alias=AliasChoices("window", "tile"),
                         description="Window size in pixels (rasters).")
     overlap: int = Field(128, ge=0, description="Pixels shared by neighbouring windows (rasters).")
+    bands: list[int] | None = Field(None, description="Scene bands the model reads, 1-based, in order, e.g. 4,3,2 "
+                                                       "(default: the checkpoint's recorded bands, else all).")
     tta: TtaMode = Field("d4", description="Test-time augmentation: 1, 4 or 8 views per window, probabilities "
                                            "averaged.")
     batch_size: int | None = Field(None, ge=1, description="Windows per forward pass (times the TTA views; "
@@ -53,6 +55,13 @@ class PredictOptions(Options):
     min_pixels: int | None = Field(None, ge=0, description="JPG images: fewer building pixels than this -> "
                                                            "empty mask (default: the checkpoint's).")
     overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
+
+    @field_validator("bands")
+    @classmethod
+    def _band_indexes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError(f"bands={value}: expected 1-based band indexes like 1,2,3")
+        return value or None
 
     @field_validator("device", mode="before")
     @classmethod

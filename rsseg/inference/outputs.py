@@ -54,8 +54,10 @@ def staging_path(path: Path) -> Path:
 
 
 def write_cog(staged: Path, dst: Path, kind: str, profile: dict[str, Any]) -> None:
-    """Copy the streamed GeoTIFF ``staged`` to ``dst`` as a COG (overviews: nearest for masks, average for
-    probabilities), then remove ``staged`` (also when the copy fails)."""
+    """Copy the streamed GeoTIFF ``staged`` to ``dst`` as a COG, then remove ``staged`` (also on failure).
+
+    Overviews are resampled with nearest for masks, average for probabilities.
+    """
     options = dict(driver="COG", blocksize=BLOCK, compress="deflate", level=COMPRESSION["zlevel"],
                    bigtiff="IF_SAFER", copy_src_mdd="YES",
                    overview_resampling="nearest" if kind == "mask" else "average")

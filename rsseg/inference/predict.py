@@ -3,7 +3,8 @@
 :func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
 in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
 augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of rows on the model's device
-(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete, made COGs at the end.
+(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete,
+made COGs at the end.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
 measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
 for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
@@ -57,6 +58,7 @@ from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.outputs import output_profiles, staging_path, write_cog
+from rsseg.inference.sources import recorded_bands, select_bands
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
 from rsseg.models import Segmenter, model_from_checkpoint
@@ -123,7 +125,9 @@ def _module_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
+def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, meta: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The scene's grid, CRS, nodata and the bands the model reads (:func:`~rsseg.inference.sources.select_bands`)."""
     if not src_path.is_file():
         raise FileNotFoundError(f"input raster {src_path} not found (expected a GeoTIFF or a folder of JPG images)")
     try:
@@ -131,11 +135,9 @@ def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from exc
     with src_cm as src:
-        if in_channels is not None and src.count != in_channels:
-            raise RasterError(f"{src_path} has {src.count} band(s); the model was trained on {in_channels} "
-                              "(select or stack bands to match, e.g. with gdal_translate -b)")
+        bands = select_bands(src_path, src.descriptions, opts.bands, recorded_bands(meta), in_channels)
         return dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform,
-                    masked=source_has_mask(src))
+                    masked=source_has_mask(src), bands=bands)
 
 
 def _output_paths(src: Path, dst: Path, opts: PredictOptions) -> dict[str, Path]:
@@ -167,7 +169,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     Args:
         checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
             logits out, e.g. :class:`~rsseg.models.Segmenter`).
-        src: the scene (any GDAL raster with the model's band count).
+        src: the scene (any GDAL raster with the model's bands: ``bands`` selects them, else the
+            checkpoint's recorded bands, see :mod:`rsseg.inference.sources`).
         dst: the output GeoTIFF.
         options: :class:`~rsseg.inference.options.PredictOptions` (``min_pixels`` does not apply). A
             threshold of None takes the checkpoint's ``meta["threshold"]`` if it has one, else 0.5.
@@ -177,8 +180,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         ``dst``.
 
     Raises:
-        CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source or a band
-        count other than the model's. ConfigError: a bad option. FileExistsError: an existing output.
+        CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source, or one that lacks
+        the model's bands. ConfigError: a bad option. FileExistsError: an existing output.
     """
     opts = resolve(PredictOptions, options, values)
     src, dst = Path(src), Path(dst)
@@ -187,7 +190,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
     threshold = _setting(opts.threshold, meta, "threshold", 0.5)
     with raster_env():
-        info = _source_info(src, in_channels)
+        info = _source_info(src, in_channels, opts, meta)
     grid = _grid(src, info, opts)
     windows_per_batch, predictor = _predictor(model, dev, opts)
     tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta, "source": src.name,
@@ -204,7 +207,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
         try:
             with on_device(dev):
-                _stream(predictor, grid, src, writer, windows_per_batch)
+                _stream(predictor, grid, src, info["bands"], writer, windows_per_batch)
         except BaseException:
             writer.close(ok=False)
             raise
@@ -224,12 +227,14 @@ def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tup
     return windows, Predictor(model, dev, opts.tta, opts.precision, max_views=views)
 
 
-def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
+def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], writer: RowWriter,
+            batch_size: int) -> None:
     """The main loop: batches in, blended rows out."""
     strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
     threads = reader_threads(predictor.device)
-    reads = lambda: on_device_iter(predictor.device, read_batches(src, grid, batch_size, pin, threads))  # noqa: E731
+    reads = lambda: on_device_iter(  # noqa: E731
+        predictor.device, read_batches(src, grid, batch_size, pin, threads, bands))
     with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):

@@ -92,41 +92,44 @@ def source_has_mask(src: rasterio.DatasetReader) -> bool:
 
 
 def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool,
-                 threads: int = 1) -> Iterator[tuple[list[Tile], torch.Tensor]]:
+                 threads: int = 1, bands: list[int] | None = None) -> Iterator[tuple[list[Tile], torch.Tensor]]:
     """Yield ``(windows, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
 
     uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
     Windows reaching beyond a raster smaller than ``size`` are zero-padded. With ``pin``, batches are in
     page-locked memory for asynchronous copies to a GPU (allocated in the calling thread). With ``threads``
     > 1, that many batches are read and decoded at once, each thread with its own dataset handle (GDAL
-    releases the GIL), and still yielded in order: what a GPU needs to be fed.
+    releases the GIL), and still yielded in order: what a GPU needs to be fed. ``bands``: the 1-based band
+    indexes to read, in order (default: all).
     """
     windows = list(grid)
     chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
     with raster_env(), rasterio.open(path) as src:
-        dtype, count = torch.uint8 if src.dtypes[0] == "uint8" else torch.float32, src.count
+        bands = list(bands or range(1, src.count + 1))
+        dtype, count = torch.uint8 if src.dtypes[bands[0] - 1] == "uint8" else torch.float32, len(bands)
 
         def empty(chunk: list[Tile]) -> torch.Tensor:
             return torch.zeros((len(chunk), count, grid.size, grid.size), dtype=dtype, pin_memory=pin)
 
         if threads <= 1:
             for chunk in chunks:
-                yield chunk, _fill(src, grid, chunk, empty(chunk))
+                yield chunk, _fill(src, grid, chunk, empty(chunk), bands)
             return
-        yield from _read_in_threads(path, grid, chunks, empty, threads)
+        yield from _read_in_threads(path, grid, chunks, empty, threads, bands)
 
 
-def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor) -> torch.Tensor:
+def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor,
+          bands: list[int]) -> torch.Tensor:
     """Read the windows of ``chunk`` into ``batch`` (zero-initialised) and return it."""
     pixels = batch.numpy()
     for i, window in enumerate(chunk):
         h, w = min(grid.size, grid.height - window.row_off), min(grid.size, grid.width - window.col_off)
-        pixels[i, :, :h, :w] = src.read(window=Window(window.col_off, window.row_off, w, h))
+        pixels[i, :, :h, :w] = src.read(bands, window=Window(window.col_off, window.row_off, w, h))
     return batch
 
 
 def _read_in_threads(path: str | os.PathLike[str], grid: TileGrid, chunks: list[list[Tile]],
-                     empty: Callable[[list[Tile]], torch.Tensor], threads: int) -> Iterator[
+                     empty: Callable[[list[Tile]], torch.Tensor], threads: int, bands: list[int]) -> Iterator[
                          tuple[list[Tile], torch.Tensor]]:
     """:func:`read_batches` with ``threads`` batches in flight, one dataset handle per thread."""
     local, handles, lock = threading.local(), [], threading.Lock()
@@ -136,7 +139,7 @@ def _read_in_threads(path: str | os.PathLike[str], grid: TileGrid, chunks: list[
             local.src = rasterio.open(path)
             with lock:
                 handles.append(local.src)
-        return chunk, _fill(local.src, grid, chunk, batch)
+        return chunk, _fill(local.src, grid, chunk, batch, bands)
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rsseg-read")
     pending: collections.deque = collections.deque()
