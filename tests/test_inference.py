@@ -231,6 +231,8 @@ def test_checkpoint_threshold_and_digest(tmp_path, checkpoint):
                          output="both", prob_dtype="float32")
     tags = read_tags(out)
     assert tags["rsseg:threshold"] == "0.4"
+    assert tags["rsseg:precision"] == "fp32"  # auto: the checkpoint records no validation precision
+    assert tags["rsseg:checkpoint"] == checkpoint.name
     assert tags["rsseg:checkpoint_sha256"] == file_sha256(checkpoint)
     np.testing.assert_array_equal(read(out), (read(prob_path(out)) > 0.4).astype(np.uint8))
 

@@ -20,8 +20,9 @@ __all__ = ["OUTPUT_KINDS", "PRECISIONS", "PROB_DTYPES", "OutputKind", "Precision
 
 #: Test-time augmentation: 1, 4 or 8 views (see :mod:`rsseg.inference.tta`).
 TtaMode = Literal["none", "flip", "d4"]
-#: Arithmetic of the forward pass (bf16: autocast).
-Precision = Literal["fp32", "bf16"]
+#: Arithmetic of the forward pass (bf16/fp16: autocast; auto: the checkpoint's validation precision where the
+#: device runs it natively, see :mod:`rsseg.inference.tuned`).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: What a raster prediction writes.
 OutputKind = Literal["mask", "prob", "both"]
 #: Pixel type of probability rasters.
@@ -45,7 +46,10 @@ class PredictOptions(Options):
     batch_size: int | None = Field(None, ge=1, description="Windows per forward pass (times the TTA views; "
                                                             "default: views sized by the device's free memory).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    precision: Precision = Field("fp32", description="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX).")
+    precision: Precision = Field("auto", description="Forward pass arithmetic; auto: the checkpoint's validation "
+                                                     "precision where the device runs it natively (bf16: CUDA "
+                                                     "compute capability >= 8.0, CPUs with AVX512-BF16/AMX; fp16: "
+                                                     "CUDA), else fp32.")
     threshold: float | None = Field(None, description="Building probability threshold (default: the "
                                                       "checkpoint's validation threshold, else 0.5).")
     output_kind: OutputKind = Field("both", validation_alias=AliasChoices("output_kind", "output"),

@@ -12,9 +12,9 @@ for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cac
 **Raster outputs** are single-band Cloud Optimized GeoTIFFs (:mod:`rsseg.inference.outputs`: 512 x 512
 internal tiles, overviews, DEFLATE level 1) with the source's CRS and transform, tagged
 ``rsseg:checkpoint_sha256``, ``rsseg:checkpoint`` (its file name, for a checkpoint given by path),
-``rsseg:threshold``, ``rsseg:tta``, ``rsseg:source`` (the scene's file name), ``rsseg:source_sha256``,
-``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata domain ``rsseg``: read
-them with :func:`read_tags`; no absolute local paths), written atomically:
+``rsseg:threshold``, ``rsseg:tta``, ``rsseg:precision``, ``rsseg:source`` (the scene's file name),
+``rsseg:source_sha256``, ``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata
+domain ``rsseg``: read them with :func:`read_tags`; no absolute local paths), written atomically:
 
 * mask (``output_kind="mask"`` or ``"both"``, at ``dst``): uint8, 1 building (probability > threshold),
   0 background, 255 (the declared nodata) where the source is nodata, with a colour table (buildings red);
@@ -61,6 +61,7 @@ from rsseg.inference.outputs import output_profiles, staging_path, write_cog
 from rsseg.inference.sources import recorded_bands, select_bands
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
+from rsseg.inference.tuned import inference_precision, setting
 from rsseg.models import Segmenter, model_from_checkpoint
 from rsseg.options import resolve
 from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
@@ -107,13 +108,6 @@ def _load_model(checkpoint_or_model: ModelLike, device: torch.device
         meta = ckpt.get("meta") or {}
     in_channels = int(model.mean.shape[1]) if isinstance(model, Segmenter) else None
     return model, in_channels, meta, digest
-
-
-def _setting(value: float | None, meta: dict[str, Any], key: str, default: float) -> float:
-    """An explicit value, else the one chosen on validation (checkpoint meta), else ``default``."""
-    if value is not None:
-        return float(value)
-    return float(meta[key]) if meta.get(key) is not None else default
 
 
 def _module_sha256(model: nn.Module) -> str:
@@ -188,12 +182,14 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     paths = _output_paths(src, dst, opts)
     dev = resolve_device(opts.device)
     model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
-    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
+    opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
+    threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
     with raster_env():
         info = _source_info(src, in_channels, opts, meta)
     grid = _grid(src, info, opts)
     windows_per_batch, predictor = _predictor(model, dev, opts)
-    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta, "source": src.name,
+    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+            "precision": opts.precision, "source": src.name,
             "source_sha256": file_sha256(src), "tile": str(opts.window), "overlap": str(opts.overlap),
             "output": opts.output_kind}
     if isinstance(checkpoint_or_model, str | os.PathLike):
@@ -352,8 +348,9 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
     model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
     if in_channels not in (None, 3):
         raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG images have 3 (RGB)")
-    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
-    min_pixels = int(_setting(opts.min_pixels, meta, "min_pixels", 0))
+    opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
+    threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
+    min_pixels = int(setting(opts.min_pixels, meta, "min_pixels", 0, opts.tta, opts.precision))
     windows_per_batch, predictor = _predictor(model, dev, opts.model_copy(update={"window": TIANCHI_SHAPE[0]}))
     with on_device(dev):
         rles = _tianchi_rles(predictor, image_dir, names, windows_per_batch, threshold, min_pixels)
