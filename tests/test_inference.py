@@ -14,8 +14,10 @@ from torch import nn
 from rsseg.cli import cli, main
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
+from rsseg.inference.options import PredictOptions
 from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
+from rsseg.options import resolve
 from rsseg.tianchi.files import read_masks_csv, validate_submission
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
@@ -349,6 +351,66 @@ def test_bands_through_the_cli(tmp_path, rgb_checkpoint):
                                       "--overlap", "16"])
     assert result.exit_code == 0, result.output
     assert read(tmp_path / "m.tif").shape == (64, 64)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+class OpenedBlue(nn.Module):
+    """A scale-sensitive stand-in for a model trained at 0.3 m: the generated scenes' roofs are bluer than the
+    ground; that map is opened (eroded, dilated) over 15 px and smoothed, so its footprints depend on the
+    pixel size (at 0.6 m, 15 px are twice as many metres)."""
+
+    def forward(self, x):
+        roofs = (x.float()[:, 2:3] > 100).float()
+        roofs = torch.nn.functional.max_pool2d(-torch.nn.functional.max_pool2d(-roofs, 15, 1, 7), 15, 1, 7)
+        return (torch.nn.functional.avg_pool2d(roofs, 5, 1, 2, count_include_pad=False) - 0.5) * 20
+
+
+def footprint_iou(mask_path, footprints):
+    from rasterio.features import rasterize
+
+    with rasterio.open(mask_path) as ds:
+        mask, transform, crs = ds.read(1) == 1, ds.transform, ds.crs
+    truth = rasterize(footprints.to_crs(crs).geometry, out_shape=mask.shape, transform=transform).astype(bool)
+    return (mask & truth).sum() / (mask | truth).sum()
+
+
+def test_windows_are_resampled_to_the_models_gsd_and_written_on_the_scene_grid(tmp_path):
+    from rsseg.synth.generate import make_scene
+
+    footprints = make_scene(tmp_path / "fine.tif", size=768, seed=3, gsd=0.3, progress=False)
+    make_scene(tmp_path / "coarse.tif", size=384, seed=3, gsd=0.6, progress=False)  # the same layout at 0.6 m
+    model, kw = OpenedBlue(), dict(window=256, overlap=64, tta="none", device="cpu", output="both", threshold=0.5)
+    native = predict_raster(model, tmp_path / "fine.tif", tmp_path / "native.tif", gsd="0.3", **kw)
+    resampled = predict_raster(model, tmp_path / "coarse.tif", tmp_path / "resampled.tif", gsd="0.3", **kw)
+    without = predict_raster(model, tmp_path / "coarse.tif", tmp_path / "without.tif", gsd="native", **kw)
+    iou = {name: footprint_iou(path, footprints) for name, path in
+           (("native", native), ("resampled", resampled), ("without", without))}
+    assert abs(iou["resampled"] - iou["native"]) <= 0.05, iou
+    assert iou["resampled"] > iou["without"] + 0.05, iou
+    with rasterio.open(tmp_path / "coarse.tif") as src, rasterio.open(resampled) as out:
+        assert (out.width, out.height, out.transform, out.crs) == (src.width, src.height, src.transform, src.crs)
+    assert read_tags(resampled)["rsseg:read_gsd_m"] == "0.3" and "rsseg:read_gsd_m" not in read_tags(without)
+    assert read(prob_path(resampled)).shape == (384, 384)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging files left
+
+
+def test_model_grid_follows_the_checkpoint_gsd_within_a_tolerance():
+    from rsseg.inference.resample import model_grid, scene_gsd
+
+    info = dict(width=1000, height=800, crs=rasterio.crs.CRS.from_epsg(32650), transform=TRANSFORM)
+    grid = model_grid("s.tif", info, {"gsd_m": 0.6}, "auto")
+    assert (grid["width"], grid["height"]) == (500, 400) and grid["transform"].a == pytest.approx(0.6)
+    assert model_grid("s.tif", info, {"gsd_m": 0.32}, "auto") is None  # within 10%
+    assert model_grid("s.tif", info, {"gsd_m": 0.6}, "native") is None
+    assert model_grid("s.tif", info, {}, "auto") is None  # older checkpoints: no GSD recorded
+    assert model_grid("s.tif", dict(info, crs=None), {"gsd_m": 0.6}, "auto") is None  # unknown scene GSD
+    assert model_grid("s.tif", info, {}, "0.15")["width"] == 2000
+    degrees = Affine(0.5 / 111_320, 0, 114.3, 0, -0.5 / 111_320, 30.6)
+    assert scene_gsd("EPSG:4326", degrees, 100, 100) == pytest.approx(0.5 * (1 + np.cos(np.radians(30.6))) / 2,
+                                                                     rel=0.01)
+    assert PredictOptions(gsd=0.30).gsd == "0.3" and PredictOptions(gsd="Native").gsd == "native"
+    with pytest.raises(ConfigError, match="gsd='fine': expected auto, native or a pixel size"):
+        resolve(PredictOptions, None, {"gsd": "fine"})
 
 
 # ------------------------------------------------------------------------------------------- Tianchi

@@ -41,6 +41,9 @@ class PredictOptions(Options):
     overlap: int = Field(128, ge=0, description="Pixels shared by neighbouring windows (rasters).")
     bands: list[int] | None = Field(None, description="Scene bands the model reads, 1-based, in order, e.g. 4,3,2 "
                                                        "(default: the checkpoint's recorded bands, else all).")
+    gsd: str = Field("auto", description="Resolution: auto reads windows resampled to the checkpoint's training GSD "
+                                         "when the scene's differs by more than 10%; native reads the scene's "
+                                         "pixels as they are; a number is the model's GSD in metres.")
     tta: TtaMode = Field("d4", description="Test-time augmentation: 1, 4 or 8 views per window, probabilities "
                                            "averaged.")
     batch_size: int | None = Field(None, ge=1, description="Windows per forward pass (times the TTA views; "
@@ -66,6 +69,21 @@ class PredictOptions(Options):
         if value is not None and (not value or min(value) < 1):
             raise ValueError(f"bands={value}: expected 1-based band indexes like 1,2,3")
         return value or None
+
+    @field_validator("gsd", mode="before")
+    @classmethod
+    def _gsd(cls, value: object) -> object:
+        """``auto``, ``native`` or a positive number of metres (kept as text: one type for click and YAML)."""
+        text = str(value).strip().lower()
+        if text in ("auto", "native"):
+            return text
+        try:
+            metres = float(text)
+        except ValueError:
+            raise ValueError(f"gsd={value!r}: expected auto, native or a pixel size in metres like 0.3") from None
+        if not metres > 0 or metres == float("inf"):
+            raise ValueError(f"gsd={value!r}: expected a positive pixel size in metres")
+        return f"{metres:g}"
 
     @field_validator("device", mode="before")
     @classmethod

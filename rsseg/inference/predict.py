@@ -36,12 +36,13 @@ the allocator and the GDAL cache are the entry point's (:mod:`rsseg.pipeline.pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.outputs import output_profiles, staging_path, write_cog
+from rsseg.inference.resample import model_grid, stream_resampled
 from rsseg.inference.sources import recorded_bands, select_bands
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
@@ -186,14 +188,10 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
     with raster_env():
         info = _source_info(src, in_channels, opts, meta)
-    grid = _grid(src, info, opts)
+        resampled = model_grid(src, info, meta, opts.gsd)
+    grid = _grid(src, resampled or info, opts)
     windows_per_batch, predictor = _predictor(model, dev, opts)
-    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
-            "precision": opts.precision, "source": src.name,
-            "source_sha256": file_sha256(src), "tile": str(opts.window), "overlap": str(opts.overlap),
-            "output": opts.output_kind}
-    if isinstance(checkpoint_or_model, str | os.PathLike):
-        tags["checkpoint"] = Path(checkpoint_or_model).name
+    tags = _tags(checkpoint_or_model, digest, src, threshold, opts, resampled)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
@@ -201,18 +199,43 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         for path, _ in profiles.values():
             stack.callback(path.unlink, missing_ok=True)
         writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
-        try:
-            with on_device(dev):
-                _stream(predictor, grid, src, info["bands"], writer, windows_per_batch)
-        except BaseException:
-            writer.close(ok=False)
-            raise
-        writer.close()
+        stream = functools.partial(_stream, predictor, grid, src, info["bands"], batch_size=windows_per_batch,
+                                   warp=resampled)
+        scratch = next(iter(profiles.values()))[0]
+        _predict_rows(stream, writer, dev, info, resampled, scratch.with_name(f"{scratch.stem}.model.tif"))
         for kind, (staged, profile) in profiles.items():
             write_cog(staged, tmp[kind], kind, profile)
     log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), opts.tta, opts.precision, dev,
              time.perf_counter() - start, ", ".join(map(str, paths.values())))
     return dst
+
+
+def _predict_rows(stream: Callable[[RowWriter], None], writer: RowWriter, dev: torch.device, info: dict[str, Any],
+                  resampled: dict[str, Any] | None, scratch: Path) -> None:
+    """Blended rows into ``writer`` (through the model's grid and ``scratch`` when ``resampled``); closes it."""
+    try:
+        with on_device(dev):
+            if resampled is None:
+                stream(writer)
+            else:
+                stream_resampled(stream, info, resampled, scratch, writer)
+    except BaseException:
+        writer.close(ok=False)
+        raise
+    writer.close()
+
+
+def _tags(checkpoint_or_model: ModelLike, digest: str, src: Path, threshold: float, opts: PredictOptions,
+          resampled: dict[str, Any] | None) -> dict[str, str]:
+    """The provenance written on the outputs: file names and hashes, the settings that made them."""
+    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+            "precision": opts.precision, "source": src.name, "source_sha256": file_sha256(src),
+            "tile": str(opts.window), "overlap": str(opts.overlap), "output": opts.output_kind}
+    if isinstance(checkpoint_or_model, str | os.PathLike):
+        tags["checkpoint"] = Path(checkpoint_or_model).name
+    if resampled is not None:
+        tags["read_gsd_m"] = f"{resampled['model_gsd']:g}"
+    return tags
 
 
 def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tuple[int, Predictor]:
@@ -223,14 +246,14 @@ def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tup
     return windows, Predictor(model, dev, opts.tta, opts.precision, max_views=views)
 
 
-def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], writer: RowWriter,
-            batch_size: int) -> None:
-    """The main loop: batches in, blended rows out."""
+def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], writer: RowWriter, *,
+            batch_size: int, warp: dict[str, Any] | None = None) -> None:
+    """The main loop: batches in, blended rows out (of ``src`` resampled to ``warp``, if given)."""
     strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
     threads = reader_threads(predictor.device)
     reads = lambda: on_device_iter(  # noqa: E731
-        predictor.device, read_batches(src, grid, batch_size, pin, threads, bands))
+        predictor.device, read_batches(src, grid, batch_size, pin, threads, bands, warp))
     with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):

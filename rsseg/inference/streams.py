@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
-from rasterio.enums import MaskFlags
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from rsseg.fileio import raster_env
 from rsseg.inference.outputs import MASK_COLORS
 from rsseg.tiling.grid import Tile, TileGrid
 
-__all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
+__all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask", "warped"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,25 @@ def source_has_mask(src: rasterio.DatasetReader) -> bool:
         for flags in src.mask_flag_enums)
 
 
+def warped(src: rasterio.DatasetReader, grid: dict[str, Any]) -> WarpedVRT:
+    """``src`` seen on another grid of its CRS (``width``, ``height``, ``transform``, ``crs``), bilinear."""
+    return WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
+                     height=grid["height"], resampling=Resampling.bilinear)
+
+
+@contextlib.contextmanager
+def _dataset(path: str | os.PathLike[str], warp: dict[str, Any] | None) -> Iterator[Any]:
+    with rasterio.open(path) as src:
+        if warp is None:
+            yield src
+            return
+        with warped(src, warp) as vrt:
+            yield vrt
+
+
 def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool,
-                 threads: int = 1, bands: list[int] | None = None) -> Iterator[tuple[list[Tile], torch.Tensor]]:
+                 threads: int = 1, bands: list[int] | None = None, warp: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[list[Tile], torch.Tensor]]:
     """Yield ``(windows, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
 
     uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
@@ -100,11 +118,12 @@ def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, 
     page-locked memory for asynchronous copies to a GPU (allocated in the calling thread). With ``threads``
     > 1, that many batches are read and decoded at once, each thread with its own dataset handle (GDAL
     releases the GIL), and still yielded in order: what a GPU needs to be fed. ``bands``: the 1-based band
-    indexes to read, in order (default: all).
+    indexes to read, in order (default: all). ``warp``: read the raster resampled to this grid (see
+    :func:`warped`; ``grid`` then tiles the resampled raster).
     """
     windows = list(grid)
     chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
-    with raster_env(), rasterio.open(path) as src:
+    with raster_env(), _dataset(path, warp) as src:
         bands = list(bands or range(1, src.count + 1))
         dtype, count = torch.uint8 if src.dtypes[bands[0] - 1] == "uint8" else torch.float32, len(bands)
 
@@ -115,7 +134,7 @@ def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, 
             for chunk in chunks:
                 yield chunk, _fill(src, grid, chunk, empty(chunk), bands)
             return
-        yield from _read_in_threads(path, grid, chunks, empty, threads, bands)
+        yield from _read_in_threads(path, grid, chunks, empty, threads, bands, warp)
 
 
 def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor,
@@ -129,16 +148,18 @@ def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch:
 
 
 def _read_in_threads(path: str | os.PathLike[str], grid: TileGrid, chunks: list[list[Tile]],
-                     empty: Callable[[list[Tile]], torch.Tensor], threads: int, bands: list[int]) -> Iterator[
+                     empty: Callable[[list[Tile]], torch.Tensor], threads: int, bands: list[int],
+                     warp: dict[str, Any] | None) -> Iterator[
                          tuple[list[Tile], torch.Tensor]]:
     """:func:`read_batches` with ``threads`` batches in flight, one dataset handle per thread."""
     local, handles, lock = threading.local(), [], threading.Lock()
 
     def read(chunk: list[Tile], batch: torch.Tensor) -> tuple[list[Tile], torch.Tensor]:
         if not hasattr(local, "src"):
-            local.src = rasterio.open(path)
+            src = rasterio.open(path)  # closed by close(), not a with block: its thread's GDAL env is gone then
+            local.src = warped(src, warp) if warp is not None else src
             with lock:
-                handles.append(local.src)
+                handles.extend([local.src, src] if warp is not None else [src])
         return chunk, _fill(local.src, grid, chunk, batch, bands)
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rsseg-read")
