@@ -273,10 +273,16 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, scene):
 
 
 def test_band_count_must_match_the_model(tmp_path, checkpoint):
-    src = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    src = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
     with pytest.raises(RasterError, match="4 band.*trained on 3"):
         predict_raster(checkpoint, src, tmp_path / "out.tif", device="cpu")
     assert not (tmp_path / "out.tif").exists()
+    # GDAL's default for 4 uint8 bands is RGBA: the alpha band is the nodata mask, not a model band
+    rgba = np.full((4, 32, 32), 200, np.uint8)
+    rgba[3, :, :8] = 0
+    out = predict_raster(checkpoint, write_raster(tmp_path / "rgba.tif", rgba), tmp_path / "rgba_mask.tif",
+                         device="cpu", tile=32, overlap=8, tta="none")
+    assert (read(out)[:, :8] == 255).all() and (read(out)[:, 8:] != 255).all()
 
 
 def write_described(path, data, descriptions):
@@ -413,6 +419,56 @@ def test_model_grid_follows_the_checkpoint_gsd_within_a_tolerance():
         resolve(PredictOptions, None, {"gsd": "fine"})
 
 
+# ------------------------------------------------------------------------------------- image folders
+def test_a_folder_of_plain_images_gets_one_mask_per_image(tmp_path):
+    from rsseg.inference.images import predict_folder
+
+    rng = np.random.default_rng(21)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = {name: rng.integers(0, 256, (70, 90, 3), dtype=np.uint8) for name in ("a", "b", "c")}
+    Image.fromarray(pixels["a"]).save(folder / "a.png")
+    Image.fromarray(pixels["b"]).save(folder / "b.jpg", quality=95)
+    Image.fromarray(pixels["c"]).save(folder / "c.tif")
+    write_raster(folder / "geo.tif", pixels["a"].transpose(2, 0, 1))  # georeferenced
+    (folder / "a.png.aux.xml").write_text("<PAMDataset/>")  # sidecars are not images
+    model = fcn()
+    out = predict_folder(model, folder, tmp_path / "masks", window=64, overlap=16, tta="none", device="cpu",
+                         threshold=0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.tif", "geo.tif"]
+    with rasterio.open(out / "geo.tif") as ds:
+        assert ds.crs.to_epsg() == 32650 and ds.transform == TRANSFORM
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    for name, source in (("a.png", "a.png"), ("b.png", "b.jpg"), ("c.tif", "c.tif")):
+        with Image.open(out / name) as mask, Image.open(folder / source) as image:
+            assert mask.size == image.size and mask.mode == "P"  # palette: buildings red
+            values = np.asarray(mask)
+        want = predict_raster(model, folder / "geo.tif", tmp_path / f"ref_{name}.tif", window=64, overlap=16,
+                              tta="none", device="cpu", output="mask", threshold=0.5) if name == "a.png" else None
+        assert set(np.unique(values)) <= {0, 1}
+        if want is not None:  # the same pixels as a GeoTIFF give the same mask
+            np.testing.assert_array_equal(values, read(want))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        predict_folder(model, folder, out, window=64, overlap=16, tta="none", device="cpu")
+    predict_folder(model, folder, out, window=64, overlap=16, tta="none", device="cpu", overwrite=True)
+
+
+def test_predict_command_on_an_image_folder_and_the_tianchi_path_stays(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((512, 512, 3), np.uint8)).save(folder / "x.jpg")
+    args = ["--tta", "none", "--device", "cpu", "--tile", "256", "--overlap", "32"]
+    masks = CliRunner().invoke(cli, ["predict", str(checkpoint), str(folder), str(tmp_path / "masks"), *args])
+    assert masks.exit_code == 0, masks.output
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == ["x.png"]
+    csv = CliRunner().invoke(cli, ["predict", str(checkpoint), str(folder), str(tmp_path / "sub.csv"), *args])
+    assert csv.exit_code == 0, csv.output
+    assert list(read_masks_csv(tmp_path / "sub.csv")) == ["x.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in run_cli(["predict", str(checkpoint), str(empty), str(tmp_path / "m2"), *args], capsys)
+
+
 # ------------------------------------------------------------------------------------------- Tianchi
 def test_submission_from_generated_tianchi_data_validates_and_scores(tmp_path, checkpoint):
     from rsseg.synth.generate import make_tianchi
@@ -494,7 +550,7 @@ def test_bad_checkpoints_through_the_cli(tmp_path, scene, capsys):
 
 
 def test_bad_inputs_through_the_cli(tmp_path, checkpoint, capsys):
-    four = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    four = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
     out = tmp_path / "out.tif"
     assert "trained on 3" in run_cli(["predict", str(checkpoint), str(four), str(out), "--device", "cpu"], capsys)
     empty = tmp_path / "empty"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -50,6 +49,7 @@ import numpy as np
 import rasterio
 import torch
 from PIL import Image
+from rasterio.enums import ColorInterp
 from torch import nn
 from tqdm import tqdm
 
@@ -57,6 +57,7 @@ from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
 from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
+from rsseg.inference.loading import LoadedModel, ModelLike, load_model
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.outputs import output_profiles, staging_path, write_cog
 from rsseg.inference.resample import model_grid, stream_resampled
@@ -64,7 +65,6 @@ from rsseg.inference.sources import recorded_bands, select_bands
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
 from rsseg.inference.tuned import inference_precision, setting
-from rsseg.models import Segmenter, model_from_checkpoint
 from rsseg.options import resolve
 from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
 from rsseg.tiling.grid import TileGrid
@@ -74,7 +74,6 @@ __all__ = ["predict_images", "predict_path", "predict_raster", "prob_path", "rea
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-ModelLike = PathLike | dict[str, Any] | nn.Module
 
 
 def read_tags(path: PathLike) -> dict[str, str]:
@@ -93,34 +92,6 @@ def prob_path(dst: PathLike) -> Path:
     return dst.with_name(f"{dst.stem}.prob{dst.suffix or '.tif'}")
 
 
-def _load_model(checkpoint_or_model: ModelLike, device: torch.device
-                ) -> tuple[nn.Module, int | None, dict[str, Any], str]:
-    """``(model, in_channels or None, checkpoint meta, sha256)`` from a checkpoint path, dict or module."""
-    if isinstance(checkpoint_or_model, nn.Module):
-        model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
-    else:
-        if isinstance(checkpoint_or_model, dict):
-            digest = "unknown (checkpoint given as a dict)"
-        else:
-            path = Path(checkpoint_or_model)
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {path} not found")
-            digest = file_sha256(path)
-        model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
-        meta = ckpt.get("meta") or {}
-    in_channels = int(model.mean.shape[1]) if isinstance(model, Segmenter) else None
-    return model, in_channels, meta, digest
-
-
-def _module_sha256(model: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, values): the tag for a model given in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, meta: dict[str, Any]
                  ) -> dict[str, Any]:
     """The scene's grid, CRS, nodata and the bands the model reads (:func:`~rsseg.inference.sources.select_bands`)."""
@@ -131,7 +102,8 @@ def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, 
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from exc
     with src_cm as src:
-        bands = select_bands(src_path, src.descriptions, opts.bands, recorded_bands(meta), in_channels)
+        alpha = [i for i, c in enumerate(src.colorinterp, start=1) if c == ColorInterp.alpha]
+        bands = select_bands(src_path, src.descriptions, opts.bands, recorded_bands(meta), in_channels, alpha)
         return dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform,
                     masked=source_has_mask(src), bands=bands)
 
@@ -183,7 +155,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     src, dst = Path(src), Path(dst)
     paths = _output_paths(src, dst, opts)
     dev = resolve_device(opts.device)
-    model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
+    loaded = load_model(checkpoint_or_model, dev)
+    model, in_channels, meta = loaded.model, loaded.in_channels, loaded.meta
     opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
     threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
     with raster_env():
@@ -191,7 +164,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         resampled = model_grid(src, info, meta, opts.gsd)
     grid = _grid(src, resampled or info, opts)
     windows_per_batch, predictor = _predictor(model, dev, opts)
-    tags = _tags(checkpoint_or_model, digest, src, threshold, opts, resampled)
+    tags = _tags(loaded, src, threshold, opts, resampled)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
@@ -225,14 +198,14 @@ def _predict_rows(stream: Callable[[RowWriter], None], writer: RowWriter, dev: t
     writer.close()
 
 
-def _tags(checkpoint_or_model: ModelLike, digest: str, src: Path, threshold: float, opts: PredictOptions,
+def _tags(loaded: LoadedModel, src: Path, threshold: float, opts: PredictOptions,
           resampled: dict[str, Any] | None) -> dict[str, str]:
     """The provenance written on the outputs: file names and hashes, the settings that made them."""
-    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+    tags = {"checkpoint_sha256": loaded.digest, "threshold": f"{threshold:g}", "tta": opts.tta,
             "precision": opts.precision, "source": src.name, "source_sha256": file_sha256(src),
             "tile": str(opts.window), "overlap": str(opts.overlap), "output": opts.output_kind}
-    if isinstance(checkpoint_or_model, str | os.PathLike):
-        tags["checkpoint"] = Path(checkpoint_or_model).name
+    if loaded.name is not None:
+        tags["checkpoint"] = loaded.name
     if resampled is not None:
         tags["read_gsd_m"] = f"{resampled['model_gsd']:g}"
     return tags
@@ -368,7 +341,8 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     names = _image_names(image_dir, sample)
     dev = resolve_device(opts.device)
-    model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
+    loaded = load_model(checkpoint_or_model, dev)
+    model, in_channels, meta = loaded.model, loaded.in_channels, loaded.meta
     if in_channels not in (None, 3):
         raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG images have 3 (RGB)")
     opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
@@ -385,15 +359,22 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
 
 def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, options: PredictOptions | None = None,
                  *, sample: PathLike | None = None, **values: Any) -> Path:
-    """``rsseg predict``: a folder of JPG images -> :func:`predict_images`; a raster -> :func:`predict_raster`.
+    """``rsseg predict``: a raster -> :func:`predict_raster`; a folder -> a submission or a mask per image.
+
+    A folder becomes a Tianchi submission (:func:`predict_images`) when ``output`` is a ``.csv`` or ``sample``
+    is given, else one mask per image in the folder ``output`` (:func:`rsseg.inference.images.predict_folder`).
 
     ``window``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
-    ``min_pixels`` to folders.
+    ``min_pixels`` to submissions.
     """
     opts = resolve(PredictOptions, options, values)
     input_path = Path(input_path)
     if input_path.is_dir():
-        return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
+        if sample is not None or Path(output).suffix.lower() == ".csv":
+            return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
+        from rsseg.inference.images import predict_folder
+
+        return predict_folder(checkpoint, input_path, output, opts)
     if not input_path.exists():
-        raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG images)")
+        raise FileNotFoundError(f"input {input_path} not found (expected a raster or a folder of images)")
     return predict_raster(checkpoint, input_path, output, opts)

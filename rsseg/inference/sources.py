@@ -8,7 +8,8 @@ decides which bands of a scene the model reads:
   differs from the recorded one is logged, not refused: the user chose);
 - else, when the checkpoint records descriptions and the scene has them, the bands are found by
   description (case-insensitive), in the model's order;
-- else the recorded band indexes, else every band of the scene.
+- else the recorded band indexes, else every band of the scene (but its alpha band, if that leaves the
+  model's band count).
 
 A scene that lacks a band the model needs is refused with one line naming what the scene has.
 """
@@ -55,8 +56,13 @@ def _wanted(recorded: list[dict[str, Any]]) -> str:
 
 
 def select_bands(src: Path, descriptions: Sequence[str | None], requested: Sequence[int] | None,
-                 recorded: list[dict[str, Any]] | None, in_channels: int | None) -> list[int]:
-    """The 1-based band indexes of ``src`` (which has ``descriptions``, one per band) the model reads."""
+                 recorded: list[dict[str, Any]] | None, in_channels: int | None, alpha: Sequence[int] = ()
+                 ) -> list[int]:
+    """The 1-based band indexes of ``src`` (which has ``descriptions``, one per band) the model reads.
+
+    ``alpha``: the scene's alpha bands, left out of the default (every band) when that leaves the model's
+    band count (an RGBA PNG for an RGB model).
+    """
     count, has = len(descriptions), describe_bands(descriptions)
     if requested:
         bands = list(requested)
@@ -74,6 +80,8 @@ def select_bands(src: Path, descriptions: Sequence[str | None], requested: Seque
                                   "(choose the scene's matching bands with --bands, e.g. --bands 1,2,3)")
     else:
         bands = list(range(1, count + 1))
+        if alpha and in_channels is not None and len(bands) - len(alpha) == in_channels:
+            bands = [b for b in bands if b not in alpha]
     if in_channels is not None and len(bands) != in_channels:
         how = f"--bands selects {len(bands)}" if requested else f"it has {has}"
         raise RasterError(f"{src}: {how}; the model was trained on {in_channels} band(s) "
