@@ -179,7 +179,7 @@ def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_
     model = fcn()
     out = predict_raster(model, src, tmp_path / "mask.tif", tile=256, overlap=32, tta="none", device="cpu",
                          output="both", prob_dtype=prob_dtype, threshold=0.5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "mask.prob.tif", "mask.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "mask.prob.tif", "mask.tif"]  # nothing staged
     prob_model = whole_image_prob(model, image)
     for path in (out, prob_path(out)):
         with rasterio.open(path) as ds:
@@ -196,6 +196,12 @@ def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_
     nodata = (image == 0).all(axis=0)
     np.testing.assert_array_equal(mask == 255, nodata)
     np.testing.assert_array_equal(valid, ~nodata)
+    plain = predict_raster(model, src, tmp_path / "plain" / "mask.tif", tile=256, overlap=32, tta="none",
+                           device="cpu", output="both", prob_dtype=prob_dtype, threshold=0.5, cog=False)
+    with rasterio.open(plain) as ds:  # --no-cog: the streamed tiled GeoTIFF, same pixels
+        assert "LAYOUT" not in ds.tags(ns="IMAGE_STRUCTURE") and not ds.overviews(1) and ds.colormap(1)[1][0] == 255
+        np.testing.assert_array_equal(ds.read(1), mask)
+    np.testing.assert_array_equal(read(prob_path(plain)), prob)
     if prob_dtype == "float32":
         np.testing.assert_array_equal(np.isnan(prob), nodata)
         np.testing.assert_array_equal(mask[~nodata], (prob[~nodata] > 0.5).astype(np.uint8))

@@ -168,16 +168,17 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
-        profiles = output_profiles(info, {kind: staging_path(path) for kind, path in tmp.items()}, opts.prob_dtype)
-        for path, _ in profiles.values():
+        staged = {kind: staging_path(path) if opts.cog else path for kind, path in tmp.items()}
+        profiles = output_profiles(info, staged, opts.prob_dtype)
+        for path in staged.values() if opts.cog else ():  # (else atomic_path removes them on failure)
             stack.callback(path.unlink, missing_ok=True)
         writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
         stream = functools.partial(_stream, predictor, grid, src, info["bands"], batch_size=windows_per_batch,
                                    warp=resampled)
         scratch = next(iter(profiles.values()))[0]
         _predict_rows(stream, writer, dev, info, resampled, scratch.with_name(f"{scratch.stem}.model.tif"))
-        for kind, (staged, profile) in profiles.items():
-            write_cog(staged, tmp[kind], kind, profile)
+        for kind, (path, profile) in profiles.items() if opts.cog else ():
+            write_cog(path, tmp[kind], kind, profile)
     log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), opts.tta, opts.precision, dev,
              time.perf_counter() - start, ", ".join(map(str, paths.values())))
     return dst
