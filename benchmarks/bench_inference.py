@@ -22,7 +22,8 @@ Figures (issue 5):
   8 windows x 8 views per forward pass) for its memory and its time (target: the default within 10%).
 * io (``--parts io``): the read / decode / blend / encode / write path of ``predict_raster`` alone, with a
   zero-cost model (a constant), on a generated scene (``--io-size``, default 8192x8192), tta none:
-  windows/s, and windows per CPU-second of the process (per core: what a GPU's feeding costs in cores).
+  windows/s, and windows per CPU-second of the process (per core: what a GPU's feeding costs in cores), as
+  streamed (``cog=False``); ``io_wall_s_with_cog`` times the default run with the COG conversion.
 * CUDA only: bare-model windows/s at 512x512 with tta none (target >= 1500 on an H100), batch 32.
 * cluster (``--parts cluster``): two 1536x1536 scenes predicted at once on a LocalCluster of two
   single-threaded workers (:func:`rsseg.pipeline.cluster.local_cluster`, set up as entry points), torch on every
@@ -255,21 +256,28 @@ class ConstantModel(nn.Module):
 
 
 def io_path(workdir: Path, size: int, device: torch.device) -> dict:
-    """Windows/s of predict_raster's read / decode / blend / write path with a zero-cost model."""
+    """Windows/s of predict_raster's read / decode / blend / write path with a zero-cost model.
+
+    Timed as streamed (``cog=False``) and again with the COG conversion (the default) after it.
+    """
     src = scene(workdir, size)
     with rasterio.open(src) as ds:
         n = len(TileGrid(ds.width, ds.height, TILE, OVERLAP))
     proc = psutil.Process()
     cpu0, start = proc.cpu_times(), time.perf_counter()
     predict_raster(ConstantModel(), src, workdir / "io.tif", tile=TILE, overlap=OVERLAP, tta="none", device=device,
-                   output="both", overwrite=True)
+                   output="both", overwrite=True, cog=False)
     wall, cpu1 = time.perf_counter() - start, proc.cpu_times()
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     cores = len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+    predict_raster(ConstantModel(), src, workdir / "io.tif", tile=TILE, overlap=OVERLAP, tta="none", device=device,
+                   output="both", overwrite=True)
+    cog_wall = time.perf_counter() - start
     return {"io_scene_px": size, "io_windows": n, "io_model": "constant (zero-cost)", "io_output": "both (uint8)",
             "io_wall_s": round(wall, 2), "io_cpu_s": round(cpu, 2), "io_cores": cores,
             "io_windows_per_s": round(n / wall, 1), "io_windows_per_cpu_s": round(n / cpu, 1),
-            "io_windows_per_s_per_core": round(n / wall / cores, 1)}
+            "io_windows_per_s_per_core": round(n / wall / cores, 1), "io_wall_s_with_cog": round(cog_wall, 2)}
 
 
 def gpu_windows_per_s(batch_size: int = 32, steps: int = 20) -> dict:

@@ -109,16 +109,20 @@ for tta in ("none", "d4"):
     bare = min(bi.bare_forward_seconds(model, src, device, precision, tta, windows)[0] for _ in range(2))
     n = len(bi.TileGrid(size, size, bi.TILE, bi.OVERLAP))
     wall = min(bi.timed_predict(model, src, work / f"predict_{tta}.tif", tta=tta, device=device,
-                                precision=precision, output="both") for _ in range(2))
+                                precision=precision, output="both", cog=False) for _ in range(2))
     out.update({f"{tta}_windows": n, f"{tta}_windows_per_batch": windows, f"{tta}_views_per_forward": views,
                 f"{tta}_predict_s": round(wall, 3), f"{tta}_bare_forward_s": round(bare, 3),
                 f"{tta}_windows_per_s": round(n / wall, 1), f"{tta}_bare_windows_per_s": round(n / bare, 1),
                 f"{tta}_predict_to_bare": round(bare / wall, 3)})
+cog = bi.timed_predict(model, src, work / "predict_cog.tif", tta="none", device=device, precision=precision,
+                       output="both")
+out.update({"none_predict_s_with_cog": round(cog, 3),
+            "none_windows_per_s_with_cog": round(out["none_windows"] / cog, 1)})
 import rsseg.inference.predict as predict_module  # noqa: E402
 
 threads, predict_module.reader_threads = predict_module.reader_threads(device), lambda device: 1
 one = min(bi.timed_predict(model, src, work / "predict_one_reader.tif", tta="none", device=device,
-                           precision=precision, output="both") for _ in range(2))
+                           precision=precision, output="both", cog=False) for _ in range(2))
 out.update({"reader_threads": threads, "none_windows_per_s_one_reader": round(out["none_windows"] / one, 1)})
 out["targets"] = {"none_windows_per_s_min": 1500, "predict_to_bare_min": 0.85}
 print(json.dumps(out))

@@ -210,7 +210,11 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 @click_options(PredictOptions, exclude=("window",))
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
 def predict(checkpoint: Path, input_path: Path, output: Path, sample: Path | None, **params: object) -> None:
-    """Predict a GeoTIFF (to a GeoTIFF) or a folder of JPG images (to a submission CSV)."""
+    """Predict a raster, a folder of Tianchi JPGs or a folder of images.
+
+    A raster gives mask/probability COGs; a JPG folder with OUTPUT *.csv or --sample a submission CSV; a
+    folder of PNG/JPG/TIFF images a folder of masks, one per image.
+    """
     from rsseg.inference.predict import predict_path
 
     result = predict_path(checkpoint, input_path, output, options_from_click(PredictOptions, params), sample=sample)

@@ -14,16 +14,18 @@ from torch import nn
 from rsseg.cli import cli, main
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
+from rsseg.inference.options import PredictOptions
 from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
+from rsseg.options import resolve
 from rsseg.tianchi.files import read_masks_csv, validate_submission
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
 
-def write_raster(path, data, nodata=None, crs="EPSG:32650"):
+def write_raster(path, data, nodata=None, crs="EPSG:32650", **options):
     profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                   dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata)
+                   dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata, **options)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
@@ -161,8 +163,51 @@ def test_georeferencing_nodata_and_tags(tmp_path):
     assert (mask[~nodata][p > 0.45 + 0.5 / 255] == 1).all() and (mask[~nodata][p < 0.45 - 0.5 / 255] == 0).all()
     tags = read_tags(out)
     assert tags["rsseg:tta"] == "flip" and tags["rsseg:threshold"] == "0.45"
-    assert tags["rsseg:source"] == str(src.resolve()) and len(tags["rsseg:checkpoint_sha256"]) == 64
+    assert tags["rsseg:source"] == src.name and len(tags["rsseg:checkpoint_sha256"]) == 64
+    assert tags["rsseg:source_sha256"] == file_sha256(src)
+    assert not any(str(tmp_path) in value for value in tags.values())  # no absolute local paths
     assert read_tags(prob_path(out)) == tags
+
+
+@pytest.mark.parametrize("prob_dtype", ["uint8", "float32"])
+def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_dtype):
+    """Both outputs: GDAL's COG layout, 512 px internal tiles, overviews; the mask has a colour table;
+    values equal a plain streamed run's (the windowed prediction without the conversion)."""
+    image = np.random.default_rng(7).integers(1, 256, (3, 1100, 1300), dtype=np.uint8)
+    image[:, :40, :] = 0
+    src = write_raster(tmp_path / "big.tif", image, nodata=0)
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "mask.tif", tile=256, overlap=32, tta="none", device="cpu",
+                         output="both", prob_dtype=prob_dtype, threshold=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "mask.prob.tif", "mask.tif"]  # nothing staged
+    prob_model = whole_image_prob(model, image)
+    for path in (out, prob_path(out)):
+        with rasterio.open(path) as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (512, 512) and ds.compression is not None
+            assert ds.overviews(1) and max(ds.width, ds.height) / ds.overviews(1)[-1] <= 512  # down to one tile
+            assert ds.tags(ns="rsseg")["tta"] == "none"
+    with rasterio.open(out) as ds:
+        colors = ds.colormap(1)
+        assert colors[1][:3] == (255, 0, 0) and colors[0][:3] == (0, 0, 0)
+        mask = ds.read(1)
+    with rasterio.open(prob_path(out)) as ds:
+        prob, valid = ds.read(1), ds.dataset_mask() > 0
+    nodata = (image == 0).all(axis=0)
+    np.testing.assert_array_equal(mask == 255, nodata)
+    np.testing.assert_array_equal(valid, ~nodata)
+    plain = predict_raster(model, src, tmp_path / "plain" / "mask.tif", tile=256, overlap=32, tta="none",
+                           device="cpu", output="both", prob_dtype=prob_dtype, threshold=0.5, cog=False)
+    with rasterio.open(plain) as ds:  # --no-cog: the streamed tiled GeoTIFF, same pixels
+        assert "LAYOUT" not in ds.tags(ns="IMAGE_STRUCTURE") and not ds.overviews(1) and ds.colormap(1)[1][0] == 255
+        np.testing.assert_array_equal(ds.read(1), mask)
+    np.testing.assert_array_equal(read(prob_path(plain)), prob)
+    if prob_dtype == "float32":
+        np.testing.assert_array_equal(np.isnan(prob), nodata)
+        np.testing.assert_array_equal(mask[~nodata], (prob[~nodata] > 0.5).astype(np.uint8))
+    # blended windows away from the no-data border equal the whole-image prediction (values unchanged)
+    got = prob[100:, :].astype(np.float32) / (255 if prob_dtype == "uint8" else 1)
+    np.testing.assert_allclose(got, prob_model[100:, :], atol=0.5 / 255 + 1e-5 if prob_dtype == "uint8" else 1e-5)
 
 
 def test_a_mask_band_marks_nodata_too(tmp_path):
@@ -194,6 +239,8 @@ def test_checkpoint_threshold_and_digest(tmp_path, checkpoint):
                          output="both", prob_dtype="float32")
     tags = read_tags(out)
     assert tags["rsseg:threshold"] == "0.4"
+    assert tags["rsseg:precision"] == "fp32"  # auto: the checkpoint records no validation precision
+    assert tags["rsseg:checkpoint"] == checkpoint.name
     assert tags["rsseg:checkpoint_sha256"] == file_sha256(checkpoint)
     np.testing.assert_array_equal(read(out), (read(prob_path(out)) > 0.4).astype(np.uint8))
 
@@ -232,10 +279,200 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, scene):
 
 
 def test_band_count_must_match_the_model(tmp_path, checkpoint):
-    src = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    src = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
     with pytest.raises(RasterError, match="4 band.*trained on 3"):
         predict_raster(checkpoint, src, tmp_path / "out.tif", device="cpu")
     assert not (tmp_path / "out.tif").exists()
+    # GDAL's default for 4 uint8 bands is RGBA: the alpha band is the nodata mask, not a model band
+    rgba = np.full((4, 32, 32), 200, np.uint8)
+    rgba[3, :, :8] = 0
+    out = predict_raster(checkpoint, write_raster(tmp_path / "rgba.tif", rgba), tmp_path / "rgba_mask.tif",
+                         device="cpu", tile=32, overlap=8, tta="none")
+    assert (read(out)[:, :8] == 255).all() and (read(out)[:, 8:] != 255).all()
+
+
+def write_described(path, data, descriptions):
+    write_raster(path, data, photometric="minisblack")
+    with rasterio.open(path, "r+") as ds:
+        ds.descriptions = tuple(descriptions)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb_checkpoint(tmp_path_factory):
+    """A checkpoint whose meta records its source bands (red, green, blue: bands 1-3 of its scenes)."""
+    torch.manual_seed(0)
+    model = create_model("unet", "resnet18")
+    path = tmp_path_factory.mktemp("ckpt") / "rgb.pt"
+    bands = [{"band": i, "description": d} for i, d in enumerate(("red", "green", "blue"), start=1)]
+    save_checkpoint(path, model, model_config(model, arch="unet", encoder="resnet18", in_channels=3),
+                    meta={"threshold": 0.5, "bands": bands})
+    return path
+
+
+def test_bands_select_and_order_the_scene_bands(tmp_path):
+    image = np.random.default_rng(11).integers(0, 256, (4, 96, 128), dtype=np.uint8)
+    src = write_raster(tmp_path / "rgbn.tif", image, photometric="minisblack")  # GDAL: 4 uint8 bands = RGBA
+    model = fcn()
+    out = predict_raster(model, src, tmp_path / "p.tif", tile=128, overlap=32, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32", bands=[4, 3, 2])
+    want = predict_raster(model, write_raster(tmp_path / "nir_r_g.tif", image[[3, 2, 1]]), tmp_path / "w.tif",
+                          tile=128, overlap=32, tta="none", device="cpu", output="prob", prob_dtype="float32")
+    np.testing.assert_array_equal(read(out), read(want))
+    with pytest.raises(RasterError, match=r"has 4 bands \(no descriptions\); --bands 1,5 names band\(s\) 5"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[1, 5])
+    with pytest.raises(RasterError, match="--bands selects 2; the model was trained on 3"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[1, 2])
+    with pytest.raises(ConfigError, match="bands"):
+        predict_raster(model, src, tmp_path / "q.tif", device="cpu", bands=[0, 1, 2])
+
+
+def test_recorded_bands_are_found_by_description_or_refused_in_one_line(tmp_path, rgb_checkpoint):
+    image = np.random.default_rng(12).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    # described in another order, with a fourth band: the model's red, green, blue are found by name
+    src = write_described(tmp_path / "bgrn.tif", image, ["Blue", "green", "red", "nir"])
+    out = predict_raster(rgb_checkpoint, src, tmp_path / "a.tif", tile=64, overlap=16, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32")
+    want = predict_raster(rgb_checkpoint, write_raster(tmp_path / "rgb.tif", image[[2, 1, 0]]), tmp_path / "b.tif",
+                          tile=64, overlap=16, tta="none", device="cpu", output="prob", prob_dtype="float32")
+    np.testing.assert_allclose(read(out), read(want), atol=1e-6)
+    # no descriptions: the recorded indexes 1-3 of a 4-band scene
+    plain = write_raster(tmp_path / "plain.tif", image, photometric="minisblack")
+    got = predict_raster(rgb_checkpoint, plain, tmp_path / "c.tif", tile=64, overlap=16, tta="none", device="cpu",
+                         output="prob", prob_dtype="float32")
+    np.testing.assert_allclose(read(got), read(predict_raster(
+        rgb_checkpoint, write_raster(tmp_path / "first3.tif", image[:3]), tmp_path / "d.tif", tile=64, overlap=16,
+        tta="none", device="cpu", output="prob", prob_dtype="float32")), atol=1e-6)
+    # a described scene without a blue band: one line naming what it has
+    pan = write_described(tmp_path / "pan.tif", image[:2], ["red", "pan"])
+    with pytest.raises(RasterError) as err:
+        predict_raster(rgb_checkpoint, pan, tmp_path / "e.tif", device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "has 2 bands (1 red, 2 pan)" in message and "lacks green, blue" in message
+    assert not (tmp_path / "e.tif").exists()
+    # --bands overrides the recorded bands (a differing description is only logged)
+    predict_raster(rgb_checkpoint, src, tmp_path / "f.tif", tile=64, overlap=16, tta="none", device="cpu",
+                   bands=[1, 2, 4])
+
+
+def test_bands_through_the_cli(tmp_path, rgb_checkpoint):
+    image = np.random.default_rng(13).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    src = write_described(tmp_path / "s.tif", image, ["red", "green", "blue", "nir"])
+    result = CliRunner().invoke(cli, ["predict", str(rgb_checkpoint), str(src), str(tmp_path / "m.tif"),
+                                      "--bands", "3,2,1", "--tta", "none", "--device", "cpu", "--tile", "64",
+                                      "--overlap", "16"])
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "m.tif").shape == (64, 64)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+class OpenedBlue(nn.Module):
+    """A scale-sensitive stand-in for a model trained at 0.3 m: the generated scenes' roofs are bluer than the
+    ground; that map is opened (eroded, dilated) over 15 px and smoothed, so its footprints depend on the
+    pixel size (at 0.6 m, 15 px are twice as many metres)."""
+
+    def forward(self, x):
+        roofs = (x.float()[:, 2:3] > 100).float()
+        roofs = torch.nn.functional.max_pool2d(-torch.nn.functional.max_pool2d(-roofs, 15, 1, 7), 15, 1, 7)
+        return (torch.nn.functional.avg_pool2d(roofs, 5, 1, 2, count_include_pad=False) - 0.5) * 20
+
+
+def footprint_iou(mask_path, footprints):
+    from rasterio.features import rasterize
+
+    with rasterio.open(mask_path) as ds:
+        mask, transform, crs = ds.read(1) == 1, ds.transform, ds.crs
+    truth = rasterize(footprints.to_crs(crs).geometry, out_shape=mask.shape, transform=transform).astype(bool)
+    return (mask & truth).sum() / (mask | truth).sum()
+
+
+def test_windows_are_resampled_to_the_models_gsd_and_written_on_the_scene_grid(tmp_path):
+    from rsseg.synth.generate import make_scene
+
+    footprints = make_scene(tmp_path / "fine.tif", size=768, seed=3, gsd=0.3, progress=False)
+    make_scene(tmp_path / "coarse.tif", size=384, seed=3, gsd=0.6, progress=False)  # the same layout at 0.6 m
+    model, kw = OpenedBlue(), dict(window=256, overlap=64, tta="none", device="cpu", output="both", threshold=0.5)
+    native = predict_raster(model, tmp_path / "fine.tif", tmp_path / "native.tif", gsd="0.3", **kw)
+    resampled = predict_raster(model, tmp_path / "coarse.tif", tmp_path / "resampled.tif", gsd="0.3", **kw)
+    without = predict_raster(model, tmp_path / "coarse.tif", tmp_path / "without.tif", gsd="native", **kw)
+    iou = {name: footprint_iou(path, footprints) for name, path in
+           (("native", native), ("resampled", resampled), ("without", without))}
+    assert abs(iou["resampled"] - iou["native"]) <= 0.05, iou
+    assert iou["resampled"] > iou["without"] + 0.05, iou
+    with rasterio.open(tmp_path / "coarse.tif") as src, rasterio.open(resampled) as out:
+        assert (out.width, out.height, out.transform, out.crs) == (src.width, src.height, src.transform, src.crs)
+    assert read_tags(resampled)["rsseg:read_gsd_m"] == "0.3" and "rsseg:read_gsd_m" not in read_tags(without)
+    assert read(prob_path(resampled)).shape == (384, 384)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging files left
+
+
+def test_model_grid_follows_the_checkpoint_gsd_within_a_tolerance():
+    from rsseg.inference.resample import model_grid, scene_gsd
+
+    info = dict(width=1000, height=800, crs=rasterio.crs.CRS.from_epsg(32650), transform=TRANSFORM)
+    grid = model_grid("s.tif", info, {"gsd_m": 0.6}, "auto")
+    assert (grid["width"], grid["height"]) == (500, 400) and grid["transform"].a == pytest.approx(0.6)
+    assert model_grid("s.tif", info, {"gsd_m": 0.32}, "auto") is None  # within 10%
+    assert model_grid("s.tif", info, {"gsd_m": 0.6}, "native") is None
+    assert model_grid("s.tif", info, {}, "auto") is None  # older checkpoints: no GSD recorded
+    assert model_grid("s.tif", dict(info, crs=None), {"gsd_m": 0.6}, "auto") is None  # unknown scene GSD
+    assert model_grid("s.tif", info, {}, "0.15")["width"] == 2000
+    degrees = Affine(0.5 / 111_320, 0, 114.3, 0, -0.5 / 111_320, 30.6)
+    assert scene_gsd("EPSG:4326", degrees, 100, 100) == pytest.approx(0.5 * (1 + np.cos(np.radians(30.6))) / 2,
+                                                                     rel=0.01)
+    assert PredictOptions(gsd=0.30).gsd == "0.3" and PredictOptions(gsd="Native").gsd == "native"
+    with pytest.raises(ConfigError, match="gsd='fine': expected auto, native or a pixel size"):
+        resolve(PredictOptions, None, {"gsd": "fine"})
+
+
+# ------------------------------------------------------------------------------------- image folders
+def test_a_folder_of_plain_images_gets_one_mask_per_image(tmp_path):
+    from rsseg.inference.images import predict_folder
+
+    rng = np.random.default_rng(21)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = {name: rng.integers(0, 256, (70, 90, 3), dtype=np.uint8) for name in ("a", "b", "c")}
+    Image.fromarray(pixels["a"]).save(folder / "a.png")
+    Image.fromarray(pixels["b"]).save(folder / "b.jpg", quality=95)
+    Image.fromarray(pixels["c"]).save(folder / "c.tif")
+    write_raster(folder / "geo.tif", pixels["a"].transpose(2, 0, 1))  # georeferenced
+    (folder / "a.png.aux.xml").write_text("<PAMDataset/>")  # sidecars are not images
+    model = fcn()
+    out = predict_folder(model, folder, tmp_path / "masks", window=64, overlap=16, tta="none", device="cpu",
+                         threshold=0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.tif", "geo.tif"]
+    with rasterio.open(out / "geo.tif") as ds:
+        assert ds.crs.to_epsg() == 32650 and ds.transform == TRANSFORM
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    for name, source in (("a.png", "a.png"), ("b.png", "b.jpg"), ("c.tif", "c.tif")):
+        with Image.open(out / name) as mask, Image.open(folder / source) as image:
+            assert mask.size == image.size and mask.mode == "P"  # palette: buildings red
+            values = np.asarray(mask)
+        want = predict_raster(model, folder / "geo.tif", tmp_path / f"ref_{name}.tif", window=64, overlap=16,
+                              tta="none", device="cpu", output="mask", threshold=0.5) if name == "a.png" else None
+        assert set(np.unique(values)) <= {0, 1}
+        if want is not None:  # the same pixels as a GeoTIFF give the same mask
+            np.testing.assert_array_equal(values, read(want))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        predict_folder(model, folder, out, window=64, overlap=16, tta="none", device="cpu")
+    predict_folder(model, folder, out, window=64, overlap=16, tta="none", device="cpu", overwrite=True)
+
+
+def test_predict_command_on_an_image_folder_and_the_tianchi_path_stays(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((512, 512, 3), np.uint8)).save(folder / "x.jpg")
+    args = ["--tta", "none", "--device", "cpu", "--tile", "256", "--overlap", "32"]
+    masks = CliRunner().invoke(cli, ["predict", str(checkpoint), str(folder), str(tmp_path / "masks"), *args])
+    assert masks.exit_code == 0, masks.output
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == ["x.png"]
+    csv = CliRunner().invoke(cli, ["predict", str(checkpoint), str(folder), str(tmp_path / "sub.csv"), *args])
+    assert csv.exit_code == 0, csv.output
+    assert list(read_masks_csv(tmp_path / "sub.csv")) == ["x.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in run_cli(["predict", str(checkpoint), str(empty), str(tmp_path / "m2"), *args], capsys)
 
 
 # ------------------------------------------------------------------------------------------- Tianchi
@@ -319,7 +556,7 @@ def test_bad_checkpoints_through_the_cli(tmp_path, scene, capsys):
 
 
 def test_bad_inputs_through_the_cli(tmp_path, checkpoint, capsys):
-    four = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8))
+    four = write_raster(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
     out = tmp_path / "out.tif"
     assert "trained on 3" in run_cli(["predict", str(checkpoint), str(four), str(out), "--device", "cpu"], capsys)
     empty = tmp_path / "empty"

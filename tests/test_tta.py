@@ -101,8 +101,8 @@ def test_bf16_on_cpu_agrees_with_fp32():
 def test_bad_options_name_the_choices():
     with pytest.raises(ConfigError, match="none, flip, d4"):
         tta_views("rot")
-    with pytest.raises(ConfigError, match="fp32, bf16"):
-        Predictor(skewed_model(), torch.device("cpu"), "none", "fp16")
+    with pytest.raises(ConfigError, match="fp32, bf16, fp16"):  # fp16 is a precision now
+        Predictor(skewed_model(), torch.device("cpu"), "none", "int8")
     with pytest.raises(ConfigError, match="square"):
         Predictor(skewed_model(), torch.device("cpu"), "d4")(torch.zeros((1, 3, 8, 16), dtype=torch.uint8))
     with pytest.raises(ConfigError, match="device"):
@@ -266,3 +266,49 @@ def test_reader_threads_feed_a_gpu_and_stay_single_on_cpu():
 
     assert reader_threads(torch.device("cpu")) == 1
     assert 2 <= reader_threads(torch.device("cuda", 0)) <= 4
+
+
+# ------------------------------------------------------------------------------- precision (auto, fp16)
+@pytest.mark.parametrize(("validated", "facts", "want"), [
+    ("bf16", ("cuda", (8, 0), False), "bf16"),   # A100/H100: native bf16
+    ("bf16", ("cuda", (7, 5), False), "fp32"),   # T4: bf16 emulated -> fp32
+    ("fp16", ("cuda", (7, 0), False), "fp16"),   # V100: validated in fp16 with a GradScaler
+    ("bf16", ("cpu", None, True), "bf16"),       # CPU with AVX512-BF16/AMX
+    ("bf16", ("cpu", None, False), "fp32"),
+    ("fp16", ("cpu", None, True), "fp32"),       # fp16 is not native on CPUs
+    ("fp32", ("cuda", (9, 0), False), "fp32"),
+    (None, ("cuda", (9, 0), False), "fp32"),     # older checkpoints record no precision
+])
+def test_auto_precision_follows_the_checkpoint_where_the_device_supports_it(validated, facts, want):
+    from rsseg.inference.tuned import inference_precision
+    from rsseg.training.devices import DeviceFacts
+
+    meta = {} if validated is None else {"precision": validated}
+    device = torch.device(facts[0])
+    assert inference_precision("auto", meta, device, DeviceFacts(facts[0], facts[1], facts[2])) == want
+    assert inference_precision("fp16", meta, device, DeviceFacts(facts[0], facts[1], facts[2])) == "fp16"
+
+
+def test_fp16_forward_passes_match_fp32():
+    model, x = skewed_model(), torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    fp32 = Predictor(model, torch.device("cpu"), "flip", "fp32")(x)
+    fp16 = Predictor(model, torch.device("cpu"), "flip", "fp16")(x)
+    assert fp16.dtype == torch.float32
+    np.testing.assert_allclose(fp16.numpy(), fp32.numpy(), atol=5e-3)
+    with pytest.raises(ConfigError, match="auto is resolved"):
+        Predictor(model, torch.device("cpu"), "none", "auto")
+
+
+def test_a_threshold_tuned_with_another_tta_or_precision_is_used_and_logged(caplog):
+    from rsseg.inference.tuned import setting, tuned_with
+
+    meta = {"threshold": 0.4, "precision": "bf16"}
+    assert tuned_with(meta) == ("none", "bf16")
+    assert tuned_with({"threshold_tta": "d4", "threshold_precision": "fp32"}) == ("d4", "fp32")
+    with caplog.at_level("INFO", logger="rsseg.inference.tuned"):
+        assert setting(None, meta, "threshold", 0.5, "none", "bf16") == 0.4
+        assert not caplog.records
+        assert setting(None, meta, "threshold", 0.5, "d4", "fp32") == 0.4
+    assert "threshold 0.4 was tuned with TTA none in bf16; predicting with TTA d4 in fp32" in caplog.text
+    assert setting(0.3, meta, "threshold", 0.5, "d4", "fp32") == 0.3
+    assert setting(None, {}, "threshold", 0.5, "d4", "fp32") == 0.5

@@ -21,7 +21,7 @@ __all__ = ["BYTES_PER_PIXEL", "MAX_VIEWS", "MEMORY_SHARE", "batch_plan", "free_m
 
 #: Peak bytes of a forward pass per input pixel and view, fp32: measured on a resnet34 U-Net on CPU
 #: (``rsseg predict`` on a 2048^2 scene peaked at 10.2 GB with 8 windows x 8 d4 views per forward pass and
-#: 2.4 GB with 8 x 1: about 140 MB, 530 B/pixel, a 512^2 view), rounded up. bf16 autocast halves it.
+#: 2.4 GB with 8 x 1: about 140 MB, 530 B/pixel, a 512^2 view), rounded up. bf16/fp16 autocast halves it.
 BYTES_PER_PIXEL = 600
 #: The share of the free memory one forward pass may take (the rest: blending strip, queued batches and
 #: rows, GDAL's cache, other processes; on a GPU, the allocator's fragmentation).
@@ -45,7 +45,7 @@ def views_per_forward(device: torch.device, window: int, precision: str = "fp32"
     ``free``: bytes free (default: :func:`free_memory`); a parameter so that tests can set it.
     """
     free = free_memory(device) if free is None else free
-    per_view = BYTES_PER_PIXEL * window * window // (2 if precision == "bf16" else 1)
+    per_view = BYTES_PER_PIXEL * window * window // (2 if precision in ("bf16", "fp16") else 1)
     fit = int(free * MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"])) // max(1, per_view)
     return max(1, min(MAX_VIEWS.get(device.type, MAX_VIEWS["cpu"]), fit))
 

@@ -3,18 +3,21 @@
 :func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
 in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
 augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of rows on the model's device
-(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete.
+(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete,
+made COGs at the end.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
 measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
 for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
 
-**Raster outputs** are single-band, tiled (512 x 512), DEFLATE-compressed (level 1) GeoTIFFs with the source's
-CRS and transform, tagged ``rsseg:checkpoint_sha256``, ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:source``,
-``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata domain ``rsseg``: read
-them with :func:`read_tags`), written atomically:
+**Raster outputs** are single-band Cloud Optimized GeoTIFFs (:mod:`rsseg.inference.outputs`: 512 x 512
+internal tiles, overviews, DEFLATE level 1) with the source's CRS and transform, tagged
+``rsseg:checkpoint_sha256``, ``rsseg:checkpoint`` (its file name, for a checkpoint given by path),
+``rsseg:threshold``, ``rsseg:tta``, ``rsseg:precision``, ``rsseg:source`` (the scene's file name),
+``rsseg:source_sha256``, ``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata
+domain ``rsseg``: read them with :func:`read_tags`; no absolute local paths), written atomically:
 
 * mask (``output_kind="mask"`` or ``"both"``, at ``dst``): uint8, 1 building (probability > threshold),
-  0 background, 255 (the declared nodata) where the source is nodata;
+  0 background, 255 (the declared nodata) where the source is nodata, with a colour table (buildings red);
 * probabilities (``output_kind="prob"``: at ``dst``; ``"both"``: at :func:`prob_path` of ``dst``):
   ``prob_dtype="uint8"``: ``round(255 * p)`` with source nodata marked by an internal mask band
   (0 = nodata; read it with ``dataset_mask()`` or ``read(masked=True)``); ``"float32"``: ``p`` in
@@ -33,12 +36,12 @@ the allocator and the GDAL cache are the entry point's (:mod:`rsseg.pipeline.pro
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ import numpy as np
 import rasterio
 import torch
 from PIL import Image
+from rasterio.enums import ColorInterp
 from torch import nn
 from tqdm import tqdm
 
@@ -53,10 +57,14 @@ from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import atomic_path, file_sha256, raster_env
 from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
+from rsseg.inference.loading import LoadedModel, ModelLike, load_model
 from rsseg.inference.options import PredictOptions
+from rsseg.inference.outputs import output_profiles, staging_path, write_cog
+from rsseg.inference.resample import model_grid, stream_resampled
+from rsseg.inference.sources import recorded_bands, select_bands
 from rsseg.inference.streams import TAG_NS, Prefetch, RowWriter, read_batches, source_has_mask
 from rsseg.inference.tta import Predictor, on_device, on_device_iter, resolve_device, tta_views
-from rsseg.models import Segmenter, model_from_checkpoint
+from rsseg.inference.tuned import inference_precision, setting
 from rsseg.options import resolve
 from rsseg.tianchi.rle import TIANCHI_SHAPE, encode
 from rsseg.tiling.grid import TileGrid
@@ -66,10 +74,6 @@ __all__ = ["predict_images", "predict_path", "predict_raster", "prob_path", "rea
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-ModelLike = PathLike | dict[str, Any] | nn.Module
-#: Compression of the output GeoTIFFs: lossless, readable everywhere; level 1 compresses an 8192x2048
-#: probability block row 3x faster than the default level 6 (0.12 vs 0.35 s of CPU), 3% larger.
-COMPRESSION = {"compress": "deflate", "zlevel": 1}
 
 
 def read_tags(path: PathLike) -> dict[str, str]:
@@ -88,42 +92,9 @@ def prob_path(dst: PathLike) -> Path:
     return dst.with_name(f"{dst.stem}.prob{dst.suffix or '.tif'}")
 
 
-def _load_model(checkpoint_or_model: ModelLike, device: torch.device
-                ) -> tuple[nn.Module, int | None, dict[str, Any], str]:
-    """``(model, in_channels or None, checkpoint meta, sha256)`` from a checkpoint path, dict or module."""
-    if isinstance(checkpoint_or_model, nn.Module):
-        model, meta, digest = checkpoint_or_model, {}, _module_sha256(checkpoint_or_model)
-    else:
-        if isinstance(checkpoint_or_model, dict):
-            digest = "unknown (checkpoint given as a dict)"
-        else:
-            path = Path(checkpoint_or_model)
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {path} not found")
-            digest = file_sha256(path)
-        model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
-        meta = ckpt.get("meta") or {}
-    in_channels = int(model.mean.shape[1]) if isinstance(model, Segmenter) else None
-    return model, in_channels, meta, digest
-
-
-def _setting(value: float | None, meta: dict[str, Any], key: str, default: float) -> float:
-    """An explicit value, else the one chosen on validation (checkpoint meta), else ``default``."""
-    if value is not None:
-        return float(value)
-    return float(meta[key]) if meta.get(key) is not None else default
-
-
-def _module_sha256(model: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, values): the tag for a model given in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
+def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, meta: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The scene's grid, CRS, nodata and the bands the model reads (:func:`~rsseg.inference.sources.select_bands`)."""
     if not src_path.is_file():
         raise FileNotFoundError(f"input raster {src_path} not found (expected a GeoTIFF or a folder of JPG images)")
     try:
@@ -131,26 +102,10 @@ def _source_info(src_path: Path, in_channels: int | None) -> dict[str, Any]:
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"{src_path}: not a raster GDAL can read ({' '.join(str(exc).split())})") from exc
     with src_cm as src:
-        if in_channels is not None and src.count != in_channels:
-            raise RasterError(f"{src_path} has {src.count} band(s); the model was trained on {in_channels} "
-                              "(select or stack bands to match, e.g. with gdal_translate -b)")
+        alpha = [i for i, c in enumerate(src.colorinterp, start=1) if c == ColorInterp.alpha]
+        bands = select_bands(src_path, src.descriptions, opts.bands, recorded_bands(meta), in_channels, alpha)
         return dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform,
-                    masked=source_has_mask(src))
-
-
-def _profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: str) -> dict[str, tuple[Path, dict]]:
-    base = dict(driver="GTiff", width=info["width"], height=info["height"], count=1, crs=info["crs"],
-                transform=info["transform"], tiled=True, blockxsize=512, blockysize=512, bigtiff="IF_SAFER",
-                **COMPRESSION)
-    profiles = {}
-    for kind, path in outputs.items():
-        if kind == "mask":
-            profiles[kind] = (path, dict(base, dtype="uint8", nodata=255))
-        elif prob_dtype == "float32":
-            profiles[kind] = (path, dict(base, dtype="float32", nodata=float("nan"), predictor=3))
-        else:
-            profiles[kind] = (path, dict(base, dtype="uint8", nodata=None))
-    return profiles
+                    masked=source_has_mask(src), bands=bands)
 
 
 def _output_paths(src: Path, dst: Path, opts: PredictOptions) -> dict[str, Path]:
@@ -182,7 +137,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     Args:
         checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
             logits out, e.g. :class:`~rsseg.models.Segmenter`).
-        src: the scene (any GDAL raster with the model's band count).
+        src: the scene (any GDAL raster with the model's bands: ``bands`` selects them, else the
+            checkpoint's recorded bands, see :mod:`rsseg.inference.sources`).
         dst: the output GeoTIFF.
         options: :class:`~rsseg.inference.options.PredictOptions` (``min_pixels`` does not apply). A
             threshold of None takes the checkpoint's ``meta["threshold"]`` if it has one, else 0.5.
@@ -192,36 +148,68 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         ``dst``.
 
     Raises:
-        CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source or a band
-        count other than the model's. ConfigError: a bad option. FileExistsError: an existing output.
+        CheckpointError: a missing or foreign checkpoint. RasterError: an unreadable source, or one that lacks
+        the model's bands. ConfigError: a bad option. FileExistsError: an existing output.
     """
     opts = resolve(PredictOptions, options, values)
     src, dst = Path(src), Path(dst)
     paths = _output_paths(src, dst, opts)
     dev = resolve_device(opts.device)
-    model, in_channels, meta, digest = _load_model(checkpoint_or_model, dev)
-    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
+    loaded = load_model(checkpoint_or_model, dev)
+    model, in_channels, meta = loaded.model, loaded.in_channels, loaded.meta
+    opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
+    threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
     with raster_env():
-        info = _source_info(src, in_channels)
-    grid = _grid(src, info, opts)
+        info = _source_info(src, in_channels, opts, meta)
+        resampled = model_grid(src, info, meta, opts.gsd)
+    grid = _grid(src, resampled or info, opts)
     windows_per_batch, predictor = _predictor(model, dev, opts)
-    tags = {"checkpoint_sha256": digest, "threshold": f"{threshold:g}", "tta": opts.tta,
-            "source": str(src.resolve()), "tile": str(opts.window), "overlap": str(opts.overlap),
-            "output": opts.output_kind}
+    tags = _tags(loaded, src, threshold, opts, resampled)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
-        writer = RowWriter(src if info["masked"] else None, _profiles(info, tmp, opts.prob_dtype), tags, threshold)
-        try:
-            with on_device(dev):
-                _stream(predictor, grid, src, writer, windows_per_batch)
-        except BaseException:
-            writer.close(ok=False)
-            raise
-        writer.close()
+        staged = {kind: staging_path(path) if opts.cog else path for kind, path in tmp.items()}
+        profiles = output_profiles(info, staged, opts.prob_dtype)
+        for path in staged.values() if opts.cog else ():  # (else atomic_path removes them on failure)
+            stack.callback(path.unlink, missing_ok=True)
+        writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
+        stream = functools.partial(_stream, predictor, grid, src, info["bands"], batch_size=windows_per_batch,
+                                   warp=resampled)
+        scratch = next(iter(profiles.values()))[0]
+        _predict_rows(stream, writer, dev, info, resampled, scratch.with_name(f"{scratch.stem}.model.tif"))
+        for kind, (path, profile) in profiles.items() if opts.cog else ():
+            write_cog(path, tmp[kind], kind, profile)
     log.info("%s: %d windows (%s TTA, %s on %s) in %.1f s -> %s", src, len(grid), opts.tta, opts.precision, dev,
              time.perf_counter() - start, ", ".join(map(str, paths.values())))
     return dst
+
+
+def _predict_rows(stream: Callable[[RowWriter], None], writer: RowWriter, dev: torch.device, info: dict[str, Any],
+                  resampled: dict[str, Any] | None, scratch: Path) -> None:
+    """Blended rows into ``writer`` (through the model's grid and ``scratch`` when ``resampled``); closes it."""
+    try:
+        with on_device(dev):
+            if resampled is None:
+                stream(writer)
+            else:
+                stream_resampled(stream, info, resampled, scratch, writer)
+    except BaseException:
+        writer.close(ok=False)
+        raise
+    writer.close()
+
+
+def _tags(loaded: LoadedModel, src: Path, threshold: float, opts: PredictOptions,
+          resampled: dict[str, Any] | None) -> dict[str, str]:
+    """The provenance written on the outputs: file names and hashes, the settings that made them."""
+    tags = {"checkpoint_sha256": loaded.digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+            "precision": opts.precision, "source": src.name, "source_sha256": file_sha256(src),
+            "tile": str(opts.window), "overlap": str(opts.overlap), "output": opts.output_kind}
+    if loaded.name is not None:
+        tags["checkpoint"] = loaded.name
+    if resampled is not None:
+        tags["read_gsd_m"] = f"{resampled['model_gsd']:g}"
+    return tags
 
 
 def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tuple[int, Predictor]:
@@ -232,12 +220,14 @@ def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tup
     return windows, Predictor(model, dev, opts.tta, opts.precision, max_views=views)
 
 
-def _stream(predictor: Predictor, grid: TileGrid, src: Path, writer: RowWriter, batch_size: int) -> None:
-    """The main loop: batches in, blended rows out."""
+def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], writer: RowWriter, *,
+            batch_size: int, warp: dict[str, Any] | None = None) -> None:
+    """The main loop: batches in, blended rows out (of ``src`` resampled to ``warp``, if given)."""
     strip = StripAccumulator(grid, predictor.device)
     pin = predictor.device.type == "cuda"
     threads = reader_threads(predictor.device)
-    reads = lambda: on_device_iter(predictor.device, read_batches(src, grid, batch_size, pin, threads))  # noqa: E731
+    reads = lambda: on_device_iter(  # noqa: E731
+        predictor.device, read_batches(src, grid, batch_size, pin, threads, bands, warp))
     with (Prefetch(reads, depth=3) as batches,
           tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
           torch.inference_mode()):
@@ -352,11 +342,13 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
         raise FileExistsError(f"{output_csv} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     names = _image_names(image_dir, sample)
     dev = resolve_device(opts.device)
-    model, in_channels, meta, _ = _load_model(checkpoint_or_model, dev)
+    loaded = load_model(checkpoint_or_model, dev)
+    model, in_channels, meta = loaded.model, loaded.in_channels, loaded.meta
     if in_channels not in (None, 3):
         raise CheckpointError(f"the model takes {in_channels} band(s); Tianchi JPG images have 3 (RGB)")
-    threshold = _setting(opts.threshold, meta, "threshold", 0.5)
-    min_pixels = int(_setting(opts.min_pixels, meta, "min_pixels", 0))
+    opts = opts.model_copy(update={"precision": inference_precision(opts.precision, meta, dev)})
+    threshold = setting(opts.threshold, meta, "threshold", 0.5, opts.tta, opts.precision)
+    min_pixels = int(setting(opts.min_pixels, meta, "min_pixels", 0, opts.tta, opts.precision))
     windows_per_batch, predictor = _predictor(model, dev, opts.model_copy(update={"window": TIANCHI_SHAPE[0]}))
     with on_device(dev):
         rles = _tianchi_rles(predictor, image_dir, names, windows_per_batch, threshold, min_pixels)
@@ -368,15 +360,22 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
 
 def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, options: PredictOptions | None = None,
                  *, sample: PathLike | None = None, **values: Any) -> Path:
-    """``rsseg predict``: a folder of JPG images -> :func:`predict_images`; a raster -> :func:`predict_raster`.
+    """``rsseg predict``: a raster -> :func:`predict_raster`; a folder -> a submission or a mask per image.
+
+    A folder becomes a Tianchi submission (:func:`predict_images`) when ``output`` is a ``.csv`` or ``sample``
+    is given, else one mask per image in the folder ``output`` (:func:`rsseg.inference.images.predict_folder`).
 
     ``window``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
-    ``min_pixels`` to folders.
+    ``min_pixels`` to submissions.
     """
     opts = resolve(PredictOptions, options, values)
     input_path = Path(input_path)
     if input_path.is_dir():
-        return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
+        if sample is not None or Path(output).suffix.lower() == ".csv":
+            return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
+        from rsseg.inference.images import predict_folder
+
+        return predict_folder(checkpoint, input_path, output, opts)
     if not input_path.exists():
-        raise FileNotFoundError(f"input {input_path} not found (expected a GeoTIFF or a folder of JPG images)")
+        raise FileNotFoundError(f"input {input_path} not found (expected a raster or a folder of images)")
     return predict_raster(checkpoint, input_path, output, opts)

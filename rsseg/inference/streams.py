@@ -22,13 +22,15 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
-from rasterio.enums import MaskFlags
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from rsseg.fileio import raster_env
+from rsseg.inference.outputs import MASK_COLORS
 from rsseg.tiling.grid import Tile, TileGrid
 
-__all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask"]
+__all__ = ["TAG_NS", "Prefetch", "RowWriter", "read_batches", "source_has_mask", "warped"]
 
 log = logging.getLogger(__name__)
 
@@ -90,52 +92,75 @@ def source_has_mask(src: rasterio.DatasetReader) -> bool:
         for flags in src.mask_flag_enums)
 
 
+def warped(src: rasterio.DatasetReader, grid: dict[str, Any]) -> WarpedVRT:
+    """``src`` seen on another grid of its CRS (``width``, ``height``, ``transform``, ``crs``), bilinear."""
+    return WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
+                     height=grid["height"], resampling=Resampling.bilinear)
+
+
+@contextlib.contextmanager
+def _dataset(path: str | os.PathLike[str], warp: dict[str, Any] | None) -> Iterator[Any]:
+    with rasterio.open(path) as src:
+        if warp is None:
+            yield src
+            return
+        with warped(src, warp) as vrt:
+            yield vrt
+
+
 def read_batches(path: str | os.PathLike[str], grid: TileGrid, batch_size: int, pin: bool,
-                 threads: int = 1) -> Iterator[tuple[list[Tile], torch.Tensor]]:
+                 threads: int = 1, bands: list[int] | None = None, warp: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[list[Tile], torch.Tensor]]:
     """Yield ``(windows, pixels)`` batches in the grid's order; ``pixels`` is ``(N, C, size, size)``.
 
     uint8 sources stay uint8 (the model normalises them, on its device); other dtypes become float32.
     Windows reaching beyond a raster smaller than ``size`` are zero-padded. With ``pin``, batches are in
     page-locked memory for asynchronous copies to a GPU (allocated in the calling thread). With ``threads``
     > 1, that many batches are read and decoded at once, each thread with its own dataset handle (GDAL
-    releases the GIL), and still yielded in order: what a GPU needs to be fed.
+    releases the GIL), and still yielded in order: what a GPU needs to be fed. ``bands``: the 1-based band
+    indexes to read, in order (default: all). ``warp``: read the raster resampled to this grid (see
+    :func:`warped`; ``grid`` then tiles the resampled raster).
     """
     windows = list(grid)
     chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
-    with raster_env(), rasterio.open(path) as src:
-        dtype, count = torch.uint8 if src.dtypes[0] == "uint8" else torch.float32, src.count
+    with raster_env(), _dataset(path, warp) as src:
+        bands = list(bands or range(1, src.count + 1))
+        dtype, count = torch.uint8 if src.dtypes[bands[0] - 1] == "uint8" else torch.float32, len(bands)
 
         def empty(chunk: list[Tile]) -> torch.Tensor:
             return torch.zeros((len(chunk), count, grid.size, grid.size), dtype=dtype, pin_memory=pin)
 
         if threads <= 1:
             for chunk in chunks:
-                yield chunk, _fill(src, grid, chunk, empty(chunk))
+                yield chunk, _fill(src, grid, chunk, empty(chunk), bands)
             return
-        yield from _read_in_threads(path, grid, chunks, empty, threads)
+        yield from _read_in_threads(path, grid, chunks, empty, threads, bands, warp)
 
 
-def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor) -> torch.Tensor:
+def _fill(src: rasterio.DatasetReader, grid: TileGrid, chunk: list[Tile], batch: torch.Tensor,
+          bands: list[int]) -> torch.Tensor:
     """Read the windows of ``chunk`` into ``batch`` (zero-initialised) and return it."""
     pixels = batch.numpy()
     for i, window in enumerate(chunk):
         h, w = min(grid.size, grid.height - window.row_off), min(grid.size, grid.width - window.col_off)
-        pixels[i, :, :h, :w] = src.read(window=Window(window.col_off, window.row_off, w, h))
+        pixels[i, :, :h, :w] = src.read(bands, window=Window(window.col_off, window.row_off, w, h))
     return batch
 
 
 def _read_in_threads(path: str | os.PathLike[str], grid: TileGrid, chunks: list[list[Tile]],
-                     empty: Callable[[list[Tile]], torch.Tensor], threads: int) -> Iterator[
+                     empty: Callable[[list[Tile]], torch.Tensor], threads: int, bands: list[int],
+                     warp: dict[str, Any] | None) -> Iterator[
                          tuple[list[Tile], torch.Tensor]]:
     """:func:`read_batches` with ``threads`` batches in flight, one dataset handle per thread."""
     local, handles, lock = threading.local(), [], threading.Lock()
 
     def read(chunk: list[Tile], batch: torch.Tensor) -> tuple[list[Tile], torch.Tensor]:
         if not hasattr(local, "src"):
-            local.src = rasterio.open(path)
+            src = rasterio.open(path)  # closed by close(), not a with block: its thread's GDAL env is gone then
+            local.src = warped(src, warp) if warp is not None else src
             with lock:
-                handles.append(local.src)
-        return chunk, _fill(local.src, grid, chunk, batch)
+                handles.extend([local.src, src] if warp is not None else [src])
+        return chunk, _fill(local.src, grid, chunk, batch, bands)
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rsseg-read")
     pending: collections.deque = collections.deque()
@@ -183,7 +208,8 @@ class RowWriter:
     Args:
         source: the raster being predicted (for its dataset mask); None if it has no nodata.
         outputs: ``{"mask" | "prob": (path, profile)}``; the profile's dtype selects the encoding.
-        tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`.
+        tags: metadata written to every output, in the GDAL metadata domain :data:`TAG_NS`; masks also get
+            the colour table :data:`~rsseg.inference.outputs.MASK_COLORS`.
         threshold: the mask's probability threshold.
     """
 
@@ -244,6 +270,8 @@ class RowWriter:
                 for key, (path, profile) in self._outputs.items():
                     dsts[key] = stack.enter_context(rasterio.open(path, "w", **profile))
                     dsts[key].update_tags(ns=TAG_NS, **self._tags)
+                    if key == "mask":
+                        dsts[key].write_colormap(1, MASK_COLORS)
                 while (item := self._queue.get()) is not None:
                     if self._error is None:
                         row0, probs, event = item

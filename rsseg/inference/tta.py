@@ -29,6 +29,7 @@ from torch import nn
 
 from rsseg.errors import ConfigError
 from rsseg.inference.options import PRECISIONS, TtaMode
+from rsseg.inference.tuned import COMPUTE_PRECISIONS
 from rsseg.training.augment import d4_apply, d4_invert
 
 __all__ = ["PRECISIONS", "TTA_MODES", "Predictor", "on_device", "on_device_iter", "resolve_device", "tta_views"]
@@ -107,7 +108,7 @@ class Predictor:
             channels-last format.
         device: where the model runs.
         tta: ``none``, ``flip`` or ``d4``.
-        precision: ``fp32``, or ``bf16`` (autocast; on CPU this uses AVX512-BF16/AMX where present).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; bf16 on CPU uses AVX512-BF16/AMX where present).
         max_views: views (windows x TTA views) per forward pass; None: all the views of a batch at once
             (:func:`rsseg.inference.batching.batch_plan` sizes it by the device's memory). Halved on an
             out-of-memory error.
@@ -119,8 +120,9 @@ class Predictor:
                  max_views: int | None = None) -> None:
         if max_views is not None and max_views < 1:
             raise ConfigError(f"max_views={max_views}: expected 1 or more views per forward pass")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision not in COMPUTE_PRECISIONS:
+            raise ConfigError(f"precision={precision!r}: expected one of {', '.join(COMPUTE_PRECISIONS)} "
+                              "(auto is resolved by rsseg.inference.tuned.inference_precision)")
         self.views = tta_views(tta)
         self.tta = tta
         self.device = device
@@ -135,8 +137,8 @@ class Predictor:
 
     def logits(self, views: torch.Tensor) -> torch.Tensor:
         """The bare forward pass on stacked views (inference mode, autocast as configured)."""
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
             return self.model(views)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
