@@ -407,7 +407,8 @@ def test_windows_are_resampled_to_the_models_gsd_and_written_on_the_scene_grid(t
 
 
 def test_model_grid_follows_the_checkpoint_gsd_within_a_tolerance():
-    from rsseg.inference.resample import model_grid, scene_gsd
+    from rsseg.inference.resample import model_grid
+    from rsseg.training.bandstats import gsd_metres as scene_gsd
 
     info = dict(width=1000, height=800, crs=rasterio.crs.CRS.from_epsg(32650), transform=TRANSFORM)
     grid = model_grid("s.tif", info, {"gsd_m": 0.6}, "auto")

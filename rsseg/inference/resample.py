@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,35 +28,14 @@ from rsseg.errors import ConfigError
 from rsseg.fileio import raster_env
 from rsseg.inference.outputs import BLOCK, COMPRESSION
 from rsseg.inference.streams import RowWriter, warped
+from rsseg.training.bandstats import gsd_metres
 
-__all__ = ["TOLERANCE", "model_grid", "scene_gsd", "stream_resampled"]
+__all__ = ["TOLERANCE", "model_grid", "stream_resampled"]
 
 log = logging.getLogger(__name__)
 
 #: Relative GSD difference above which windows are resampled to the model's GSD.
 TOLERANCE = 0.10
-
-
-def scene_gsd(crs: Any, transform: Affine, width: int, height: int) -> float | None:
-    """The pixel size in metres of a grid (mean of its x and y sizes); None without a (usable) CRS."""
-    from pyproj import CRS, Geod
-
-    if not crs:
-        return None
-    try:
-        crs = CRS.from_user_input(crs)
-    except Exception:  # noqa: BLE001 - pyproj raises CRSError and others for odd input
-        return None
-    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
-    if crs.is_geographic:
-        lon, lat = c + a * width / 2 + b * height / 2, f + d * width / 2 + e * height / 2
-        ellipsoid = crs.ellipsoid
-        geod = Geod(ellps="WGS84") if ellipsoid is None else Geod(a=ellipsoid.semi_major_metre,
-                                                                  rf=ellipsoid.inverse_flattening)
-        dx, dy = geod.inv(lon, lat, lon + a, lat + d)[2], geod.inv(lon, lat, lon + b, lat + e)[2]
-        return float((abs(dx) + abs(dy)) / 2)
-    unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return float((math.hypot(a, d) + math.hypot(b, e)) / 2 * unit)
 
 
 def _model_gsd(gsd: str, meta: dict[str, Any]) -> float | None:
@@ -82,7 +60,7 @@ def model_grid(src: Path, info: dict[str, Any], meta: dict[str, Any], gsd: str) 
     model = _model_gsd(gsd, meta)
     if model is None:
         return None
-    scene = scene_gsd(info["crs"], info["transform"], info["width"], info["height"])
+    scene = gsd_metres(info["crs"], info["transform"], info["width"], info["height"])
     if scene is None:
         log.info("%s has no CRS: its GSD is unknown, predicting at its own pixel size", src)
         return None
