@@ -2,10 +2,14 @@
 
 Settings: headless plotting, hypothesis without deadlines (CI machines are slow), the stand-in network.
 Fixtures: a tiny checkpoint, generated scenes, a Tianchi folder, one LocalCluster for the session, and
-``rsseg_cli`` to run the ``rsseg`` command in this process (its output, error line and exit status).
+``rsseg_cli`` to run the ``rsseg`` command in this process (its output, error line and exit status), and
+``http_root``: a folder served on 127.0.0.1 with HTTP Range requests, for /vsicurl/ and s3:// reads.
 """
 
+import http.server
 import os
+import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +129,63 @@ def pytest_collection_modifyitems(config, items):
             skip = pytest.mark.skip(reason="needs a CUDA device")
             for item in gpu:
                 item.add_marker(skip)
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the files under ``server.root`` with HTTP Range support (GDAL's /vsicurl/ reads byte ranges)."""
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = self.server.root / self.path.split("?", 1)[0].lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start, end = 0, len(data) - 1
+        if wanted:
+            start, end = int(wanted[1]), min(int(wanted[2] or end), end)
+        self.server.requests.append((self.command, self.path, self.headers.get("Range")))
+        self.send_response(206 if wanted else 200)
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start : end + 1])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, list]:
+    """A folder served on 127.0.0.1 (with Range requests) for the test's duration, its base URL, the requests."""
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # no directory listing requests
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "20")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.root, server.requests, server.daemon_threads = root, [], True
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    stop = threading.Timer(300, server.shutdown)  # bounded: stops by itself even if the test hangs
+    stop.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", server.requests
+    finally:
+        stop.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
