@@ -203,17 +203,18 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=_PATH)
-@click.argument("input_path", metavar="INPUT", type=_PATH)
+@click.argument("input_path", metavar="INPUT")
 @click.argument("output", type=_PATH)
 @click.option("--tile", "--window", "window", type=int, default=PredictOptions.model_fields["window"].default,
               show_default=True, help=PredictOptions.model_fields["window"].description)
 @click_options(PredictOptions, exclude=("window",))
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
-def predict(checkpoint: Path, input_path: Path, output: Path, sample: Path | None, **params: object) -> None:
+def predict(checkpoint: Path, input_path: str, output: Path, sample: Path | None, **params: object) -> None:
     """Predict a raster, a folder of Tianchi JPGs or a folder of images.
 
     A raster gives mask/probability COGs; a JPG folder with OUTPUT *.csv or --sample a submission CSV; a
-    folder of PNG/JPG/TIFF images a folder of masks, one per image.
+    folder of PNG/JPG/TIFF images a folder of masks, one per image. A remote raster (/vsicurl/https://...,
+    s3://..., gs://..., /vsis3/...) is read where it lies, with HTTP range requests.
     """
     from rsseg.inference.predict import predict_path
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import torch
 from affine import Affine
 from click.testing import CliRunner
@@ -706,3 +707,34 @@ def test_batches_read_in_threads_equal_one_reader(tmp_path, threads):
     stopped = read_batches(src, grid, 1, pin=False, threads=threads)
     next(stopped)
     stopped.close()  # leaving early shuts the readers down
+
+
+def s3_on(monkeypatch, url):
+    """``s3://bucket/...`` (GDAL's /vsis3/) read from the test's HTTP server ``url``, unsigned."""
+    for key, value in dict(AWS_S3_ENDPOINT=url.removeprefix("http://"), AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE",
+                           AWS_NO_SIGN_REQUEST="YES", AWS_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_remote_scene_predicts_like_the_local_file(tmp_path, scene, http_root, checkpoint, monkeypatch):
+    root, url, requests = http_root
+    local, _ = scene
+    (root / "bucket").mkdir()
+    rasterio.shutil.copy(local, root / "bucket" / "scene.tif", driver="COG", blocksize=128)
+    model = fcn()
+    args = dict(tile=128, overlap=32, device="cpu", output="both")
+    expected = predict_raster(model, local, tmp_path / "local.tif", **args)
+    remote = f"/vsicurl/{url}/bucket/scene.tif"
+    got = predict_raster(model, remote, tmp_path / "http.tif", **args)
+    assert any(r[2] for r in requests if r[1] == "/bucket/scene.tif"), "read with Range requests"
+    for a, b in ((expected, got), (prob_path(expected), prob_path(got))):
+        np.testing.assert_array_equal(read(a), read(b))
+    tags = read_tags(got)
+    assert tags["rsseg:source"] == "scene.tif" and "rsseg:source_sha256" not in tags  # not downloaded to hash
+    # s3:// through the CLI: the name reaches GDAL as given (Path() would make it s3:/bucket/scene.tif)
+    s3_on(monkeypatch, url)
+    result = CliRunner().invoke(cli, ["predict", str(checkpoint), "s3://bucket/scene.tif", str(tmp_path / "s3.tif"),
+                                      "--tile", "128", "--overlap", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    predict_raster(checkpoint, local, tmp_path / "ref.tif", tile=128, overlap=32, device="cpu")
+    np.testing.assert_array_equal(read(tmp_path / "s3.tif"), read(tmp_path / "ref.tif"))

@@ -568,3 +568,34 @@ def test_merged_geoparquet_equals_merged_gpkg(tmp_path):
     assert parquet.drop(columns="geometry").equals(gpkg.drop(columns="geometry"))
     assert parquet.geometry.geom_equals_exact(gpkg.geometry, tolerance=0).all()
     assert parquet["id"].is_unique and len(parquet) == 12
+
+
+def test_a_served_mask_vectorizes_like_the_local_one(tmp_path, http_root, monkeypatch):
+    root, url, requests = http_root
+    local = write_raster(tmp_path / "mask.tif", tricky_mask(), tags={"source": "scene.tif"})
+    gradient = np.tile(np.linspace(0, 1, tricky_mask().shape[1], dtype=np.float32), (tricky_mask().shape[0], 1))
+    prob = write_raster(tmp_path / "mask.prob.tif", gradient)
+    (root / "bucket").mkdir()
+    for path in (local, prob):
+        (root / "bucket" / path.name).write_bytes(path.read_bytes())
+    expected = vectorize(local, prob=prob, block=16, min_area=1)
+    got = vectorize(f"/vsicurl/{url}/bucket/mask.tif", prob=f"/vsicurl/{url}/bucket/mask.prob.tif", block=16,
+                    min_area=1)
+    assert any(r[2] for r in requests if r[1] == "/bucket/mask.tif"), "read with Range requests"
+    assert len(got) == len(expected) > 0
+    assert_same_polygons(got.geometry, list(expected.geometry))
+    assert got["mean_prob"].tolist() == expected["mean_prob"].tolist()
+    provenance = got.attrs["provenance"]
+    assert provenance["mask"] == "mask.tif" and provenance["prob"] == "mask.prob.tif"
+    assert "mask_sha256" not in provenance and provenance["source"] == "scene.tif"
+    assert provenance == {k: v for k, v in expected.attrs["provenance"].items() if not k.endswith("_sha256")}
+    # s3:// through the CLI, kept as given (Path() would turn it into s3:/bucket/mask.tif)
+    for key, value in dict(AWS_S3_ENDPOINT=url.removeprefix("http://"), AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE",
+                           AWS_NO_SIGN_REQUEST="YES", AWS_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(cli, ["vectorize", "s3://bucket/mask.tif", str(tmp_path / "s3.gpkg"), "--block",
+                                      "16", "--min-area", "1", "--prob", "s3://bucket/mask.prob.tif",
+                                      "--scheduler", "sync"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["buildings"] == len(expected)
+    assert_same_polygons(read_vectors(tmp_path / "s3.gpkg").geometry, list(expected.geometry))

@@ -54,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError, SubmissionError
-from rsseg.fileio import atomic_path, file_sha256, raster_env
+from rsseg.fileio import atomic_path, display_name, file_sha256, is_remote, raster_env
 from rsseg.inference.batching import batch_plan, reader_threads
 from rsseg.inference.blend import StripAccumulator
 from rsseg.inference.loading import LoadedModel, ModelLike, load_model
@@ -92,10 +92,10 @@ def prob_path(dst: PathLike) -> Path:
     return dst.with_name(f"{dst.stem}.prob{dst.suffix or '.tif'}")
 
 
-def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, meta: dict[str, Any]
+def _source_info(src_path: str | Path, in_channels: int | None, opts: PredictOptions, meta: dict[str, Any]
                  ) -> dict[str, Any]:
     """The scene's grid, CRS, nodata and the bands the model reads (:func:`~rsseg.inference.sources.select_bands`)."""
-    if not src_path.is_file():
+    if not is_remote(src_path) and not Path(src_path).is_file():
         raise FileNotFoundError(f"input raster {src_path} not found (expected a GeoTIFF or a folder of JPG images)")
     try:
         src_cm = rasterio.open(src_path)
@@ -108,20 +108,20 @@ def _source_info(src_path: Path, in_channels: int | None, opts: PredictOptions, 
                     masked=source_has_mask(src), bands=bands)
 
 
-def _output_paths(src: Path, dst: Path, opts: PredictOptions) -> dict[str, Path]:
+def _output_paths(src: str | Path, dst: Path, opts: PredictOptions) -> dict[str, Path]:
     """``{"mask" | "prob": path}`` of the outputs of ``opts.output_kind``, checked against the input and overwrite."""
     kind = opts.output_kind
     paths = {"mask": dst} if kind == "mask" else {"prob": dst} if kind == "prob" else \
         {"mask": dst, "prob": prob_path(dst)}
     for path in paths.values():
-        if path.resolve() == src.resolve():
+        if not is_remote(src) and path.resolve() == Path(src).resolve():
             raise ConfigError(f"output {path} is the input raster; choose another output path")
         if path.exists() and not opts.overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return paths
 
 
-def _grid(src: Path, info: dict[str, Any], opts: PredictOptions) -> TileGrid:
+def _grid(src: str | Path, info: dict[str, Any], opts: PredictOptions) -> TileGrid:
     try:
         return TileGrid(info["width"], info["height"], opts.window, opts.overlap)
     except ValueError as exc:
@@ -137,7 +137,8 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     Args:
         checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
             logits out, e.g. :class:`~rsseg.models.Segmenter`).
-        src: the scene (any GDAL raster with the model's bands: ``bands`` selects them, else the
+        src: the scene, a local file or a remote name kept as given (``/vsicurl/https://...``, ``s3://...``,
+            ``gs://...``, ``/vsis3/...``): any GDAL raster with the model's bands: ``bands`` selects them, else the
             checkpoint's recorded bands, see :mod:`rsseg.inference.sources`).
         dst: the output GeoTIFF.
         options: :class:`~rsseg.inference.options.PredictOptions` (``min_pixels`` does not apply). A
@@ -152,7 +153,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
         the model's bands. ConfigError: a bad option. FileExistsError: an existing output.
     """
     opts = resolve(PredictOptions, options, values)
-    src, dst = Path(src), Path(dst)
+    src, dst = src if is_remote(src) else Path(src), Path(dst)
     paths = _output_paths(src, dst, opts)
     dev = resolve_device(opts.device)
     loaded = load_model(checkpoint_or_model, dev)
@@ -199,12 +200,14 @@ def _predict_rows(stream: Callable[[RowWriter], None], writer: RowWriter, dev: t
     writer.close()
 
 
-def _tags(loaded: LoadedModel, src: Path, threshold: float, opts: PredictOptions,
+def _tags(loaded: LoadedModel, src: str | Path, threshold: float, opts: PredictOptions,
           resampled: dict[str, Any] | None) -> dict[str, str]:
     """The provenance written on the outputs: file names and hashes, the settings that made them."""
     tags = {"checkpoint_sha256": loaded.digest, "threshold": f"{threshold:g}", "tta": opts.tta,
-            "precision": opts.precision, "source": src.name, "source_sha256": file_sha256(src),
+            "precision": opts.precision, "source": display_name(src),
             "tile": str(opts.window), "overlap": str(opts.overlap), "output": opts.output_kind}
+    if not is_remote(src):  # (a remote scene is not downloaded whole to hash it)
+        tags["source_sha256"] = file_sha256(src)
     if loaded.name is not None:
         tags["checkpoint"] = loaded.name
     if resampled is not None:
@@ -220,7 +223,7 @@ def _predictor(model: nn.Module, dev: torch.device, opts: PredictOptions) -> tup
     return windows, Predictor(model, dev, opts.tta, opts.precision, max_views=views)
 
 
-def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], writer: RowWriter, *,
+def _stream(predictor: Predictor, grid: TileGrid, src: str | Path, bands: list[int], writer: RowWriter, *,
             batch_size: int, warp: dict[str, Any] | None = None) -> None:
     """The main loop: batches in, blended rows out (of ``src`` resampled to ``warp``, if given)."""
     strip = StripAccumulator(grid, predictor.device)
@@ -229,7 +232,7 @@ def _stream(predictor: Predictor, grid: TileGrid, src: Path, bands: list[int], w
     reads = lambda: on_device_iter(  # noqa: E731
         predictor.device, read_batches(src, grid, batch_size, pin, threads, bands, warp))
     with (Prefetch(reads, depth=3) as batches,
-          tqdm(total=len(grid), desc=f"predict {src.name}", unit="window", disable=None) as bar,
+          tqdm(total=len(grid), desc=f"predict {display_name(src)}", unit="window", disable=None) as bar,
           torch.inference_mode()):
         for windows, pixels in batches:
             probs = predictor(pixels)
@@ -369,6 +372,8 @@ def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, 
     ``min_pixels`` to submissions.
     """
     opts = resolve(PredictOptions, options, values)
+    if is_remote(input_path):  # kept as given: Path() would turn s3://b/k into s3:/b/k
+        return predict_raster(checkpoint, input_path, output, opts)
     input_path = Path(input_path)
     if input_path.is_dir():
         if sample is not None or Path(output).suffix.lower() == ".csv":

@@ -51,7 +51,7 @@ def _model_gsd(gsd: str, meta: dict[str, Any]) -> float | None:
         return None
 
 
-def model_grid(src: Path, info: dict[str, Any], meta: dict[str, Any], gsd: str) -> dict[str, Any] | None:
+def model_grid(src: str | Path, info: dict[str, Any], meta: dict[str, Any], gsd: str) -> dict[str, Any] | None:
     """The scene's grid resampled to the model's GSD (``width``, ``height``, ``transform``, ``crs``), or None.
 
     None means: predict natively (``gsd="native"``, no model GSD, no scene CRS, or GSDs within

@@ -26,7 +26,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from rsseg.errors import RasterError
-from rsseg.fileio import file_sha256
+from rsseg.fileio import display_name, file_sha256, is_remote
 from rsseg.options import resolve
 from rsseg.parallel import map_blocks
 from rsseg.vector.cleaning import Buildings, Cleaning, finish, make_cleaning
@@ -102,8 +102,9 @@ def _run_block(block: _Block) -> _BlockResult:
                         shapely.to_wkb(pixels[edge]), prob_sum[edge], prob_count[edge])
 
 
-def _open(path: Path) -> rasterio.DatasetReader:
-    if not path.exists():
+def _open(path: str | Path) -> rasterio.DatasetReader:
+    """``path`` opened; a remote name (``/vsicurl/https://...``, ``s3://...``) as given, GDAL reports a missing one."""
+    if not is_remote(path) and not Path(path).exists():
         raise RasterError(f"{path}: no such file; expected a building mask GeoTIFF")
     try:
         return rasterio.open(path)
@@ -111,7 +112,7 @@ def _open(path: Path) -> rasterio.DatasetReader:
         raise RasterError(f"{path}: not a raster GDAL can read ({exc}); expected a GeoTIFF mask") from exc
 
 
-def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path | None) -> None:
+def _check_inputs(src: rasterio.DatasetReader, path: str | Path, band: int, prob: str | Path | None) -> None:
     if src.crs is None:
         raise RasterError(f"{path}: no CRS; polygons need a georeferenced mask (set one with "
                           "`rio edit-info --crs EPSG:XXXX` or `gdal_edit.py -a_srs`)")
@@ -119,7 +120,7 @@ def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path
         raise RasterError(f"{path}: no band {band}; the raster has bands 1 to {src.count}")
     if prob is None:
         return
-    with _open(Path(prob)) as psrc:
+    with _open(prob) as psrc:
         if (psrc.width, psrc.height) != (src.width, src.height) or not psrc.transform.almost_equals(
                 src.transform):
             raise RasterError(f"{prob}: probability raster on another grid ({psrc.width}x{psrc.height}, "
@@ -130,23 +131,32 @@ def _check_inputs(src: rasterio.DatasetReader, path: Path, band: int, prob: Path
                               "float32 (0-1)")
 
 
+def _local_or_remote(name: str | Path) -> str | Path:
+    """A local name as a ``Path``, a remote one kept as given (``Path`` turns ``s3://b/k`` into ``s3:/b/k``)."""
+    return name if is_remote(name) else Path(name)
+
+
 def _file_name(value: str) -> str:
     """A local absolute path reduced to its file name (``/vsicurl/``, URLs and other values kept)."""
     return Path(value).name if Path(value).is_absolute() and not value.startswith("/vsi") else value
 
 
-def _provenance(src: rasterio.DatasetReader, path: Path, band: int, prob: Path | None, **options: object
+def _provenance(src: rasterio.DatasetReader, path: str | Path, band: int, prob: str | Path | None, **options: object
                 ) -> dict[str, str]:
     """Where the polygons come from: the mask (file name and SHA-256), its CRS, its ``rsseg`` tags, the options.
 
     Inference tags its rasters (GDAL metadata domain ``rsseg``) with the checkpoint hash, threshold, TTA
     and source image. No absolute local path is recorded: paths in the tags are reduced to file names.
     """
-    info = {"mask": path.name, "mask_sha256": file_sha256(path), "mask_crs": src.crs.to_string(),
-            "band": str(band), "code_version": version("rsseg")}
+    info = {"mask": display_name(path), "mask_crs": src.crs.to_string(), "band": str(band),
+            "code_version": version("rsseg")}
+    if not is_remote(path):  # (a remote mask is not downloaded whole to hash it)
+        info["mask_sha256"] = file_sha256(path)
     info.update({key: _file_name(value) for key, value in src.tags(ns="rsseg").items()})
     if prob is not None:
-        info.update(prob=prob.name, prob_sha256=file_sha256(prob))
+        info["prob"] = display_name(prob)
+        if not is_remote(prob):
+            info["prob_sha256"] = file_sha256(prob)
     info.update({key: str(value) for key, value in options.items() if value is not None})
     return info
 
@@ -156,8 +166,9 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
     """Polygons of the buildings in a mask GeoTIFF.
 
     Args:
-        mask_raster: a GeoTIFF whose ``band`` holds 0 for background and 1 (or 255) for buildings; pixels
-            equal to its nodata value count as background.
+        mask_raster: a GeoTIFF (local, or remote as ``/vsicurl/https://...``, ``s3://...``, kept as given)
+            whose ``band`` holds 0 for background and 1 (or 255) for buildings; pixels equal to its nodata
+            value count as background.
         options: :class:`VectorizeOptions` (``min_area`` in m2, ``simplify`` in metres, ``regularize``,
             ``band``, ``block`` in pixels).
         prob: a probability raster on the same grid (uint8 0-255 or float 0-1); adds ``mean_prob``.
@@ -178,7 +189,7 @@ def vectorize(mask_raster: str | Path, options: VectorizeOptions | None = None, 
             0/1 or 0/255; the probability raster is on another grid.
     """
     opts = resolve(VectorizeOptions, options, values)
-    blocks, provenance = _plan(Path(mask_raster), opts, prob, crs)
+    blocks, provenance = _plan(_local_or_remote(mask_raster), opts, prob, crs)
     results = sorted(map_blocks(_run_block, blocks, executor, desc="vectorize"), key=lambda done: done[0])
     return _assemble(blocks, [result for _, result in results], provenance)
 
@@ -203,18 +214,19 @@ def vectorize_to_file(mask: str | Path, out: str | Path, options: VectorizeOptio
 def block_count(mask: str | Path, options: VectorizeOptions | None = None, **values: Any) -> int:
     """How many blocks :func:`vectorize` splits ``mask`` into (1: nothing to gain from other processes)."""
     opts = resolve(VectorizeOptions, options, values)
-    with _open(Path(mask)) as src:
+    with _open(_local_or_remote(mask)) as src:
         return len(block_windows(src.width, src.height, opts.block))
 
 
-def _plan(path: Path, opts: VectorizeOptions, prob: str | Path | None, crs: str | None
+def _plan(path: str | Path, opts: VectorizeOptions, prob: str | Path | None, crs: str | None
           ) -> tuple[list[_Block], dict[str, str]]:
     """Check the inputs; the mask's blocks and provenance (arguments as for :func:`vectorize`)."""
     with _open(path) as src:
-        _check_inputs(src, path, opts.band, Path(prob) if prob else None)
+        prob = _local_or_remote(prob) if prob else None
+        _check_inputs(src, path, opts.band, prob)
         cleaning = make_cleaning(src.crs.to_string(), src.transform, src.width, src.height, crs, opts.min_area,
                                  opts.simplify, opts.regularize)
-        provenance = _provenance(src, path, opts.band, Path(prob) if prob else None, min_area_m2=opts.min_area,
+        provenance = _provenance(src, path, opts.band, prob, min_area_m2=opts.min_area,
                                  simplify_m=opts.simplify, regularize=opts.regularize)
         blocks = [_Block(str(path), opts.band, window, src.width, src.height, cleaning, prob and str(prob))
                   for window in block_windows(src.width, src.height, opts.block)]
