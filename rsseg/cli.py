@@ -203,22 +203,41 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=_PATH)
-@click.argument("input_path", metavar="INPUT")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.argument("output", type=_PATH)
 @click.option("--tile", "--window", "window", type=int, default=PredictOptions.model_fields["window"].default,
               show_default=True, help=PredictOptions.model_fields["window"].description)
 @click_options(PredictOptions, exclude=("window",))
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
-def predict(checkpoint: Path, input_path: str, output: Path, sample: Path | None, **params: object) -> None:
-    """Predict a raster, a folder of Tianchi JPGs or a folder of images.
+def predict(checkpoint: Path, inputs: tuple[str, ...], output: Path, sample: Path | None, **params: object) -> None:
+    r"""Predict a raster, several rasters, a folder of Tianchi JPGs or a folder of images.
 
-    A raster gives mask/probability COGs; a JPG folder with OUTPUT *.csv or --sample a submission CSV; a
-    folder of PNG/JPG/TIFF images a folder of masks, one per image. A remote raster (/vsicurl/https://...,
-    s3://..., gs://..., /vsis3/...) is read where it lies, with HTTP range requests.
+    \b
+    One INPUT:
+      a raster (local, or /vsicurl/https://..., s3://..., gs://..., /vsis3/...): OUTPUT is the mask COG
+        (and OUTPUT.prob.tif with --output-kind both);
+      a folder with OUTPUT *.csv or --sample: a Tianchi submission of its JPGs;
+      another folder: a folder OUTPUT of masks, one per image (PNG/JPG/TIFF; a georeferenced TIFF gets
+        <stem>.tif on its own grid, others <stem>.png).
+    Several INPUTs or a glob ('scenes/*.tif'; folders among several give their .tif/.tiff): the scenes are
+    predicted with one model load into the folder OUTPUT, <stem>.tif (+ <stem>.prob.tif) each; OUTPUT
+    appears only when all are written.
     """
-    from rsseg.inference.predict import predict_path
+    from rsseg.errors import ConfigError
+    from rsseg.fileio import is_remote
 
-    result = predict_path(checkpoint, input_path, output, options_from_click(PredictOptions, params), sample=sample)
+    options = options_from_click(PredictOptions, params)
+    if len(inputs) == 1 and (is_remote(inputs[0]) or not any(c in inputs[0] for c in "*?[")):
+        from rsseg.inference.predict import predict_path
+
+        result = predict_path(checkpoint, inputs[0], output, options, sample=sample)
+    else:
+        if sample is not None or output.suffix.lower() == ".csv":
+            raise ConfigError("a Tianchi submission reads one folder of JPGs; several INPUTs or a glob write a "
+                              "folder of masks: give one folder, or an OUTPUT folder without --sample")
+        from rsseg.inference.scenes import predict_scenes
+
+        result = predict_scenes(checkpoint, inputs, output, options)
     click.echo(str(result))
 
 

@@ -200,3 +200,57 @@ def test_vectorize_bad_inputs_one_line_exit_2(tmp_path: Path, rsseg_cli) -> None
     (tmp_path / "taken").mkdir()
     taken = rsseg_cli("vectorize", tmp_path / "pred", tmp_path / "taken", "--prob", f"{tmp_path}/pred/{{stem}}.tif")
     assert taken.exit_code == 2 and "pass --overwrite" in taken.stderr
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def test_predict_several_scenes_one_model_load(scenes_dir: Path, checkpoint: Path, tmp_path: Path, rsseg_cli,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsseg.inference import scenes
+
+    loads, load_model = [], scenes.load_model
+    monkeypatch.setattr(scenes, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    args = ["--tile", "128", "--overlap", "32", "--device", "cpu", "--tta", "none"]
+    singles = {}
+    for stem in ("scene_000", "scene_001"):
+        result = rsseg_cli("predict", checkpoint, scenes_dir / f"{stem}.tif", tmp_path / f"{stem}.tif", *args)
+        assert result.exit_code == 0, result.stderr
+        singles[stem] = _read(tmp_path / f"{stem}.tif")
+    for name, inputs in (("list", [scenes_dir / "scene_000.tif", scenes_dir / "scene_001.tif"]),
+                         ("glob", [f"{scenes_dir}/scene_*.tif"])):
+        out = tmp_path / f"out-{name}"
+        loads.clear()
+        result = rsseg_cli("predict", checkpoint, *inputs, out, *args, "--output-kind", "both")
+        assert result.exit_code == 0, (name, result.stderr)
+        assert len(loads) == 1, name  # one model for all scenes
+        assert sorted(p.name for p in out.iterdir()) == ["scene_000.prob.tif", "scene_000.tif", "scene_001.prob.tif",
+                                                        "scene_001.tif"], name
+        for stem, mask in singles.items():
+            np.testing.assert_array_equal(_read(out / f"{stem}.tif"), mask, err_msg=f"{name} {stem}")
+
+
+def test_predict_bad_inputs_one_line_exit_2_nothing_written(scenes_dir: Path, checkpoint: Path,
+                                                            tmp_path: Path, rsseg_cli) -> None:
+    twin = tmp_path / "other" / "scene_000.tif"
+    twin.parent.mkdir()
+    twin.write_bytes((scenes_dir / "scene_000.tif").read_bytes())
+    cases = {
+        "empty glob": ([f"{tmp_path}/*.jp2"], "the pattern matches no file"),
+        "missing scene": ([scenes_dir / "scene_000.tif", tmp_path / "nope.tif"], "nope.tif: no such file"),
+        "same stem": ([scenes_dir / "scene_000.tif", twin], "have the same name 'scene_000'"),
+        "sample": ([scenes_dir / "scene_000.tif", scenes_dir / "scene_001.tif", "--sample", twin],
+                   "a Tianchi submission reads one folder"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        inputs, extra = (args[:args.index("--sample")], args[args.index("--sample"):]) if "--sample" in args \
+            else (args, [])
+        result = rsseg_cli("predict", checkpoint, *inputs, out, "--device", "cpu", *extra)
+        assert result.exit_code == 2, (name, result.stderr)
+        assert result.stderr.startswith("rsseg: error: ") and result.stderr.count("\n") == 1, name
+        assert message in result.stderr, (name, result.stderr)
+        assert not out.exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"], "nothing half-written"
