@@ -235,9 +235,9 @@ def predict(checkpoint: Path, inputs: tuple[str, ...], output: Path, sample: Pat
         if sample is not None or output.suffix.lower() == ".csv":
             raise ConfigError("a Tianchi submission reads one folder of JPGs; several INPUTs or a glob write a "
                               "folder of masks: give one folder, or an OUTPUT folder without --sample")
-        from rsseg.inference.scenes import predict_scenes
+        from rsseg.inference.scenes import predict_rasters
 
-        result = predict_scenes(checkpoint, inputs, output, options)
+        result = predict_rasters(checkpoint, inputs, output, options)
     click.echo(str(result))
 
 

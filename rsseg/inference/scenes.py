@@ -21,7 +21,7 @@ from rsseg.inference.predict import predict_raster
 from rsseg.inference.tta import resolve_device
 from rsseg.options import resolve
 
-__all__ = ["predict_scenes", "scene_targets"]
+__all__ = ["predict_rasters", "scene_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def scene_targets(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Pa
     return targets
 
 
-def predict_scenes(checkpoint_or_model: ModelLike, inputs: Sequence[str | os.PathLike[str]],
+def predict_rasters(checkpoint_or_model: ModelLike, inputs: Sequence[str | os.PathLike[str]],
                    out_dir: str | os.PathLike[str], options: PredictOptions | None = None, **values: Any) -> Path:
     """Predict every scene ``inputs`` names into the folder ``out_dir``, loading the model once.
 
