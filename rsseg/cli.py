@@ -210,19 +210,21 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 @click_options(PredictOptions, exclude=("window",))
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
 def predict(checkpoint: Path, inputs: tuple[str, ...], output: Path, sample: Path | None, **params: object) -> None:
-    r"""Predict a raster, several rasters, a folder of Tianchi JPGs or a folder of images.
+    """Predict a raster, several rasters, a folder of Tianchi JPGs or a folder of images.
 
     \b
     One INPUT:
       a raster (local, or /vsicurl/https://..., s3://..., gs://..., /vsis3/...): OUTPUT is the mask COG
         (and OUTPUT.prob.tif with --output-kind both);
       a folder with OUTPUT *.csv or --sample: a Tianchi submission of its JPGs;
+      a folder of georeferenced GeoTIFFs only: scenes, as for several INPUTs below;
       another folder: a folder OUTPUT of masks, one per image (PNG/JPG/TIFF; a georeferenced TIFF gets
         <stem>.tif on its own grid, others <stem>.png).
+
     Several INPUTs or a glob ('scenes/*.tif'; folders among several give their .tif/.tiff): the scenes are
     predicted with one model load into the folder OUTPUT, <stem>.tif (+ <stem>.prob.tif) each; OUTPUT
     appears only when all are written.
-    """
+    """  # noqa: D301 (\b: click keeps the paragraph's line breaks)
     from rsseg.errors import ConfigError
     from rsseg.fileio import is_remote
 

@@ -254,3 +254,19 @@ def test_predict_bad_inputs_one_line_exit_2_nothing_written(scenes_dir: Path, ch
         assert message in result.stderr, (name, result.stderr)
         assert not out.exists(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"], "nothing half-written"
+
+
+def test_predict_a_folder_of_geotiff_scenes(scenes_dir: Path, checkpoint: Path, tmp_path: Path, rsseg_cli) -> None:
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for stem in ("scene_000", "scene_001"):
+        (folder / f"{stem}.tif").write_bytes((scenes_dir / f"{stem}.tif").read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    args = ["--tile", "128", "--overlap", "32", "--device", "cpu", "--tta", "none"]
+    result = rsseg_cli("predict", checkpoint, folder, tmp_path / "out", *args, "--output-kind", "both")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "scene_000.prob.tif", "scene_000.tif", "scene_001.prob.tif", "scene_001.tif"]
+    single = rsseg_cli("predict", checkpoint, folder / "scene_001.tif", tmp_path / "one.tif", *args)
+    assert single.exit_code == 0, single.stderr
+    np.testing.assert_array_equal(_read(tmp_path / "out" / "scene_001.tif"), _read(tmp_path / "one.tif"))

@@ -366,7 +366,9 @@ def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, 
     """``rsseg predict``: a raster -> :func:`predict_raster`; a folder -> a submission or a mask per image.
 
     A folder becomes a Tianchi submission (:func:`predict_images`) when ``output`` is a ``.csv`` or ``sample``
-    is given, else one mask per image in the folder ``output`` (:func:`rsseg.inference.images.predict_folder`).
+    is given; a folder of georeferenced GeoTIFFs only, scenes in the folder ``output``
+    (:func:`rsseg.inference.scenes.predict_rasters`); else one mask per image in the folder ``output``
+    (:func:`rsseg.inference.images.predict_folder`). A remote name is a raster.
 
     ``window``, ``overlap``, ``output_kind`` and ``prob_dtype`` apply to rasters, ``sample`` and
     ``min_pixels`` to submissions.
@@ -379,7 +381,10 @@ def predict_path(checkpoint: ModelLike, input_path: PathLike, output: PathLike, 
         if sample is not None or Path(output).suffix.lower() == ".csv":
             return predict_images(checkpoint, input_path, output, sample=sample, options=opts)
         from rsseg.inference.images import predict_folder
+        from rsseg.inference.scenes import is_scene_folder, predict_rasters
 
+        if is_scene_folder(input_path):
+            return predict_rasters(checkpoint, [input_path], output, opts)
         return predict_folder(checkpoint, input_path, output, opts)
     if not input_path.exists():
         raise FileNotFoundError(f"input {input_path} not found (expected a raster or a folder of images)")

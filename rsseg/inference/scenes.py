@@ -21,9 +21,22 @@ from rsseg.inference.predict import predict_raster
 from rsseg.inference.tta import resolve_device
 from rsseg.options import resolve
 
-__all__ = ["predict_rasters", "scene_targets"]
+__all__ = ["is_scene_folder", "predict_rasters", "scene_targets"]
 
 log = logging.getLogger(__name__)
+
+
+def is_scene_folder(folder: Path) -> bool:
+    """Whether ``folder``'s images are all georeferenced GeoTIFFs, i.e. scenes.
+
+    ``rsseg predict`` then writes ``<stem>.tif`` (+ ``<stem>.prob.tif``) each, as for several scenes; any other
+    folder is one of plain images, one mask per image (:func:`rsseg.inference.images.predict_folder`).
+    """
+    from rsseg.inference.images import IMAGE_SUFFIXES, georeferenced
+
+    images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+              and not p.name.startswith(".")]
+    return bool(images) and all(p.suffix.lower() in (".tif", ".tiff") and georeferenced(p) for p in images)
 
 
 def scene_targets(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
