@@ -43,13 +43,12 @@ import contextlib
 import ctypes
 import functools
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from rsseg.cores import available_cores, cpu_quota, usable_cores
 from rsseg.fileio import GDAL_CACHEMAX_MB
 
 __all__ = [
@@ -100,39 +99,6 @@ def retain_freed_memory() -> bool:
     applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     log.debug("glibc keeps freed memory for reuse: %s", applied)
     return applied
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask where the OS has one, else all; at least 1."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs the cgroup quota allows (e.g. 1.5), or None without a quota (cgroup v2 ``cpu.max``, else v1)."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-
-
-def available_cores(tasks: int | None = None) -> int:
-    """Cores for one of ``tasks`` processes or tasks sharing this host; at least 1.
-
-    The affinity mask (:func:`usable_cores`), capped by the cgroup quota (:func:`cpu_quota`, rounded up),
-    divided by ``tasks``.
-    """
-    cores = usable_cores()
-    quota = cpu_quota()
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return max(1, cores // max(1, tasks or 1))
 
 
 def _env_threads() -> int | None:
