@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def worker_environ(threads: int) -> dict[str, str]:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "GDAL_CACHEMAX": os.environ.get("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB)),
         "GDAL_NUM_THREADS": str(threads),
-        **{name: str(threads) for name in _THREAD_VARIABLES},
+        **{name: str(threads) for name in THREAD_VARIABLES},
     }
 
 
@@ -133,7 +133,7 @@ def configure_process(threads: int | None = None, tasks: int | None = None) -> P
     threads = threads or (available_cores(tasks) if tasks else _env_threads() or available_cores())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules
-    for name in _THREAD_VARIABLES:
+    for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)  # for torch when it is imported later, and for child processes
     allocator = retain_freed_memory()
     if allocator:  # child processes (torchrun ranks, a trainer child) start with the same allocator settings
