@@ -184,11 +184,9 @@ def _state_mismatch(module: nn.Module, state: dict[str, torch.Tensor], show: int
 
 def model_config(model: Segmenter, **create_kwargs: Any) -> dict[str, Any]:
     """The JSON-able ``create_model`` arguments that rebuild ``model`` (normalisation taken from it)."""
-    cfg = dict(create_kwargs)
-    cfg["mean"] = [float(v) for v in model.mean.flatten()]
-    cfg["std"] = [float(v) for v in model.std.flatten()]
-    cfg["encoder_weights"] = None  # the weights are in the checkpoint itself
-    return cfg
+    return {**create_kwargs, "mean": [float(v) for v in model.mean.flatten()],
+            "std": [float(v) for v in model.std.flatten()],
+            "encoder_weights": None}  # the weights are in the checkpoint itself
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, model_cfg: dict[str, Any],

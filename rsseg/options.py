@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import click
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rsseg.errors import ConfigError
 
-__all__ = ["Options", "click_options", "options_from_click", "resolve"]
+__all__ = ["Options", "click_options", "options_from_click", "read_yaml", "resolve"]
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,3 +108,13 @@ def click_options(model: type[Options], exclude: tuple[str, ...] = ()) -> Callab
 def options_from_click(model: type[OptionsT], params: dict[str, Any]) -> OptionsT:
     """Pop ``model``'s fields out of a click command's ``params`` and build the options from them."""
     return resolve(model, values={name: params.pop(name) for name in list(params) if name in model.model_fields})
+
+
+def read_yaml(path: Path | Any, what: str) -> Any:
+    """The YAML content of ``path`` (a Path or Traversable); a missing file or bad YAML is a ConfigError."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} file {path} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc

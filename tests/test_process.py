@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rsseg.pipeline import process
+from rsseg import cores
 from rsseg.pipeline.process import available_cores, cpu_quota, torch_threads, worker_environ
 
 PROBE = """
@@ -78,10 +78,10 @@ def test_configure_process_sets_a_share_or_every_core() -> None:
 
 
 def test_available_cores_divides_among_tasks_and_respects_the_quota(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(process, "usable_cores", lambda: 8)
-    monkeypatch.setattr(process, "cpu_quota", lambda: None)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 8)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)
     assert available_cores() == 8 and available_cores(3) == 2 and available_cores(16) == 1
-    monkeypatch.setattr(process, "cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: 1.5)
     assert available_cores() == 2 and available_cores(2) == 1
 
 

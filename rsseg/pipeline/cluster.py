@@ -114,19 +114,18 @@ def local_cluster(workers: int, gpus: int | None = None, gpu_group: int = 1) -> 
     layout = gpu_layout(gpus, gpu_group)
     total = len(layout) + max(0, workers - len(layout))
     environ = worker_environ(available_cores(total))
-    if not gpus:
-        with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        if not gpus:
             return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                 preload=["rsseg.pipeline.process"])
-    options = {"nthreads": 1, "host": "127.0.0.1", "dashboard_address": ":0", "preload": ["rsseg.pipeline.process"],
-               "silence_logs": logging.ERROR}
-    specs = {f"gpu-{i}": {"cls": Nanny, "options": {**options, "resources": {"GPU": len(devices)},
-                                                    "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}}}
-             for i, devices in enumerate(layout)}
-    specs |= {f"cpu-{i}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
-              for i in range(total - len(layout))}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
-    with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        options = {"nthreads": 1, "host": "127.0.0.1", "dashboard_address": ":0",
+                   "preload": ["rsseg.pipeline.process"], "silence_logs": logging.ERROR}
+        specs = {f"gpu-{i}": {"cls": Nanny, "options": {**options, "resources": {"GPU": len(devices)},
+                                                        "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}}}
+                 for i, devices in enumerate(layout)}
+        specs |= {f"cpu-{i}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
+                  for i in range(total - len(layout))}
+        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
         return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="rsseg-gpu-box")
 
 

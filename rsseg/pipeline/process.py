@@ -43,13 +43,12 @@ import contextlib
 import ctypes
 import functools
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from rsseg.cores import available_cores, cpu_quota, usable_cores
 from rsseg.fileio import GDAL_CACHEMAX_MB
 
 __all__ = [
@@ -68,7 +67,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -102,39 +101,6 @@ def retain_freed_memory() -> bool:
     return applied
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask where the OS has one, else all; at least 1."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs the cgroup quota allows (e.g. 1.5), or None without a quota (cgroup v2 ``cpu.max``, else v1)."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-
-
-def available_cores(tasks: int | None = None) -> int:
-    """Cores for one of ``tasks`` processes or tasks sharing this host; at least 1.
-
-    The affinity mask (:func:`usable_cores`), capped by the cgroup quota (:func:`cpu_quota`, rounded up),
-    divided by ``tasks``.
-    """
-    cores = usable_cores()
-    quota = cpu_quota()
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return max(1, cores // max(1, tasks or 1))
-
-
 def _env_threads() -> int | None:
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
@@ -151,7 +117,7 @@ def worker_environ(threads: int) -> dict[str, str]:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "GDAL_CACHEMAX": os.environ.get("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB)),
         "GDAL_NUM_THREADS": str(threads),
-        **{name: str(threads) for name in _THREAD_VARIABLES},
+        **{name: str(threads) for name in THREAD_VARIABLES},
     }
 
 
@@ -167,7 +133,7 @@ def configure_process(threads: int | None = None, tasks: int | None = None) -> P
     threads = threads or (available_cores(tasks) if tasks else _env_threads() or available_cores())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules
-    for name in _THREAD_VARIABLES:
+    for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)  # for torch when it is imported later, and for child processes
     allocator = retain_freed_memory()
     if allocator:  # child processes (torchrun ranks, a trainer child) start with the same allocator settings

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from rsseg.errors import ConfigError, PipelineError
+from rsseg.options import read_yaml
 from rsseg.pipeline.cluster import dask_client
 from rsseg.pipeline.context import Params, StageContext, check_devices, workers_with_gpu
 from rsseg.pipeline.fingerprint import completed, fingerprints
@@ -158,12 +159,7 @@ def _read_source(source: str | os.PathLike[str] | Traversable | dict[str, Any]) 
     if isinstance(source, dict):
         return None, copy.deepcopy(source)
     path = file_or_shipped("pipelines", source) if isinstance(source, str | os.PathLike) else source
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"pipeline file {path} not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "pipeline")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name and stages, got {type(raw).__name__}")
     return path, raw

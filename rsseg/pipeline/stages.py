@@ -20,16 +20,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from rsseg.errors import PipelineError
 from rsseg.fileio import expand_paths, stem_of
 from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders
+from rsseg.pipeline.process import THREAD_VARIABLES
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.tianchi.masks import MaskOptions
 from rsseg.tiling.options import TileOptions
@@ -39,6 +40,12 @@ from rsseg.vector.options import EvaluateOptions, VectorizeOptions
 __all__ = ["STAGES"]
 
 log = logging.getLogger(__name__)
+_O = TypeVar("_O", bound=BaseModel)
+
+
+def _options(p: BaseModel, model: type[_O]) -> _O:
+    """The ``model`` options among a stage's parameters (which add the stage's inputs to them)."""
+    return model(**p.model_dump(include=set(model.model_fields)))
 
 
 # ------------------------------------------------------------------------------------------ generated data
@@ -89,7 +96,7 @@ def _tianchi_masks(p: TianchiMasksParams, ctx: StageContext) -> dict[str, Any]:
     """
     from rsseg.tianchi import describe_masks, write_mask_report
 
-    options = MaskOptions(**p.model_dump(include=set(MaskOptions.model_fields)))
+    options = _options(p, MaskOptions)
     report = describe_masks(p.masks, p.images, options, executor=ctx.executor())
     paths = write_mask_report(report, ctx.out_dir)
     if report.bad_rows or report.table.empty:
@@ -110,7 +117,7 @@ class TileParams(TileOptions):
 def _tile(p: TileParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.tiling import write_chips
 
-    options = TileOptions(**p.model_dump(include=set(TileOptions.model_fields)))
+    options = _options(p, TileOptions)
     executor = ctx.executor()
     chips = 0
     for scene in expand_paths(p.scenes):  # remote names pass through as given
@@ -142,9 +149,6 @@ class TrainParams(Params, LaunchOptions):
         return self
 
 
-_THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the Dask worker that started us dies (Linux), so no orphan trains on."""
     if sys.platform.startswith("linux"):
@@ -167,7 +171,7 @@ def train_subprocess(config_path: Path, nproc: int, log_path: Path) -> None:
     # Dask starts single-threaded workers with OMP/MKL/OpenBLAS limited to 1 thread; the trainer is a
     # process of its own and uses every core (run.threads in the config still sets it explicitly). Dask's
     # 64 KiB heap trim, which it inherits too, is overridden by `rsseg train` (process.configure_process).
-    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS} | {"PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES} | {"PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     if done.returncode:
@@ -248,11 +252,6 @@ def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- inference
-def _predict_options(p: PredictOptions) -> PredictOptions:
-    """The prediction options of a stage's parameters (which add the stage's inputs to them)."""
-    return PredictOptions(**p.model_dump(include=set(PredictOptions.model_fields)))
-
-
 def _in_task_share(threads_on: dict[str, int], tasks: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Dask task: ``fn`` with torch's CPU threads this task's share of its host, restored afterwards.
 
@@ -276,7 +275,7 @@ def _predict_tianchi(p: PredictTianchiParams, ctx: StageContext) -> dict[str, An
 
     out = ctx.out_dir / "submission.csv"
     fut = ctx.submit(_in_task_share, threads_by_host(ctx.client), 1, predict_images, p.checkpoint, p.images, out,
-                     sample=p.sample, options=_predict_options(p), gpu=ctx.wants_gpu(p.device), label="predict")
+                     sample=p.sample, options=_options(p, PredictOptions), gpu=ctx.wants_gpu(p.device), label="predict")
     ctx.gather([fut])
     tiles_quicklook(Path(p.images), out, ctx.out_dir / "quicklook_tiles.png")
     with open(out) as rows:
@@ -308,7 +307,7 @@ def _predict_scenes(p: PredictScenesParams, ctx: StageContext) -> dict[str, Any]
 
     scenes = expand_paths(p.scenes)
     threads_on = threads_by_host(ctx.client)
-    options = _predict_options(p)
+    options = _options(p, PredictOptions)
     futures = [ctx.submit(_in_task_share, threads_on, len(scenes), predict_raster, p.checkpoint, scene,
                           ctx.out_dir / f"{stem_of(scene)}.tif", options, gpu=ctx.wants_gpu(p.device),
                           label=stem_of(scene))
@@ -333,7 +332,7 @@ def _vectorize(p: VectorizeParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.vector import merge_vectors, vectorize, write_vectors
 
     masks = [Path(m) for m in expand_paths(p.masks) if not str(m).endswith(".prob.tif")]
-    options = VectorizeOptions(**p.model_dump(include=set(VectorizeOptions.model_fields)))
+    options = _options(p, VectorizeOptions)
     counts: dict[str, int] = {}
     for mask in masks:
         prob = mask.with_name(f"{mask.stem}.prob.tif")
@@ -366,7 +365,7 @@ def _evaluate(p: EvaluateParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.vector import evaluate_vectors
 
     stems = [stem_of(s) for s in expand_paths(p.scenes)] if p.scenes else [""]
-    options = EvaluateOptions(**p.model_dump(include=set(EvaluateOptions.model_fields)))
+    options = _options(p, EvaluateOptions)
     results = {stem or "all": evaluate_vectors(p.pred.format(stem=stem), p.truth.format(stem=stem), options)
                for stem in stems}
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(results, indent=2))

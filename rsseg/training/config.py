@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsseg.errors import ConfigError
-from rsseg.options import Options
+from rsseg.options import Options, read_yaml
 
 __all__ = [
     "AugmentConfig",
@@ -277,12 +277,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     else:
         path = Path(source)
         origin = str(path)
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        tree = read_yaml(path, "config")
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: expected a mapping with sections {', '.join(_keys(TrainConfig))}")
     for key, value in (overrides or {}).items():

@@ -13,13 +13,13 @@ and the CPU's flags:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rsseg.cores import usable_cores
 from rsseg.errors import ConfigError
 
 __all__ = ["DeviceFacts", "choose_precision", "cpu_has_bf16", "device_facts", "saved_rng",
@@ -113,11 +113,6 @@ def sync_batchnorm(setting: bool | None, device: torch.device, world: int, per_r
         raise ConfigError(f"run.sync_batchnorm=true with {world} CPU processes: torch's SyncBatchNorm "
                           "synchronises CUDA tensors only; set run.sync_batchnorm=false (or leave it unset)")
     return setting
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one); at least 1."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def loader_workers(setting: int | None, device: torch.device, local_world: int, cores: int | None = None) -> int:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import Dataset
 
-from rsseg.errors import ConfigError, DatasetError, PipelineError
+from rsseg.errors import ConfigError, DatasetError, OutputExistsError, PipelineError
 from rsseg.options import resolve
 from rsseg.training.augment import TrainTransform
 from rsseg.training.config import LaunchOptions, NodeOptions, TrainConfig, load_config
@@ -133,7 +133,7 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
         return last
     if cfg.run.overwrite:
         return None
-    raise FileExistsError(f"{cfg.run.out_dir} already holds a run (last.pt); set run.resume=true to continue it "
+    raise OutputExistsError(f"{cfg.run.out_dir} already holds a run (last.pt); set run.resume=true to continue it "
                           "or run.overwrite=true to start afresh")
 
 
@@ -146,7 +146,7 @@ def fit(cfg: TrainConfig) -> Path:
     Raises:
         ConfigError: a device that is not there, or a batch that does not split across processes.
         DatasetError: missing or wrongly sized images, an empty split.
-        FileExistsError: ``run.out_dir`` holds a run and neither ``run.resume`` nor ``run.overwrite`` is set.
+        OutputExistsError: ``run.out_dir`` holds a run and neither ``run.resume`` nor ``run.overwrite`` is set.
     """
     env = Rank.from_env()
     device = resolve_device(cfg.run.device, env.local_rank, env.local_world)
