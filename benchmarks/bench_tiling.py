@@ -6,10 +6,11 @@ this process, in plain ``rasterio.Env()`` (GDAL defaults: one decoding thread, a
 RAM, so every block is decoded once); it is timed again after ``retain_freed_memory()`` (the allocator
 setting rsseg's entry points use), which removes its page faults and its run-to-run spread, and the ratios
 against both are reported (the targets are against the plain loop). ``write_chips`` (labels from the scene's
-footprints) runs on the executor of a LocalCluster of 1 and then 2 single-threaded workers started
-beforehand, so start-up is not timed; each figure is the best of ``--repeat`` runs. The workers inherit
-this process's environment (``GDAL_NUM_THREADS``, ``GDAL_CACHEMAX`` as the caller set them; rsseg's
-library sets neither).
+footprints) runs on the executor of the local cluster ``rsseg tile`` starts
+(:func:`rsseg.pipeline.cluster.local_cluster`: single-threaded worker processes set up as entry points, each
+with its share of the cores for GDAL's decoding threads, the allocator tuning and the GDAL cache; rsseg's library
+sets none of these), of 1 and then 2 workers started beforehand, so start-up is not timed; each figure is the
+best of ``--repeat`` runs.
 
 The floor (``floor_2w_mb_s``) is what any tiling on 2 workers must do at least, with nothing else: two
 processes (started beforehand, allocator as rsseg's entry points set it) each read half the windows (by grid rows)
@@ -48,10 +49,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import rasterio
-from distributed import Client, LocalCluster
+from distributed import Client
 from rasterio.windows import Window
 
-from rsseg.pipeline.cluster import dask_executor
+from rsseg.pipeline.cluster import dask_executor, local_cluster
 from rsseg.pipeline.process import retain_freed_memory
 from rsseg.synth.generate import footprints_path, make_scene
 from rsseg.tiling import TileGrid, TileOptions, write_chips
@@ -204,8 +205,7 @@ def main() -> None:
     result["floor_2w_mb_s"] = round(mb / floor, 1)
     result["ratio_floor_vs_plain"] = round(plain / floor, 3)
     for workers in (1, 2):
-        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-              Client(cluster) as client):
+        with local_cluster(workers) as cluster, Client(cluster) as client:  # the cluster `rsseg tile` starts
             best = min(tiling_time(big, out, client) for _ in range(args.repeat))
         result[f"tiling_{workers}w_mb_s"] = round(mb / best, 1)
         result[f"ratio_{workers}w_vs_plain"] = round(plain / best, 3)
