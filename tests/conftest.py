@@ -11,8 +11,8 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import settings
@@ -43,8 +43,7 @@ def _entry_point_settings_stay_out_of_pytest(monkeypatch):
     monkeypatch.setattr(process, "configure_process", lambda *args, **kwargs: None)
 
 
-@dataclass
-class CliResult:
+class CliResult(NamedTuple):
     """What a user sees of one ``rsseg`` command: exit status, stdout and stderr."""
 
     exit_code: int

@@ -12,12 +12,13 @@ import pytest
 import rasterio
 import shapely
 from click.testing import CliRunner
+from conftest import run_rsseg as _rsseg  # (exit code, stdout, stderr)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from rasterio.features import rasterize
 
-from rsseg.cli import cli, main
+from rsseg.cli import cli
 from rsseg.errors import ConfigError
 from rsseg.fileio import file_sha256
 from rsseg.synth.generate import footprints_path, make_scene, make_tianchi
@@ -156,17 +157,6 @@ def test_scene_bad_input(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         make_scene(tmp_path / "x.tif", **kwargs)
     assert not list(tmp_path.iterdir())
-
-
-def _rsseg(*args: object) -> tuple[int, str, str]:
-    """``rsseg ARGS`` in this process through the console script's ``main``: (exit code, stdout, stderr)."""
-    code = 0
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def test_cli_scene_bad_input(tmp_path):

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import run_rsseg as _rsseg  # (exit code, stdout, stderr)
 
-from rsseg.cli import main
 from rsseg.errors import RLEError, SubmissionError
 from rsseg.tianchi.files import (
     iter_masks,
@@ -129,17 +128,6 @@ def test_score_refuses_submission_missing_images(truth, tmp_path: Path) -> None:
     sub = write_mask_csv([("AAAAAAAAAA.jpg", "")], tmp_path / "sub.csv")
     with pytest.raises(SubmissionError, match="lacks 2 of the 3 images"):
         score(sub, truth[0])
-
-
-def _rsseg(*args: object) -> tuple[int, str, str]:
-    """``rsseg ARGS`` in this process through the console script's ``main``: (exit code, stdout, stderr)."""
-    code = 0
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def test_cli_score_and_validate(truth, tmp_path: Path) -> None:
