@@ -22,7 +22,7 @@ import numpy as np
 
 from rsseg.errors import DatasetError
 
-__all__ = ["StatsAccumulator", "combine_stats", "gsd_metres", "normalisation"]
+__all__ = ["StatsAccumulator", "bands_of", "combine_stats", "gsd_metres", "normalisation"]
 
 #: Values per band kept from float images for their percentiles (a strided sample).
 FLOAT_SAMPLE = 1 << 20
@@ -146,3 +146,8 @@ def gsd_metres(crs: Any, transform: Sequence[float], width: int, height: int) ->
         return float((abs(dx) + abs(dy)) / 2)
     unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
     return float((math.hypot(a, d) + math.hypot(b, e)) / 2 * unit)
+
+
+def bands_of(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The source bands that band statistics describe: ``[{"band": index, "description": str | None}, ...]``."""
+    return [{"band": s["band"], "description": s.get("description")} for s in stats]

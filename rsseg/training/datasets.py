@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from rsseg.errors import DatasetError
 from rsseg.tianchi.files import read_masks_csv
 from rsseg.training.augment import TrainTransform
-from rsseg.training.bandstats import StatsAccumulator, combine_stats, gsd_metres
+from rsseg.training.bandstats import StatsAccumulator, bands_of, combine_stats, gsd_metres
 from rsseg.training.splits import ChipPlaces, chip_sides, split_indices, tianchi_folds
 
 __all__ = ["ChipDataset", "TianchiDataset", "value_range"]
@@ -278,7 +278,7 @@ class ChipDataset(_MaskDataset):
     @property
     def source_bands(self) -> list[dict[str, Any]]:
         """The scene bands the chips hold: ``[{"band": index, "description": str | None}, ...]``."""
-        return [{"band": s["band"], "description": s.get("description")} for s in self.band_stats]
+        return bands_of(self.band_stats)
 
     @property
     def gsd(self) -> float | None:

@@ -24,7 +24,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from rsseg.errors import DatasetError
 from rsseg.training.augment import TrainTransform
-from rsseg.training.bandstats import StatsAccumulator, gsd_metres
+from rsseg.training.bandstats import StatsAccumulator, bands_of, gsd_metres
 from rsseg.training.datasets import IGNORE, _check_split, _MaskDataset, value_range
 from rsseg.training.splits import split_indices
 
@@ -142,7 +142,7 @@ class ImageFolderDataset(_MaskDataset):
     @property
     def source_bands(self) -> list[dict[str, Any]]:
         """The images' bands: ``[{"band": index, "description": str | None}, ...]``."""
-        return [{"band": s["band"], "description": s.get("description")} for s in self.band_stats]
+        return bands_of(self.band_stats)
 
     @property
     def gsd(self) -> float | None:
