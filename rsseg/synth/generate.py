@@ -22,7 +22,7 @@ import shapely
 from affine import Affine
 from PIL import Image
 from pyproj import CRS, Transformer
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 from tqdm.auto import tqdm
 
 from rsseg.errors import ConfigError, OutputExistsError
@@ -140,9 +140,8 @@ def make_scene(
     crs_obj, transform = scene_transform(opts.crs, opts.size, opts.gsd)
     layout, style = _scene_layout(opts)
     renderer = Renderer(layout, style)
-    size, step = opts.size, opts.window
-    windows = [Window(c, r, min(step, size - c), min(step, size - r))
-               for r in range(0, size, step) for c in range(0, size, step)]
+    size = opts.size
+    windows = subdivide(Window(0, 0, size, size), opts.window, opts.window)
     path = Path(path)
     with raster_env(), atomic_path(path) as tmp, atomic_path(footprints_path(path)) as tmp_vec:
         with rasterio.open(tmp, "w", **_scene_profile(opts, crs_obj, transform)) as dst:

@@ -16,7 +16,7 @@ import numpy as np
 import shapely
 from rasterio import Affine
 from rasterio.features import shapes
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 
 from rsseg.errors import ConfigError, RasterError
 from rsseg.metrics import components
@@ -35,8 +35,7 @@ def block_windows(width: int, height: int, block: int) -> list[Window]:
     """
     if block < 1:
         raise ConfigError(f"block size {block}: expected a positive number of pixels (e.g. 2048)")
-    return [Window(col, row, min(block, width - col), min(block, height - row))
-            for row in range(0, height, block) for col in range(0, width, block)]
+    return subdivide(Window(0, 0, width, height), block, block)
 
 
 def _describe(window: Window) -> str:
