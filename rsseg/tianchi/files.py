@@ -68,8 +68,7 @@ class MaskTable(Mapping[str, str]):
                 offset += len(raw)
 
     def _add(self, raw: bytes, number: int, offset: int, strict: bool) -> None:
-        line = raw[:-1] if raw.endswith(b"\n") else raw
-        line = line[:-1] if line.endswith(b"\r") else line
+        line = raw.removesuffix(b"\n").removesuffix(b"\r")
         field, tab, rle = line.partition(b"\t")
         name = field.decode("utf-8", errors="replace")
         if not field and not rle:
@@ -158,11 +157,11 @@ def read_masks_csv(path: PathLike) -> MaskTable:
     return MaskTable(path)
 
 
-def iter_masks(path: PathLike, shape: tuple[int, int] = rle_codec.TIANCHI_SHAPE) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, mask)`` for each row of a mask file, decoding one mask at a time."""
+def iter_masks(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, mask)`` for each row of a mask file, decoding one 512x512 mask at a time."""
     with read_masks_csv(path) as table:
         for name in table:
-            yield name, table.mask(name, shape)
+            yield name, table.mask(name)
 
 
 def write_mask_csv(rows: Iterable[tuple[str, str]], path: PathLike) -> Path:
@@ -191,21 +190,15 @@ def write_submission(predictions: Mapping[str, str | np.ndarray], path: PathLike
     if missing or extra:
         raise SubmissionError(f"predictions do not match {Path(sample).name}: {len(missing)} missing "
                               f"(e.g. {missing[:3]}), {len(extra)} not in the sample (e.g. {extra[:3]})")
-
-    def rows() -> Iterator[tuple[str, str]]:
-        for name in names:
-            value = predictions[name]
-            yield name, value if isinstance(value, str) else rle_codec.encode(value)
-
-    return write_mask_csv(rows(), path)
+    rows = ((name, predictions[name]) for name in names)
+    return write_mask_csv(((n, v if isinstance(v, str) else rle_codec.encode(v)) for n, v in rows), path)
 
 
-def validate_submission(path: PathLike, sample: PathLike,
-                        shape: tuple[int, int] = rle_codec.TIANCHI_SHAPE) -> list[str]:
+def validate_submission(path: PathLike, sample: PathLike) -> list[str]:
     """Every problem of a submission, each with its line number; an empty list means valid.
 
     Checks: lines are ``name<TAB>rle``; no duplicated name; every sample image present, no other image;
-    rows in the sample's order; every RLE decodes and stays inside a ``shape`` image.
+    rows in the sample's order; every RLE decodes and stays inside a 512x512 image.
     """
     sub = MaskTable(path, strict=False)
     ref = MaskTable(sample, strict=False)
@@ -226,7 +219,7 @@ def validate_submission(path: PathLike, sample: PathLike,
     with sub:
         for image in sub:
             try:
-                sub.mask(image, shape)
+                sub.mask(image)
             except RLEError as exc:
                 problems.append(str(exc))
     return problems

@@ -84,13 +84,9 @@ def stratified_folds(table: pd.DataFrame, options: FoldOptions | None = None, **
     else:
         strata = fold_strata(ordered, opts.bins)
     rng = np.random.default_rng(opts.seed)
-    folds = pd.Series(-1, index=strata.index, name="fold", dtype=np.int64)
-    dealt = 0
-    for stratum in sorted(strata.unique()):
-        names = strata.index[strata.to_numpy() == stratum].to_numpy()
-        shuffled = names[rng.permutation(names.size)]
-        folds[shuffled] = (dealt + np.arange(names.size)) % opts.folds
-        dealt += names.size
+    groups = [strata.index[strata.to_numpy() == stratum].to_numpy() for stratum in sorted(strata.unique())]
+    dealt = np.concatenate([names[rng.permutation(names.size)] for names in groups])  # stratum after stratum
+    folds = pd.Series(np.arange(dealt.size) % opts.folds, index=pd.Index(dealt, name="name"), name="fold")
     return folds.reindex(pd.Index(table["name"], name="name"))
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ class MaskReport:
     options: MaskOptions
     table: pd.DataFrame
     bad_rows: tuple[BadRow, ...] = ()
-    unlisted_images: tuple[str, ...] = field(default=())
+    unlisted_images: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -184,7 +184,7 @@ def describe_masks(
         bad.extend(block_bad)
     table = pd.DataFrame(sorted(good, key=lambda row: row[1]), columns=list(TABLE_COLUMNS))
     table = table.astype({"line": "int64", "building_fraction": "float64", "empty": "bool", "buildings": "int64"})
-    listed = {name for name in index} | {row.name for row in bad}
+    listed = set(index) | {row.name for row in bad}
     unlisted = sorted(p.name for p in images.glob("*.jpg") if p.name not in listed) if images else []
     return MaskReport(mask_csv, images, opts, table, tuple(sorted(bad, key=lambda r: (r.line, r.kind))),
                       tuple(unlisted))
@@ -256,7 +256,7 @@ def write_mask_report(report: MaskReport, out_dir: PathLike, *, overwrite: bool 
         paths.pop("mosaic")
         return paths
     with atomic_path(paths["mosaic"]) as tmp:
-        _mosaic(report, report.images_dir, picks).save(tmp, format="PNG")
+        _mosaic(report, picks).save(tmp, format="PNG")
     return paths
 
 
@@ -269,7 +269,7 @@ def mosaic_picks(table: pd.DataFrame, n: int) -> list[str]:
     return [ordered[i] for i in picks]
 
 
-def _mosaic(report: MaskReport, images_dir: Path, names: Sequence[str], thumb: int = 192) -> Image.Image:
+def _mosaic(report: MaskReport, names: Sequence[str], thumb: int = 192) -> Image.Image:
     """A grid of images, each with its decoded mask's outline in yellow, ``thumb`` pixels a side."""
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
@@ -277,7 +277,7 @@ def _mosaic(report: MaskReport, images_dir: Path, names: Sequence[str], thumb: i
     shape = (report.options.image_size[0], report.options.image_size[1])
     with MaskTable(report.mask_csv, strict=False) as table:
         for i, name in enumerate(names):
-            with Image.open(images_dir / name) as image:
+            with Image.open(report.images_dir / name) as image:
                 pixels = np.array(image.convert("RGB"))
             edge = _outline(decode(table[name], shape))
             pixels[edge] = (255, 255, 0)

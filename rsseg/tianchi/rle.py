@@ -30,11 +30,7 @@ _DIGITS_AND_SPACE = b"0123456789 \t\n\r\x0b\x0c"  # the bytes of a well-formed R
 
 def is_missing(rle: object) -> bool:
     """True for the values that mean "no building": None, NaN, and blank strings."""
-    if rle is None:
-        return True
-    if isinstance(rle, float):
-        return math.isnan(rle)
-    return isinstance(rle, str) and (not rle or rle.isspace())
+    return rle is None or (isinstance(rle, float) and math.isnan(rle)) or (isinstance(rle, str) and not rle.strip())
 
 
 def encode(mask: np.ndarray) -> str:
