@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 from rsseg.lazy import attach
 
 if TYPE_CHECKING:
-    from rsseg.synth.generate import footprints_path, make_scene, make_tianchi, render_image, scene_transform
+    from rsseg.synth.generate import footprints_path, make_scene, make_tianchi
     from rsseg.synth.options import SceneOptions, TianchiOptions
 
 __getattr__, __dir__, __all__ = attach(__name__, {
-    "footprints_path": "generate", "make_scene": "generate", "make_tianchi": "generate", "render_image": "generate",
-    "scene_transform": "generate",
+    "footprints_path": "generate", "make_scene": "generate", "make_tianchi": "generate",
     "SceneOptions": "options", "TianchiOptions": "options",
 })

@@ -35,7 +35,7 @@ from rsseg.synth.render import Renderer
 from rsseg.tianchi import files as tianchi
 from rsseg.tianchi import rle
 
-__all__ = ["footprints_path", "make_scene", "make_tianchi", "render_image", "scene_transform"]
+__all__ = ["footprints_path", "make_scene", "make_tianchi"]
 
 log = logging.getLogger(__name__)
 

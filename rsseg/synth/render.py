@@ -135,8 +135,7 @@ class Renderer:
             rgb[:, tree > 0] = self._crowns(trees, tree, texture, grain, row0, col0)
         rgb *= style.gain[:, None, None]
         if lay.valid is not None:
-            valid = rasterize([(lay.valid, 1)], out_shape=(height, width),
-                              transform=Affine.translation(col0, row0), fill=0, dtype="uint8") > 0
+            valid = _rasterize([lay.valid], np.ones(1, int), row0, col0, height, width) > 0
             rgb[:, ~valid] = 0
             rgb[:, valid] = np.clip(rgb[:, valid], 1, 255)
         else:
