@@ -121,24 +121,24 @@ def _remove_tree(path: Path, passes: int = 3) -> None:
         time.sleep(0.05)
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def raster_env(cache_mb: int = GDAL_CACHEMAX_MB, **options: object) -> rasterio.Env:
-    """A :class:`rasterio.Env` with a small GDAL block cache (memory independent of scene size).
+def raster_env(**options: object) -> rasterio.Env:
+    """A :class:`rasterio.Env` with a small GDAL block cache (:data:`GDAL_CACHEMAX_MB`, whatever the scene size).
 
     ``options`` are further GDAL settings; they may override ``GDAL_NUM_THREADS`` (default ``ALL_CPUS``).
     """
     import rasterio
 
     # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes.
-    return rasterio.Env(GDAL_CACHEMAX=cache_mb << 20, **{"GDAL_NUM_THREADS": "ALL_CPUS", **options})
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB << 20, **{"GDAL_NUM_THREADS": "ALL_CPUS", **options})
 
 
 # ------------------------------------------------------------------------------------------ input names
