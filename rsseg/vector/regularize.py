@@ -50,19 +50,18 @@ def _subsequence(ring: np.ndarray, smooth: np.ndarray) -> np.ndarray | None:
     return np.array([*found, len(ring) - 1])
 
 
-def square_ring(ring: np.ndarray, smooth: np.ndarray | None = None) -> np.ndarray | None:
+def square_ring(ring: np.ndarray, smooth: np.ndarray) -> np.ndarray | None:
     """A rectilinear ring following ``ring``, whose dominant directions must already be the axes.
 
     Args:
         ring: a closed ring (first point repeated last).
         smooth: a simplification of ``ring`` (a subsequence of its vertices) whose edges decide which
-            parts of ``ring`` are horizontal and which vertical; default ``ring`` itself.
+            parts of ``ring`` are horizontal and which vertical.
 
     Returns:
         The closed rectilinear ring, or None when there are fewer than two horizontal and two vertical
         runs of edges (nothing rectangular to make of it).
     """
-    smooth = ring if smooth is None else smooth
     steps = np.diff(smooth, axis=0)
     horizontal = np.abs(steps[:, 0]) >= np.abs(steps[:, 1])
     starts = np.flatnonzero(horizontal != np.roll(horizontal, 1))
@@ -72,8 +71,8 @@ def square_ring(ring: np.ndarray, smooth: np.ndarray | None = None) -> np.ndarra
     index = _subsequence(ring, smooth)
     if index is None:  # not a subsequence: level by the smoothed edges themselves
         ring, index = smooth, np.arange(len(smooth))
-    edge_run = run[np.searchsorted(index, np.arange(len(ring) - 1), side="right") - 1]
-    edge_horizontal = horizontal[np.searchsorted(index, np.arange(len(ring) - 1), side="right") - 1]
+    smooth_edge = np.searchsorted(index, np.arange(len(ring) - 1), side="right") - 1  # of each edge of ring
+    edge_run, edge_horizontal = run[smooth_edge], horizontal[smooth_edge]
     start, end = ring[:-1], ring[1:]
     along = np.where(edge_horizontal, end[:, 0] - start[:, 0], end[:, 1] - start[:, 1])
     across = np.where(edge_horizontal, start[:, 1] + end[:, 1], start[:, 0] + end[:, 0]) / 2
