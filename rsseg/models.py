@@ -66,27 +66,29 @@ class Segmenter(nn.Module):
 
 
 def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights: str | os.PathLike[str] | None = None,
-                 in_channels: int = 3, mean: tuple[float, ...] | None = None,
+                 in_channels: int = 3, classes: int = 1, mean: tuple[float, ...] | None = None,
                  std: tuple[float, ...] | None = None, **arch_kwargs: Any) -> Segmenter:
-    """Build a segmentation model with one output channel (building / background logits).
+    """Build a segmentation model.
 
     Args:
         arch: a segmentation-models-pytorch architecture (``unet``, ``fpn``, ...), or a network of your own
             as ``"package.module:Class"``: an ``nn.Module`` subclass, importable wherever the model is built
-            (training processes, prediction workers), called as ``Class(in_channels=..., classes=1,
-            **arch_kwargs)`` and returning logits ``(N, 1, H, W)`` of a normalised input.
+            (training processes, prediction workers), called as ``Class(in_channels=..., classes=...,
+            **arch_kwargs)`` and returning logits ``(N, classes, H, W)`` of a normalised input.
         encoder: an smp encoder name (``resnet34``, ``resnet18``, ``efficientnet-b0``, ...); ignored by
             ``"module:Class"`` networks.
         encoder_weights: None (random init), ``"imagenet"`` (needs smp's download cache: this project
             runs offline), or the path of a local encoder state dict (``torch.save(encoder.state_dict())``).
         in_channels: input bands.
+        classes: output channels (1 for building / background).
         mean: per-band mean in raw pixel units (default ImageNet RGB in 0-255 units for 3 bands, else 0).
         std: per-band standard deviation in raw pixel units (default ImageNet RGB for 3 bands, else 255).
         **arch_kwargs: further arguments of the architecture, e.g. ``encoder_depth=4,
             decoder_channels=[128, 64, 32, 16]`` for a lighter U-Net.
     """
     if ":" in arch:
-        net = _build(_network_class(arch), f"arch {arch!r}", in_channels=in_channels, classes=1, **arch_kwargs)
+        net = _build(_network_class(arch), f"arch {arch!r}", in_channels=in_channels, classes=classes,
+                     **arch_kwargs)
     elif arch.lower() not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}, or a network of your own "
                           "as 'package.module:Class'")
@@ -95,7 +97,7 @@ def create_model(arch: str = "unet", encoder: str = "resnet34", encoder_weights:
 
         named = encoder_weights if encoder_weights in (None, "imagenet") else None
         net = _build(smp.create_model, f"{arch}/{encoder}", arch=arch, encoder_name=encoder, encoder_weights=named,
-                     in_channels=in_channels, classes=1, **arch_kwargs)
+                     in_channels=in_channels, classes=classes, **arch_kwargs)
         if named is None and encoder_weights is not None:
             _load_encoder_weights(net, Path(encoder_weights))
     if mean is None:
