@@ -185,7 +185,8 @@ def test_fold_ensemble_pools_the_folds_out_of_fold_scores(tmp_path, stand_ins):
                    ("train@2", 0.6, 10, pytest.approx(0.88))]
     assert [p.parent.name for p in read_ensemble(ens)[0]] == ["train@0", "train@1", "train@2"]
     loaded = load_model(ens, CPU)
-    assert (loaded.meta["threshold"], loaded.meta["min_pixels"]) == (0.5, 10) and loaded.name.endswith("(ensemble of 3)")
+    assert (loaded.meta["threshold"], loaded.meta["min_pixels"]) == (0.5, 10)
+    assert loaded.name == "ensemble.json (ensemble of 3)"
 
 
 def test_fold_ensemble_refuses_untuned_or_mismatched_folds(tmp_path, stand_ins):
