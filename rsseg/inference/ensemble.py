@@ -47,6 +47,8 @@ PathLike = str | os.PathLike[str]
 
 #: The ``format`` of an ensemble file.
 FORMAT = "rsseg-ensemble/1"
+#: What an ensemble keeps of a member checkpoint (not a training run's optimizer and scheduler state).
+_KEPT = ("format", "version", "model", "state_dict", "meta")
 #: Clamp of the mean probability before its logit (float32: ``logit(1 - 1e-6)`` is still finite).
 EPS = 1e-6
 
@@ -121,7 +123,8 @@ def read_members(paths: Sequence[PathLike]) -> list[Member]:
     members = []
     for path in map(Path, paths):
         checkpoint = load_checkpoint(path)  # a missing or foreign file: CheckpointError naming it
-        members.append(Member(path, file_sha256(path), checkpoint))
+        kept = {key: checkpoint[key] for key in _KEPT if key in checkpoint}  # the optimizer's state goes
+        members.append(Member(path, file_sha256(path), kept))
     check_compatible(members)
     return members
 
