@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from rsseg.errors import RssegError
+from rsseg.errors import ConfigError, RssegError
 from rsseg.inference.options import PredictOptions
 from rsseg.options import click_options, options_from_click
 from rsseg.synth.options import SceneOptions, TianchiOptions
@@ -201,8 +201,27 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
         click.echo(str(best))
 
 
+#: Arguments after the first that are further checkpoints, not inputs: ``rsseg predict a.pt b.pt IN OUT``.
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".json")
+
+
+def _checkpoints_and_inputs(first: Path, rest: tuple[str, ...]) -> tuple[Path | list[Path], tuple[str, ...]]:
+    """Split ``rsseg predict``'s CHECKPOINT... INPUT... arguments.
+
+    The first argument and those right after it with a checkpoint suffix (.pt, .pth, .ckpt, an ensemble's
+    .json) are checkpoints (one: a path, several: a list), the rest inputs.
+    """
+    count = next((i for i, arg in enumerate(rest) if Path(arg).suffix.lower() not in _CHECKPOINT_SUFFIXES),
+                 len(rest))
+    if count == len(rest):
+        raise ConfigError(f"{rest[-1]} has a checkpoint name but is the last argument before OUTPUT; expected "
+                          "CHECKPOINT... INPUT... OUTPUT")
+    checkpoints = [first, *map(Path, rest[:count])]
+    return checkpoints if count else first, rest[count:]
+
+
 @cli.command()
-@click.argument("checkpoint", type=_PATH)
+@click.argument("checkpoint", type=_PATH, metavar="CHECKPOINT...")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.argument("output", type=_PATH)
 @click.option("--tile", "--window", "window", type=int, default=PredictOptions.model_fields["window"].default,
@@ -211,6 +230,10 @@ def train(config: Path, sets: tuple[str, ...], **params: object) -> None:
 @click.option("--sample", type=_EXISTING, help="Sample submission giving the order of rows (JPG folder input).")
 def predict(checkpoint: Path, inputs: tuple[str, ...], output: Path, sample: Path | None, **params: object) -> None:
     """Predict a raster, several rasters, a folder of Tianchi JPGs or a folder of images.
+
+    CHECKPOINT... is one checkpoint, several (an ensemble: probabilities averaged over them and the TTA views;
+    the threshold is their mean, min_pixels the smallest) or an ensemble file (ensemble.json, with the
+    threshold and min_pixels tuned for it); checkpoints after the first need a .pt, .pth, .ckpt or .json name.
 
     \b
     One INPUT:
@@ -225,10 +248,10 @@ def predict(checkpoint: Path, inputs: tuple[str, ...], output: Path, sample: Pat
     predicted with one model load into the folder OUTPUT, <stem>.tif (+ <stem>.prob.tif) each; OUTPUT
     appears only when all are written.
     """  # noqa: D301 (\b: click keeps the paragraph's line breaks)
-    from rsseg.errors import ConfigError
     from rsseg.fileio import is_remote
 
     options = options_from_click(PredictOptions, params)
+    checkpoint, inputs = _checkpoints_and_inputs(checkpoint, inputs)
     if len(inputs) == 1 and (is_remote(inputs[0]) or not any(c in inputs[0] for c in "*?[")):
         from rsseg.inference.predict import predict_path
 

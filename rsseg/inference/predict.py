@@ -11,7 +11,8 @@ for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cac
 
 **Raster outputs** are single-band Cloud Optimized GeoTIFFs (:mod:`rsseg.inference.outputs`: 512 x 512
 internal tiles, overviews, DEFLATE level 1) with the source's CRS and transform, tagged
-``rsseg:checkpoint_sha256``, ``rsseg:checkpoint`` (its file name, for a checkpoint given by path),
+``rsseg:checkpoint_sha256``, ``rsseg:checkpoint`` (its file name, for a checkpoint given by path; an ensemble's
+``rsseg:members`` lists each member's ``<folder>/<file>`` and SHA-256 as JSON),
 ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:precision``, ``rsseg:source`` (the scene's file name),
 ``rsseg:source_sha256``, ``rsseg:output``, ``rsseg:tile`` (the window size), ``rsseg:overlap`` (GDAL metadata
 domain ``rsseg``: read them with :func:`read_tags`; no absolute local paths), written atomically:
@@ -135,8 +136,9 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     The outputs are described in the module docstring (:mod:`rsseg.inference.predict`).
 
     Args:
-        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (raw pixels in,
-            logits out, e.g. :class:`~rsseg.models.Segmenter`).
+        checkpoint_or_model: a checkpoint path, a list of them or an ensemble file (an ensemble:
+            :mod:`rsseg.inference.loading`), a loaded checkpoint dict or a model (raw pixels in, logits out,
+            e.g. :class:`~rsseg.models.Segmenter`).
         src: the scene, a local file or a remote name kept as given (``/vsicurl/https://...``, ``s3://...``,
             ``gs://...``, ``/vsis3/...``): any GDAL raster with the model's bands: ``bands`` selects them, else the
             checkpoint's recorded bands, see :mod:`rsseg.inference.sources`).
@@ -203,13 +205,11 @@ def _predict_rows(stream: Callable[[RowWriter], None], writer: RowWriter, dev: t
 def _tags(loaded: LoadedModel, src: str | Path, threshold: float, opts: PredictOptions,
           resampled: dict[str, Any] | None) -> dict[str, str]:
     """The provenance written on the outputs: file names and hashes, the settings that made them."""
-    tags = {"checkpoint_sha256": loaded.digest, "threshold": f"{threshold:g}", "tta": opts.tta,
+    tags = {**loaded.provenance(), "threshold": f"{threshold:g}", "tta": opts.tta,
             "precision": opts.precision, "source": display_name(src),
             "tile": str(opts.window), "overlap": str(opts.overlap), "output": opts.output_kind}
     if not is_remote(src):  # (a remote scene is not downloaded whole to hash it)
         tags["source_sha256"] = file_sha256(src)
-    if loaded.name is not None:
-        tags["checkpoint"] = loaded.name
     if resampled is not None:
         tags["read_gsd_m"] = f"{resampled['model_gsd']:g}"
     return tags
@@ -321,7 +321,7 @@ def predict_images(checkpoint_or_model: ModelLike, image_dir: PathLike, output_c
     (:mod:`rsseg.tianchi.files`) before the file takes its final name.
 
     Args:
-        checkpoint_or_model: a checkpoint path, a loaded checkpoint dict or a model (3 input bands).
+        checkpoint_or_model: as for :func:`predict_raster` (3 input bands).
         image_dir: the folder of JPG images (e.g. ``test_a/``).
         output_csv: the submission to write.
         sample: the sample submission (e.g. ``test_a_samplesubmit.csv``).

@@ -31,6 +31,7 @@ from rsseg.inference.options import PredictOptions
 from rsseg.pipeline.cluster import task_threads, threads_by_host
 from rsseg.pipeline.context import Params, StageContext, StageKind, expand_chip_folders
 from rsseg.pipeline.process import THREAD_VARIABLES
+from rsseg.pipeline.stages_ensemble import ENSEMBLE
 from rsseg.synth.options import SceneOptions, TianchiOptions
 from rsseg.tianchi.masks import MaskOptions
 from rsseg.tiling.options import TileOptions
@@ -264,7 +265,7 @@ def _in_task_share(threads_on: dict[str, int], tasks: int, fn: Callable[..., Any
 
 
 class PredictTianchiParams(PredictOptions):
-    checkpoint: str
+    checkpoint: str | list[str] = Field(description="A checkpoint, several (an ensemble) or an ensemble.json")
     images: str
     sample: str | None = None
 
@@ -298,7 +299,7 @@ def _score(p: ScoreParams, ctx: StageContext) -> dict[str, Any]:
 class PredictScenesParams(PredictOptions):
     """Prediction options plus the inputs (``output_kind`` both, the default, for a vectorize stage)."""
 
-    checkpoint: str
+    checkpoint: str | list[str] = Field(description="A checkpoint, several (an ensemble) or an ensemble.json")
     scenes: str
 
 
@@ -378,6 +379,7 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("tianchi_masks", TianchiMasksParams, _tianchi_masks),
     StageKind("tile", TileParams, _tile),
     StageKind("train", TrainParams, _train, resumable=True),
+    ENSEMBLE,
     StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
     StageKind("predict_scenes", PredictScenesParams, _predict_scenes),
