@@ -200,3 +200,79 @@ def test_gpu_trainers_start_together_on_gpu_workers(tmp_path: Path, monkeypatch,
         run(load_pipeline(spec), scheduler=client, report=False)
     first, second = _spans(tmp_path / "work", ["train@0", "train@1"])
     assert _overlap(first, second)
+
+
+# ------------------------------------------------------------------------------------- fold training
+def _folds_pipeline(tmp_path: Path, data: Path, arch: str) -> Path:
+    """Two folds of a Tianchi folder, stand-in net, CPU, fp32, 3 epochs each."""
+    spec = {"name": "folds", "workdir": str(tmp_path / "work"), "vars": {"folds": 2}, "stages": {"train": {
+        "uses": "train", "foreach": "${folds}", "with": {"config": {
+            "data": {"source": "tianchi", "root": str(data), "folds": "${folds}", "fold": "${item}", "seed": 0,
+                     "batch_size": 3, "num_workers": 0},
+            "model": {"arch": arch},
+            "run": {"epochs": 3, "device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1}}}}}}
+    path = tmp_path / "folds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_fold_resumes_and_cpu_folds_train_one_after_another(tmp_path: Path, tianchi_dir: Path,
+                                                                   stand_ins) -> None:
+    import torch
+    from test_pipeline import _kill_tree
+
+    path = _folds_pipeline(tmp_path, tianchi_dir, stand_ins)
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(work.glob(".train@0.*.partial/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    _kill_tree(proc.pid)  # fold 0: epoch 1 written, epoch 2 under way; fold 1 waits its turn on the CPU
+    proc.wait()
+    assert [p.name[:9] for p in work.glob(".train*.partial")] == [".train@0."]
+    assert not (work / "train@0").exists() and not (work / "train@1").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "rsseg.cli", "run", str(path)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage train@0: resumed at epoch 2/3" in resumed.stderr
+    assert "stage train@1: resumed" not in resumed.stderr and "stage train@1: epoch 3/3" in resumed.stderr
+    summary = json.loads(resumed.stdout.split("\n", 1)[1])
+    assert set(summary["stages"]) == {"train@0", "train@1"}
+    first, second = _spans(work, ["train@0", "train@1"])
+    assert first[1] <= second[0]  # one trainer at a time on the CPU
+    for fold in (0, 1):
+        folder = work / f"train@{fold}"
+        assert torch.load(folder / "last.pt", weights_only=True)["meta"]["epoch"] == 3
+        assert (folder / "best.pt").is_file() and not list(work.glob(f".train@{fold}.*"))
+        config = yaml.safe_load((folder / "train_config.yaml").read_text())
+        assert config["data"]["folds"] == 2 and config["data"]["fold"] == fold
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("ensemble" not in STAGES, reason="the ensemble stage kind (issue 16 item 4) is not merged yet")
+def test_tianchi_submission_pipeline_trains_folds_and_submits_their_ensemble(tmp_path: Path, tianchi_dir: Path,
+                                                                             rsseg_cli) -> None:
+    from test_pipeline import _run_shipped
+
+    from rsseg.tianchi.files import score, validate_submission
+
+    summary = _run_shipped(rsseg_cli, "tianchi_submission", tmp_path / "work", f"data_dir={tianchi_dir}",
+                           "folds=2", "epochs=1", "encoder=resnet18", "tta=none", "train.config.data.batch_size=4")
+    work = tmp_path / "work"
+    assert [n for n in summary["stages"] if n.startswith("train")] == ["train@0", "train@1"]
+    for fold in ("train@0", "train@1"):
+        assert (work / fold / "best.pt").is_file() and (work / fold / "tuning.json").is_file()
+        assert list((work / fold / "val_probs").glob("*.png"))
+        assert 0 <= summary["stages"][fold]["threshold"] <= 1
+    assert (work / "ensemble" / "ensemble.json").is_file()
+    submission = work / "predict" / "submission.csv"
+    assert summary["stages"]["predict"]["rows"] == 2
+    assert validate_submission(submission, tianchi_dir / "test_a_samplesubmit.csv") == []
+    assert 0 <= score(submission, tianchi_dir / "test_a_mask.csv")["mean_dice"] <= 1
+    masks = summary["stages"]["masks"]
+    assert masks["images"] == 12 and 0 <= masks["empty_share"] <= 1 and masks["bad_rows"] == 0
+    for name in ("masks.csv", "bad_rows.csv", "summary.json", "mosaic.png"):
+        assert (work / "masks" / name).is_file()
