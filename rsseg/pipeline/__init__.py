@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from rsseg.lazy import attach
 
 if TYPE_CHECKING:
-    from rsseg.pipeline.runner import Pipeline, Stage, load_pipeline, run, run_demo
+    from rsseg.pipeline.runner import run, run_demo
+    from rsseg.pipeline.spec import Pipeline, Stage, load_pipeline
     from rsseg.pipeline.stages import STAGES
 
 __getattr__, __dir__, __all__ = attach(__name__, {
-    "Pipeline": "runner", "Stage": "runner", "load_pipeline": "runner", "run": "runner", "run_demo": "runner",
+    "Pipeline": "spec", "Stage": "spec", "load_pipeline": "spec", "run": "runner", "run_demo": "runner",
     "STAGES": "stages",
 })

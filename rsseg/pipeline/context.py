@@ -21,7 +21,7 @@ from rsseg.errors import ConfigError, PipelineError
 
 __all__ = [
     "Params", "StageContext", "StageKind", "check_devices", "expand_chip_folders", "gpus_by_worker",
-    "workers_with_gpu",
+    "stage_devices", "workers_with_gpu",
 ]
 
 
@@ -131,6 +131,9 @@ class StageKind:
     #: The stage continues a crashed attempt: its in-progress folder (``WORKDIR/.<stage>.<fp12>.partial``)
     #: survives a failure or a kill, and the next run with the same fingerprint works on in it (``train``).
     resumable: bool = False
+    #: Its work uses every core of the machine (a trainer process): on the CPU, the runner starts such a stage
+    #: only when no other one runs (on GPU workers they run side by side, one per free GPU).
+    exclusive_on_cpu: bool = False
 
 
 def expand_chip_folders(entries: list[str | Path]) -> list[Path]:
@@ -177,6 +180,12 @@ def _devices(params: Any) -> set[str]:
     return found
 
 
+def stage_devices(stage: Any) -> set[str]:
+    """Every device a stage's parameters name (``device`` keys, and a training config's ``run.device``)."""
+    config = stage.params.train_config(Path(".")) if hasattr(stage.params, "train_config") else None
+    return _devices(stage.params.model_dump(mode="json")) | ({config.run.device} if config else set())
+
+
 def check_devices(stages: list[Any], client: Client) -> None:
     """Refuse, before anything is submitted, stages that would wait for ever for GPUs no worker offers.
 
@@ -186,11 +195,10 @@ def check_devices(stages: list[Any], client: Client) -> None:
     """
     most = max(gpus_by_worker(client).values(), default=0)
     for st in stages:
-        config = st.params.train_config(Path(".")) if hasattr(st.params, "train_config") else None
-        devices = _devices(st.params.model_dump(mode="json")) | ({config.run.device} if config else set())
+        devices = stage_devices(st)
         cuda = sorted(d for d in devices if d.startswith("cuda"))
         nproc = getattr(st.params, "nproc", 1)
-        if most and nproc > most and config is not None and config.run.device != "cpu":
+        if most and nproc > most and hasattr(st.params, "train_config") and devices != {"cpu"}:
             raise ConfigError(
                 f"stage {st.name}: nproc={nproc} holds {nproc} GPUs in one task, but the largest Dask worker offers "
                 f"{most:g}; start one with CUDA_VISIBLE_DEVICES listing {nproc} GPUs and `dask worker ... "

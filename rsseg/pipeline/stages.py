@@ -378,7 +378,7 @@ STAGES: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("synth_scene", SynthSceneParams, _synth_scene),
     StageKind("tianchi_masks", TianchiMasksParams, _tianchi_masks),
     StageKind("tile", TileParams, _tile),
-    StageKind("train", TrainParams, _train, resumable=True),
+    StageKind("train", TrainParams, _train, resumable=True, exclusive_on_cpu=True),
     ENSEMBLE,
     StageKind("predict_tianchi", PredictTianchiParams, _predict_tianchi),
     StageKind("score", ScoreParams, _score),
