@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ def tune(predictor: Predictor, batches: Iterable[Batch], thresholds: Sequence[fl
     Args:
         predictor: the model with the TTA and precision the prediction will use.
         batches: images and their masks (:data:`Batch`).
-        thresholds, min_pixels: the settings to score (0.5 and 0 are always scored too, for reference).
+        thresholds: the probability thresholds to score (0.5 is always scored too, for reference).
+        min_pixels: the ``min_pixels`` rules to score (0 is always scored too).
         on_probs: called with each batch's probabilities ``(N, H, W)`` (e.g. to keep out-of-fold predictions).
 
     Returns:
@@ -91,7 +93,8 @@ def score_validation(module: torch.nn.Module, batches: Iterable[tuple[torch.Tens
         batches: ``(image, mask, valid)`` on the model's device, whole images.
         criterion: the training loss ``criterion(logits, mask, valid)``.
         autocast: the training precision's context (a new one per batch).
-        thresholds, min_pixels: the settings to choose from (0.5 and 0 are scored too, for reference).
+        thresholds: the probability thresholds to choose from (0.5 is scored too, for reference).
+        min_pixels: the ``min_pixels`` rules to choose from (0 is scored too).
         device: where the scores accumulate (the model's device).
 
     Returns:
@@ -205,16 +208,6 @@ def _probs_sink(out_dir: Path, items: Sequence[str] | None) -> Iterator[_ProbsWr
                                "of split.csv: the validation loader must yield every item once, in order")
 
 
-def _rewrite_best(path: Path, ckpt: dict[str, Any], tuned: Mapping[str, Any]) -> None:
-    """``best.pt`` again (atomically) with the tuned meta; the single-view values as ``val_threshold/min_pixels``."""
-    meta = ckpt["meta"]
-    single = {"val_threshold": meta.get("val_threshold", meta.get("threshold")),
-              "val_min_pixels": meta.get("val_min_pixels", meta.get("min_pixels"))}
-    ckpt["meta"] = {**meta, **single, **tuned}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
 def tune_run(out_dir: Path, batches: Iterable[Batch], items: Sequence[str], device: torch.device, tta: str,
              precision: str, thresholds: Sequence[float], min_pixels: Sequence[int], max_views: int | None = None,
              keep_probs: bool = False) -> dict[str, Any]:
@@ -224,8 +217,11 @@ def tune_run(out_dir: Path, batches: Iterable[Batch], items: Sequence[str], devi
         out_dir: the run folder.
         batches: the validation images and masks (whole images), in the order of ``items``.
         items: the validation items' ``split.csv`` names (:func:`item_names`).
-        device, tta, precision: the forward pass of the tuning (``precision``: fp32, bf16 or fp16).
-        thresholds, min_pixels: the grid to choose from (``run.thresholds``, ``run.min_pixels``).
+        device: where the model runs.
+        tta: the TTA mode of the prediction to come (``none``, ``flip``, ``d4``).
+        precision: the forward pass's precision (fp32, bf16 or fp16).
+        thresholds: the thresholds to choose from (``run.thresholds``).
+        min_pixels: the ``min_pixels`` rules to choose from (``run.min_pixels``).
         max_views: views per forward pass (None: all of a batch at once).
         keep_probs: keep the probabilities as ``val_probs/*.png``.
 
@@ -236,12 +232,16 @@ def tune_run(out_dir: Path, batches: Iterable[Batch], items: Sequence[str], devi
     ckpt = load_checkpoint(best)
     model, _ = model_from_checkpoint(ckpt, device)
     predictor = Predictor(model, device, tta, precision, max_views=max_views)
+    if not keep_probs:  # a folder of an earlier tuning would not be this checkpoint's
+        shutil.rmtree(out_dir / PROBS_DIR, ignore_errors=True)
     with _probs_sink(out_dir, items if keep_probs else None) as sink:
         scores = tune(predictor, batches, thresholds, min_pixels, sink)
     meta = ckpt["meta"]
-    single = (meta["val_dice"], meta.get("val_threshold", meta["threshold"]),
-              meta.get("val_min_pixels", meta["min_pixels"]))
-    _rewrite_best(best, ckpt, tuned_meta(scores, thresholds, min_pixels, tta, precision))
+    single = {"val_threshold": meta.get("val_threshold", meta["threshold"]),
+              "val_min_pixels": meta.get("val_min_pixels", meta["min_pixels"])}
+    ckpt["meta"] = {**meta, **single, **tuned_meta(scores, thresholds, min_pixels, tta, precision)}
+    with atomic_path(best) as tmp:  # the single-view choice kept as val_threshold / val_min_pixels
+        torch.save(ckpt, tmp)
     record = tuning_record(scores, thresholds, min_pixels, tta, precision, meta["epoch"])
     if sink is not None:
         record["val_probs"] = dict(zip(sink.names, items, strict=True))
@@ -250,5 +250,6 @@ def tune_run(out_dir: Path, batches: Iterable[Batch], items: Sequence[str], devi
     chosen = record["best"]
     log.info("tuned best.pt (epoch %d) on %d validation images with TTA %s in %s: Dice %.4f at threshold %.2f, "
              "min_pixels %d (single view: %.4f at threshold %.2f, min_pixels %d)", meta["epoch"], scores.images, tta,
-             precision, chosen["mean_dice"], chosen["threshold"], chosen["min_pixels"], *single)
+             precision, chosen["mean_dice"], chosen["threshold"], chosen["min_pixels"], meta["val_dice"],
+             single["val_threshold"], single["val_min_pixels"])
     return record
