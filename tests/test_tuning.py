@@ -148,6 +148,14 @@ def test_a_resumed_run_tunes_once(tuned_run, tianchi, tmp_path, caplog):
     assert {k: meta[k] for k in ("val_threshold", "val_min_pixels", "threshold", "min_pixels")} == {
         k: single[k] for k in ("val_threshold", "val_min_pixels", "threshold", "min_pixels")}
 
+    # a run started afresh over the folder: its new best.pt is tuned, whatever the old tuning.json says
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rsseg.training.tuning"):
+        fit(load_config(tiny_config(tianchi, out, tune_tta="d4", overwrite=True, seed=1)))
+    assert "tuned best.pt" in caplog.text and not (out / "val_probs").exists()  # not kept this time
+    record = json.loads((out / "tuning.json").read_bytes())
+    assert record["best"]["mean_dice"] == load_checkpoint(out / "best.pt")["meta"]["tuned_dice"]
+
 
 def test_stopping_early_does_not_tune_and_tta_none_is_the_single_view_choice(tianchi, tmp_path):
     out = tmp_path / "none"
@@ -168,3 +176,16 @@ def test_probability_file_names_are_safe_and_unique():
         "s1_img_0_0.tif.png", "s2_img_0_0.tif.png"]
     assert probs_file_names(["/w/img/a b.tif", "/w/img/a_b.tif", "/w/img/.x"]) == [
         "a_b.tif.png", "a_b.tif-1.png", "x.png"]
+
+
+@pytest.mark.slow  # torchrun with two gloo processes
+def test_two_ddp_ranks_tune_once_on_rank_0(tianchi, tmp_path, stand_ins):
+    from rsseg.training.launch import launch
+
+    out = tmp_path / "ddp"
+    best = launch(tiny_config(tianchi, out, tune_tta="flip", keep_val_probs=True, epochs=1), nproc=2)
+    meta = load_checkpoint(best)["meta"]
+    assert meta["world_size"] == 2 and tuned_with(meta) == ("flip", "fp32")
+    record = json.loads((out / "tuning.json").read_text())
+    assert record["images"] == 3 and record["best"]["mean_dice"] == meta["tuned_dice"]
+    assert len(list((out / "val_probs").glob("*.png"))) == 3 and not list(out.glob(".*"))

@@ -362,7 +362,7 @@ class Trainer:
         """Tune ``best.pt``'s threshold and ``min_pixels`` with ``run.tune_tta`` in the training precision, once."""
         run = self.cfg.run
         settings = (run.tune_tta, self.precision, run.thresholds, run.min_pixels)
-        if tuning_done(self.out, self.best_epoch, *settings, run.keep_val_probs):
+        if tuning_done(self.out, *settings, run.keep_val_probs):
             return
         bar = self._progress(self.val_loader, f"tuning ({run.tune_tta})")
         with self.session():  # the model is built with the run's RNG streams, not the caller's

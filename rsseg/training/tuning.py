@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rsseg.errors import DatasetError
+from rsseg.errors import CheckpointError, DatasetError
 from rsseg.fileio import atomic_dir, atomic_path
 from rsseg.inference.tta import Predictor
 from rsseg.models import load_checkpoint, model_from_checkpoint
@@ -168,16 +168,24 @@ def probs_file_names(items: Sequence[str]) -> list[str]:
     return names
 
 
-def tuning_done(out_dir: Path, epoch: int, tta: str, precision: str, thresholds: Sequence[float],
-                min_pixels: Sequence[int], keep_probs: bool) -> bool:
-    """Whether ``out_dir``'s ``tuning.json`` is the tuning of the best checkpoint (``epoch``) with these settings."""
+def tuning_done(out_dir: Path, tta: str, precision: str, thresholds: Sequence[float], min_pixels: Sequence[int],
+                keep_probs: bool) -> bool:
+    """Whether ``out_dir``'s ``best.pt`` and ``tuning.json`` hold one tuning with these settings.
+
+    A ``best.pt`` replaced since (a better epoch of a resumed run, a run started afresh over an old folder)
+    has no tuned meta, or not the record's: it is tuned again.
+    """
     try:
         record = json.loads((out_dir / TUNING_FILE).read_text())
-    except (OSError, ValueError):
+        meta = load_checkpoint(out_dir / "best.pt")["meta"]
+    except (OSError, ValueError, CheckpointError):
         return False
-    wanted = {"checkpoint_epoch": int(epoch), "tta": tta, "precision": precision,
-              "thresholds": [float(t) for t in thresholds], "min_pixels": [int(m) for m in min_pixels]}
-    return all(record.get(k) == v for k, v in wanted.items()) and (not keep_probs or "val_probs" in record)
+    wanted = {"tta": tta, "precision": precision, "thresholds": [float(t) for t in thresholds],
+              "min_pixels": [int(m) for m in min_pixels]}
+    return (all(record.get(k) == v for k, v in wanted.items()) and (not keep_probs or "val_probs" in record)
+            and record.get("checkpoint_epoch") == meta.get("epoch") and meta.get("threshold_tta") == tta
+            and meta.get("threshold_precision") == precision
+            and meta.get("tuned_dice") == record.get("best", {}).get("mean_dice"))
 
 
 class _ProbsWriter:
