@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import random
 import subprocess
@@ -119,6 +120,8 @@ def test_run_outputs_and_resume_equals_a_straight_run(tianchi, tmp_path):
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         assert meta["epoch"] in (1, 2) and meta["threshold"] in (0.3, 0.5, 0.7)
+        assert meta["threshold_tta"] == "d4" and meta["val_threshold"] in (0.3, 0.5, 0.7)  # tuned at the end
+        assert json.loads((path.parent / "tuning.json").read_text())["checkpoint_epoch"] == meta["epoch"]
         assert meta["min_pixels"] in (0, 16, 64, 256)
         assert meta["best_dice"] == meta["val_dice"] and 0 <= meta["best_dice"] <= 1
         assert meta["data"] == {"source": "tianchi", "path": str(tianchi)}

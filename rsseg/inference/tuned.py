@@ -5,11 +5,14 @@ where the device runs it natively - ``bf16`` on CUDA GPUs of compute capability 
 AVX512-BF16/AMX, ``fp16`` on CUDA GPUs - and is ``fp32`` otherwise (and for checkpoints that record none).
 The device facts come from :mod:`rsseg.training.devices`, the same ones training's ``auto`` uses.
 
-**Threshold and min_pixels** default to the checkpoint's, chosen on validation with one view (no TTA) at
-the validation precision. The checkpoint may say so explicitly (``meta["threshold_tta"]``,
-``meta["threshold_precision"]``); otherwise they are taken as ``none`` and ``meta["precision"]``. A prediction
-with another TTA or precision is allowed and logged (averaged views are smoother: the best threshold may
-shift a little).
+**Threshold and min_pixels** default to the checkpoint's. Training chooses them per epoch on validation
+with one view in the training precision, then, once all epochs are done, tunes ``best.pt`` again with
+``run.tune_tta`` (default ``d4``, like ``rsseg predict --tta``) in the training precision
+(:mod:`rsseg.training.tuning`) and records how: ``meta["threshold_tta"]`` and ``meta["threshold_precision"]``
+(the single-view values stay as ``val_threshold`` / ``val_min_pixels``). Checkpoints without those keys (runs
+stopped before the end, older runs) were tuned with one view: taken as ``none`` and ``meta["precision"]``.
+A prediction with another TTA or precision than the tuning's is allowed and logged (averaged views are
+smoother: the best threshold may shift a little); with the tuned ones nothing is logged.
 """
 
 from __future__ import annotations

@@ -249,7 +249,8 @@ def _train(p: TrainParams, ctx: StageContext) -> dict[str, Any]:
     from rsseg.models import load_checkpoint
 
     meta = load_checkpoint(best)["meta"]
-    return {"checkpoint": best.name, **{k: meta[k] for k in ("epoch", "best_dice", "threshold") if k in meta}}
+    return {"checkpoint": best.name,
+            **{k: meta[k] for k in ("epoch", "best_dice", "threshold", "threshold_tta") if k in meta}}
 
 
 # --------------------------------------------------------------------------------------------- inference

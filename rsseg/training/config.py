@@ -8,7 +8,7 @@ A config has five sections, each strict (``extra="forbid"``)::
     model: {arch, encoder, encoder_weights, init, kwargs: {...}}
     loss:  {dice_weight, bce_weight, per_image, smooth}
     optim: {lr, weight_decay, warmup_fraction, min_lr_ratio, grad_clip, accumulate}
-    run:   {out_dir, epochs, device, precision, channels_last, sync_batchnorm, thresholds, resume, ...}
+    run:   {out_dir, epochs, device, precision, channels_last, sync_batchnorm, thresholds, tune_tta, resume, ...}
 
 Relative paths are taken from the current directory. ``data.batch_size`` is the *global* batch: under DDP
 each of N processes takes ``batch_size / N`` images, so a config trains the same way on 1 or N devices.
@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsseg.errors import ConfigError
+from rsseg.inference.options import TtaMode
 from rsseg.options import Options, read_yaml
 
 __all__ = [
@@ -155,6 +156,11 @@ class RunConfig(_Strict):
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
     min_pixels: list[int] = Field(default_factory=lambda: [0, 16, 64, 256], description=(
         "post-processing chosen on validation with the threshold: fewer predicted pixels -> empty image"))
+    tune_tta: TtaMode = Field("d4", description=(
+        "the TTA the threshold/min_pixels are tuned with at the end of training (on the best checkpoint, in the "
+        "training precision); match `rsseg predict --tta`, whose default is d4"))
+    keep_val_probs: bool = Field(False, description=(
+        "keep the tuning pass's validation (out-of-fold) probabilities: val_probs/<item>.png, uint8 0-255"))
     seed: int = 0
     resume: bool = Field(False, description="continue from out_dir/last.pt if it exists")
     overwrite: bool = Field(False, description="start afresh even if out_dir holds a run")

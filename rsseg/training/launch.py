@@ -14,7 +14,9 @@ to know of the data: ``bands`` (the source bands' indexes and descriptions), ``b
 std, 1st/99th percentiles, dtype; the model's normalisation unless ``model.mean/std`` are set) and ``gsd_m``
 (the chips' pixel size in metres; None for ungeoreferenced images); ``last.pt`` also holds
 the optimizer, scheduler, step and RNG states (as tensors and lists: ``weights_only`` loading), from which
-``run.resume`` continues exactly where the run stopped.
+``run.resume`` continues exactly where the run stopped. After the last epoch ``best.pt``'s ``threshold`` and
+``min_pixels`` are tuned again with ``run.tune_tta`` and ``tuning.json`` is written
+(:mod:`rsseg.training.tuning`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One process's share of a training run: model, optimizer, schedule, loaders, epochs and checkpoints.
 
 :class:`Trainer` is what :func:`rsseg.training.launch.fit` drives, in a single process or as one DDP rank (its
-:class:`Rank`). Rank 0 alone validates and writes; every rank's RNG state goes into ``last.pt`` so that a
-resumed run continues exactly where it stopped.
+:class:`Rank`). Rank 0 alone validates and writes, and after the last epoch tunes ``best.pt`` as prediction will
+run it (:mod:`rsseg.training.tuning`); every rank's RNG state goes into ``last.pt`` so that a resumed run
+continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from rsseg.training import devices
 from rsseg.training.bandstats import normalisation
 from rsseg.training.config import TrainConfig
 from rsseg.training.losses import DiceBCELoss
-from rsseg.training.report import ThresholdDice, write_curves, write_metrics
+from rsseg.training.report import write_curves, write_metrics
 from rsseg.training.splits import write_split
+from rsseg.training.tuning import item_names, score_validation, tune_run, tuning_done
 
 __all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 
@@ -260,7 +262,7 @@ class Trainer:
             log.info("resumed %s at epoch %d, step %d (best Dice %.4f)", path, self.epoch, self.step, self.best_dice)
 
     def run(self) -> Path:
-        """Train until ``run.epochs`` (or ``run.stop_after`` more epochs); returns the best checkpoint's path."""
+        """Train until ``run.epochs`` (or ``run.stop_after`` more epochs), then :meth:`tune`; returns best.pt's path."""
         run = self.cfg.run
         if self.env.main:
             with atomic_path(self.out / "config.yaml") as tmp:
@@ -282,6 +284,11 @@ class Trainer:
                 with self.session():  # cuDNN autotuning for validation too; it draws no random numbers
                     record.update(self.validate())
                 self._save(record, rngs)
+            if self.env.world > 1:
+                dist.barrier()
+        if self.epoch >= run.epochs:  # complete: tune best.pt as prediction will run it (the others wait)
+            if self.env.main:
+                self.tune()
             if self.env.world > 1:
                 dist.barrier()
         return self.out / "best.pt"
@@ -341,25 +348,26 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
 
-    @torch.no_grad()
+    def _progress(self, loader: DataLoader, desc: str) -> Any:
+        return tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.cfg.run.progress or None)
+
     def validate(self) -> dict[str, Any]:
         """Validation loss and mean per-image Dice per threshold on whole images (rank 0, unwrapped model)."""
-        self.module.eval()
         run = self.cfg.run
-        scores = ThresholdDice([*run.thresholds, 0.5], [*run.min_pixels, 0], self.device)
-        loss_sum, images, start = 0.0, 0, time.perf_counter()
-        for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False,
-                          disable=not self.cfg.run.progress or None):
-            image, mask, valid = self._batch(batch)
-            with self._autocast():
-                logits = self.module(image)
-            loss_sum += float(self.criterion(logits, mask, valid)) * image.shape[0]
-            images += image.shape[0]
-            scores.update(torch.sigmoid(logits.float()), mask, valid)
-        threshold, min_pixels, dice = scores.best(run.thresholds, run.min_pixels)
-        return {"val_loss": loss_sum / max(images, 1), "val_dice": dice, "threshold": threshold,
-                "min_pixels": min_pixels, "val_dice_at_0.5": scores.scores()[(0.5, 0)],
-                "val_s": time.perf_counter() - start}
+        batches = map(self._batch, self._progress(self.val_loader, "validation"))
+        return score_validation(self.module, batches, self.criterion, self._autocast, run.thresholds, run.min_pixels,
+                                self.device)
+
+    def tune(self) -> None:
+        """Tune ``best.pt``'s threshold and ``min_pixels`` with ``run.tune_tta`` in the training precision, once."""
+        run = self.cfg.run
+        settings = (run.tune_tta, self.precision, run.thresholds, run.min_pixels)
+        if tuning_done(self.out, *settings, run.keep_val_probs):
+            return
+        bar = self._progress(self.val_loader, f"tuning ({run.tune_tta})")
+        with self.session():  # the model is built with the run's RNG streams, not the caller's
+            tune_run(self.out, ((b["image"], b["mask"], b["valid"]) for b in bar), item_names(self.val_ds),
+                     self.device, *settings, max_views=self.cfg.data.val_batch_size, keep_probs=run.keep_val_probs)
 
     def _save(self, record: dict[str, Any], rngs: list[dict[str, Any]]) -> None:
         improved = record["val_dice"] > self.best_dice
