@@ -213,7 +213,8 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int],
         window = strip_window(strip)
         data, valid = reader.strip(window.row_off)
         own_rows = row_end - window.row_off
-        stats.add(data[:, :own_rows, :own_cols], None if valid is None else valid[:own_rows, :own_cols])
+        stats.add(data[:, :own_rows, :own_cols], None if valid is None else valid[:own_rows, :own_cols],
+                  job.nodata)
         labels = None
         if job.label_raster is not None:
             labels = job.label_raster.read(window)
