@@ -61,7 +61,9 @@ class ChipBlock:
     """One unit of parallel work: strips of the same grid columns, top to bottom, and their footprints.
 
     ``strips`` are runs of windows, one per grid row; ``footprints`` the polygons (scene CRS) that intersect
-    them, or None without vector labels. ``owned`` are the pixels whose band statistics this block counts
+    them as WKB, or None without vector labels: bytes pickle (and Dask hashes a task's arguments) in one call
+    per block, where shapely objects take one each, 0.3 s of a 10000² scene's 3,800 footprints on the client
+    before any block starts. ``owned`` are the pixels whose band statistics this block counts
     (each pixel of the scene in one block): the end column (exclusive; they start at the first window's)
     and each strip's end row (from its top).
     """
@@ -174,7 +176,8 @@ class _FootprintLabels:
     not once for every strip it touches (a third of them touch two).
     """
 
-    def __init__(self, footprints: np.ndarray, transform: Affine, shape: tuple[int, int]) -> None:
+    def __init__(self, wkb: np.ndarray, transform: Affine, shape: tuple[int, int]) -> None:
+        footprints = shapely.from_wkb(wkb)
         self.shapes = [geom.__geo_interface__ for geom in footprints]
         self.boxes, self.transform = shapely.bounds(footprints), transform
         self.out = np.empty(shape, np.uint8)
