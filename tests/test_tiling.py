@@ -593,7 +593,7 @@ def test_label_nodata_equal_to_background_warns_once_and_label_ignore_overrides(
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("uint16", 0), ("int16", -32768),
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("int8", -128), ("uint16", 0), ("int16", -32768),
                                                ("float32", float("nan"))])
 def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client,
                                                   dtype: str, nodata: float) -> None:
@@ -603,7 +603,8 @@ def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: p
     base = rng.integers(1, 256, (3, 90, 130)).astype(np.uint8)  # a generated uint8 scene
     base[1] = np.clip(rng.gamma(2.0, 20.0, (90, 130)), 1, 255).astype(np.uint8)  # skewed, like real imagery
     base[2, 40:60, 70:110] = 250
-    data = {"uint8": base, "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
+    data = {"uint8": base, "int8": (base.astype(np.int16) - 128).astype(np.int8),
+            "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
             "float32": base.astype(np.float32) / 255}[dtype]
     data[:, :20, :30] = nodata  # nodata corner: left out
     data[0, 50, 50] = nodata  # one band equal to nodata is still data (GDAL's rule), except NaN in a float band
