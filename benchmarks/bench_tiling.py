@@ -6,11 +6,18 @@ this process, in plain ``rasterio.Env()`` (GDAL defaults: one decoding thread, a
 RAM, so every block is decoded once); it is timed again after ``retain_freed_memory()`` (the allocator
 setting rsseg's entry points use), which removes its page faults and its run-to-run spread, and the ratios
 against both are reported (the targets are against the plain loop). ``write_chips`` (labels from the scene's
-footprints) runs on the executor of the local cluster ``rsseg tile`` starts
-(:func:`rsseg.pipeline.cluster.local_cluster`: single-threaded worker processes set up as entry points, each
-with its share of the cores for GDAL's decoding threads, the allocator tuning and the GDAL cache; rsseg's library
-sets none of these), of 1 and then 2 workers started beforehand, so start-up is not timed; each figure is the
-best of ``--repeat`` runs.
+footprints) runs on the executor of a local cluster (:func:`rsseg.pipeline.cluster.local_cluster`, the kind
+``rsseg tile`` starts: worker processes set up as entry points, with the allocator tuning and the GDAL cache;
+rsseg's library sets none of these) of 1 and then 2 workers started beforehand, so start-up is not timed; each
+figure is the best of ``--repeat`` runs. Each worker runs its share of the cores as Dask threads, one block
+of work per thread and one GDAL decoding thread per task: "1 worker" is one process using the machine's cores
+(2 threads on 2 cores), as the parent version's worker did with a thread pool inside its task, and "2 workers"
+are two single-threaded processes, what ``rsseg tile`` starts on 2 cores. The plain loop uses one core.
+
+CPU seconds (``*_cpu_s``: user + system of the bench process and the workers, all threads;
+``cpu_*_x_plain``: as a multiple of the plain loop's) are reported beside the wall-clock figures: on a machine
+shared with other work they move less than wall-clock time does (a plain loop on one core loses less to a
+busy neighbour than work spread over every core).
 
 The floor (``floor_2w_mb_s``) is what any tiling on 2 workers must do at least, with nothing else: two
 processes (started beforehand, allocator as rsseg's entry points set it) each read half the windows (by grid rows)
@@ -53,7 +60,7 @@ from distributed import Client
 from rasterio.windows import Window
 
 from rsseg.pipeline.cluster import dask_executor, local_cluster
-from rsseg.pipeline.process import retain_freed_memory
+from rsseg.pipeline.process import available_cores, retain_freed_memory
 from rsseg.synth.generate import footprints_path, make_scene
 from rsseg.tiling import TileGrid, TileOptions, write_chips
 
@@ -131,13 +138,20 @@ def floor_time(scene: Path, out: Path, pool: ProcessPoolExecutor, parts: int = 2
     return elapsed
 
 
-def tiling_time(scene: Path, out: Path, client: Client) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes ``pids`` so far (all their threads)."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def tiling_time(scene: Path, out: Path, client: Client) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (this process and the workers) of one ``write_chips`` on ``client``."""
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    pids = [os.getpid(), *client.run(os.getpid).values()]
+    cpu, start = cpu_seconds(pids), time.perf_counter()
     write_chips(scene, out, OPTIONS, labels=footprints_path(scene), executor=client.get_executor())
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu
     shutil.rmtree(out, ignore_errors=True)
-    return elapsed
+    return elapsed, cpu
 
 
 def peak_memory(scene: Path, out: Path) -> dict[str, float]:
@@ -192,8 +206,10 @@ def main() -> None:
                                  "out_dir": str(out), "create_ms": {"out": create_ms(out.parent),
                                                                     "data": create_ms(args.data)}}
     read_loop(big, rasterio.Env())  # warm the page cache: every run then reads the file from memory
+    cpu = cpu_seconds([os.getpid()])
     plain = min(read_loop(big, rasterio.Env()) for _ in range(args.repeat))
     result["baseline_plain_mb_s"] = round(mb / plain, 1)
+    result["baseline_plain_cpu_s"] = round((cpu_seconds([os.getpid()]) - cpu) / args.repeat, 3)
     # The same loop with freed memory kept for reuse, as rsseg's tasks run: glibc otherwise maps and faults
     # in each window's fresh array, so the plain loop's speed depends on the allocator's state (590-700 MB/s).
     retain_freed_memory()
@@ -204,10 +220,13 @@ def main() -> None:
         floor = min(floor_time(big, out, pool) for _ in range(args.repeat))
     result["floor_2w_mb_s"] = round(mb / floor, 1)
     result["ratio_floor_vs_plain"] = round(plain / floor, 3)
-    for workers in (1, 2):
-        with local_cluster(workers) as cluster, Client(cluster) as client:  # the cluster `rsseg tile` starts
-            best = min(tiling_time(big, out, client) for _ in range(args.repeat))
+    for workers in (1, 2):  # each worker with its share of the cores as Dask threads (module docstring)
+        threads = max(1, available_cores() // workers)
+        with local_cluster(workers, threads=threads) as cluster, Client(cluster) as client:
+            best, cpu = min(tiling_time(big, out, client) for _ in range(args.repeat))
         result[f"tiling_{workers}w_mb_s"] = round(mb / best, 1)
+        result[f"tiling_{workers}w_cpu_s"] = round(cpu, 3)
+        result[f"cpu_{workers}w_x_plain"] = round(cpu / result["baseline_plain_cpu_s"], 3)
         result[f"ratio_{workers}w_vs_plain"] = round(plain / best, 3)
         result[f"ratio_{workers}w_vs_retained"] = round(retained / best, 3)
     memory = {n: peak_memory(scene, out) for n, scene in ((args.small, small), (args.size, big))}

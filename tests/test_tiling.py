@@ -26,7 +26,8 @@ from rasterio.windows import Window
 from rsseg.cli import main
 from rsseg.errors import ConfigError, RasterError
 from rsseg.fileio import display_name, is_remote, source_name
-from rsseg.pipeline.cluster import task_threads, threads_by_host
+from rsseg.pipeline.cluster import local_cluster, task_threads, threads_by_host
+from rsseg.pipeline.process import available_cores
 from rsseg.tiling import INDEX_COLUMNS, TileOptions, write_chips
 from rsseg.tiling import chips as tiling
 from rsseg.tiling.grid import TileGrid
@@ -197,6 +198,27 @@ def test_many_footprints_across_many_blocks(tmp_path: Path, monkeypatch: pytest.
             np.testing.assert_array_equal(chip.read(1), data[0, r : r + 32, c : c + 32], err_msg=row["image"])
         with rasterio.open(tmp_path / "out" / row["label"]) as chip:
             np.testing.assert_array_equal(chip.read(1), expected[r : r + 32, c : c + 32], err_msg=row["label"])
+
+
+def test_a_worker_of_two_threads_writes_the_chips_of_one_process(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two blocks at a time in one worker process (the benchmark's "1 worker"): the same files as in-process."""
+    monkeypatch.setattr(tiling, "STRIP_MAX_PX", 70)
+    monkeypatch.setattr(tiling, "STRIPS_PER_BLOCK", 2)
+    scene, labels = tmp_path / "scene.tif", tmp_path / "squares.gpkg"
+    make_scene(scene, width=150, height=110)
+    squares = [shapely.box(*(TRANSFORM @ (c, r + 7)), *(TRANSFORM @ (c + 9, r))) for r in range(0, 100, 13)
+               for c in range(0, 140, 17)]
+    gpd.GeoDataFrame(geometry=squares, crs=CRS).to_file(labels)
+    write_chips(scene, tmp_path / "here", size=32, overlap=6, labels=labels)
+    with local_cluster(1, gpus=0, threads=2) as cluster, Client(cluster) as client:
+        assert list(client.nthreads().values()) == [2]
+        gdal_threads = max(1, available_cores(1) // 2)  # the worker's cores shared by its threads
+        assert list(client.run(os.getenv, "GDAL_NUM_THREADS").values()) == [str(gdal_threads)]
+        write_chips(scene, tmp_path / "dask", size=32, overlap=6, labels=labels, executor=client.get_executor())
+    here = {p.relative_to(tmp_path / "here"): p.read_bytes() for p in (tmp_path / "here").rglob("*.*")}
+    dask = {p.relative_to(tmp_path / "dask"): p.read_bytes() for p in (tmp_path / "dask").rglob("*.*")}
+    assert len(here) == 2 * len(TileGrid(150, 110, 32, 6)) + 2 and here == dask
 
 
 def test_label_chips_equal_rasterize_holes_empty_overlaps_union(tmp_path: Path,
@@ -571,7 +593,7 @@ def test_label_nodata_equal_to_background_warns_once_and_label_ignore_overrides(
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("uint16", 0), ("int16", -32768),
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("int8", -128), ("uint16", 0), ("int16", -32768),
                                                ("float32", float("nan"))])
 def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client,
                                                   dtype: str, nodata: float) -> None:
@@ -581,7 +603,8 @@ def test_band_stats_equal_numpy_over_valid_pixels(tmp_path: Path, monkeypatch: p
     base = rng.integers(1, 256, (3, 90, 130)).astype(np.uint8)  # a generated uint8 scene
     base[1] = np.clip(rng.gamma(2.0, 20.0, (90, 130)), 1, 255).astype(np.uint8)  # skewed, like real imagery
     base[2, 40:60, 70:110] = 250
-    data = {"uint8": base, "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
+    data = {"uint8": base, "int8": (base.astype(np.int16) - 128).astype(np.int8),
+            "uint16": base.astype(np.uint16) * 8, "int16": base.astype(np.int16) * 8 - 1000,
             "float32": base.astype(np.float32) / 255}[dtype]
     data[:, :20, :30] = nodata  # nodata corner: left out
     data[0, 50, 50] = nodata  # one band equal to nodata is still data (GDAL's rule), except NaN in a float band

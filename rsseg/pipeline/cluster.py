@@ -94,13 +94,14 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def local_cluster(workers: int, gpus: int | None = None, gpu_group: int = 1) -> SpecCluster:
-    """A local cluster of single-threaded worker processes, each set up as an entry point.
+def local_cluster(workers: int, gpus: int | None = None, gpu_group: int = 1, threads: int = 1) -> SpecCluster:
+    """A local cluster of worker processes (single-threaded unless ``threads``), each set up as an entry point.
 
-    Each worker gets its share of this host's cores (:func:`rsseg.pipeline.process.available_cores`) for
-    torch, OpenMP and GDAL, glibc's allocator tuning and a passive OpenMP wait policy through its
-    environment (:func:`rsseg.pipeline.process.worker_environ`, Dask's ``distributed.nanny.pre-spawn-environ``,
-    which replaces Dask's own ``OMP_NUM_THREADS=1`` and 64 KiB heap trim), and runs
+    Each worker gets its share of this host's cores (:func:`rsseg.pipeline.process.available_cores`), divided
+    among its ``threads`` Dask threads, for torch, OpenMP and GDAL, glibc's allocator tuning and a passive
+    OpenMP wait policy through its environment (:func:`rsseg.pipeline.process.worker_environ`, Dask's
+    ``distributed.nanny.pre-spawn-environ``, which replaces Dask's own ``OMP_NUM_THREADS=1`` and 64 KiB heap
+    trim), and runs
     :func:`rsseg.pipeline.process.configure_process` when it starts (the module is a worker preload; a
     separate ``dask worker`` can take ``--preload rsseg.pipeline.process`` too).
 
@@ -108,22 +109,24 @@ def local_cluster(workers: int, gpus: int | None = None, gpu_group: int = 1) -> 
     per GPU (``CUDA_VISIBLE_DEVICES`` pinned to it, ``resources={"GPU": 1}``), except that the first holds
     ``gpu_group`` GPUs (``resources={"GPU": gpu_group}``) when a DDP training asks for that many: its task
     then holds all of them, and no other GPU task runs on them meanwhile. The other ``workers`` are CPU
-    workers (``CUDA_VISIBLE_DEVICES`` empty); CPU tasks run on any worker.
+    workers (``CUDA_VISIBLE_DEVICES`` empty); CPU tasks run on any worker. ``threads`` applies to CPU workers:
+    work whose tasks release the GIL (tiling's reads, histograms and writes) runs several tasks per process so.
     """
     gpus = gpu_count() if gpus is None else gpus
     layout = gpu_layout(gpus, gpu_group)
     total = len(layout) + max(0, workers - len(layout))
-    environ = worker_environ(available_cores(total))
+    environ = worker_environ(max(1, available_cores(total) // threads))
     with _environ(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         if not gpus:
-            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                preload=["rsseg.pipeline.process"])
+            return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                dashboard_address=":0", preload=["rsseg.pipeline.process"])
         options = {"nthreads": 1, "host": "127.0.0.1", "dashboard_address": ":0",
                    "preload": ["rsseg.pipeline.process"], "silence_logs": logging.ERROR}
         specs = {f"gpu-{i}": {"cls": Nanny, "options": {**options, "resources": {"GPU": len(devices)},
                                                         "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}}}
                  for i, devices in enumerate(layout)}
-        specs |= {f"cpu-{i}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
+        specs |= {f"cpu-{i}": {"cls": Nanny, "options": {**options, "nthreads": threads,
+                                                        "env": {"CUDA_VISIBLE_DEVICES": ""}}}
                   for i in range(total - len(layout))}
         scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
         return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="rsseg-gpu-box")

@@ -61,7 +61,9 @@ class ChipBlock:
     """One unit of parallel work: strips of the same grid columns, top to bottom, and their footprints.
 
     ``strips`` are runs of windows, one per grid row; ``footprints`` the polygons (scene CRS) that intersect
-    them, or None without vector labels. ``owned`` are the pixels whose band statistics this block counts
+    them as WKB, or None without vector labels: bytes pickle (and Dask hashes a task's arguments) in one call
+    per block, where shapely objects take one each, 0.3 s of a 10000² scene's 3,800 footprints on the client
+    before any block starts. ``owned`` are the pixels whose band statistics this block counts
     (each pixel of the scene in one block): the end column (exclusive; they start at the first window's)
     and each strip's end row (from its top).
     """
@@ -167,15 +169,30 @@ def _gdal_messages(exc: BaseException) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p))
 
 
-def _footprint_labels(block: ChipBlock, window: Window, boxes: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Footprints rasterized into ``out``: 1 where a pixel centre lies in one (holes empty), else 0."""
-    out.fill(0)
-    minx, miny, maxx, maxy = sorted_bounds(window, block.job.transform)
-    near = (boxes[:, 0] <= maxx) & (boxes[:, 2] >= minx) & (boxes[:, 1] <= maxy) & (boxes[:, 3] >= miny)
-    if near.any():
-        rasterize(block.footprints[near], out=out, transform=window_transform(window, block.job.transform),
-                  default_value=1, all_touched=False, merge_alg=MergeAlg.replace)
-    return out
+class _FootprintLabels:
+    """A block's footprints rasterized strip by strip into one reused buffer.
+
+    Each footprint becomes the GeoJSON mapping that :func:`rasterio.features.rasterize` takes once per block,
+    not once for every strip it touches (a third of them touch two).
+    """
+
+    def __init__(self, wkb: np.ndarray, transform: Affine, shape: tuple[int, int]) -> None:
+        footprints = shapely.from_wkb(wkb)
+        self.shapes = [geom.__geo_interface__ for geom in footprints]
+        self.boxes, self.transform = shapely.bounds(footprints), transform
+        self.out = np.empty(shape, np.uint8)
+
+    def labels(self, window: Window) -> np.ndarray:
+        """1 where a pixel centre of ``window`` lies in a footprint (holes empty), else 0 (the reused buffer)."""
+        self.out.fill(0)
+        minx, miny, maxx, maxy = sorted_bounds(window, self.transform)
+        boxes = self.boxes
+        near = np.flatnonzero((boxes[:, 0] <= maxx) & (boxes[:, 2] >= minx) & (boxes[:, 1] <= maxy)
+                              & (boxes[:, 3] >= miny))
+        if near.size:
+            rasterize([self.shapes[i] for i in near], out=self.out, transform=window_transform(window, self.transform),
+                      default_value=1, all_touched=False, merge_alg=MergeAlg.replace)
+        return self.out
 
 
 def _column_counts(mask: np.ndarray) -> np.ndarray:
@@ -204,8 +221,8 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int],
         base["compress"] = job.compress
     writers = (ChipWriter(dict(base, count=len(job.bands), dtype=job.dtype, nodata=job.nodata)),
                ChipWriter(dict(base, **_LABEL_PROFILE)))
-    label_out = np.empty((job.size, columns.width), np.uint8) if block.footprints is not None else None
-    boxes = shapely.bounds(block.footprints) if block.footprints is not None else None
+    burner = None if block.footprints is None else _FootprintLabels(block.footprints, job.transform,
+                                                                    (job.size, columns.width))
     counts = {"skipped_all_nodata": 0, "skipped_max_nodata": 0}
     rows: list[dict[str, Any]] = []
     stats, own_cols = BandStats.empty(len(job.bands), job.dtype), block.owned[0] - columns.col_off
@@ -213,12 +230,13 @@ def write_block(block: ChipBlock) -> tuple[list[dict[str, Any]], dict[str, int],
         window = strip_window(strip)
         data, valid = reader.strip(window.row_off)
         own_rows = row_end - window.row_off
-        stats.add(data[:, :own_rows, :own_cols], None if valid is None else valid[:own_rows, :own_cols])
+        stats.add(data[:, :own_rows, :own_cols], None if valid is None else valid[:own_rows, :own_cols],
+                  job.nodata)
         labels = None
         if job.label_raster is not None:
             labels = job.label_raster.read(window)
-        elif label_out is not None:
-            labels = _footprint_labels(block, window, boxes, label_out)
+        elif burner is not None:
+            labels = burner.labels(window)
         if labels is not None and valid is not None:
             labels[~valid] = 255
         rows += _write_strip(job, strip, window, (data, valid, labels), writers, counts)

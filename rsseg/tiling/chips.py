@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
 from rasterio.enums import MaskFlags
 from rasterio.windows import union
 
@@ -134,11 +135,11 @@ def _label_source(labels: str | None, info: dict[str, Any], label_ignore: float 
 
 def _block_footprints(footprints: Footprints | None, strips: tuple[tuple[Tile, ...], ...],
                       info: dict[str, Any]) -> np.ndarray | None:
-    """The footprints that intersect a block's windows (None without footprints)."""
+    """The footprints that intersect a block's windows, as WKB (None without footprints)."""
     if footprints is None:
         return None
     block = union(strip_window(strips[0]), strip_window(strips[-1]))
-    return footprints.within(sorted_bounds(block, info["transform"]))
+    return shapely.to_wkb(footprints.within(sorted_bounds(block, info["transform"])))
 
 
 def _owned(grid: TileGrid, strips: tuple[tuple[Tile, ...], ...]) -> tuple[int, tuple[int, ...]]:

@@ -8,7 +8,8 @@ between the two nearest ranks). Memory is a histogram per band, whatever the sce
 
 The bins are fixed by the data type, so partial histograms add without a first pass over the data:
 
-- 8-bit and 16-bit integers: one bin per value (256 or 65,536), so mean, std and percentiles are exact.
+- 8-bit and 16-bit integers: one bin per value (256 or 65,536), so mean, std and percentiles are exact;
+  8-bit planes are counted by Pillow's histogram (C), 16-bit ones by numpy's ``bincount``.
 - anything else (float32/64, 32-bit integers): 65,536 log-spaced bins, symmetric around 0: one bin for
   ``|x| < 1e-12`` and 32,767 per sign covering magnitudes 1e-12 to 1e39 evenly in ``log10`` (each bin spans
   0.36% of its value). Percentiles are a bin's geometric centre clamped to the observed min/max, so they are
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["BandStats", "LOG_BINS", "LOG_RANGE"]
 
@@ -44,6 +46,29 @@ def _exact_bins(dtype: np.dtype) -> tuple[int, int] | None:
         info = np.iinfo(dtype)
         return info.max - info.min + 1, info.min
     return None
+
+
+def _histogram(plane: np.ndarray, valid: np.ndarray | None, exact: tuple[int, int]) -> np.ndarray:
+    """Counts of each value of an 8/16-bit integer ``plane`` (rows, cols) where ``valid`` (None: everywhere).
+
+    8-bit planes go through Pillow's histogram (C, 4x numpy's ``bincount``, which first widens every value to
+    a 64-bit index); 16-bit ones through ``bincount``, ``_ROWS`` rows at a time.
+    """
+    bins, first = exact
+    if not plane.size:
+        return np.zeros(bins, np.int64)
+    if bins == 256:  # int8 as its bytes: value v counts in bin v mod 256, rolled to v - first
+        rows, cols = plane.shape
+        image = Image.frombuffer("L", (cols, rows), np.ascontiguousarray(plane).view(np.uint8), "raw", "L", 0, 1)
+        mask = None if valid is None else Image.frombuffer(
+            "L", (cols, rows), np.ascontiguousarray(valid).view(np.uint8), "raw", "L", 0, 1)
+        return np.roll(np.array(image.histogram(mask), np.int64), -first)
+    counts = np.zeros(bins, np.int64)
+    for start in range(0, plane.shape[0], _ROWS):
+        chunk = plane[start : start + _ROWS]
+        values = chunk.ravel() if valid is None else chunk[valid[start : start + _ROWS]]
+        counts += np.bincount(values if first == 0 else values.astype(np.int32) - first, minlength=bins)
+    return counts
 
 
 def _log_bin(values: np.ndarray) -> np.ndarray:
@@ -87,21 +112,29 @@ class BandStats:
         return cls(dtype, np.zeros((n_bands, bins), np.int64), np.zeros(n_bands, np.int64), zeros.copy(),
                    zeros.copy(), np.full(n_bands, np.inf), np.full(n_bands, -np.inf))
 
-    def add(self, data: np.ndarray, valid: np.ndarray | None) -> None:
-        """Add the pixels of ``data`` (bands, rows, cols) where ``valid`` (rows, cols; None: all) is True."""
+    def add(self, data: np.ndarray, valid: np.ndarray | None, nodata: float | None = None) -> None:
+        """Add the pixels of ``data`` (bands, rows, cols) where ``valid`` (rows, cols; None: all) is True.
+
+        ``nodata``: where given, every band of each invalid pixel equals it (``valid`` follows GDAL's nodata
+        rule). Integer bands are then counted whole and the invalid pixels taken off the nodata value's bin:
+        the same histogram, without a masked copy of the pixels.
+        """
         exact = _exact_bins(np.dtype(self.dtype))
-        for start in range(0, data.shape[1], _ROWS):
-            mask = None if valid is None else valid[start : start + _ROWS]
-            for b in range(data.shape[0]):
-                chunk = data[b, start : start + _ROWS]
-                values = chunk.ravel() if mask is None else chunk[mask]
-                if exact:
-                    shifted = values if exact[1] == 0 else values.astype(np.int32) - exact[1]
-                    self.hist[b] += np.bincount(shifted, minlength=exact[0])
-                else:
-                    self._add_log(b, values.astype(np.float64))
-        if exact:
-            self.n = self.hist.sum(axis=1)
+        if not exact:
+            for start in range(0, data.shape[1], _ROWS):
+                mask = None if valid is None else valid[start : start + _ROWS]
+                for b in range(data.shape[0]):
+                    chunk = data[b, start : start + _ROWS]
+                    self._add_log(b, (chunk.ravel() if mask is None else chunk[mask]).astype(np.float64))
+            return
+        whole = valid is None or nodata is not None
+        for b in range(data.shape[0]):
+            self.hist[b] += _histogram(data[b], None if whole else valid, exact)
+        if valid is not None and nodata is not None:
+            invalid = valid.size - np.count_nonzero(valid)
+            if invalid:  # each of them is nodata in every band, so in the nodata value's bin
+                self.hist[:, int(nodata) - exact[1]] -= invalid
+        self.n = self.hist.sum(axis=1)
 
     def _add_log(self, b: int, values: np.ndarray) -> None:
         values = values[np.isfinite(values)]
