@@ -170,7 +170,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
         staged = {kind: staging_path(path) if opts.cog else path for kind, path in tmp.items()}
-        profiles = output_profiles(info, staged, opts.prob_dtype)
+        profiles = output_profiles(info, staged, opts.prob_dtype, staging=opts.cog)
         for path in staged.values() if opts.cog else ():  # (else atomic_path removes them on failure)
             stack.callback(path.unlink, missing_ok=True)
         writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
