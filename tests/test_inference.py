@@ -16,11 +16,13 @@ from rsseg.cli import cli, main
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
 from rsseg.inference import outputs
+from rsseg.inference.blend import StripAccumulator, axis_shares, window_weights
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
 from rsseg.options import resolve
 from rsseg.tianchi.files import read_masks_csv, validate_submission
+from rsseg.tiling.grid import TileGrid, grid_offsets
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
@@ -85,6 +87,27 @@ def test_windowed_prediction_equals_whole_image(tmp_path, scene, tta, batch_size
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[-1], want[-1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("width", "height", "size", "overlap"), [(410, 300, 128, 32), (100, 37, 64, 40), (50, 20, 64, 8)])
+def test_strip_blend_is_the_weighted_mean_of_the_windows(width, height, size, overlap):
+    """Sums of prediction x share (the strip) equal sum(w * p) / sum(w) with the 2-D window weights."""
+    grid = TileGrid(width, height, size, overlap)
+    preds = torch.from_numpy(np.random.default_rng(4).random((len(grid), size, size), dtype=np.float32))
+    sums, weights = np.zeros((height + size, width + size)), np.zeros((height + size, width + size))
+    strip, got = StripAccumulator(grid, torch.device("cpu")), np.full((height, width), np.nan, np.float32)
+    for window, pred in zip(grid, preds, strict=True):
+        w = window_weights(grid, window)
+        sums[window.row_off : window.row_off + size, window.col_off : window.col_off + size] += w * pred.numpy()
+        weights[window.row_off : window.row_off + size, window.col_off : window.col_off + size] += w
+        if (done := strip.add(window, pred)) is not None:
+            got[done[0] : done[0] + len(done[1])] = done[1]
+    np.testing.assert_allclose(got, sums[:height, :width] / weights[:height, :width], atol=1e-6, rtol=0)
+    for length, shares in ((height, axis_shares(height, size, overlap)), (width, axis_shares(width, size, overlap))):
+        total = np.zeros(length + size)
+        for off, share in zip(grid_offsets(length, size, overlap), shares, strict=True):
+            total[off : off + size] += share
+        np.testing.assert_allclose(total[:length], 1, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -6,8 +6,8 @@ augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of r
 (:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete,
 made COGs at the end.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
-measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
-for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
+measured, about 13 KB per column of scene width (the strip's sums and the weight sums it no longer keeps, rows
+queued and staged for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
 
 **Raster outputs** are single-band Cloud Optimized GeoTIFFs (:mod:`rsseg.inference.outputs`: 512 x 512
 internal tiles, overviews, DEFLATE level 1) with the source's CRS and transform, tagged
