@@ -248,10 +248,11 @@ def test_compressed_staging_of_large_scenes_gives_the_same_cogs(tmp_path, monkey
     monkeypatch.setattr(outputs, "STAGING_PLAIN_MAX", 0)
     packed = predict_raster(fcn(), src, tmp_path / "packed" / "m.tif", **kwargs)
     assert sorted(p.name for p in packed.parent.iterdir()) == ["m.prob.tif", "m.tif"]
-    for a, b in ((plain, packed), (prob_path(plain), prob_path(packed))):
+    codecs = rasterio.enums.Compression.deflate, rasterio.enums.Compression.zstd  # mask, probabilities
+    for a, b, codec in ((plain, packed, codecs[0]), (prob_path(plain), prob_path(packed), codecs[1])):
         for level in (None, 0):
             with rasterio.open(a, overview_level=level) as x, rasterio.open(b, overview_level=level) as y:
-                assert x.compression == y.compression == rasterio.enums.Compression.deflate
+                assert x.compression == y.compression == codec
                 np.testing.assert_array_equal(x.read(1), y.read(1))
                 np.testing.assert_array_equal(x.dataset_mask(), y.dataset_mask())
 
