@@ -250,8 +250,10 @@ def memory_child(src: Path, dst: Path, model_name: str, tta: str, batch: str) ->
 
 
 class PixelModel(nn.Module):
-    """A near zero-cost model: the first band's pixels as logits, ``(p - 128) / 16``, so only the I/O path is timed
-    while the probabilities vary like an image (a constant compresses to nothing)."""
+    """A near zero-cost model: the first band's pixels as logits, ``(p - 128) / 16``.
+
+    Only the I/O path is timed, while the probabilities vary like an image (a constant compresses to nothing).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, 1, H, W)`` on the input's device."""

@@ -89,7 +89,8 @@ def test_windowed_prediction_equals_whole_image(tmp_path, scene, tta, batch_size
     np.testing.assert_allclose(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(("width", "height", "size", "overlap"), [(410, 300, 128, 32), (100, 37, 64, 40), (50, 20, 64, 8)])
+@pytest.mark.parametrize(("width", "height", "size", "overlap"),
+                         [(410, 300, 128, 32), (100, 37, 64, 40), (50, 20, 64, 8)])
 def test_strip_blend_is_the_weighted_mean_of_the_windows(width, height, size, overlap):
     """Sums of prediction x share (the strip) equal sum(w * p) / sum(w) with the 2-D window weights."""
     grid = TileGrid(width, height, size, overlap)

@@ -97,8 +97,7 @@ def _classes(arrays: list[np.ndarray]) -> list[int]:
 
 
 class StripAccumulator:
-    """Sums of window predictions x their shares of the blend, for the strip of rows still open; yields rows as
-    they complete.
+    """Sums of window predictions x their shares of the blend for the strip of open rows; yields complete rows.
 
     On CPU the strip is a numpy array (each update is one small single-threaded operation: no OpenMP
     barrier per window); on CUDA it is a tensor on the device, so predictions never leave the GPU.

@@ -31,11 +31,11 @@ from rasterio.enums import Resampling
 from rsseg.errors import RasterError
 from rsseg.fileio import raster_env
 
-__all__ = ["COMPRESSION", "MASK_COLORS", "PROB_COMPRESSION", "STAGING_COMPRESSION", "STAGING_PLAIN_MAX", "output_profiles",
-           "overview_factors", "staging_path", "write_cog"]
+__all__ = ["COMPRESSION", "MASK_COLORS", "PROB_COMPRESSION", "STAGING_COMPRESSION", "STAGING_PLAIN_MAX",
+           "output_profiles", "overview_factors", "staging_path", "write_cog"]
 
-#: Compression of the output GeoTIFFs: lossless, readable everywhere; level 1 compresses an 8192x2048
-#: probability block row 3x faster than the default level 6 (0.12 vs 0.35 s of CPU), 3% larger.
+#: Compression of the mask GeoTIFFs (and of resampling scratch files): lossless, readable everywhere; level 1
+#: compresses an 8192x2048 probability block row 3x faster than the default level 6 (0.12 vs 0.35 CPU-s), 3% larger.
 COMPRESSION = {"compress": "deflate", "zlevel": 1}
 #: Compression of the probability GeoTIFFs: ZSTD level 1 with a horizontal predictor (uint8: 2, float32: 3),
 #: read by GDAL >= 2.3 (QGIS, rasterio, ...). A 4096^2 uint8 probability COG (with overviews) in 0.09 CPU-s,
@@ -90,7 +90,7 @@ def staging_path(path: Path) -> Path:
 
 
 def overview_factors(width: int, height: int) -> list[int]:
-    """Decimation factors 2, 4, ... of a COG's overviews, down to the first that fits in one tile (as GDAL's COG driver)."""
+    """Decimation factors 2, 4, ... of a COG's overviews, down to one tile (as GDAL's COG driver chooses them)."""
     factors: list[int] = []
     while max(width, height) > BLOCK * (factors[-1] if factors else 1):
         factors.append(2 * (factors[-1] if factors else 1))
