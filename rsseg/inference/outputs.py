@@ -57,7 +57,8 @@ def output_profiles(info: dict[str, Any], outputs: dict[str, Path], prob_dtype: 
     """``{"mask" | "prob": (path, rasterio profile)}`` of the streamed GeoTIFFs on the scene's grid ``info``.
 
     ``staging``: they are converted by :func:`write_cog` (uncompressed up to :data:`STAGING_PLAIN_MAX` bytes,
-    else :data:`STAGING_COMPRESSION`), else they are the outputs (:data:`COMPRESSION`).
+    else :data:`STAGING_COMPRESSION`), else they are the outputs (masks :data:`COMPRESSION`, probabilities
+    :data:`PROB_COMPRESSION`).
     """
     base = dict(driver="GTiff", width=info["width"], height=info["height"], count=1, crs=info["crs"],
                 transform=info["transform"], tiled=True, blockxsize=BLOCK, blockysize=BLOCK, bigtiff="IF_SAFER")
