@@ -15,11 +15,14 @@ from torch import nn
 from rsseg.cli import cli, main
 from rsseg.errors import CheckpointError, ConfigError, DatasetError, RasterError
 from rsseg.fileio import file_sha256
+from rsseg.inference import outputs
+from rsseg.inference.blend import StripAccumulator, axis_shares, window_weights
 from rsseg.inference.options import PredictOptions
 from rsseg.inference.predict import predict_images, predict_raster, prob_path, read_tags
 from rsseg.models import Segmenter, create_model, model_config, save_checkpoint
 from rsseg.options import resolve
 from rsseg.tianchi.files import read_masks_csv, validate_submission
+from rsseg.tiling.grid import TileGrid, grid_offsets
 
 TRANSFORM = Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 3_400_000.0)
 
@@ -84,6 +87,28 @@ def test_windowed_prediction_equals_whole_image(tmp_path, scene, tta, batch_size
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[-1], want[-1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("width", "height", "size", "overlap"),
+                         [(410, 300, 128, 32), (100, 37, 64, 40), (50, 20, 64, 8)])
+def test_strip_blend_is_the_weighted_mean_of_the_windows(width, height, size, overlap):
+    """Sums of prediction x share (the strip) equal sum(w * p) / sum(w) with the 2-D window weights."""
+    grid = TileGrid(width, height, size, overlap)
+    preds = torch.from_numpy(np.random.default_rng(4).random((len(grid), size, size), dtype=np.float32))
+    sums, weights = np.zeros((height + size, width + size)), np.zeros((height + size, width + size))
+    strip, got = StripAccumulator(grid, torch.device("cpu")), np.full((height, width), np.nan, np.float32)
+    for window, pred in zip(grid, preds, strict=True):
+        w = window_weights(grid, window)
+        sums[window.row_off : window.row_off + size, window.col_off : window.col_off + size] += w * pred.numpy()
+        weights[window.row_off : window.row_off + size, window.col_off : window.col_off + size] += w
+        if (done := strip.add(window, pred)) is not None:
+            got[done[0] : done[0] + len(done[1])] = done[1]
+    np.testing.assert_allclose(got, sums[:height, :width] / weights[:height, :width], atol=1e-6, rtol=0)
+    for length, shares in ((height, axis_shares(height, size, overlap)), (width, axis_shares(width, size, overlap))):
+        total = np.zeros(length + size)
+        for off, share in zip(grid_offsets(length, size, overlap), shares, strict=True):
+            total[off : off + size] += share
+        np.testing.assert_allclose(total[:length], 1, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -188,6 +213,9 @@ def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_
             assert ds.profile["tiled"] and ds.block_shapes[0] == (512, 512) and ds.compression is not None
             assert ds.overviews(1) and max(ds.width, ds.height) / ds.overviews(1)[-1] <= 512  # down to one tile
             assert ds.tags(ns="rsseg")["tta"] == "none"
+            compression, width = ds.compression, ds.width
+        with rasterio.open(path, overview_level=0) as ovr:  # overviews compressed like the full resolution
+            assert ovr.compression == compression and ovr.width == (width + 1) // 2
     with rasterio.open(out) as ds:
         colors = ds.colormap(1)
         assert colors[1][:3] == (255, 0, 0) and colors[0][:3] == (0, 0, 0)
@@ -209,6 +237,25 @@ def test_outputs_are_cogs_with_overviews_and_a_mask_colour_table(tmp_path, prob_
     # blended windows away from the no-data border equal the whole-image prediction (values unchanged)
     got = prob[100:, :].astype(np.float32) / (255 if prob_dtype == "uint8" else 1)
     np.testing.assert_allclose(got, prob_model[100:, :], atol=0.5 / 255 + 1e-5 if prob_dtype == "uint8" else 1e-5)
+
+
+def test_compressed_staging_of_large_scenes_gives_the_same_cogs(tmp_path, monkeypatch):
+    """Above STAGING_PLAIN_MAX bytes the staging files are ZSTD-compressed: same pixels, overviews and codecs."""
+    image = np.random.default_rng(8).integers(1, 256, (3, 530, 700), dtype=np.uint8)
+    image[:, :30, :] = 0
+    src = write_raster(tmp_path / "scene.tif", image, nodata=0)  # over one 512 px tile: overviews
+    kwargs = dict(tile=256, overlap=32, tta="none", device="cpu", output="both", threshold=0.5)
+    plain = predict_raster(fcn(), src, tmp_path / "plain" / "m.tif", **kwargs)
+    monkeypatch.setattr(outputs, "STAGING_PLAIN_MAX", 0)
+    packed = predict_raster(fcn(), src, tmp_path / "packed" / "m.tif", **kwargs)
+    assert sorted(p.name for p in packed.parent.iterdir()) == ["m.prob.tif", "m.tif"]
+    codecs = rasterio.enums.Compression.deflate, rasterio.enums.Compression.zstd  # mask, probabilities
+    for a, b, codec in ((plain, packed, codecs[0]), (prob_path(plain), prob_path(packed), codecs[1])):
+        for level in (None, 0):
+            with rasterio.open(a, overview_level=level) as x, rasterio.open(b, overview_level=level) as y:
+                assert x.compression == y.compression == codec
+                np.testing.assert_array_equal(x.read(1), y.read(1))
+                np.testing.assert_array_equal(x.dataset_mask(), y.dataset_mask())
 
 
 def test_a_mask_band_marks_nodata_too(tmp_path):

@@ -62,8 +62,8 @@ class PredictOptions(Options):
     min_pixels: int | None = Field(None, ge=0, description="JPG images: fewer building pixels than this -> "
                                                            "empty mask (default: the checkpoint's).")
     cog: bool = Field(True, description="Raster outputs as Cloud Optimized GeoTIFFs (overviews; a second pass "
-                                        "over each output: 0.7 s for a 4096^2 mask + probabilities on a CPU "
-                                        "core); --no-cog keeps the tiled GeoTIFFs as streamed.")
+                                        "over each output: 0.3 CPU-s for a 4096^2 mask + probabilities); "
+                                        "--no-cog keeps the tiled GeoTIFFs as streamed.")
     overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
 
     @field_validator("bands")

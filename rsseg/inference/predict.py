@@ -3,14 +3,14 @@
 :func:`predict_raster` streams a scene of any size: windows of a :class:`~rsseg.tiling.grid.TileGrid` are read
 in batches ahead of the model by a background thread (:mod:`rsseg.inference.streams`), predicted with test-time
 augmentation (:mod:`rsseg.inference.tta`), blended without seams in a strip of rows on the model's device
-(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled, compressed GeoTIFFs as rows complete,
+(:mod:`rsseg.inference.blend`), and written behind by another thread to tiled GeoTIFFs as rows complete,
 made COGs at the end.
 Peak memory depends on the window size, the batch size and the scene's width, not on its height:
-measured, about 13 KB per column of scene width (the strip's sums and weights, and rows queued and staged
-for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
+measured, about 13 KB per column of scene width (the strip's sums and the weight sums it no longer keeps, rows
+queued and staged for writing) on top of a fixed part (model, batches in flight, 64 MB of GDAL cache).
 
 **Raster outputs** are single-band Cloud Optimized GeoTIFFs (:mod:`rsseg.inference.outputs`: 512 x 512
-internal tiles, overviews, DEFLATE level 1) with the source's CRS and transform, tagged
+internal tiles, overviews; masks DEFLATE, probabilities ZSTD) with the source's CRS and transform, tagged
 ``rsseg:checkpoint_sha256``, ``rsseg:checkpoint`` (its file name, for a checkpoint given by path; an ensemble's
 ``rsseg:members`` lists each member's ``<folder>/<file>`` and SHA-256 as JSON),
 ``rsseg:threshold``, ``rsseg:tta``, ``rsseg:precision``, ``rsseg:source`` (the scene's file name),
@@ -172,7 +172,7 @@ def predict_raster(checkpoint_or_model: ModelLike, src: PathLike, dst: PathLike,
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(path, overwrite=opts.overwrite)) for kind, path in paths.items()}
         staged = {kind: staging_path(path) if opts.cog else path for kind, path in tmp.items()}
-        profiles = output_profiles(info, staged, opts.prob_dtype)
+        profiles = output_profiles(info, staged, opts.prob_dtype, staging=opts.cog)
         for path in staged.values() if opts.cog else ():  # (else atomic_path removes them on failure)
             stack.callback(path.unlink, missing_ok=True)
         writer = RowWriter(src if info["masked"] else None, profiles, tags, threshold)
