@@ -48,6 +48,8 @@ def d4_apply(x: Array, k: int) -> Array:
     _check(k)
     h, w = _axes(x)
     if isinstance(x, torch.Tensor):
+        if k == 0:  # the identity: x itself, as numpy's rot90 gives a view (torch's would copy)
+            return x
         if k >= 4:
             x = torch.flip(x, dims=(w,))
         return torch.rot90(x, k % 4, dims=(h, w))
