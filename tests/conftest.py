@@ -102,6 +102,16 @@ def scenes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tianchi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated Tianchi folder of 10 training images (the training tests' data). Read-only."""
+    from rsseg.synth.generate import make_tianchi
+
+    root = tmp_path_factory.mktemp("tianchi") / "data"
+    make_tianchi(root, n_train=10, n_test=0, seed=5, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tianchi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated Tianchi folder (12 train, 2 test images). Read-only."""
     from rsseg.synth.generate import make_tianchi

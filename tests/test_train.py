@@ -22,13 +22,6 @@ from rsseg.training.launch import WarmupCosine, fit
 from rsseg.training.report import ThresholdDice
 
 
-@pytest.fixture(scope="module")
-def tianchi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tianchi") / "data"
-    make_tianchi(root, n_train=10, n_test=0, seed=5, progress=False)
-    return root
-
-
 def tiny_config(root, out, **run):
     return {"data": {"source": "tianchi", "root": str(root), "batch_size": 4, "val_fraction": 0.2,
                      "augment": {"crop": 64, "brightness": 0.1, "saturation": 0.1}},

@@ -14,7 +14,6 @@ from rsseg.inference.tta import Predictor
 from rsseg.inference.tuned import tuned_with
 from rsseg.metrics import mean_image_dice
 from rsseg.models import load_checkpoint, model_from_checkpoint
-from rsseg.synth.generate import make_tianchi
 from rsseg.training.config import load_config
 from rsseg.training.datasets import TianchiDataset
 from rsseg.training.launch import fit
@@ -22,13 +21,6 @@ from rsseg.training.tuning import probs_file_names
 
 THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7]
 MIN_PIXELS = [0, 16, 64, 256]
-
-
-@pytest.fixture(scope="module")
-def tianchi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tianchi") / "data"
-    make_tianchi(root, n_train=10, n_test=0, seed=5, progress=False)
-    return root
 
 
 def tiny_config(root, out, **run):
