@@ -28,6 +28,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
 
+from rsseg.cores import usable_cores
 from rsseg.errors import RasterError
 from rsseg.fileio import raster_env
 
@@ -106,7 +107,7 @@ def write_cog(staged: Path, dst: Path, kind: str, profile: dict[str, Any]) -> No
     :data:`PROB_COMPRESSION` (probabilities).
     """
     options = dict(driver="COG", blocksize=BLOCK, bigtiff="IF_SAFER", copy_src_mdd="YES",
-                   overviews="FORCE_USE_EXISTING")
+                   overviews="FORCE_USE_EXISTING", num_threads=usable_cores())
     if kind == "mask":
         options.update(compress="deflate", level=COMPRESSION["zlevel"])
     else:
