@@ -20,7 +20,7 @@ fold*.pt...``-equivalent library calls :func:`~rsseg.inference.predict.predict_i
 
 Quality figures do not depend on the machine's load; the seconds do. Prints one JSON line.
 
-    python benchmarks/bench_folds.py [--train 250] [--test 40] [--folds 5] [--epochs 3] [--work /tmp/rsseg-folds]
+    python benchmarks/bench_folds.py [--train 250] [--test 60] [--folds 5] [--epochs 4] [--work /tmp/rsseg-folds]
 """
 
 from __future__ import annotations
@@ -91,10 +91,11 @@ def at(scores: dict, meta: dict[str, Any]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=250, help="generated training images")
-    parser.add_argument("--test", type=int, default=40, help="generated test images (with true masks)")
+    parser.add_argument("--test", type=int, default=60, help="generated test images (with true masks)")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per fold (the single model gets folds x this)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rsseg-folds"), help="data and runs (kept: reruns resume)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per fold (the single model gets folds x this)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rsseg-folds"),
+                        help="data and runs (kept: a rerun resumes them)")
     parser.add_argument("--check-cli", action="store_true", help="also predict and score the ensemble's submission")
     args = parser.parse_args()
     configure_process()  # the settings `rsseg train` / `rsseg predict` start with
