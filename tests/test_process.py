@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,31 +14,21 @@ from rsseg import cores
 from rsseg.pipeline.process import available_cores, cpu_quota, torch_threads, worker_environ
 
 PROBE = """
-import ctypes, resource
+from probes import fresh_block_faults
 from rsseg.pipeline.process import retain_freed_memory
 
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-
-def faults_of_a_fresh_block():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(64 << 20)  # 64 MiB, as a batch of activations: above glibc's mmap threshold
-    ctypes.memset(block, 1, 64 << 20)
-    libc.free(block)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-faults_of_a_fresh_block()
-default = faults_of_a_fresh_block()
+fresh_block_faults()
+default = fresh_block_faults()
 applied = retain_freed_memory()
-faults_of_a_fresh_block()
-print(applied, default, faults_of_a_fresh_block())
+fresh_block_faults()
+print(applied, default, fresh_block_faults())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults, not a parent's
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
     applied, default, retained = done.stdout.split()
     assert applied == "True"
@@ -120,24 +111,13 @@ def test_worker_environ_replaces_dasks_single_thread_and_heap_trim() -> None:
 
 
 def _worker_state() -> dict:
-    import ctypes
-    import resource
-
     import torch
+    from probes import fresh_block_faults
     from rasterio.env import get_gdal_config
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    faults = []
-    for _ in range(2):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(64 << 20)
-        ctypes.memset(block, 1, 64 << 20)
-        libc.free(block)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    fresh_block_faults()  # the first block of a process is fresh under any setting
     return {"torch": torch.get_num_threads(), "wait": os.environ.get("OMP_WAIT_POLICY"),
-            "gdal_cache": get_gdal_config("GDAL_CACHEMAX"), "faults": faults[-1]}
+            "gdal_cache": get_gdal_config("GDAL_CACHEMAX"), "faults": fresh_block_faults()}
 
 
 @pytest.mark.slow

@@ -23,24 +23,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 ROOT = Path(__file__).resolve().parents[1]
 
 SNAPSHOT = '''
-import ctypes, hashlib, json, logging, os, random, resource, sys
+import hashlib, json, logging, os, random, sys
 import numpy as np
 import torch
+from probes import fresh_block_faults
 from rasterio.env import get_gdal_config
-
-_libc = ctypes.CDLL("libc.so.6")
-_libc.malloc.restype = ctypes.c_void_p
-_libc.free.argtypes = [ctypes.c_void_p]
-
-
-def fresh_block_faults():
-    """Page faults of a fresh 64 MiB block: > 10,000 with glibc's defaults, ~0 once mallopt kept the heap."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = _libc.malloc(64 << 20)
-    ctypes.memset(block, 1, 64 << 20)
-    _libc.free(block)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
 
 def _digest(*parts):
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
@@ -81,7 +68,7 @@ def run_in_fresh_process(setup: str, call: str, tmp_path: Path) -> tuple[dict, d
     script = "\n".join([SNAPSHOT, textwrap.dedent(setup), "before = snapshot()", textwrap.dedent(call),
                         "after = snapshot()", "print('SNAPSHOTS', json.dumps([before, after]))"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GDAL_", "MALLOC_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -191,25 +178,18 @@ with rasterio.open("mask.tif", "w", driver="GTiff", width=64, height=64, count=1
 
 
 CLI_PROBE = """
-import ctypes, json, os, resource
+import json, os
 cpu = min(os.sched_getaffinity(0))
 os.sched_setaffinity(0, {cpu})  # as `taskset -c <cpu>` would
 from rsseg.cli import main
 
 main(["--help"])
 import torch  # after the entry point, as the commands import it
+from probes import fresh_block_faults
 from rasterio.env import get_gdal_config
 
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-faults = []
-for _ in range(2):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(64 << 20)
-    ctypes.memset(block, 1, 64 << 20)
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+fresh_block_faults()  # the first block of a process is fresh under any setting
+faults = [fresh_block_faults()]
 print("SETTINGS", json.dumps({"torch_threads": torch.get_num_threads(), "wait": os.environ.get("OMP_WAIT_POLICY"),
                               "omp": os.environ.get("OMP_NUM_THREADS"), "gdal_cache": get_gdal_config("GDAL_CACHEMAX"),
                               "faults": faults[-1], "malloc_env": [os.environ.get("MALLOC_MMAP_MAX_"),
@@ -220,7 +200,7 @@ print("SETTINGS", json.dumps({"torch_threads": torch.get_num_threads(), "wait": 
 def test_the_cli_entry_point_applies_the_process_settings(tmp_path):
     """``rsseg`` (its ``main``) sizes threads to the affinity mask, waits passively, tunes the allocator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GDAL_", "MALLOC_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", CLI_PROBE], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
