@@ -146,14 +146,7 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, checkp
     assert _rsseg("run", path).returncode == 0
     uninterrupted = _digest(work), _vectors(work)
     shutil.rmtree(work)
-    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not list(work.glob(".predict.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _run_and_kill_when(path, work, ".predict.tmp-*", timeout=120)
     assert not (work / "predict").exists() and (work / "scenes" / "manifest.json").exists()
     resumed = _rsseg("run", path)
     assert resumed.returncode == 0, resumed.stderr
@@ -451,6 +444,18 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def _run_and_kill_when(path: Path, work: Path, pattern: str, timeout: float = 300) -> None:
+    """``rsseg run path``, killed with everything it started (kill -9) as soon as ``work`` holds ``pattern``."""
+    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not list(work.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    _kill_tree(proc.pid)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi_dir: Path, stand_ins) -> None:
     import torch
@@ -463,14 +468,7 @@ def test_killed_training_resumes_from_its_partial_folder(tmp_path: Path, tianchi
 
     path = _train_pipeline(tmp_path, tianchi_dir, stand_ins)
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(work.glob(".train.*.partial/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    _kill_tree(proc.pid)  # epoch 1 written, epoch 2 under way
-    proc.wait()
+    _run_and_kill_when(path, work, ".train.*.partial/last.pt")  # epoch 1 written, epoch 2 under way
     partial = list(work.glob(".train.*.partial"))
     assert len(partial) == 1 and not (work / "train").exists()
     assert torch.load(partial[0] / "last.pt", weights_only=True)["meta"]["epoch"] == 1

@@ -220,18 +220,12 @@ def _folds_pipeline(tmp_path: Path, data: Path, arch: str) -> Path:
 def test_killed_fold_resumes_and_cpu_folds_train_one_after_another(tmp_path: Path, tianchi_dir: Path,
                                                                    stand_ins) -> None:
     import torch
-    from test_pipeline import _kill_tree
+    from test_pipeline import _run_and_kill_when
 
     path = _folds_pipeline(tmp_path, tianchi_dir, stand_ins)
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "rsseg.cli", "run", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(work.glob(".train@0.*.partial/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    _kill_tree(proc.pid)  # fold 0: epoch 1 written, epoch 2 under way; fold 1 waits its turn on the CPU
-    proc.wait()
+    # fold 0: epoch 1 written, epoch 2 under way; fold 1 waits its turn on the CPU
+    _run_and_kill_when(path, work, ".train@0.*.partial/last.pt")
     assert [p.name[:9] for p in work.glob(".train*.partial")] == [".train@0."]
     assert not (work / "train@0").exists() and not (work / "train@1").exists()
 
