@@ -67,14 +67,20 @@ def run_in_fresh_process(setup: str, call: str, tmp_path: Path) -> tuple[dict, d
     """Run ``setup`` (imports, tiny data), then snapshot, ``call``, snapshot; return both snapshots."""
     script = "\n".join([SNAPSHOT, textwrap.dedent(setup), "before = snapshot()", textwrap.dedent(call),
                         "after = snapshot()", "print('SNAPSHOTS', json.dumps([before, after]))"])
+    before, after = fresh_process_json(script, "SNAPSHOTS", tmp_path)
+    return before, after
+
+
+def fresh_process_json(script: str, tag: str, tmp_path: Path, timeout: float = 300) -> object:
+    """Run ``script`` in a fresh Python without the parent's thread/GDAL/allocator variables; the JSON it
+    printed after ``tag``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GDAL_", "MALLOC_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("SNAPSHOTS "))
-    before, after = json.loads(line.removeprefix("SNAPSHOTS "))
-    return before, after
+    line = next(line for line in done.stdout.splitlines() if line.startswith(f"{tag} "))
+    return json.loads(line.removeprefix(f"{tag} "))
 
 
 def assert_unchanged(before: dict, after: dict) -> None:
@@ -199,13 +205,7 @@ print("SETTINGS", json.dumps({"torch_threads": torch.get_num_threads(), "wait": 
 
 def test_the_cli_entry_point_applies_the_process_settings(tmp_path):
     """``rsseg`` (its ``main``) sizes threads to the affinity mask, waits passively, tunes the allocator."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GDAL_", "MALLOC_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", CLI_PROBE], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("SETTINGS "))
-    settings = json.loads(line.removeprefix("SETTINGS "))
+    settings = fresh_process_json(CLI_PROBE, "SETTINGS", tmp_path, timeout=120)
     assert settings["torch_threads"] == 1 and settings["omp"] == "1"
     assert settings["wait"] == "PASSIVE"
     assert settings["gdal_cache"] == 64 << 20
