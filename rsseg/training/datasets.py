@@ -194,6 +194,11 @@ class TianchiDataset(_MaskDataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def item_names(self) -> list[str]:
+        """Each item's name in ``split.csv``, in the dataset's order: the image file names."""
+        return list(self.names)
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB image (H, W, 3 uint8) and mask (H, W uint8) of item ``index``."""
         name = self.names[index]
@@ -324,6 +329,11 @@ class ChipDataset(_MaskDataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def item_names(self) -> list[str]:
+        """Each item's name in ``split.csv``, in the dataset's order: the chip image paths."""
+        return [str(image) for image, _ in self.items]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image chip (H, W, C, source dtype) and label chip (H, W uint8) of item ``index``."""

@@ -126,6 +126,11 @@ class ImageFolderDataset(_MaskDataset):
         return len(self.items)
 
     @property
+    def item_names(self) -> list[str]:
+        """Each item's name in ``split.csv``, in the dataset's order: the image paths."""
+        return [str(image) for image, _ in self.items]
+
+    @property
     def band_stats(self) -> list[dict[str, Any]]:
         """Band statistics over the training images (the same for both splits' datasets; cached)."""
         if self._stats is None:

@@ -37,7 +37,7 @@ from rsseg.training.config import TrainConfig
 from rsseg.training.losses import DiceBCELoss
 from rsseg.training.report import write_curves, write_metrics
 from rsseg.training.splits import write_split
-from rsseg.training.tuning import item_names, score_validation, tune_run, tuning_done
+from rsseg.training.tuning import score_validation, tune_run, tuning_done
 
 __all__ = ["Rank", "Trainer", "WarmupCosine", "data_source"]
 
@@ -366,7 +366,7 @@ class Trainer:
             return
         bar = self._progress(self.val_loader, f"tuning ({run.tune_tta})")
         with self.session():  # the model is built with the run's RNG streams, not the caller's
-            tune_run(self.out, ((b["image"], b["mask"], b["valid"]) for b in bar), item_names(self.val_ds),
+            tune_run(self.out, ((b["image"], b["mask"], b["valid"]) for b in bar), self.val_ds.item_names,
                      self.device, *settings, max_views=self.cfg.data.val_batch_size, keep_probs=run.keep_val_probs)
 
     def _save(self, record: dict[str, Any], rngs: list[dict[str, Any]]) -> None:

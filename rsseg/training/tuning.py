@@ -44,7 +44,7 @@ from rsseg.inference.tta import Predictor
 from rsseg.models import load_checkpoint, model_from_checkpoint
 from rsseg.training.report import ThresholdDice
 
-__all__ = ["PROBS_DIR", "TUNING_FILE", "Batch", "item_names", "probs_file_names", "score_validation", "tune",
+__all__ = ["PROBS_DIR", "TUNING_FILE", "Batch", "probs_file_names", "score_validation", "tune",
            "tune_run", "tuned_meta", "tuning_done", "tuning_record"]
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,6 @@ def tuning_record(scores: ThresholdDice, thresholds: Sequence[float], min_pixels
             "checkpoint": "best.pt", "checkpoint_epoch": int(epoch)}
 
 
-def item_names(dataset: Any) -> list[str]:
-    """The ``split.csv`` names of a training dataset's items, in its order (Tianchi file names, chip or image paths)."""
-    names = getattr(dataset, "names", None)
-    return [str(n) for n in names] if names is not None else [str(item[0]) for item in dataset.items]
-
-
 def probs_file_names(items: Sequence[str]) -> list[str]:
     """A PNG file name per item: ``<item>.png``, unique, of letters, digits, ``.``, ``_`` and ``-``.
 
@@ -224,7 +218,7 @@ def tune_run(out_dir: Path, batches: Iterable[Batch], items: Sequence[str], devi
     Args:
         out_dir: the run folder.
         batches: the validation images and masks (whole images), in the order of ``items``.
-        items: the validation items' ``split.csv`` names (:func:`item_names`).
+        items: the validation items' ``split.csv`` names (the dataset's ``item_names``).
         device: where the model runs.
         tta: the TTA mode of the prediction to come (``none``, ``flip``, ``d4``).
         precision: the forward pass's precision (fp32, bf16 or fp16).
